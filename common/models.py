@@ -1,0 +1,123 @@
+"""Peers' private models as plain arrays (one value per market hour).
+
+Every peer is reduced to net-injection bounds and a separable quadratic cost per hour:
+``C_t(p) = a_t/2 p^2 + b_t p`` [EUR] with ``p`` in MW, producers positive, consumers negative
+(thesis eq. 3.2 with d = 0). A load's utility U(d) = b d - a d^2/2 becomes the cost C(p) = -U(-p).
+EVs are the only peers whose hours are coupled (state of charge); they get their own model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PRODUCER_KINDS = ("pv", "wind", "chp", "grid")
+CONSUMER_KINDS = ("load",)
+
+
+@dataclass(frozen=True)
+class HourlyPeer:
+    """Bounds and cost of one peer's net injection, per hour (arrays of length H)."""
+
+    id: str
+    kind: str
+    bus: int
+    p_min_mw: np.ndarray
+    p_max_mw: np.ndarray
+    cost_a_eur_per_mw2h: np.ndarray
+    cost_b_eur_per_mwh: np.ndarray
+    tan_phi: float
+
+    @property
+    def is_producer(self) -> bool:
+        return self.kind in PRODUCER_KINDS
+
+    def cost_eur(self, p_mw: np.ndarray) -> np.ndarray:
+        return 0.5 * self.cost_a_eur_per_mw2h * p_mw**2 + self.cost_b_eur_per_mwh * p_mw
+
+    def marginal_cost_eur_per_mwh(self, p_mw: np.ndarray) -> np.ndarray:
+        return self.cost_a_eur_per_mw2h * p_mw + self.cost_b_eur_per_mwh
+
+
+@dataclass(frozen=True)
+class EVModel:
+    id: str
+    bus: int
+    capacity_mwh: float
+    soc_initial_mwh: float
+    soc_min_mwh: float
+    soc_departure_mwh: float
+    soc_final_mwh: float
+    trip_energy_mwh: float
+    p_charge_max_mw: float
+    p_discharge_max_mw: float
+    eta_charge: float
+    eta_discharge: float
+    arrival_hour: int
+    departure_hour: int
+    degradation_eur_per_mwh: float
+    plugged: np.ndarray  # bool per hour
+
+    kind: str = "ev"
+
+
+def ev_plugged_mask(arrival_hour: int, departure_hour: int, hours: int) -> np.ndarray:
+    """True for market hours (1..H) in which the car is plugged in."""
+    h = np.arange(1, hours + 1)
+    if arrival_hour < departure_hour:
+        return (h >= arrival_hour) & (h < departure_hour)
+    return (h >= arrival_hour) | (h < departure_hour)
+
+
+def load_utility_coefficients(d_min_mw: np.ndarray, d_max_mw: np.ndarray, price_at_min: float, price_at_max: float):
+    """a, b of U(d) = b d - a d^2 / 2 whose marginal utility is the line through
+    (d_min, price_at_min) and (d_max, price_at_max). A load without flexibility gets a = 0 and
+    b = price_at_min (its utility is then linear and its demand fixed by its bounds)."""
+    span = d_max_mw - d_min_mw
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where(span > 1e-12, (price_at_min - price_at_max) / np.where(span > 1e-12, span, 1.0), 0.0)
+    b = price_at_min + a * d_min_mw
+    return a, b
+
+
+def hourly_peer(scenario, peer) -> HourlyPeer:
+    """The hourly bounds and cost of a non-EV peer of the scenario."""
+    H = scenario.market.hours
+    kind = peer.kind
+    if kind == "load":
+        base = scenario.hourly(peer, "p_base_mw")
+        d_min = base * (1 - peer.flex_fraction)
+        d_max = base * (1 + peer.flex_fraction)
+        a, b = load_utility_coefficients(d_min, d_max, peer.price_at_min_eur_per_mwh, peer.price_at_max_eur_per_mwh)
+        return HourlyPeer(peer.id, kind, peer.bus, -d_max, -d_min, a, b, peer.tan_phi)
+    if kind in ("pv", "wind"):
+        fc = scenario.hourly(peer, "p_forecast_mw")
+        return HourlyPeer(peer.id, kind, peer.bus, np.zeros(H), fc, np.full(H, peer.cost_a_eur_per_mw2h),
+                          np.full(H, peer.cost_b_eur_per_mwh), peer.tan_phi)
+    if kind == "chp":
+        return HourlyPeer(peer.id, kind, peer.bus, np.full(H, peer.p_min_mw), np.full(H, peer.p_max_mw),
+                          np.full(H, peer.cost_a_eur_per_mw2h), np.full(H, peer.cost_b_eur_per_mwh), peer.tan_phi)
+    if kind == "grid":
+        price = scenario.hourly(peer, "import_price_eur_per_mwh")
+        return HourlyPeer(peer.id, kind, peer.bus, np.zeros(H), np.full(H, peer.p_import_max_mw),
+                          np.full(H, peer.cost_a_eur_per_mw2h), price, 0.0)
+    raise ValueError(f"peer {peer.id}: kind {kind!r} has no hourly model")
+
+
+def ev_model(scenario, peer) -> EVModel:
+    return EVModel(
+        id=peer.id, bus=peer.bus, capacity_mwh=peer.capacity_mwh, soc_initial_mwh=peer.soc_initial_mwh,
+        soc_min_mwh=peer.soc_min_mwh, soc_departure_mwh=peer.soc_departure_mwh,
+        soc_final_mwh=peer.soc_initial_mwh if peer.soc_final_mwh is None else peer.soc_final_mwh,
+        trip_energy_mwh=peer.trip_energy_mwh, p_charge_max_mw=peer.p_charge_max_mw,
+        p_discharge_max_mw=peer.p_discharge_max_mw, eta_charge=peer.eta_charge, eta_discharge=peer.eta_discharge,
+        arrival_hour=peer.arrival_hour, departure_hour=peer.departure_hour,
+        degradation_eur_per_mwh=peer.degradation_eur_per_mwh,
+        plugged=ev_plugged_mask(peer.arrival_hour, peer.departure_hour, scenario.market.hours),
+    )
+
+
+def peer_models(scenario) -> list:
+    """One model per peer, in scenario order: HourlyPeer, or EVModel for EVs."""
+    return [ev_model(scenario, p) if p.kind == "ev" else hourly_peer(scenario, p) for p in scenario.peers]

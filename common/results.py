@@ -1,0 +1,64 @@
+"""What a run produces, independent of how it was cleared (centralized or distributed).
+
+``RunResult`` holds the tables of SPEC section 6 as pandas DataFrames with the column names
+written to disk; ``write_results`` (common.report) turns it into the results folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+SCHEMA = "p2pm.run/1"
+
+
+@dataclass
+class ACReport:
+    """AC power-flow validation of a dispatch, all hours (built by dso_service.powerflow).
+
+    buses: bus, hour, vm_pu
+    lines: line, hour, loading_percent  (every branch; transformers and the transformer-as-line
+           are listed with ``kind`` == "trafo")
+    hours: hour, converged, losses_mw, losses_pct, load_mw, slack_p_mw, vmin_pu, vmax_pu,
+           max_line_loading_pct, max_trafo_loading_pct, violations
+    violations: hour, element ("bus" | "line" | "trafo" | "powerflow"), index, value, limit, kind
+                ("undervoltage" | "overvoltage" | "overload" | "not_converged")
+    """
+
+    buses: pd.DataFrame
+    lines: pd.DataFrame
+    hours: pd.DataFrame
+    violations: pd.DataFrame
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    market: str  # "p2p" | "community"
+    model: str  # "benchmark" | ...
+    solver: str  # "centralized" | "admm"
+    converged: bool
+    # dispatch: peer, kind, bus, hour, p_mw, q_mvar  (p_mw: net injection, producers positive)
+    dispatch: pd.DataFrame
+    # per-hour economics: hour, social_welfare_eur, differentiation_cost_eur, flex_penalty_eur
+    economics: pd.DataFrame
+    iterations: int = 0
+    outer_iterations: int = 0
+    wall_s: float = 0.0
+    trades: pd.DataFrame | None = None  # seller, buyer, hour, p_mw, price_eur_per_mwh
+    prices: pd.DataFrame | None = None  # bus or peer, hour, price_eur_per_mwh
+    ev_soc: pd.DataFrame | None = None  # peer, hour, soc_mwh (end of hour)
+    payments: pd.DataFrame | None = None  # peer, payment_eur (positive = pays)
+    grid_exchange: pd.DataFrame | None = None  # hour, import_mw, export_mw (community root exchange)
+    relaxation: pd.DataFrame | None = None  # hour, losses_socp_mw, losses_ac_mw, max_vm_gap_pu (community)
+    ac: ACReport | None = None
+    ac_initial: ACReport | None = None  # first AC check of an outer loop
+    admm_history: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["outer", "iteration", "primal_residual", "dual_residual", "rho"])
+    )
+    messages: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["iteration", "type", "count", "bytes"]))
+    processes: int = 1
+    primal_residual: float = 0.0
+    dual_residual: float = 0.0
+    extra: dict = field(default_factory=dict)  # more summary keys (e.g. timing breakdown)
