@@ -1,0 +1,142 @@
+"""Pure numerics of the consensus ADMM for the full P2P market (Sousa et al. 2019; Baroche et al.
+2019), shared by the peer processes, the coordinator and the in-process reference loop.
+
+Each peer n owns its trades x = p_nm with its M partners (matrix (M, H)). One iteration:
+
+1. local update, with tau_m = (p_nm^k - p_mn^k)/2 + lambda_nm^k / rho:
+      x^{k+1} = argmin  C_n(sum_m x_m) + sum_m [ w_m x_m + rho/2 (x_m - tau_m)^2 ]
+                s.t.    p_min <= sum_m x_m <= p_max,   sign * x_m >= 0
+   (``solve_local``: exact, by a breakpoint search on the multiplier of sum_m x_m = P_n);
+2. exchange of the new trades with the partners;
+3. price update  lambda_nm^{k+1} = lambda_nm^k - rho/2 (p_nm^{k+1} + p_mn^{k+1})  (both sides
+   compute the same number, so prices stay private to the pair).
+
+Residuals (Boyd et al. 2011, sec. 3.3): primal r = ||p_nm + p_mn|| (MW, over all ordered trades
+and hours), dual s = rho ||x^{k+1} - x^k|| (EUR/MWh). Residual balancing (Boyd 3.4.1) scales
+rho by tau when r > mu s and divides it when s > mu r.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class LocalP2P:
+    """One peer's private data and its ADMM state. Arrays over hours have shape (H,), trade
+    arrays (M, H)."""
+
+    p_min_mw: np.ndarray
+    p_max_mw: np.ndarray
+    cost_a: np.ndarray
+    cost_b: np.ndarray
+    sign: float  # +1 producer, -1 consumer
+    weights: np.ndarray  # (M, H) differentiation cost per MWh of each trade
+    x: np.ndarray = field(default=None)  # own trades p_nm (M, H)
+    y: np.ndarray = field(default=None)  # partners' trades p_mn (M, H)
+    lam: np.ndarray = field(default=None)  # prices lambda_nm (M, H)
+
+    def __post_init__(self):
+        shape = self.weights.shape
+        if self.x is None:
+            self.x = np.zeros(shape)
+        if self.y is None:
+            self.y = np.zeros(shape)
+        if self.lam is None:
+            self.lam = np.zeros(shape)
+
+    def step(self, rho: float) -> tuple[np.ndarray, float]:
+        """Local update; returns the new trades and the squared change (for the dual residual)."""
+        tau = 0.5 * (self.x - self.y) + self.lam / rho
+        x_new = solve_local(tau, self.weights, rho, self.cost_a, self.cost_b, self.p_min_mw, self.p_max_mw, self.sign)
+        dx = float(np.sum((x_new - self.x) ** 2))
+        self.x = x_new
+        return x_new, dx
+
+    def receive(self, y: np.ndarray, rho: float) -> float:
+        """Partners' new trades arrive: price update; returns the squared primal mismatch."""
+        self.y = y
+        mismatch = self.x + y
+        self.lam = self.lam - 0.5 * rho * mismatch
+        return float(np.sum(mismatch**2))
+
+    @property
+    def p_mw(self) -> np.ndarray:
+        return self.x.sum(axis=0)
+
+
+def solve_local(tau, w, rho, a, b, lo, hi, sign):
+    """argmin_x  a/2 s^2 + b s + sum_m [w_m x_m + rho/2 (x_m - tau_m)^2],  s = sum_m x_m,
+    lo <= s <= hi, sign*x_m >= 0; vectorised over hours (columns).
+
+    A consumer (sign -1) is mirrored into a producer (x -> -x, b -> -b, bounds -> -bounds).
+    For a producer, with nu the multiplier of s = sum x, x_m = max(0, (beta_m - nu)/rho) where
+    beta = rho tau - w. If exactly the k largest beta are active, sum x = (S_k - k nu)/rho with
+    S_k their sum, and the one-dimensional problem in s gives s = clip((S_k - k b)/(rho + k a),
+    lo, hi) and nu = (S_k - rho s)/k. The right k is the one whose nu falls between the k-th and
+    (k+1)-th largest beta; k = 0 (no trade) is right when lo = 0 and max beta <= b.
+    """
+    M, H = tau.shape
+    if sign < 0:
+        x = solve_local(-tau, -w, rho, a, -np.asarray(b), -np.asarray(hi), -np.asarray(lo), 1.0)
+        return -x
+    a = np.broadcast_to(np.asarray(a, float), (H,))
+    b = np.broadcast_to(np.asarray(b, float), (H,))
+    lo = np.broadcast_to(np.asarray(lo, float), (H,))
+    hi = np.broadcast_to(np.asarray(hi, float), (H,))
+    beta = rho * tau - w
+    srt = -np.sort(-beta, axis=0)  # descending, (M, H)
+    k = np.arange(1, M + 1, dtype=float)[:, None]
+    S = np.cumsum(srt, axis=0)
+    s_k = np.clip((S - k * b) / (rho + k * a), lo, hi)
+    nu_k = (S - rho * s_k) / k
+    below = np.vstack([srt[1:], np.full((1, H), -np.inf)])
+    tol = 1e-12 * (1.0 + np.abs(srt))
+    valid = (nu_k <= srt + tol) & (nu_k >= below - tol)
+    first = np.argmax(valid, axis=0)
+    nu = nu_k[first, np.arange(H)]
+    none = (lo <= 0) & (srt[0] <= b)  # k = 0: no trade at all
+    nu = np.where(none | ~valid.any(axis=0), np.maximum(srt[0], b), nu)
+    return np.maximum(beta - nu, 0.0) / rho
+
+
+def residual_balance(rho: float, primal: float, dual: float, mu: float = 10.0, tau: float = 2.0) -> float:
+    """Boyd et al. 2011, eq. 3.13: keep the primal and dual residuals within a factor mu."""
+    if primal > mu * dual:
+        return rho * tau
+    if dual > mu * primal:
+        return rho / tau
+    return rho
+
+
+def converged(primal: float, dual: float, tolerance: float) -> bool:
+    return primal <= tolerance and dual <= tolerance
+
+
+def run_p2p_admm(locals_: list[LocalP2P], partner_index: list[np.ndarray], reverse: np.ndarray, rho: float,
+                 tolerance: float, max_iterations: int, residual_balancing: bool = True, mu: float = 10.0,
+                 tau: float = 2.0, history: list | None = None):
+    """In-process reference of the distributed loop (same numerics, no sockets): used by tests
+    and to study rho policies. ``partner_index[n]`` are the global trade indices owned by n."""
+    K = len(reverse)
+    H = locals_[0].x.shape[1]
+    flat = np.zeros((K, H))
+    for it in range(1, max_iterations + 1):
+        dual_sq = 0.0
+        for n, loc in enumerate(locals_):
+            x, dx = loc.step(rho)
+            flat[partner_index[n]] = x
+            dual_sq += dx
+        primal_sq = 0.0
+        for n, loc in enumerate(locals_):
+            primal_sq += loc.receive(flat[reverse[partner_index[n]]], rho)
+        r, s = np.sqrt(primal_sq), rho * np.sqrt(dual_sq)
+        if history is not None:
+            history.append((it, r, s, rho))
+        if converged(r, s, tolerance):
+            return it, True, rho
+        if residual_balancing:
+            rho = residual_balance(rho, r, s, mu, tau)
+    return max_iterations, False, rho

@@ -1,0 +1,90 @@
+"""Structure of the full P2P market shared by the centralized and the distributed clearing.
+
+Trading partners (thesis 3.1.1): every producer trades with every consumer. Trades are indexed
+as *ordered* pairs k = (n, m) with ``p_nm`` the power peer n sells to m (positive for a
+producer's trade, negative for a consumer's). ``reverse[k]`` is the index of (m, n). Reciprocity
+is ``p_nm + p_mn = 0`` and its multiplier is the trade price lambda_nm (EUR/MWh), the same number
+on both sides of a pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.models import HourlyPeer
+
+
+@dataclass(frozen=True)
+class TradeGraph:
+    peer_ids: tuple[str, ...]
+    owner: np.ndarray  # (K,) index of n in pair k = (n, m)
+    partner: np.ndarray  # (K,) index of m
+    reverse: np.ndarray  # (K,) index of (m, n)
+    sign: np.ndarray  # (K,) +1 for a producer's trade (p_nm >= 0), -1 for a consumer's (p_nm <= 0)
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.owner)
+
+    def partners_of(self, n: int) -> np.ndarray:
+        """Indices k of the trades owned by peer n, in the order its partners are listed."""
+        return np.flatnonzero(self.owner == n)
+
+    def pair_index(self) -> dict[tuple[int, int], int]:
+        return {(int(n), int(m)): k for k, (n, m) in enumerate(zip(self.owner, self.partner))}
+
+
+def trade_graph(peers: list[HourlyPeer]) -> TradeGraph:
+    """Full P2P trading graph: producers <-> consumers, ordered by owner then partner."""
+    owner, partner, sign = [], [], []
+    for n, pn in enumerate(peers):
+        for m, pm in enumerate(peers):
+            if n != m and pn.is_producer != pm.is_producer:
+                owner.append(n)
+                partner.append(m)
+                sign.append(1.0 if pn.is_producer else -1.0)
+    owner = np.array(owner, dtype=np.int64)
+    partner = np.array(partner, dtype=np.int64)
+    lookup = {(n, m): k for k, (n, m) in enumerate(zip(owner, partner))}
+    reverse = np.array([lookup[(m, n)] for n, m in zip(owner, partner)], dtype=np.int64)
+    return TradeGraph(tuple(p.id for p in peers), owner, partner, reverse, np.array(sign))
+
+
+def peer_arrays(peers: list[HourlyPeer]):
+    """Stack bounds and costs: (N, H) arrays p_min, p_max, a, b."""
+    return (
+        np.vstack([p.p_min_mw for p in peers]),
+        np.vstack([p.p_max_mw for p in peers]),
+        np.vstack([p.cost_a_eur_per_mw2h for p in peers]),
+        np.vstack([p.cost_b_eur_per_mwh for p in peers]),
+    )
+
+
+def social_welfare_eur(peers: list[HourlyPeer], p_mw: np.ndarray) -> np.ndarray:
+    """SW per hour = -sum_n C_n(P_n) (thesis eq. 3.2 sign convention; loads' C = -U)."""
+    return -np.sum([peer.cost_eur(p_mw[i]) for i, peer in enumerate(peers)], axis=0)
+
+
+def uniform_price_interval(peers: list[HourlyPeer], p_mw: np.ndarray, tol_mw: float = 1e-4):
+    """For a market without differentiation: the interval [lo, hi] (per hour) of uniform prices
+    that support the dispatch ``p_mw`` (N, H) as every peer's own optimum.
+
+    A peer strictly inside its bounds pins the price to its marginal cost; a peer at its upper
+    bound only says price >= marginal cost, at its lower bound price <= marginal cost. Where
+    lo < hi the dual of the hour is not unique.
+    """
+    lo = np.full(p_mw.shape[1], -np.inf)
+    hi = np.full(p_mw.shape[1], np.inf)
+    for i, peer in enumerate(peers):
+        mc = peer.marginal_cost_eur_per_mwh(p_mw[i])
+        at_max = p_mw[i] >= peer.p_max_mw - tol_mw
+        at_min = p_mw[i] <= peer.p_min_mw + tol_mw
+        fixed = at_max & at_min
+        lo = np.where(at_max & ~fixed, np.maximum(lo, mc), lo)
+        hi = np.where(at_min & ~fixed, np.minimum(hi, mc), hi)
+        inner = ~at_max & ~at_min
+        lo = np.where(inner, np.maximum(lo, mc), lo)
+        hi = np.where(inner, np.minimum(hi, mc), hi)
+    return lo, hi

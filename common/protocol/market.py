@@ -1,0 +1,381 @@
+"""Market rounds: the terse ADMM data flow between the coordinator and the peer hosts.
+
+A bad message here is dropped and counted, never answered. Every array is float64, hours along the
+last axis, partners (the peer's trading partners, in the order the run configuration gives) along
+the first. Powers in MW per hourly period; sign convention of the market (SPEC 3.1): a peer's net
+injection ``p_mw`` is positive when it produces, negative when it consumes; a trade ``p_ij`` is what
+peer i sells to partner j (negative: buys). The envelope's ``iteration`` is the ADMM iteration.
+
+Per-peer bodies are maps ``peers: {peer_id: record}`` so that one process can host several peers.
+
+ROUND (coordinator -> peer host; relay topology)
+    ``rho``: float, ADMM penalty [EUR/MW^2h]; ``stop``: bool, true to end the ADMM loop (the host then
+    sends RESULT); ``peers``: {peer_id: {``p_in_mw``: (n_partners, hours), the partners' trades towards
+    this peer at the previous iteration; optional ``price_eur_per_mwh``: (n_partners, hours), prices
+    or duals the coordinator computed (community market)}}.
+UPDATE (peer host -> coordinator; relay topology)
+    ``peers``: {peer_id: {``p_out_mw``: (n_partners, hours), this peer's new trades; ``primal_sq``:
+    float, local squared primal residual [MW^2]; ``dual_sq``: float, local squared dual residual
+    [MW^2]; ``solve_s``: float, local solve time [s]; optional ``status``: str, the solver status
+    ("ok" when absent)}}.
+TRADES (peer host -> peer host; mesh topology)
+    ``from_peer``: str, ``to_peer``: str, ``p_mw``: (hours,) or (n, hours), the trades of
+    ``from_peer`` towards ``to_peer``.
+RESIDUALS (peer host -> coordinator; mesh topology)
+    ``peers``: {peer_id: {``primal_sq``, ``dual_sq``, ``solve_s``: float; optional ``status``: str}}.
+RESULT (peer host -> coordinator; at the end)
+    ``peers``: {peer_id: {``p_mw``: (hours,), net injection; ``trades_mw``: (n_partners, hours);
+    ``price_eur_per_mwh``: (n_partners, hours), the trades' prices; optional ``partner_ids``:
+    list[str] (n_partners); optional ``q_mvar``: (hours,); optional ``soc_mwh``: (hours,), EV state
+    of charge at the end of each hour; optional ``status``: str}}.
+PENALTY (coordinator -> peer host; between outer iterations)
+    ``peers``: {peer_id: {name: float64 array}}; the names in use: ``diff_eur_per_mwh``
+    (n_partners, hours) product-differentiation weights; ``tan_phi`` (hours,) reactive-power ratio
+    q/p; ``flex_eur_per_mwh`` (hours,) flexibility price; ``virtual_load_mw`` (hours,). Free-form: a
+    receiver ignores names it does not know.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from common.protocol import (
+    Array,
+    Bool,
+    Float,
+    ListOf,
+    MapOf,
+    Message,
+    MsgType,
+    Record,
+    Str,
+    f64,
+    float_array,
+)
+
+STATUS_OK = "ok"
+
+
+# ------------------------------------------------------------------------------------------- ROUND
+
+
+@dataclass(frozen=True, eq=False)
+class RoundPeer:
+    """What one hosted peer receives in a ROUND."""
+
+    p_in_mw: np.ndarray
+    price_eur_per_mwh: np.ndarray | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"p_in_mw": f64(self.p_in_mw)}
+        if self.price_eur_per_mwh is not None:
+            out["price_eur_per_mwh"] = f64(self.price_eur_per_mwh)
+        return out
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> RoundPeer:
+        return cls(body["p_in_mw"], body.get("price_eur_per_mwh"))
+
+
+@dataclass(frozen=True, eq=False)
+class Round(Message):
+    """Coordinator -> peer host: start an ADMM iteration (or stop)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ROUND
+    rho: float
+    stop: bool
+    peers: dict[str, RoundPeer] = field(default_factory=dict)
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "rho": float(self.rho),
+            "stop": bool(self.stop),
+            "peers": {k: v.to_body() for k, v in self.peers.items()},
+        }
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Round:
+        peers = {k: RoundPeer.from_body(v) for k, v in body["peers"].items()}
+        return cls(float(body["rho"]), body["stop"], peers)
+
+
+# ------------------------------------------------------------------------------------------ UPDATE
+
+
+@dataclass(frozen=True, eq=False)
+class UpdatePeer:
+    """One hosted peer's answer to a ROUND."""
+
+    p_out_mw: np.ndarray
+    primal_sq: float
+    dual_sq: float
+    solve_s: float
+    status: str = STATUS_OK
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "p_out_mw": f64(self.p_out_mw),
+            "primal_sq": float(self.primal_sq),
+            "dual_sq": float(self.dual_sq),
+            "solve_s": float(self.solve_s),
+            "status": self.status,
+        }
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> UpdatePeer:
+        return cls(
+            body["p_out_mw"],
+            float(body["primal_sq"]),
+            float(body["dual_sq"]),
+            float(body["solve_s"]),
+            body.get("status") or STATUS_OK,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Update(Message):
+    """Peer host -> coordinator: the hosted peers' new trades and local residuals."""
+
+    TYPE: ClassVar[MsgType] = MsgType.UPDATE
+    peers: dict[str, UpdatePeer] = field(default_factory=dict)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"peers": {k: v.to_body() for k, v in self.peers.items()}}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Update:
+        return cls({k: UpdatePeer.from_body(v) for k, v in body["peers"].items()})
+
+
+# ------------------------------------------------------------------------------------------ TRADES
+
+
+@dataclass(frozen=True, eq=False)
+class Trades(Message):
+    """Peer -> peer (mesh topology): the trades of ``from_peer`` towards ``to_peer``."""
+
+    TYPE: ClassVar[MsgType] = MsgType.TRADES
+    from_peer: str
+    to_peer: str
+    p_mw: np.ndarray
+
+    def to_body(self) -> dict[str, Any]:
+        return {"from_peer": self.from_peer, "to_peer": self.to_peer, "p_mw": f64(self.p_mw)}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Trades:
+        return cls(body["from_peer"], body["to_peer"], body["p_mw"])
+
+
+# --------------------------------------------------------------------------------------- RESIDUALS
+
+
+@dataclass(frozen=True)
+class ResidualsPeer:
+    """One hosted peer's local residuals (mesh topology)."""
+
+    primal_sq: float
+    dual_sq: float
+    solve_s: float
+    status: str = STATUS_OK
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "primal_sq": float(self.primal_sq),
+            "dual_sq": float(self.dual_sq),
+            "solve_s": float(self.solve_s),
+            "status": self.status,
+        }
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> ResidualsPeer:
+        return cls(
+            float(body["primal_sq"]),
+            float(body["dual_sq"]),
+            float(body["solve_s"]),
+            body.get("status") or STATUS_OK,
+        )
+
+
+@dataclass(frozen=True)
+class Residuals(Message):
+    """Peer host -> coordinator (mesh topology): local residuals of the hosted peers."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RESIDUALS
+    peers: dict[str, ResidualsPeer] = field(default_factory=dict)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"peers": {k: v.to_body() for k, v in self.peers.items()}}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Residuals:
+        return cls({k: ResidualsPeer.from_body(v) for k, v in body["peers"].items()})
+
+
+# ------------------------------------------------------------------------------------------ RESULT
+
+
+@dataclass(frozen=True, eq=False)
+class ResultPeer:
+    """One hosted peer's final dispatch, trades and prices."""
+
+    p_mw: np.ndarray
+    trades_mw: np.ndarray
+    price_eur_per_mwh: np.ndarray
+    partner_ids: tuple[str, ...] | None = None
+    q_mvar: np.ndarray | None = None
+    soc_mwh: np.ndarray | None = None
+    status: str = STATUS_OK
+
+    def to_body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "p_mw": f64(self.p_mw),
+            "trades_mw": f64(self.trades_mw),
+            "price_eur_per_mwh": f64(self.price_eur_per_mwh),
+            "status": self.status,
+        }
+        if self.partner_ids is not None:
+            out["partner_ids"] = list(self.partner_ids)
+        if self.q_mvar is not None:
+            out["q_mvar"] = f64(self.q_mvar)
+        if self.soc_mwh is not None:
+            out["soc_mwh"] = f64(self.soc_mwh)
+        return out
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> ResultPeer:
+        partners = body.get("partner_ids")
+        return cls(
+            body["p_mw"],
+            body["trades_mw"],
+            body["price_eur_per_mwh"],
+            tuple(partners) if partners is not None else None,
+            body.get("q_mvar"),
+            body.get("soc_mwh"),
+            body.get("status") or STATUS_OK,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Result(Message):
+    """Peer host -> coordinator at the end of the run."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RESULT
+    peers: dict[str, ResultPeer] = field(default_factory=dict)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"peers": {k: v.to_body() for k, v in self.peers.items()}}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Result:
+        return cls({k: ResultPeer.from_body(v) for k, v in body["peers"].items()})
+
+
+# ----------------------------------------------------------------------------------------- PENALTY
+
+
+@dataclass(frozen=True, eq=False)
+class Penalty(Message):
+    """Coordinator -> peer host: penalty/parameter updates per hosted peer (named float64 arrays)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PENALTY
+    peers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"peers": {k: {n: f64(a) for n, a in v.items()} for k, v in self.peers.items()}}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Penalty:
+        return cls({k: dict(v) for k, v in body["peers"].items()})
+
+
+# ----------------------------------------------------------------------------------------- schemas
+
+
+def _check_result_peer(rec: dict[str, Any]) -> str | None:
+    p, trades, price = rec["p_mw"], rec["trades_mw"], rec["price_eur_per_mwh"]
+    if trades.shape != price.shape:
+        return f"trades_mw {trades.shape} and price_eur_per_mwh {price.shape} differ in shape"
+    if trades.shape[1] != p.shape[0]:
+        return f"trades_mw has {trades.shape[1]} hours, p_mw {p.shape[0]}"
+    for name in ("q_mvar", "soc_mwh"):
+        a = rec.get(name)
+        if a is not None and a.shape != p.shape:
+            return f"{name} {a.shape} and p_mw {p.shape} differ in shape"
+    partners = rec.get("partner_ids")
+    if partners is not None and len(partners) != trades.shape[0]:
+        return f"{len(partners)} partner_ids for {trades.shape[0]} rows of trades_mw"
+    return None
+
+
+def _check_round_peer(rec: dict[str, Any]) -> str | None:
+    price = rec.get("price_eur_per_mwh")
+    if price is not None and price.shape != rec["p_in_mw"].shape:
+        return f"price_eur_per_mwh {price.shape} and p_in_mw {rec['p_in_mw'].shape} differ in shape"
+    return None
+
+
+_RESIDUALS = {"primal_sq": Float(min=0.0), "dual_sq": Float(min=0.0), "solve_s": Float(min=0.0)}
+
+SCHEMAS: dict[MsgType, Record] = {
+    MsgType.ROUND: Record(
+        required={
+            "rho": Float(min=0.0),
+            "stop": Bool(),
+            "peers": MapOf(
+                Record(
+                    required={"p_in_mw": float_array(2)},
+                    optional={"price_eur_per_mwh": float_array(2)},
+                    check_fn=_check_round_peer,
+                )
+            ),
+        }
+    ),
+    MsgType.UPDATE: Record(
+        required={
+            "peers": MapOf(
+                Record(required={"p_out_mw": float_array(2), **_RESIDUALS}, optional={"status": Str(max_len=256)})
+            )
+        }
+    ),
+    MsgType.TRADES: Record(
+        required={"from_peer": Str(max_len=256), "to_peer": Str(max_len=256), "p_mw": float_array(1, 2)}
+    ),
+    MsgType.RESIDUALS: Record(
+        required={"peers": MapOf(Record(required=dict(_RESIDUALS), optional={"status": Str(max_len=256)}))}
+    ),
+    MsgType.RESULT: Record(
+        required={
+            "peers": MapOf(
+                Record(
+                    required={
+                        "p_mw": float_array(1),
+                        "trades_mw": float_array(2),
+                        "price_eur_per_mwh": float_array(2),
+                    },
+                    optional={
+                        "partner_ids": ListOf(Str(max_len=256)),
+                        "q_mvar": float_array(1),
+                        "soc_mwh": float_array(1),
+                        "status": Str(max_len=256),
+                    },
+                    check_fn=_check_result_peer,
+                )
+            )
+        }
+    ),
+    MsgType.PENALTY: Record(required={"peers": MapOf(MapOf(Array("float64")))}),
+}
+
+MESSAGES: dict[MsgType, type[Message]] = {
+    MsgType.ROUND: Round,
+    MsgType.UPDATE: Update,
+    MsgType.TRADES: Trades,
+    MsgType.RESIDUALS: Residuals,
+    MsgType.RESULT: Result,
+    MsgType.PENALTY: Penalty,
+}

@@ -1,0 +1,343 @@
+"""The one transport layer every socket and every message goes through.
+
+:class:`Transport` owns a ``zmq.Context``, makes ROUTER/DEALER sockets with safe defaults, and sends
+and receives :class:`~common.protocol.Envelope` objects through :mod:`common.codec`:
+
+- ``LINGER 0`` (closing never blocks), ``MAXMSGSIZE = max_bytes`` (a peer sending more is
+  disconnected by ZeroMQ), ``SNDTIMEO`` (a send never blocks forever), TCP keepalive;
+- routers: ``ROUTER_MANDATORY`` (sending to an unknown identity raises :class:`Unreachable` instead
+  of vanishing) and ``ROUTER_HANDOVER`` (a peer that restarts with the same identity takes over);
+- dealers: ``IMMEDIATE`` (no queueing towards a connection that does not exist) and a fixed
+  routing identity.
+
+Receiving never raises on a bad message: it is counted in :attr:`Transport.rejected` by reason
+(see ``common.protocol.REASONS``) and the wait goes on until the deadline, which ends in
+:class:`TimeoutError`. Good messages and bytes are counted per (iteration, type) in
+:attr:`Transport.sent` and :attr:`Transport.received` (:class:`TrafficCounter`); the bytes are the
+encoded envelope's size (ZeroMQ framing and routing-identity frames are not counted).
+
+Fault injection and security go here and nowhere else: the constructor's ``latency_s`` (a delay
+before every send) and ``drop_prob`` (a probability of silently dropping a send, counted in
+:attr:`Transport.dropped`) are the first hooks; duplication, garbage and CURVE authentication and
+encryption (sender identity from its key) belong in :meth:`Transport._configure` and
+:meth:`Transport.send` as well.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import zmq
+
+from common.codec import decode, encode
+from common.protocol import MAX_MESSAGE_BYTES, Envelope, ProtocolError
+
+__all__ = ["TrafficCounter", "Transport", "Unreachable", "bind_random_port"]
+
+Check = Callable[[Envelope], None]
+"""A receive-side check: raises ProtocolError (e.g. via ``codec.check_iteration``) to drop a message."""
+
+
+class Unreachable(ConnectionError):
+    """A ROUTER send to an identity that is not connected (ROUTER_MANDATORY)."""
+
+
+class TrafficCounter:
+    """Messages and bytes per (iteration, type)."""
+
+    def __init__(self) -> None:
+        self._counts: collections.Counter[tuple[int, str]] = collections.Counter()
+        self._bytes: collections.Counter[tuple[int, str]] = collections.Counter()
+
+    def add(self, iteration: int, type: str, nbytes: int, count: int = 1) -> None:
+        key = (int(iteration), str(type))
+        self._counts[key] += count
+        self._bytes[key] += nbytes
+
+    def rows(self) -> list[tuple[int, str, int, int]]:
+        """``(iteration, type, count, bytes)`` sorted by iteration then type (``messages.csv``)."""
+        return [(it, t, self._counts[(it, t)], self._bytes[(it, t)]) for it, t in sorted(self._counts)]
+
+    @property
+    def messages(self) -> int:
+        return sum(self._counts.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._bytes.values())
+
+    def merge(self, other: TrafficCounter) -> TrafficCounter:
+        """A new counter holding the sums of both."""
+        out = TrafficCounter()
+        for src in (self, other):
+            for it, t, n, b in src.rows():
+                out.add(it, t, b, n)
+        return out
+
+    def clear(self) -> None:
+        self._counts.clear()
+        self._bytes.clear()
+
+
+def bind_random_port(sock: zmq.Socket, host: str = "127.0.0.1") -> str:
+    """Bind ``sock`` to a free TCP port on ``host``; returns the address, e.g. ``tcp://127.0.0.1:41234``."""
+    port = sock.bind_to_random_port(f"tcp://{host}")
+    return f"tcp://{host}:{port}"
+
+
+class Transport:
+    """Sockets with safe defaults and a validated, counted send/recv pair.
+
+    Parameters
+    ----------
+    run_id:
+        If given, received messages of another run are rejected (reason "run").
+    max_bytes:
+        Message size limit (codec and ZMQ ``MAXMSGSIZE``).
+    send_timeout_s:
+        Longest a send may block (no connection yet, high-water mark reached) before TimeoutError.
+    keepalive_idle_s:
+        TCP keepalive idle time; None disables TCP keepalive.
+    latency_s, drop_prob, seed:
+        Fault injection (zero by default): sleep ``latency_s`` before each send; drop a send with
+        probability ``drop_prob`` (random generator seeded by ``seed``).
+    """
+
+    def __init__(
+        self,
+        *,
+        run_id: str | None = None,
+        max_bytes: int = MAX_MESSAGE_BYTES,
+        send_timeout_s: float = 10.0,
+        keepalive_idle_s: float | None = 30.0,
+        latency_s: float = 0.0,
+        drop_prob: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
+        if latency_s < 0 or not 0.0 <= drop_prob <= 1.0 or send_timeout_s <= 0:
+            raise ValueError("latency_s >= 0, 0 <= drop_prob <= 1 and send_timeout_s > 0 are required")
+        self.run_id = run_id
+        self.max_bytes = int(max_bytes)
+        self.send_timeout_s = float(send_timeout_s)
+        self.keepalive_idle_s = keepalive_idle_s
+        self.latency_s = float(latency_s)
+        self.drop_prob = float(drop_prob)
+        self._rng = random.Random(seed)
+        self.ctx = zmq.Context()
+        self.sent = TrafficCounter()
+        self.received = TrafficCounter()
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.rejected_bytes: collections.Counter[str] = collections.Counter()
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.last_rejection: ProtocolError | None = None
+        self._sockets: dict[zmq.Socket, str] = {}
+        self._closed = False
+
+    # -------------------------------------------------------------------------------- sockets
+
+    def _configure(self, sock: zmq.Socket) -> None:
+        """Options every socket gets (CURVE keys will be set here)."""
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.send_timeout_s * 1000)))
+        if self.keepalive_idle_s is not None:
+            sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+            sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, int(self.keepalive_idle_s)))
+            sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, int(self.keepalive_idle_s) // 3))
+            sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+
+    def router(self, bind_addr: str | None = None) -> zmq.Socket:
+        """A ROUTER socket, bound to ``bind_addr`` if given (else bind it with :func:`bind_random_port`)."""
+        sock = self.ctx.socket(zmq.ROUTER)
+        self._configure(sock)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._sockets[sock] = "router"
+        if bind_addr is not None:
+            try:
+                sock.bind(bind_addr)
+            except zmq.ZMQError as exc:
+                self.close_socket(sock)
+                raise OSError(f"cannot bind {bind_addr}: {exc}") from exc
+            self._sockets[sock] = f"router {bind_addr}"
+        return sock
+
+    def dealer(self, connect_addr: str | None, identity: str | bytes) -> zmq.Socket:
+        """A DEALER socket with routing ``identity``, connected to ``connect_addr`` if given."""
+        ident = identity.encode() if isinstance(identity, str) else bytes(identity)
+        if not ident or len(ident) > 255 or ident[0] == 0:
+            raise ValueError("a dealer identity is 1-255 bytes and does not start with a zero byte")
+        sock = self.ctx.socket(zmq.DEALER)
+        self._configure(sock)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.ROUTING_ID, ident)
+        self._sockets[sock] = f"dealer {ident.decode(errors='replace')}"
+        if connect_addr is not None:
+            sock.connect(connect_addr)
+            self._sockets[sock] = f"dealer {ident.decode(errors='replace')} -> {connect_addr}"
+        return sock
+
+    def label(self, sock: zmq.Socket) -> str:
+        """What a socket is, for error messages."""
+        label = self._sockets.get(sock, f"socket {sock!r}")
+        if label == "router" and not sock.closed:  # bound later, e.g. by bind_random_port
+            endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
+            if endpoint:
+                label = f"router {endpoint.decode(errors='replace')}"
+        return label
+
+    def close_socket(self, sock: zmq.Socket) -> None:
+        self._sockets.pop(sock, None)
+        sock.close(linger=0)
+
+    def close(self) -> None:
+        """Close every socket this transport made and terminate its context."""
+        if self._closed:
+            return
+        self._closed = True
+        for sock in list(self._sockets):
+            sock.close(linger=0)
+        self._sockets.clear()
+        self.ctx.term()
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------ messages
+
+    def send(self, sock: zmq.Socket, env: Envelope, to: bytes | str | None = None) -> int:
+        """Encode and send ``env``; ``to`` is the routing identity on a ROUTER (None on a DEALER).
+
+        Returns the encoded size in bytes (0 when fault injection dropped the message). Raises
+        ProtocolError for an invalid envelope, :class:`Unreachable` for an unknown ``to``,
+        TimeoutError when the send blocks longer than ``send_timeout_s``.
+        """
+        data = encode(env, max_bytes=self.max_bytes)
+        is_router = sock.socket_type == zmq.ROUTER
+        if is_router and to is None:
+            raise ValueError(f"{self.label(sock)}: a ROUTER send needs the receiver's identity (to=...)")
+        if not is_router and to is not None:
+            raise ValueError(f"{self.label(sock)}: only a ROUTER send takes to=...")
+        if self.latency_s > 0:
+            time.sleep(self.latency_s)
+        if self.drop_prob > 0 and self._rng.random() < self.drop_prob:
+            self.dropped[env.type.value] += 1
+            return 0
+        try:
+            if is_router:
+                assert to is not None
+                ident = to.encode() if isinstance(to, str) else bytes(to)
+                sock.send_multipart([ident, data], copy=False)
+            else:
+                sock.send(data, copy=False)
+        except zmq.Again:
+            raise TimeoutError(
+                f"{self.label(sock)}: could not send {env.type.value} within {self.send_timeout_s:g} s"
+                + (f" to {to!r}" if to is not None else " (no connected receiver?)")
+            ) from None
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                raise Unreachable(f"{self.label(sock)}: {to!r} is not connected") from None
+            raise
+        self.sent.add(env.iteration, env.type.value, len(data))
+        return len(data)
+
+    def recv(
+        self,
+        sock: zmq.Socket,
+        timeout_s: float,
+        *,
+        check: Check | None = None,
+        waiting_for: str | None = None,
+    ) -> tuple[bytes | None, Envelope]:
+        """The next valid message on ``sock``: ``(sender identity or None on a DEALER, envelope)``.
+
+        Invalid messages (and those ``check`` rejects with a ProtocolError) are counted in
+        :attr:`rejected` and skipped. TimeoutError after ``timeout_s`` without a valid message.
+        ``waiting_for`` names what is awaited in that error (e.g. "UPDATE from peer host h2").
+        """
+        _, ident, env = self.recv_any([sock], timeout_s, check=check, waiting_for=waiting_for)
+        return ident, env
+
+    def recv_any(
+        self,
+        socks: Sequence[zmq.Socket],
+        timeout_s: float,
+        *,
+        check: Check | None = None,
+        waiting_for: str | None = None,
+    ) -> tuple[zmq.Socket, bytes | None, Envelope]:
+        """Like :meth:`recv` on several sockets: ``(socket, identity or None, envelope)``."""
+        poller = zmq.Poller()
+        for sock in socks:
+            poller.register(sock, zmq.POLLIN)
+        deadline = time.monotonic() + max(0.0, float(timeout_s))
+        rejected_before = sum(self.rejected.values())
+        while True:
+            remaining_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            ready = dict(poller.poll(remaining_ms))
+            for sock in socks:
+                if sock in ready:
+                    result = self._recv_one(sock, check)
+                    if result is not None:
+                        return (sock, *result)
+            if time.monotonic() >= deadline:
+                n_rej = sum(self.rejected.values()) - rejected_before
+                what = waiting_for or "a message"
+                raise TimeoutError(
+                    f"no valid message ({what}) on {', '.join(self.label(s) for s in socks)} "
+                    f"within {timeout_s:g} s" + (f"; {n_rej} rejected meanwhile" if n_rej else "")
+                )
+
+    def drain(self, sock: zmq.Socket, *, check: Check | None = None) -> list[tuple[bytes | None, Envelope]]:
+        """Every valid message already waiting on ``sock`` (never blocks)."""
+        out = []
+        while sock.poll(0, zmq.POLLIN):
+            result = self._recv_one(sock, check)
+            if result is not None:
+                out.append(result)
+        return out
+
+    def _reject(self, reason: str, nbytes: int, error: ProtocolError | None = None) -> None:
+        self.rejected[reason] += 1
+        self.rejected_bytes[reason] += nbytes
+        self.last_rejection = error
+
+    def _recv_one(self, sock: zmq.Socket, check: Check | None) -> tuple[bytes | None, Envelope] | None:
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        is_router = sock.socket_type == zmq.ROUTER
+        ident: bytes | None = frames[0] if is_router else None
+        payload = frames[1:] if is_router else frames
+        nbytes = sum(len(f) for f in payload)
+        if len(payload) != 1:
+            self._reject("malformed", nbytes, ProtocolError("malformed", f"{len(payload)} payload frames"))
+            return None
+        try:
+            env = decode(payload[0], expect_run=self.run_id, max_bytes=self.max_bytes)
+            if check is not None:
+                check(env)
+        except ProtocolError as exc:
+            self._reject(exc.reason, nbytes, exc)
+            return None
+        self.received.add(env.iteration, env.type.value, nbytes)
+        return ident, env
+
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    def traffic_rows(self) -> list[tuple[int, str, int, int]]:
+        """Sent and received together, ``(iteration, type, count, bytes)`` rows."""
+        return self.sent.merge(self.received).rows()
+
+    def sockets(self) -> Iterable[zmq.Socket]:
+        return list(self._sockets)
