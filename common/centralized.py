@@ -38,6 +38,18 @@ class P2PSolution:
     status: str
 
 
+# Tight tolerances: the reference must be accurate well below the 1e-3 MW used to judge ADMM
+# (Clarabel's defaults leave ~1e-3 MW of slack in these degenerate markets).
+CLARABEL_TIGHT = dict(tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10, tol_ktratio=1e-8)
+
+
+def _solve(prob: cp.Problem, solver: str) -> None:
+    try:
+        prob.solve(solver=solver, **(CLARABEL_TIGHT if solver == "CLARABEL" else {}))
+    except cp.error.SolverError as exc:
+        raise SolveError(f"solver {solver} failed: {exc}") from None
+
+
 def _check(prob: cp.Problem, what: str) -> None:
     if prob.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
         raise SolveError(f"{what}: solver status {prob.status}")
@@ -66,7 +78,7 @@ def solve_p2p(peers: list[HourlyPeer], weights_eur_per_mwh: np.ndarray | None = 
     cons = [reciprocity, P >= p_min, P <= p_max, cp.multiply(graph.sign[:, None], X) >= 0]
     obj = 0.5 * cp.sum(cp.multiply(a, cp.square(P))) + cp.sum(cp.multiply(b, P)) + cp.sum(cp.multiply(w, X))
     prob = cp.Problem(cp.Minimize(obj), cons)
-    prob.solve(solver=solver)
+    _solve(prob, solver)
     _check(prob, "full P2P market")
 
     x = np.asarray(X.value)
@@ -165,7 +177,7 @@ def solve_community(models: list, grid: GridModel, import_price_eur_per_mwh: np.
             # loads draw Q = P tan(phi); generators and EVs run at unity power factor
             q_cols.append(m.tan_phi * p if m.kind == "load" else np.zeros(H))
     Pn = cp.vstack(p_cols)  # (N, H) MW
-    Qn = cp.vstack([cp.reshape(q, (1, H)) if not isinstance(q, np.ndarray) else q[None, :] for q in q_cols])
+    Qn = cp.vstack([cp.reshape(q, (1, H), order="F") if not isinstance(q, np.ndarray) else q[None, :] for q in q_cols])
 
     imp, exp_, qroot = cp.Variable(H), cp.Variable(H), cp.Variable(H)
     cons += [imp >= 0, imp <= p_import_max_mw, exp_ >= 0, exp_ <= p_export_max_mw]
@@ -174,8 +186,8 @@ def solve_community(models: list, grid: GridModel, import_price_eur_per_mwh: np.
     M = community_injection_matrix(models, nb)
     root = np.zeros((nb, 1))
     root[grid.root, 0] = 1.0
-    p_bus = (M @ Pn + root @ cp.reshape(imp - exp_, (1, H))) / base  # (nb, H) pu
-    q_bus = (M @ Qn + root @ cp.reshape(qroot, (1, H))) / base
+    p_bus = (M @ Pn + root @ cp.reshape(imp - exp_, (1, H), order="F")) / base  # (nb, H) pu
+    q_bus = (M @ Qn + root @ cp.reshape(qroot, (1, H), order="F")) / base
 
     Pf, Qf, L = cp.Variable((B, H)), cp.Variable((B, H)), cp.Variable((B, H), nonneg=True)
     V = cp.Variable((nb, H))
@@ -200,7 +212,7 @@ def solve_community(models: list, grid: GridModel, import_price_eur_per_mwh: np.
                            cp.vstack([cp.vec(Pf[rated, :], order="F"), cp.vec(Qf[rated, :], order="F")]), axis=0))
 
     prob = cp.Problem(cp.Minimize(cost), cons)
-    prob.solve(solver=solver)
+    _solve(prob, solver)
     _check(prob, "community market (branch-flow model)")
 
     p = np.asarray(Pn.value)

@@ -79,6 +79,7 @@ class MarketSpec(_Strict):
     residual_balancing: bool = True
     rb_mu: float = Field(10.0, gt=1)
     rb_tau: float = Field(2.0, gt=1)
+    price_init_eur_per_mwh: float = Field(0.0, description="starting trade price of the ADMM (a public guess)")
 
 
 class _PeerBase(_Strict):

@@ -105,6 +105,7 @@ class GridReport(Message):
     trafo_loading_percent: np.ndarray | None = None
     p_grid_mw: np.ndarray | None = None
     penalties: dict[str, dict[str, np.ndarray]] | None = None
+    tables: dict[str, dict[str, Any]] | None = None  # the AC report's tables, column by column
 
     def to_body(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -124,6 +125,8 @@ class GridReport(Message):
             out["p_grid_mw"] = f64(self.p_grid_mw)
         if self.penalties is not None:
             out["penalties"] = {k: {n: f64(a) for n, a in v.items()} for k, v in self.penalties.items()}
+        if self.tables is not None:
+            out["tables"] = self.tables
         return out
 
     @classmethod
@@ -143,6 +146,7 @@ class GridReport(Message):
             body.get("trafo_loading_percent"),
             body.get("p_grid_mw"),
             body.get("penalties"),
+            body.get("tables"),
         )
 
 
@@ -258,6 +262,7 @@ SCHEMAS: dict[MsgType, Record] = {
             "trafo_loading_percent": float_array(2),
             "p_grid_mw": float_array(1),
             "penalties": MapOf(MapOf(Array("float64"))),
+            "tables": MapOf(MapOf(AnyValue())),
         },
         check_fn=_check_grid_report,
     ),

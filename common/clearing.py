@@ -1,0 +1,149 @@
+"""From solver output to a ``RunResult``: dispatch, trades, prices and economics tables shared by
+the centralized clearing and the distributed coordinator; and the centralized run itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from common.market import TradeGraph
+from common.models import EVModel, HourlyPeer, peer_models
+from common.results import RunResult
+
+TRADE_EPS_MW = 1e-6
+
+
+def reactive_mvar(model, p_mw: np.ndarray) -> np.ndarray:
+    """Reactive power of a peer for the AC check: loads draw Q = P tan(phi) (P < 0, so Q < 0 is
+    consumption); CHP and RES supply up to tan(phi) P (thesis eqs. 4.3, 4.5) and are taken at that
+    limit; EVs and the external supplier (the slack) run at unity power factor."""
+    if isinstance(model, EVModel) or model.kind == "grid":
+        return np.zeros_like(p_mw)
+    return model.tan_phi * p_mw
+
+
+def dispatch_frame(models: list, p_mw: np.ndarray, q_mvar: np.ndarray | None = None) -> pd.DataFrame:
+    H = p_mw.shape[1]
+    rows = []
+    for i, m in enumerate(models):
+        q = reactive_mvar(m, p_mw[i]) if q_mvar is None else q_mvar[i]
+        for t in range(H):
+            rows.append((m.id, m.kind, m.bus, t + 1, float(p_mw[i, t]), float(q[t])))
+    return pd.DataFrame(rows, columns=["peer", "kind", "bus", "hour", "p_mw", "q_mvar"])
+
+
+def trades_frame(graph: TradeGraph, trades_mw: np.ndarray, prices: np.ndarray, sellers: np.ndarray) -> pd.DataFrame:
+    """One row per (seller, buyer, hour) with a traded power above TRADE_EPS_MW.
+    ``sellers``: bool per peer (producer)."""
+    ks = np.flatnonzero(sellers[graph.owner])
+    k_idx, t_idx = np.nonzero(trades_mw[ks] > TRADE_EPS_MW)
+    k = ks[k_idx]
+    return pd.DataFrame({
+        "seller": [graph.peer_ids[i] for i in graph.owner[k]],
+        "buyer": [graph.peer_ids[i] for i in graph.partner[k]],
+        "hour": t_idx + 1,
+        "p_mw": trades_mw[k, t_idx],
+        "price_eur_per_mwh": prices[k, t_idx],
+    })
+
+
+def p2p_payments(graph: TradeGraph, trades_mw: np.ndarray, prices: np.ndarray) -> pd.DataFrame:
+    """Each peer's net payment over the day (positive = pays), sum of -price * p_nm."""
+    pay = np.zeros(len(graph.peer_ids))
+    np.add.at(pay, graph.owner, -np.sum(prices * trades_mw, axis=1))
+    return pd.DataFrame({"peer": list(graph.peer_ids), "payment_eur": pay})
+
+
+def economics_frame(sw_eur: np.ndarray, diff_eur: np.ndarray | None = None, flex_eur: np.ndarray | None = None) -> pd.DataFrame:
+    H = len(sw_eur)
+    return pd.DataFrame({
+        "hour": np.arange(1, H + 1),
+        "social_welfare_eur": sw_eur,
+        "differentiation_cost_eur": np.zeros(H) if diff_eur is None else diff_eur,
+        "flex_penalty_eur": np.zeros(H) if flex_eur is None else flex_eur,
+    })
+
+
+def p2p_result(scenario, peers: list[HourlyPeer], graph: TradeGraph, p_mw, trades_mw, prices, sw, diff, solver: str,
+               converged: bool = True) -> RunResult:
+    sellers = np.array([p.is_producer for p in peers])
+    return RunResult(
+        scenario=scenario.name, market="p2p", model=scenario.market.model, solver=solver, converged=converged,
+        dispatch=dispatch_frame(peers, p_mw), economics=economics_frame(sw, diff),
+        trades=trades_frame(graph, trades_mw, prices, sellers), payments=p2p_payments(graph, trades_mw, prices),
+    )
+
+
+def run_ac_check(scenario, dispatch: pd.DataFrame):
+    """AC power-flow validation (pandapower) of a dispatch on the scenario's network."""
+    from dso_service.networks import build_network
+    from dso_service.powerflow import run_ac
+
+    return run_ac(build_network(scenario.network), dispatch, scenario.network)
+
+
+def community_inputs(scenario):
+    """(models without the grid peer, grid peer) of a community scenario."""
+    models = peer_models(scenario)
+    grid = [p for p in scenario.peers if p.kind == "grid"]
+    if not grid:
+        raise ValueError("a community market needs a peer of kind 'grid' at the root bus")
+    return [m for m in models if m.kind != "grid"], grid[0]
+
+
+def community_result(scenario, models, sol, solver: str, converged: bool = True) -> RunResult:
+    H = scenario.market.hours
+    dispatch = dispatch_frame(models, sol.p_mw, sol.q_mvar)
+    prices = pd.DataFrame([(b, t + 1, float(sol.prices_eur_per_mwh[b, t]))
+                           for b in range(sol.prices_eur_per_mwh.shape[0]) for t in range(H)],
+                          columns=["bus", "hour", "price_eur_per_mwh"])
+    bus_price = sol.prices_eur_per_mwh[[m.bus for m in models]]
+    payments = pd.DataFrame({"peer": [m.id for m in models], "payment_eur": -np.sum(bus_price * sol.p_mw, axis=1)})
+    ev_soc = pd.DataFrame([(k, t + 1, float(v[t])) for k, v in sol.ev_soc_mwh.items() for t in range(H)],
+                          columns=["peer", "hour", "soc_mwh"])
+    exchange = pd.DataFrame({"hour": np.arange(1, H + 1), "import_mw": sol.import_mw, "export_mw": sol.export_mw})
+    return RunResult(
+        scenario=scenario.name, market="community", model=scenario.market.model, solver=solver, converged=converged,
+        dispatch=dispatch, economics=economics_frame(sol.social_welfare_eur), prices=prices, ev_soc=ev_soc,
+        payments=payments, grid_exchange=exchange,
+    )
+
+
+def relaxation_frame(sol, ac) -> pd.DataFrame:
+    """How close the SOCP relaxation is to the AC power flow of the same dispatch, per hour."""
+    vm_ac = ac.buses.pivot(index="bus", columns="hour", values="vm_pu").sort_index().to_numpy()
+    gap = np.nanmax(np.abs(vm_ac - sol.vm_pu[: vm_ac.shape[0]]), axis=0)
+    return pd.DataFrame({
+        "hour": np.arange(1, len(sol.losses_mw) + 1),
+        "losses_socp_mw": sol.losses_mw,
+        "losses_ac_mw": ac.hours["losses_mw"].to_numpy(),
+        "max_vm_gap_pu": gap,
+        "max_cone_gap_pu": sol.max_cone_gap,
+    })
+
+
+def run_centralized(scenario) -> RunResult:
+    """Clear the scenario with the centralized reference and validate it with an AC power flow."""
+    from common import centralized
+
+    if scenario.market.kind == "p2p":
+        peers = peer_models(scenario)
+        sol = centralized.solve_p2p(peers)
+        result = p2p_result(scenario, peers, sol.graph, sol.p_mw, sol.trades_mw, sol.prices_eur_per_mwh,
+                            sol.social_welfare_eur, sol.differentiation_cost_eur, "centralized")
+        result.ac = run_ac_check(scenario, result.dispatch)
+        return result
+
+    from dso_service.networks import build_network, grid_model
+
+    models, grid_peer = community_inputs(scenario)
+    grid = grid_model(build_network(scenario.network), scenario.network)
+    sol = centralized.solve_community(
+        models, grid, scenario.hourly(grid_peer, "import_price_eur_per_mwh"),
+        scenario.hourly(grid_peer, "export_price_eur_per_mwh"), grid_peer.p_import_max_mw, grid_peer.p_export_max_mw)
+    result = community_result(scenario, models, sol, "centralized")
+    result.ac = run_ac_check(scenario, result.dispatch)
+    result.relaxation = relaxation_frame(sol, result.ac)
+    result.extra["socp_losses_mwh"] = float(np.sum(sol.losses_mw))
+    result.extra["relaxation_max_vm_gap_pu"] = float(result.relaxation["max_vm_gap_pu"].max())
+    return result

@@ -1,0 +1,151 @@
+"""The coordinator's ADMM round logic as a pure state machine (no sockets).
+
+Events in: ``on_update(host, Update)`` (relay topology: the hosts' new trades) or
+``on_residuals(host, Residuals)`` (mesh topology: trades went peer to peer, only residual sums
+come here). When every host has answered the current iteration the machine computes the
+residuals, adapts rho (residual balancing), decides convergence and returns the instructions:
+a list of ``(host, Round)`` to send. ``finished`` tells when the loop is over.
+
+Iteration k (k = 1, 2, ...):
+  ROUND(k) carries rho_k and, in relay, every peer's partners' trades of iteration k-1;
+  each peer first updates its prices with the partners' trades (using the rho it solved with),
+  then solves its local problem with rho_k and answers UPDATE(k) with its new trades (relay),
+  or sends them to its partners and answers RESIDUALS(k) (mesh).
+  The final ROUND has ``stop`` set: peers do the last price update and answer RESULT.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.admm import converged, residual_balance
+from common.market import TradeGraph
+from common.protocol.market import Round, RoundPeer
+
+
+@dataclass
+class RoundSettings:
+    rho: float
+    tolerance: float
+    max_iterations: int
+    residual_balancing: bool = True
+    mu: float = 10.0
+    tau: float = 2.0
+    topology: str = "relay"
+
+
+@dataclass
+class IterationStats:
+    iteration: int
+    primal_residual: float
+    dual_residual: float
+    rho: float
+    solve_s_max: float  # slowest host's local solves (critical path)
+    solve_s_sum: float  # all local solves (CPU)
+    coordinator_s: float
+    wall_s: float
+
+
+@dataclass
+class P2PRounds:
+    graph: TradeGraph
+    hosts: dict[str, list[str]]  # host id -> hosted peer ids
+    hours: int
+    settings: RoundSettings
+    history: list[IterationStats] = field(default_factory=list)
+
+    def __post_init__(self):
+        index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
+        self.peer_trades = {pid: self.graph.partners_of(index[pid]) for pid in self.graph.peer_ids}
+        self.flat = np.zeros((self.graph.n_pairs, self.hours))
+        self.rho = self.settings.rho
+        self.iteration = 0
+        self.finished = False
+        self.converged = False
+        self._waiting: set[str] = set()
+        self._dual_sq = self._primal_sq = self._solve_max = self._solve_sum = 0.0
+        self._t_sent = time.perf_counter()
+        self.statuses: dict[str, str] = {}
+
+    # -- instructions ----------------------------------------------------------------------
+    def start(self) -> list[tuple[str, Round]]:
+        return self._next_round(stop=False)
+
+    def pending(self) -> set[str]:
+        """Hosts that have not answered the current iteration."""
+        return set(self._waiting)
+
+    def _round_for(self, host: str, stop: bool) -> Round:
+        peers = {}
+        if self.settings.topology == "relay":
+            for pid in self.hosts[host]:
+                peers[pid] = RoundPeer(p_in_mw=self.flat[self.graph.reverse[self.peer_trades[pid]]])
+        return Round(rho=self.rho, stop=stop, peers=peers)
+
+    def _next_round(self, stop: bool) -> list[tuple[str, Round]]:
+        if not stop:
+            self.iteration += 1
+        self._waiting = set(self.hosts) if not stop else set()
+        self._dual_sq = self._primal_sq = self._solve_max = self._solve_sum = 0.0
+        out = [(host, self._round_for(host, stop)) for host in self.hosts]
+        self._t_sent = time.perf_counter()
+        return out
+
+    # -- events ----------------------------------------------------------------------------
+    def _account(self, host: str, records: dict) -> None:
+        if host not in self._waiting:
+            raise ValueError(f"host {host} answered iteration {self.iteration} twice or was not asked")
+        unknown = set(records) - set(self.hosts[host])
+        if unknown or len(records) != len(self.hosts[host]):
+            raise ValueError(f"host {host} answered for peers {sorted(records)}, expected {self.hosts[host]}")
+        self._waiting.discard(host)
+        host_solve = 0.0
+        for pid, rec in records.items():
+            self._dual_sq += rec.dual_sq
+            self._primal_sq += rec.primal_sq
+            host_solve += rec.solve_s
+            if rec.status != "ok":
+                self.statuses[pid] = rec.status
+        self._solve_max = max(self._solve_max, host_solve)
+        self._solve_sum += host_solve
+
+    def on_update(self, host: str, update) -> list[tuple[str, Round]]:
+        self._account(host, update.peers)
+        for pid, rec in update.peers.items():
+            k = self.peer_trades[pid]
+            if rec.p_out_mw.shape != (len(k), self.hours):
+                raise ValueError(f"peer {pid} sent trades of shape {rec.p_out_mw.shape}, expected {(len(k), self.hours)}")
+            self.flat[k] = rec.p_out_mw
+        return self._maybe_complete()
+
+    def on_residuals(self, host: str, residuals) -> list[tuple[str, Round]]:
+        self._account(host, residuals.peers)
+        return self._maybe_complete()
+
+    def _maybe_complete(self) -> list[tuple[str, Round]]:
+        if self._waiting:
+            return []
+        t0 = time.perf_counter()
+        wall = t0 - self._t_sent
+        if self.settings.topology == "relay":
+            primal = float(np.sqrt(np.sum((self.flat + self.flat[self.graph.reverse]) ** 2)))
+        else:
+            primal = float(np.sqrt(self._primal_sq))
+        dual = self.rho * float(np.sqrt(self._dual_sq))
+        rho_used = self.rho
+        done = converged(primal, dual, self.settings.tolerance)
+        if self.statuses:
+            done = True  # a peer could not solve: stop and report
+        out_of_iterations = self.iteration >= self.settings.max_iterations
+        if done or out_of_iterations:
+            self.finished = True
+            self.converged = done and not self.statuses
+        elif self.settings.residual_balancing:
+            self.rho = residual_balance(self.rho, primal, dual, self.settings.mu, self.settings.tau)
+        self.primal_residual, self.dual_residual = primal, dual
+        self.history.append(IterationStats(self.iteration, primal, dual, rho_used, self._solve_max, self._solve_sum,
+                                           time.perf_counter() - t0, wall))
+        return self._next_round(stop=self.finished)

@@ -1,0 +1,227 @@
+"""A peer process: holds one (or several) peers' private models and solves their local ADMM
+updates when the coordinator asks. Costs and bounds never leave this process; only trades,
+residual sums and (at the end) the cleared result do.
+
+Light by design: numpy, pyzmq and msgpack only (no cvxpy, no pandapower, no pandas).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+import zmq
+
+from common.admm import LocalP2P
+from common.codec import check_iteration
+from common.models import hourly_peer
+from common.protocol import Envelope, MsgType, ProtocolError
+from common.protocol.control import Hello, Ready
+from common.protocol.market import Residuals, ResidualsPeer, Result, ResultPeer, Round, Trades, Update, UpdatePeer
+from common.transport import Transport
+
+
+class PeerFailure(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class PeerHost:
+    def __init__(self, scenario, peer_ids: list[str], coordinator: str, host_id: str, timeout_s: float = 30.0,
+                 bind_host: str = "127.0.0.1", advertise_host: str | None = None):
+        self.scenario = scenario
+        self.peer_ids = list(peer_ids)
+        self.host_id = host_id
+        self.coordinator = coordinator
+        self.timeout_s = timeout_s
+        self.models = {pid: hourly_peer(scenario, scenario.peer(pid)) for pid in self.peer_ids}
+        self.transport = Transport()
+        self.dealer = self.transport.dealer(coordinator, identity=host_id)
+        self.mesh_in = self.transport.router(f"tcp://{bind_host}:*")
+        endpoint = self.mesh_in.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if advertise_host:
+            endpoint = endpoint.rsplit(":", 1)
+            endpoint = f"tcp://{advertise_host}:{endpoint[1]}"
+        self.mesh_address = endpoint
+        self.run_id = None
+        self.locals: dict[str, LocalP2P] = {}
+        self.partners: dict[str, list[str]] = {}
+        self.rho_prev: dict[str, float] = {}
+        self.mesh_out = {}  # partner peer id -> dealer socket
+        self.early_trades: list[Trades] = []
+
+    # -- setup ----------------------------------------------------------------------------
+    def register(self) -> None:
+        hello = Hello(role="peer", peer_ids=tuple(self.peer_ids), pid=os.getpid(), host=socket.gethostname(),
+                      address=self.mesh_address)
+        self.transport.send(self.dealer, hello.envelope(run_id="", sender=self.host_id))
+        _, env = self.transport.recv(self.dealer, self.timeout_s, waiting_for="WELCOME from the coordinator",
+                                     check=_only(MsgType.WELCOME, MsgType.SHUTDOWN))
+        if env.type == MsgType.SHUTDOWN:
+            raise PeerFailure(f"coordinator refused registration: {env.body.get('reason')}")
+        cfg = env.body["config"]
+        self.run_id = cfg["run_id"]
+        self.transport.run_id = self.run_id
+        self.topology = cfg["topology"]
+        hours = int(cfg["hours"])
+        lam0 = float(cfg.get("price_init_eur_per_mwh", 0.0))
+        for pid in self.peer_ids:
+            m = self.models[pid]
+            partners = list(cfg["partners"][pid])
+            self.partners[pid] = partners
+            self.locals[pid] = LocalP2P(m.p_min_mw, m.p_max_mw, m.cost_a_eur_per_mw2h, m.cost_b_eur_per_mwh,
+                                        1.0 if m.is_producer else -1.0, np.zeros((len(partners), hours)),
+                                        lam=np.full((len(partners), hours), lam0))
+        if self.topology == "mesh":
+            addresses = cfg["addresses"]
+            by_address = {}
+            for pid in self.peer_ids:
+                for partner in self.partners[pid]:
+                    addr = addresses[partner]
+                    if addr not in by_address:
+                        by_address[addr] = self.transport.dealer(addr, identity=self.host_id)
+                    self.mesh_out[partner] = by_address[addr]
+        self.transport.send(self.dealer, Ready().envelope(run_id=self.run_id, sender=self.host_id))
+
+    # -- rounds ---------------------------------------------------------------------------
+    def serve(self) -> None:
+        handlers = {MsgType.ROUND: self.on_round, MsgType.SHUTDOWN: self.on_shutdown}
+        self.iteration = 0
+        while True:
+            _, env = self.transport.recv(self.dealer, 2 * self.timeout_s + 5,
+                                         waiting_for=f"the next ROUND from the coordinator (after iteration {self.iteration})",
+                                         check=self._check_control)
+            if handlers[env.type](env):
+                return
+
+    def _check_control(self, env: Envelope) -> None:
+        if env.type not in (MsgType.ROUND, MsgType.SHUTDOWN):
+            raise ProtocolError("type", f"unexpected {env.type} from the coordinator")
+        if env.type == MsgType.ROUND and env.iteration < self.iteration:
+            raise ProtocolError("stale", f"iteration {env.iteration} < {self.iteration}")
+
+    def on_shutdown(self, env: Envelope) -> bool:
+        log(f"shutdown: {env.body.get('reason', '')}")
+        return True
+
+    def on_round(self, env: Envelope) -> bool:
+        msg = Round.from_envelope(env)
+        k = env.iteration
+        if self.topology == "relay":
+            for pid, loc in self.locals.items():
+                if k > 1 or msg.stop:
+                    loc.receive(msg.peers[pid].p_in_mw, self.rho_prev.get(pid, msg.rho))
+        if msg.stop:
+            self.send_result(k)
+            return False
+        self.iteration = k
+        records, dual = {}, {}
+        for pid, loc in self.locals.items():
+            t = time.perf_counter()
+            x, dx = loc.step(msg.rho)
+            self.rho_prev[pid] = msg.rho
+            records[pid] = (x, dx, time.perf_counter() - t)
+        if self.topology == "relay":
+            upd = Update(peers={pid: UpdatePeer(p_out_mw=x, primal_sq=0.0, dual_sq=dx, solve_s=s)
+                                for pid, (x, dx, s) in records.items()})
+            self.transport.send(self.dealer, upd.envelope(run_id=self.run_id, sender=self.host_id, iteration=k))
+            return False
+        # mesh: trades go straight to the partners, residual sums to the coordinator
+        for pid, (x, _, _) in records.items():
+            for j, partner in enumerate(self.partners[pid]):
+                tr = Trades(from_peer=pid, to_peer=partner, p_mw=x[j])
+                self.transport.send(self.mesh_out[partner], tr.envelope(run_id=self.run_id, sender=self.host_id, iteration=k))
+        incoming = self.collect_trades(k)
+        res = {}
+        for pid, loc in self.locals.items():
+            primal_sq = loc.receive(incoming[pid], msg.rho)
+            x, dx, s = records[pid]
+            res[pid] = ResidualsPeer(primal_sq=primal_sq, dual_sq=dx, solve_s=s)
+        self.transport.send(self.dealer, Residuals(peers=res).envelope(run_id=self.run_id, sender=self.host_id, iteration=k))
+        return False
+
+    def collect_trades(self, k: int) -> dict[str, np.ndarray]:
+        """Wait for every partner's trade of iteration k (trades of k+1 that arrive early are kept)."""
+        incoming = {pid: np.full(loc.x.shape, np.nan) for pid, loc in self.locals.items()}
+        slot = {pid: {partner: j for j, partner in enumerate(self.partners[pid])} for pid in self.locals}
+        missing = {(pid, partner) for pid in self.locals for partner in self.partners[pid]}
+
+        def take(tr: Trades) -> None:
+            key = (tr.to_peer, tr.from_peer)
+            if key in missing:
+                incoming[tr.to_peer][slot[tr.to_peer][tr.from_peer]] = tr.p_mw
+                missing.discard(key)
+
+        keep = []
+        for tr_k, tr in self.early_trades:
+            (take(tr) if tr_k == k else keep.append((tr_k, tr)))
+        self.early_trades = keep
+
+        def check(env: Envelope) -> None:
+            if env.type != MsgType.TRADES:
+                raise ProtocolError("type", f"unexpected {env.type} on the mesh socket")
+            if env.iteration not in (k, k + 1):
+                raise ProtocolError("stale", f"trades of iteration {env.iteration} during {k}")
+            if env.body["to_peer"] not in self.locals:
+                raise ProtocolError("body", f"trades for {env.body['to_peer']}, not hosted here")
+
+        deadline = time.monotonic() + self.timeout_s
+        while missing:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                names = sorted({p for _, p in missing})
+                raise TimeoutError(f"no trades of iteration {k} from partner(s) {', '.join(names[:8])} within {self.timeout_s:g} s")
+            _, env = self.transport.recv(self.mesh_in, left, check=check,
+                                         waiting_for=f"trades of iteration {k} from {len(missing)} partner(s)")
+            tr = Trades.from_envelope(env)
+            if env.iteration == k:
+                take(tr)
+            else:
+                self.early_trades.append((env.iteration, tr))
+        return incoming
+
+    def send_result(self, k: int) -> None:
+        peers = {}
+        for pid, loc in self.locals.items():
+            peers[pid] = ResultPeer(p_mw=loc.p_mw, trades_mw=loc.x, price_eur_per_mwh=loc.lam,
+                                    partner_ids=tuple(self.partners[pid]))
+        self.transport.send(self.dealer, Result(peers=peers).envelope(run_id=self.run_id, sender=self.host_id, iteration=k))
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def _only(*types):
+    def check(env: Envelope) -> None:
+        if env.type not in types:
+            raise ProtocolError("type", f"unexpected {env.type}")
+    return check
+
+
+def main(scenario_path: str, peer_ids: list[str], coordinator: str, host_id: str | None, timeout_s: float,
+         bind_host: str = "127.0.0.1", advertise_host: str | None = None) -> int:
+    from common.scenario import ScenarioError, load_scenario
+
+    try:
+        scenario = load_scenario(scenario_path)
+        host = PeerHost(scenario, peer_ids, coordinator, host_id or f"host-{peer_ids[0]}", timeout_s, bind_host, advertise_host)
+    except (ScenarioError, KeyError, ValueError) as exc:
+        log(f"cannot start peer(s) {', '.join(peer_ids)}: {exc}")
+        return 2
+    try:
+        host.register()
+        host.serve()
+        return 0
+    except (TimeoutError, PeerFailure, ConnectionError) as exc:
+        log(f"peer(s) {', '.join(peer_ids)} stopped: {exc}")
+        return 1
+    finally:
+        if host.transport.rejected:
+            log(f"rejected messages: {dict(host.transport.rejected)}")
+        host.close()
