@@ -7,19 +7,10 @@ import numpy as np
 import pandas as pd
 
 from common.market import TradeGraph
-from common.models import EVModel, HourlyPeer, peer_models
+from common.models import EVModel, HourlyPeer, peer_models, reactive_mvar
 from common.results import RunResult
 
 TRADE_EPS_MW = 1e-6
-
-
-def reactive_mvar(model, p_mw: np.ndarray) -> np.ndarray:
-    """Reactive power of a peer for the AC check: loads draw Q = P tan(phi) (P < 0, so Q < 0 is
-    consumption); CHP and RES supply up to tan(phi) P (thesis eqs. 4.3, 4.5) and are taken at that
-    limit; EVs and the external supplier (the slack) run at unity power factor."""
-    if isinstance(model, EVModel) or model.kind == "grid":
-        return np.zeros_like(p_mw)
-    return model.tan_phi * p_mw
 
 
 def dispatch_frame(models: list, p_mw: np.ndarray, q_mvar: np.ndarray | None = None) -> pd.DataFrame:
@@ -64,12 +55,14 @@ def economics_frame(sw_eur: np.ndarray, diff_eur: np.ndarray | None = None, flex
     })
 
 
-def p2p_result(scenario, peers: list[HourlyPeer], graph: TradeGraph, p_mw, trades_mw, prices, sw, diff, solver: str,
+def p2p_result(scenario, graph: TradeGraph, dispatch: pd.DataFrame, trades_mw, prices, sw, diff, solver: str,
                converged: bool = True) -> RunResult:
-    sellers = np.array([p.is_producer for p in peers])
+    from common.models import PRODUCER_KINDS
+
+    sellers = np.array([p.kind in PRODUCER_KINDS for p in scenario.peers])
     return RunResult(
         scenario=scenario.name, market="p2p", model=scenario.market.model, solver=solver, converged=converged,
-        dispatch=dispatch_frame(peers, p_mw), economics=economics_frame(sw, diff),
+        dispatch=dispatch, economics=economics_frame(sw, diff),
         trades=trades_frame(graph, trades_mw, prices, sellers), payments=p2p_payments(graph, trades_mw, prices),
     )
 
@@ -129,7 +122,7 @@ def run_centralized(scenario) -> RunResult:
     if scenario.market.kind == "p2p":
         peers = peer_models(scenario)
         sol = centralized.solve_p2p(peers)
-        result = p2p_result(scenario, peers, sol.graph, sol.p_mw, sol.trades_mw, sol.prices_eur_per_mwh,
+        result = p2p_result(scenario, sol.graph, dispatch_frame(peers, sol.p_mw), sol.trades_mw, sol.prices_eur_per_mwh,
                             sol.social_welfare_eur, sol.differentiation_cost_eur, "centralized")
         result.ac = run_ac_check(scenario, result.dispatch)
         return result

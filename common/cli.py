@@ -136,6 +136,87 @@ def run(
         raise typer.Exit(EXIT_FAILED)
 
 
+@app.command()
+def coordinator(
+    scenario: Annotated[str, typer.Option(help="Scenario (name or file): the roster and market settings.")],
+    bind: Annotated[str, typer.Option(help="Address to listen on (use tcp://0.0.0.0:PORT in containers).")] = "tcp://127.0.0.1:5555",
+    run_id: Annotated[Optional[str], typer.Option(help="Run id carried by every message (default: random).")] = None,
+    topology: Annotated[Topology, typer.Option()] = Topology.relay,
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("results/run"),
+    timeout_s: Annotated[float, typer.Option(min=0.1)] = 30.0,
+    ready_file: Annotated[Optional[Path], typer.Option(help="Write the bound address here once listening.")] = None,
+    t0: Annotated[Optional[float], typer.Option(help="Launch time (epoch s) for the run's wall time.")] = None,
+    processes: Annotated[int, typer.Option(help="Processes of the run, for the summary (0: count the registered roles).")] = 0,
+    model: Annotated[Optional[Model], typer.Option()] = None,
+    rho: RhoOpt = None,
+    tolerance: TolOpt = None,
+    max_iterations: MaxItOpt = None,
+    residual_balancing: RbOpt = None,
+):
+    """Start the coordinator: registration, ADMM rounds, DSO/TSO dialogs, results."""
+    import uuid
+
+    from coordinator.server import main as coordinator_main
+
+    _load(scenario)  # refuse a bad scenario with exit code 2 before listening
+    overrides = dict(model=model.value if model else None, rho=rho, tolerance=tolerance,
+                     max_iterations=max_iterations, residual_balancing=residual_balancing)
+    code = coordinator_main(str(resolve_path(scenario)), bind, run_id or uuid.uuid4().hex[:12], topology.value, str(out),
+                            timeout_s, t0 or time.time(), str(ready_file) if ready_file else None, overrides, processes)
+    raise typer.Exit(code)
+
+
+@app.command()
+def peer(
+    coordinator: Annotated[str, typer.Option(help="Coordinator address, e.g. tcp://10.0.0.1:5555.")],
+    model_file: Annotated[Optional[list[Path]], typer.Option("--model", help="A single peer's model (JSON); repeat to host several.")] = None,
+    scenario: Annotated[Optional[str], typer.Option(help="Scenario to take the peer(s) from (with --peer-id).")] = None,
+    peer_id: Annotated[Optional[list[str]], typer.Option(help="Peer id in the scenario; repeat to host several.")] = None,
+    host_id: Annotated[Optional[str], typer.Option(help="This process's identity (default: host-<first peer>).")] = None,
+    timeout_s: Annotated[float, typer.Option(min=0.1)] = 30.0,
+    bind_host: Annotated[str, typer.Option(help="Interface for the mesh socket.")] = "127.0.0.1",
+    advertise_host: Annotated[Optional[str], typer.Option(help="Address the partners use to reach this peer (mesh).")] = None,
+):
+    """Start one peer process (hosting one or more peers) that connects to the coordinator."""
+    from peer_node.host import load_models, main as peer_main
+
+    if peer_id and not scenario:
+        _fail("--peer-id needs --scenario", EXIT_BAD_INPUT)
+    try:
+        models = load_models(scenario, list(peer_id or []), [str(f) for f in model_file or []])
+    except (ScenarioError, KeyError, ValueError, OSError) as exc:
+        _fail(f"peer: {exc}", EXIT_BAD_INPUT)
+    raise typer.Exit(peer_main(models, coordinator, host_id, timeout_s, bind_host, advertise_host))
+
+
+@app.command()
+def dso(
+    scenario: Annotated[str, typer.Option(help="Scenario (name or file): the network and its limits.")],
+    coordinator: Annotated[str, typer.Option(help="Coordinator address.")],
+    timeout_s: Annotated[float, typer.Option(min=0.1)] = 30.0,
+    idle_timeout_s: Annotated[float, typer.Option(help="Longest wait for the next request.", min=1.0)] = 3600.0,
+):
+    """Start the DSO service: AC power-flow validation of every dispatch."""
+    from dso_service.service import serve
+
+    _load(scenario)
+    raise typer.Exit(serve(str(resolve_path(scenario)), coordinator, timeout_s, idle_timeout_s))
+
+
+@app.command()
+def tso(
+    scenario: Annotated[str, typer.Option(help="Scenario (name or file): the regulation request.")],
+    coordinator: Annotated[str, typer.Option(help="Coordinator address.")],
+    timeout_s: Annotated[float, typer.Option(min=0.1)] = 30.0,
+    idle_timeout_s: Annotated[float, typer.Option(help="Longest wait for the next request.", min=1.0)] = 3600.0,
+):
+    """Start the TSO service: frequency-regulation requests (virtual load per hour)."""
+    from tso_service.service import serve
+
+    _load(scenario)
+    raise typer.Exit(serve(str(resolve_path(scenario)), coordinator, timeout_s, idle_timeout_s))
+
+
 def write_results_summary_only(result, out: Path) -> None:
     import json
 

@@ -34,6 +34,7 @@ import msgpack
 import numpy as np
 
 from common.protocol import (
+    ANY_RUN,
     MAX_CONTAINER_LEN,
     MAX_DEPTH,
     MAX_ID_LEN,
@@ -298,7 +299,7 @@ def decode(
         raise ProtocolError("malformed", f"envelope of {len(obj)} fields, expected 6")
     _, run_id, sender, mtype, iteration, body = obj
     run_id = _check_id(run_id, "run_id")
-    if expect_run is not None and run_id != expect_run:
+    if expect_run is not None and run_id != expect_run and not (run_id == ANY_RUN and mtype == MsgType.HELLO.value):
         raise ProtocolError("run", f"run {run_id!r}, expected {expect_run!r}")
     sender = _check_id(sender, "sender")
     mtype = _check_type(mtype)

@@ -62,6 +62,15 @@ class EVModel:
     kind: str = "ev"
 
 
+def reactive_mvar(model, p_mw: np.ndarray) -> np.ndarray:
+    """Reactive power of a peer for the AC check: loads draw Q = P tan(phi) (P < 0, so Q < 0 is
+    consumption); CHP and RES supply up to tan(phi) P (thesis eqs. 4.3, 4.5) and are taken at that
+    limit; EVs and the external supplier (the slack) run at unity power factor."""
+    if isinstance(model, EVModel) or model.kind == "grid":
+        return np.zeros_like(p_mw)
+    return model.tan_phi * p_mw
+
+
 def ev_plugged_mask(arrival_hour: int, departure_hour: int, hours: int) -> np.ndarray:
     """True for market hours (1..H) in which the car is plugged in."""
     h = np.arange(1, hours + 1)
@@ -121,3 +130,22 @@ def ev_model(scenario, peer) -> EVModel:
 def peer_models(scenario) -> list:
     """One model per peer, in scenario order: HourlyPeer, or EVModel for EVs."""
     return [ev_model(scenario, p) if p.kind == "ev" else hourly_peer(scenario, p) for p in scenario.peers]
+
+
+def hourly_peer_to_dict(peer: HourlyPeer) -> dict:
+    """A peer's private model as plain data (what a peer process is given, and nothing else)."""
+    return {
+        "id": peer.id, "kind": peer.kind, "bus": int(peer.bus), "tan_phi": float(peer.tan_phi),
+        "p_min_mw": peer.p_min_mw.tolist(), "p_max_mw": peer.p_max_mw.tolist(),
+        "cost_a_eur_per_mw2h": peer.cost_a_eur_per_mw2h.tolist(), "cost_b_eur_per_mwh": peer.cost_b_eur_per_mwh.tolist(),
+    }
+
+
+def hourly_peer_from_dict(data: dict) -> HourlyPeer:
+    arrays = {k: np.asarray(data[k], dtype=float) for k in ("p_min_mw", "p_max_mw", "cost_a_eur_per_mw2h", "cost_b_eur_per_mwh")}
+    lengths = {len(v) for v in arrays.values()}
+    if len(lengths) != 1 or not all(np.all(np.isfinite(v)) for v in arrays.values()):
+        raise ValueError(f"peer model {data.get('id')!r}: hourly arrays must have one finite value per hour")
+    if np.any(arrays["p_min_mw"] > arrays["p_max_mw"] + 1e-12):
+        raise ValueError(f"peer model {data.get('id')!r}: p_min_mw exceeds p_max_mw")
+    return HourlyPeer(str(data["id"]), str(data["kind"]), int(data["bus"]), tan_phi=float(data["tan_phi"]), **arrays)

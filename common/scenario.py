@@ -82,6 +82,13 @@ class MarketSpec(_Strict):
     price_init_eur_per_mwh: float = Field(0.0, description="starting trade price of the ADMM (a public guess)")
 
 
+class TSOSpec(_Strict):
+    """The TSO's frequency-regulation request: a virtual load at the transformer's primary (MW per
+    hour, positive = regulation up)."""
+
+    virtual_load_mw: Hourly = 0.0
+
+
 class _PeerBase(_Strict):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     bus: int = Field(ge=0)
@@ -184,6 +191,7 @@ class Scenario(_Strict):
     market: MarketSpec
     series: dict[str, list[float]] = Field(default_factory=dict)
     peers: list[Peer] = Field(min_length=2)
+    tso: TSOSpec | None = None
 
     @field_validator("series")
     @classmethod
@@ -210,6 +218,8 @@ class Scenario(_Strict):
                     self._resolve(value, f"{where}.{fname}")
             if peer.kind == "ev":
                 check_ev_feasible(peer, f"{where}")
+        if self.tso is not None:
+            self._resolve(self.tso.virtual_load_mw, "tso.virtual_load_mw")
         if sum(p.kind == "grid" for p in self.peers) > 1:
             raise _field_error("peers", "more than one peer of kind 'grid'")
         if self.market.kind == "p2p":

@@ -17,8 +17,8 @@ import zmq
 
 from common.admm import LocalP2P
 from common.codec import check_iteration
-from common.models import hourly_peer
-from common.protocol import Envelope, MsgType, ProtocolError
+from common.models import HourlyPeer, hourly_peer, hourly_peer_from_dict, reactive_mvar
+from common.protocol import ANY_RUN, Envelope, MsgType, ProtocolError
 from common.protocol.control import Hello, Ready
 from common.protocol.market import Residuals, ResidualsPeer, Result, ResultPeer, Round, Trades, Update, UpdatePeer
 from common.transport import Transport
@@ -33,14 +33,13 @@ def log(msg: str) -> None:
 
 
 class PeerHost:
-    def __init__(self, scenario, peer_ids: list[str], coordinator: str, host_id: str, timeout_s: float = 30.0,
+    def __init__(self, models: list[HourlyPeer], coordinator: str, host_id: str, timeout_s: float = 30.0,
                  bind_host: str = "127.0.0.1", advertise_host: str | None = None):
-        self.scenario = scenario
-        self.peer_ids = list(peer_ids)
+        self.models = {m.id: m for m in models}
+        self.peer_ids = list(self.models)
         self.host_id = host_id
         self.coordinator = coordinator
         self.timeout_s = timeout_s
-        self.models = {pid: hourly_peer(scenario, scenario.peer(pid)) for pid in self.peer_ids}
         self.transport = Transport()
         self.dealer = self.transport.dealer(coordinator, identity=host_id)
         self.mesh_in = self.transport.router(f"tcp://{bind_host}:*")
@@ -60,7 +59,7 @@ class PeerHost:
     def register(self) -> None:
         hello = Hello(role="peer", peer_ids=tuple(self.peer_ids), pid=os.getpid(), host=socket.gethostname(),
                       address=self.mesh_address)
-        self.transport.send(self.dealer, hello.envelope(run_id="", sender=self.host_id))
+        self.transport.send(self.dealer, hello.envelope(run_id=ANY_RUN, sender=self.host_id))
         _, env = self.transport.recv(self.dealer, self.timeout_s, waiting_for="WELCOME from the coordinator",
                                      check=_only(MsgType.WELCOME, MsgType.SHUTDOWN))
         if env.type == MsgType.SHUTDOWN:
@@ -189,9 +188,13 @@ class PeerHost:
     def send_result(self, k: int) -> None:
         peers = {}
         for pid, loc in self.locals.items():
-            peers[pid] = ResultPeer(p_mw=loc.p_mw, trades_mw=loc.x, price_eur_per_mwh=loc.lam,
-                                    partner_ids=tuple(self.partners[pid]))
-        self.transport.send(self.dealer, Result(peers=peers).envelope(run_id=self.run_id, sender=self.host_id, iteration=k))
+            model = self.models[pid]
+            p = loc.p_mw
+            peers[pid] = ResultPeer(p_mw=p, trades_mw=loc.x, price_eur_per_mwh=loc.lam, partner_ids=tuple(self.partners[pid]),
+                                    q_mvar=reactive_mvar(model, p), cost_eur=model.cost_eur(p))
+        traffic = tuple(r for r in self.transport.sent.rows() if r[1] == MsgType.TRADES.value)
+        self.transport.send(self.dealer, Result(peers=peers, traffic=traffic)
+                            .envelope(run_id=self.run_id, sender=self.host_id, iteration=k))
 
     def close(self) -> None:
         self.transport.close()
@@ -204,24 +207,52 @@ def _only(*types):
     return check
 
 
-def main(scenario_path: str, peer_ids: list[str], coordinator: str, host_id: str | None, timeout_s: float,
-         bind_host: str = "127.0.0.1", advertise_host: str | None = None) -> int:
-    from common.scenario import ScenarioError, load_scenario
+def load_models(scenario_path: str | None, peer_ids: list[str], model_files: list[str]) -> list[HourlyPeer]:
+    """The hosted peers' private models: from single-peer model files (JSON, what the launcher
+    writes for each peer) or from a scenario file and peer ids."""
+    import json
 
-    try:
+    models = [hourly_peer_from_dict(json.loads(open(f).read())) for f in model_files]
+    if peer_ids:
+        from common.scenario import load_scenario
+
         scenario = load_scenario(scenario_path)
-        host = PeerHost(scenario, peer_ids, coordinator, host_id or f"host-{peer_ids[0]}", timeout_s, bind_host, advertise_host)
-    except (ScenarioError, KeyError, ValueError) as exc:
-        log(f"cannot start peer(s) {', '.join(peer_ids)}: {exc}")
-        return 2
+        models += [hourly_peer(scenario, scenario.peer(pid)) for pid in peer_ids]
+    if not models:
+        raise ValueError("no peer to host: give --model FILE or --scenario FILE --peer-id ID")
+    return models
+
+
+def main(models: list[HourlyPeer], coordinator: str, host_id: str | None, timeout_s: float,
+         bind_host: str = "127.0.0.1", advertise_host: str | None = None) -> int:
+    names = ", ".join(m.id for m in models)
+    host = PeerHost(models, coordinator, host_id or f"host-{models[0].id}", timeout_s, bind_host, advertise_host)
     try:
         host.register()
         host.serve()
         return 0
     except (TimeoutError, PeerFailure, ConnectionError) as exc:
-        log(f"peer(s) {', '.join(peer_ids)} stopped: {exc}")
+        log(f"peer(s) {names} stopped: {exc}")
         return 1
     finally:
         if host.transport.rejected:
             log(f"rejected messages: {dict(host.transport.rejected)}")
         host.close()
+
+
+def child_main(model_dicts: list[dict], coordinator: str, host_id: str, timeout_s: float, log_path: str) -> None:
+    """Entry point of a peer process started by the local launcher (forked from a clean server
+    that has only imported this module): logs to ``log_path``, records its peak memory."""
+    import resource
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    code = 1
+    try:
+        code = main([hourly_peer_from_dict(d) for d in model_dicts], coordinator, host_id, timeout_s)
+    finally:
+        log(f"peak_rss_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

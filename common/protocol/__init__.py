@@ -32,6 +32,9 @@ from typing import Any, ClassVar, Self
 import numpy as np
 
 PROTOCOL_VERSION = 1
+# run id of a HELLO from a role that does not know the run yet (started by hand); the
+# coordinator's WELCOME tells it the run id, and every later message must carry it.
+ANY_RUN = "*"
 """Version of the wire format and of the schemas; a receiver refuses any other version."""
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -349,6 +352,7 @@ def parse(env: Envelope) -> Message:
 
 
 __all__ = [
+    "ANY_RUN",
     "ARRAY_DTYPES",
     "MAX_CONTAINER_LEN",
     "MAX_DEPTH",

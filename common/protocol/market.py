@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from common.protocol import (
+    AnyValue,
     Array,
     Bool,
     Float,
@@ -230,6 +231,7 @@ class ResultPeer:
     q_mvar: np.ndarray | None = None
     soc_mwh: np.ndarray | None = None
     status: str = STATUS_OK
+    cost_eur: np.ndarray | None = None  # (hours,) the peer's own cost C_n(P_n), disclosed for welfare accounting
 
     def to_body(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -244,6 +246,8 @@ class ResultPeer:
             out["q_mvar"] = f64(self.q_mvar)
         if self.soc_mwh is not None:
             out["soc_mwh"] = f64(self.soc_mwh)
+        if self.cost_eur is not None:
+            out["cost_eur"] = f64(self.cost_eur)
         return out
 
     @classmethod
@@ -257,6 +261,7 @@ class ResultPeer:
             body.get("q_mvar"),
             body.get("soc_mwh"),
             body.get("status") or STATUS_OK,
+            body.get("cost_eur"),
         )
 
 
@@ -266,13 +271,20 @@ class Result(Message):
 
     TYPE: ClassVar[MsgType] = MsgType.RESULT
     peers: dict[str, ResultPeer] = field(default_factory=dict)
+    # messages the host sent outside the coordinator's sight (mesh trades): rows of
+    # [iteration, type, count, bytes]
+    traffic: tuple[tuple[int, str, int, int], ...] = ()
 
     def to_body(self) -> dict[str, Any]:
-        return {"peers": {k: v.to_body() for k, v in self.peers.items()}}
+        body: dict[str, Any] = {"peers": {k: v.to_body() for k, v in self.peers.items()}}
+        if self.traffic:
+            body["traffic"] = [[int(i), str(t), int(c), int(b)] for i, t, c, b in self.traffic]
+        return body
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Result:
-        return cls({k: ResultPeer.from_body(v) for k, v in body["peers"].items()})
+        return cls({k: ResultPeer.from_body(v) for k, v in body["peers"].items()},
+                   tuple(tuple(row) for row in body.get("traffic") or ()))
 
 
 # ----------------------------------------------------------------------------------------- PENALTY
@@ -361,12 +373,14 @@ SCHEMAS: dict[MsgType, Record] = {
                         "partner_ids": ListOf(Str(max_len=256)),
                         "q_mvar": float_array(1),
                         "soc_mwh": float_array(1),
+                        "cost_eur": float_array(1),
                         "status": Str(max_len=256),
                     },
                     check_fn=_check_result_peer,
                 )
             )
-        }
+        },
+        optional={"traffic": ListOf(ListOf(AnyValue()))},
     ),
     MsgType.PENALTY: Record(required={"peers": MapOf(MapOf(Array("float64")))}),
 }

@@ -1,0 +1,315 @@
+"""Local launcher: starts every role of a run as its own OS process on loopback, shows progress,
+and stops all of them at the end, on error and on Ctrl-C.
+
+- coordinator, DSO and TSO services: ``python -m <role>`` subprocesses, each with its own log;
+- peer processes: forked from a clean fork server that has imported only the peer code (no
+  scenario, no solver), so that dozens of them start in well under a second; each gets only its
+  own peer's model. ``p2pm peer`` starts the same peer process by hand on another machine.
+
+A role that exits with an error ends the run: the others are stopped and the error names the role,
+its exit code and the tail of its log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import multiprocessing
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.models import hourly_peer, hourly_peer_to_dict
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def _die_with_parent() -> None:  # runs in the child before exec
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        text = path.read_text(errors="replace").rstrip().splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + t for t in text[-lines:]) or "    (empty log)"
+
+
+@dataclass
+class Role:
+    name: str
+    log: Path
+    popen: subprocess.Popen | None = None
+    process: multiprocessing.Process | None = None
+    exitcode: int | None = None
+    peak_rss_kib: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid if self.popen else self.process.pid
+
+    def poll(self) -> int | None:
+        if self.exitcode is not None:
+            return self.exitcode
+        if self.popen is not None:
+            pid, status, rusage = os.wait4(self.popen.pid, os.WNOHANG)
+            if pid:
+                self.exitcode = os.waitstatus_to_exitcode(status)
+                self.popen.returncode = self.exitcode
+                self.peak_rss_kib = rusage.ru_maxrss
+        elif self.process.exitcode is not None:
+            self.exitcode = self.process.exitcode
+        return self.exitcode
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+@dataclass
+class Launch:
+    roles: list[Role] = field(default_factory=list)
+
+    def stop_all(self, grace_s: float = 3.0) -> None:
+        for r in self.roles:
+            r.stop(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(r.poll() is None for r in self.roles):
+            time.sleep(0.02)
+        for r in self.roles:
+            if r.poll() is None:
+                r.stop(signal.SIGKILL)
+        for r in self.roles:
+            if r.process is not None:
+                r.process.join(timeout=2)
+                r.exitcode = r.process.exitcode if r.exitcode is None else r.exitcode
+            elif r.popen is not None and r.exitcode is None:
+                try:
+                    _, status, rusage = os.wait4(r.popen.pid, 0)
+                    r.exitcode = os.waitstatus_to_exitcode(status)
+                    r.popen.returncode = r.exitcode
+                except ChildProcessError:
+                    pass
+            if r.popen is not None and r.popen.stdout is not None:
+                r.popen.stdout.close()
+
+
+def _spawn(role: str, args: list[str], log: Path, stdout=None) -> subprocess.Popen:
+    logf = open(log, "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", role, *args], stdout=stdout or logf, stderr=logf,
+                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+    finally:
+        logf.close()
+
+
+def override_args(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        if value is None or key == "model":
+            continue
+        opt = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(opt if value else "--no-" + key.replace("_", "-"))
+        else:
+            args += [opt, str(value)]
+    if overrides.get("model"):
+        args += ["--model", overrides["model"]]
+    return args
+
+
+def _peer_groups(scenario, per_process: int) -> list[list[dict]]:
+    models = [hourly_peer_to_dict(hourly_peer(scenario, p)) for p in scenario.peers]
+    return [models[i:i + per_process] for i in range(0, len(models), per_process)]
+
+
+def _reader(stream, q: queue.Queue) -> None:
+    for line in iter(stream.readline, b""):
+        q.put(line.decode(errors="replace").strip())
+    q.put(None)
+
+
+def run_distributed(scenario_path: Path, scenario, out: Path, *, topology: str = "relay", overrides: dict | None = None,
+                    peers_per_process: int = 1, timeout_s: float = 30.0, t0: float | None = None,
+                    quiet: bool = False) -> dict:
+    """Run the distributed clearing of ``scenario`` locally; returns the summary dict."""
+    from peer_node.host import child_main
+
+    t0 = time.time() if t0 is None else t0
+    out = Path(out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:12]
+    groups = _peer_groups(scenario, peers_per_process)
+    n_processes = len(groups) + 3
+    launch = Launch()
+    progress = _Progress(quiet)
+    try:
+        ready_file = logs / "coordinator.address"
+        ready_file.unlink(missing_ok=True)
+        coord = Role("coordinator", logs / "coordinator.log")
+        coord.popen = _spawn("coordinator", [
+            "--scenario", str(scenario_path), "--bind", "tcp://127.0.0.1:*", "--ready-file", str(ready_file),
+            "--run-id", run_id, "--topology", topology, "--out", str(out), "--timeout-s", str(timeout_s),
+            "--t0", repr(t0), "--processes", str(n_processes), *override_args(overrides or {})],
+            coord.log, stdout=subprocess.PIPE)
+        launch.roles.append(coord)
+        events: queue.Queue = queue.Queue()
+        threading.Thread(target=_reader, args=(coord.popen.stdout, events), daemon=True).start()
+
+        deadline = time.monotonic() + timeout_s
+        while not ready_file.exists() or not ready_file.read_text():
+            if coord.poll() is not None:
+                raise LaunchError(f"the coordinator exited with code {coord.exitcode} before listening:\n{_tail(coord.log)}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"the coordinator did not start listening within {timeout_s:g} s")
+            time.sleep(0.01)
+        address = ready_file.read_text().strip()
+
+        for svc in ("dso_service", "tso_service"):
+            r = Role(svc.split("_")[0], logs / f"{svc.split('_')[0]}.log")
+            r.popen = _spawn(svc, ["--scenario", str(scenario_path), "--coordinator", address,
+                                   "--timeout-s", str(timeout_s)], r.log)
+            launch.roles.append(r)
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["peer_node.host"])
+        for i, group in enumerate(groups):
+            name = f"peer {group[0]['id']}" if len(group) == 1 else f"peers {group[0]['id']}..{group[-1]['id']}"
+            host_id = f"h{i:04d}-{group[0]['id']}"
+            r = Role(name, logs / f"{host_id}.log")
+            r.process = ctx.Process(target=child_main, args=(group, address, host_id, timeout_s, str(r.log)),
+                                    name=host_id, daemon=False)
+            r.process.start()
+            launch.roles.append(r)
+
+        summary_ok = False
+        while True:
+            try:
+                line = events.get(timeout=0.05)
+            except queue.Empty:
+                line = ""
+            if line:
+                try:
+                    ev = json.loads(line)
+                except json.JSONDecodeError:
+                    ev = {}
+                progress.update(ev)
+                if ev.get("event") == "done":
+                    summary_ok = True
+                elif ev.get("event") == "failed":
+                    raise LaunchError(f"the coordinator stopped the run: {ev.get('reason')}{_culprit(launch, coord)}")
+            if coord.poll() is not None:
+                while not events.empty():  # drain the last events
+                    ev_line = events.get()
+                    if ev_line and '"event": "done"' in ev_line:
+                        summary_ok = True
+                if coord.exitcode == 0 and summary_ok:
+                    break
+                raise LaunchError(f"the coordinator exited with code {coord.exitcode}:\n{_tail(coord.log)}{_culprit(launch, coord)}")
+            for r in launch.roles[1:]:
+                code = r.poll()
+                if code not in (None, 0):
+                    raise LaunchError(f"{r.name} (pid {r.pid}) exited with code {code}; its log ends with:\n{_tail(r.log)}")
+        # the coordinator has written the results; the others end on its SHUTDOWN
+        end = time.monotonic() + timeout_s
+        while any(r.poll() is None for r in launch.roles) and time.monotonic() < end:
+            time.sleep(0.02)
+    except KeyboardInterrupt:
+        raise LaunchError(f"interrupted; stopped all {len(launch.roles)} processes of the run") from None
+    finally:
+        progress.close()
+        launch.stop_all()
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary.update(_memory(launch))
+    summary_path.write_text(json.dumps(summary, indent=2, allow_nan=False))
+    return summary
+
+
+def _culprit(launch: Launch, coord: Role) -> str:
+    """The first other role that died, with its log tail (often the root cause)."""
+    for r in launch.roles:
+        if r is not coord and r.poll() not in (None, 0):
+            return f"\n{r.name} (pid {r.pid}) exited with code {r.exitcode}; its log ends with:\n{_tail(r.log)}"
+    return ""
+
+
+def _memory(launch: Launch) -> dict:
+    """Peak resident memory per process (MiB), from the OS accounting of each role."""
+    peers = []
+    by_role = {}
+    for r in launch.roles:
+        kib = r.peak_rss_kib
+        if kib is None and r.process is not None:
+            try:
+                for line in r.log.read_text().splitlines()[::-1]:
+                    if "peak_rss_kib" in line:
+                        kib = int(line.rsplit(" ", 1)[1])
+                        break
+            except (OSError, ValueError):
+                pass
+        if kib is None:
+            continue
+        if r.process is not None:
+            peers.append(kib / 1024)
+        else:
+            by_role[r.name] = kib / 1024
+    out = {f"peak_rss_mib_{k}": round(v, 1) for k, v in by_role.items()}
+    if peers:
+        out["peak_rss_mib_peer_max"] = round(max(peers), 1)
+        out["peak_rss_mib_peer_median"] = round(sorted(peers)[len(peers) // 2], 1)
+    return out
+
+
+class _Progress:
+    """Iteration and residuals while the run goes (rich status line on a terminal)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.status = None
+        self.last_print = 0.0
+        if not quiet and sys.stderr.isatty():
+            from rich.console import Console
+
+            self.status = Console(stderr=True).status("starting processes ...")
+            self.status.start()
+
+    def update(self, ev: dict) -> None:
+        if self.quiet or not ev:
+            return
+        if ev.get("event") == "ready":
+            text = f"{ev['peers']} peers in {ev['hosts']} processes ready after {ev['startup_s']:.2f} s"
+        elif ev.get("event") == "iteration":
+            text = (f"ADMM iteration {ev['iteration']}: primal {ev['primal']:.3e} MW, dual {ev['dual']:.3e} EUR/MWh, "
+                    f"rho {ev['rho']:.3g}")
+        elif ev.get("event") == "done":
+            text = "market cleared; AC validation done, results written"
+        else:
+            return
+        if self.status is not None:
+            self.status.update(text)
+        elif time.monotonic() - self.last_print > 2.0 or ev.get("event") != "iteration":
+            self.last_print = time.monotonic()
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None

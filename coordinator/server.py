@@ -1,0 +1,382 @@
+"""The coordinator process: registration, the ADMM rounds (``coordinator.rounds``), the DSO and
+TSO dialogs, and the results folder. This is the thin socket shell around the pure round logic.
+
+It knows the roster (peer ids, kinds, buses) and the market settings, never a peer's costs.
+Progress goes to stdout as JSON lines (read by the launcher); the log goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.market import TradeGraph
+from common.protocol import Envelope, MsgType, ProtocolError
+from common.protocol.control import Hello, Shutdown, Welcome
+from common.protocol.frequency import FreqQuery, FreqRequest
+from common.protocol.grid import Dispatch, GridReport
+from common.protocol.market import Residuals, Result, Update
+from common.transport import Transport
+from coordinator.rounds import P2PRounds, RoundSettings
+
+
+class RunFailure(RuntimeError):
+    """The run cannot go on; the message names the role and the reason."""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] coordinator: {msg}", file=sys.stderr, flush=True)
+
+
+def emit(event: str, **fields) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def roster_graph(scenario) -> TradeGraph:
+    """The trading graph from the roster only (kinds decide producer / consumer)."""
+    from common.models import PRODUCER_KINDS
+
+    ids = [p.id for p in scenario.peers]
+    producer = [p.kind in PRODUCER_KINDS for p in scenario.peers]
+    owner, partner, sign = [], [], []
+    for n in range(len(ids)):
+        for m in range(len(ids)):
+            if n != m and producer[n] != producer[m]:
+                owner.append(n)
+                partner.append(m)
+                sign.append(1.0 if producer[n] else -1.0)
+    owner, partner = np.array(owner, dtype=np.int64), np.array(partner, dtype=np.int64)
+    lookup = {(n, m): k for k, (n, m) in enumerate(zip(owner, partner))}
+    reverse = np.array([lookup[(m, n)] for n, m in zip(owner, partner)], dtype=np.int64)
+    return TradeGraph(tuple(ids), owner, partner, reverse, np.array(sign))
+
+
+class CoordinatorServer:
+    def __init__(self, scenario, bind: str, run_id: str, topology: str, out_dir: Path, timeout_s: float, t0: float,
+                 ready_file: Path | None = None, processes: int = 0):
+        self.scenario = scenario
+        self.run_id = run_id
+        self.topology = topology
+        self.out_dir = Path(out_dir)
+        self.timeout_s = timeout_s
+        self.t0 = t0
+        self.processes = processes
+        self.transport = Transport(run_id=run_id)
+        self.router = self.transport.router(bind)
+        import zmq
+
+        self.address = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if ready_file:
+            Path(ready_file).write_text(self.address)
+        self.graph = roster_graph(scenario)
+        self.hosts: dict[str, list[str]] = {}  # host identity -> peer ids
+        self.host_info: dict[str, Hello] = {}
+        self.services: dict[str, Hello] = {}
+        self.extra_traffic: list[tuple[int, str, int, int]] = []
+        self.timing: dict[str, float] = {}
+
+    # -- control dialog --------------------------------------------------------------------
+    def _hello(self, ident: bytes, env: Envelope) -> None:
+        hello = Hello.from_envelope(env)
+        name = ident.decode()
+        if hello.role in ("dso", "tso"):
+            self.services[hello.role] = hello
+            self._welcome(ident, {"run_id": self.run_id, "hours": self.scenario.market.hours})
+            log(f"{hello.role} service registered (pid {hello.pid} on {hello.host})")
+            return
+        roster = set(self.graph.peer_ids)
+        taken = {p for h, ps in self.hosts.items() if h != name for p in ps}
+        bad = [p for p in hello.peer_ids if p not in roster or p in taken]
+        if bad or not hello.peer_ids:
+            self.transport.rejected["registration"] += 1
+            reason = f"unknown or already registered peer(s): {', '.join(bad) or '(none)'}"
+            log(f"refused {name}: {reason}")
+            self.transport.send(self.router, Shutdown(reason=reason).envelope(run_id=self.run_id, sender="coordinator"), to=ident)
+            return
+        self.hosts[name] = list(hello.peer_ids)
+        self.host_info[name] = hello
+
+    def _welcome(self, ident, config: dict) -> None:
+        self.transport.send(self.router, Welcome(config=config).envelope(run_id=self.run_id, sender="coordinator"), to=ident)
+
+    def _recv(self, timeout_s: float, waiting_for: str, types: tuple) -> tuple[bytes, Envelope]:
+        """Receive one message of the given types; HELLOs of services are handled on the way."""
+
+        def check(env: Envelope) -> None:
+            if env.type not in types and env.type != MsgType.HELLO:
+                raise ProtocolError("type", f"unexpected {env.type}")
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {waiting_for} within {timeout_s:g} s")
+            ident, env = self.transport.recv(self.router, left, check=check, waiting_for=waiting_for)
+            if env.type == MsgType.HELLO and MsgType.HELLO not in types:
+                hello = Hello.from_envelope(env)
+                if hello.role in ("dso", "tso"):
+                    self._hello(ident, env)
+                else:
+                    self.transport.rejected["late_hello"] += 1
+                continue
+            return ident, env
+
+    def register(self) -> None:
+        expected = set(self.graph.peer_ids)
+        deadline = time.monotonic() + self.timeout_s
+        while {p for ps in self.hosts.values() for p in ps} != expected:
+            left = deadline - time.monotonic()
+            missing = sorted(expected - {p for ps in self.hosts.values() for p in ps})
+            if left <= 0:
+                raise RunFailure(f"registration: peer(s) {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} "
+                                 f"did not register within {self.timeout_s:g} s")
+            try:
+                ident, env = self._recv(left, f"HELLO from peer(s) {', '.join(missing[:5])}", (MsgType.HELLO,))
+            except TimeoutError:
+                continue
+            self._hello(ident, env)
+        addresses = {p: self.host_info[h].address for h, ps in self.hosts.items() for p in ps}
+        index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
+        market = self.scenario.market
+        for host, peer_ids in self.hosts.items():
+            partners = {pid: [self.graph.peer_ids[m] for m in self.graph.partner[self.graph.partners_of(index[pid])]]
+                        for pid in peer_ids}
+            config = {"run_id": self.run_id, "topology": self.topology, "hours": market.hours, "partners": partners,
+                      "price_init_eur_per_mwh": market.price_init_eur_per_mwh}
+            if self.topology == "mesh":
+                config["addresses"] = {q: addresses[q] for ps in partners.values() for q in ps}
+            self._welcome(host.encode(), config)
+        waiting = set(self.hosts)
+        while waiting:
+            ident, env = self._recv(self.timeout_s, f"READY from {len(waiting)} peer host(s): {', '.join(sorted(waiting)[:5])}",
+                                    (MsgType.READY,))
+            waiting.discard(ident.decode())
+        self.timing["startup_s"] = time.time() - self.t0
+        emit("ready", hosts=len(self.hosts), peers=len(expected), startup_s=self.timing["startup_s"])
+        log(f"{len(expected)} peers in {len(self.hosts)} processes ready after {self.timing['startup_s']:.2f} s")
+
+    # -- ADMM ------------------------------------------------------------------------------
+    def clear_market(self) -> P2PRounds:
+        m = self.scenario.market
+        settings = RoundSettings(rho=m.rho, tolerance=m.tolerance, max_iterations=m.max_iterations,
+                                 residual_balancing=m.residual_balancing, mu=m.rb_mu, tau=m.rb_tau, topology=self.topology)
+        rounds = P2PRounds(self.graph, self.hosts, m.hours, settings)
+        answer = MsgType.UPDATE if self.topology == "relay" else MsgType.RESIDUALS
+        handler = rounds.on_update if self.topology == "relay" else rounds.on_residuals
+        parse = Update.from_envelope if self.topology == "relay" else Residuals.from_envelope
+        t_start = time.perf_counter()
+        last_emit = 0.0
+        sends = rounds.start()
+        while True:
+            for host, msg in sends:
+                self.transport.send(self.router, msg.envelope(run_id=self.run_id, sender="coordinator",
+                                                              iteration=rounds.iteration), to=host)
+            if rounds.finished:
+                break
+            k = rounds.iteration
+
+            def check(env: Envelope, k=k) -> None:
+                if env.type == MsgType.HELLO:
+                    return
+                if env.type != answer:
+                    raise ProtocolError("type", f"unexpected {env.type}")
+                if env.iteration != k:
+                    raise ProtocolError("stale", f"iteration {env.iteration} while at {k}")
+
+            sends = []
+            while not sends and not rounds.finished:
+                try:
+                    ident, env = self._recv(self.timeout_s, f"answers to iteration {k}", (answer,))
+                except TimeoutError:
+                    silent = sorted(rounds.pending())
+                    who = "; ".join(f"{h} (peer {', '.join(self.hosts[h])})" for h in silent[:5])
+                    raise RunFailure(f"iteration {k}: no answer within {self.timeout_s:g} s from {who}") from None
+                if env.iteration != k:
+                    self.transport.rejected["stale"] += 1
+                    continue
+                try:
+                    sends = handler(ident.decode(), parse(env))
+                except (ValueError, KeyError) as exc:
+                    self.transport.rejected["body"] += 1
+                    log(f"rejected an answer from {ident.decode()}: {exc}")
+            now = time.perf_counter()
+            if now - last_emit > 0.25 or rounds.finished:
+                last_emit = now
+                emit("iteration", iteration=rounds.iteration if rounds.finished else k,
+                     primal=rounds.primal_residual, dual=rounds.dual_residual, rho=rounds.rho)
+        self.timing["admm_s"] = time.perf_counter() - t_start
+        if rounds.statuses:
+            raise RunFailure("local solve failed at " + ", ".join(f"peer {p}: {s}" for p, s in rounds.statuses.items()))
+        return rounds
+
+    def collect_results(self, k: int) -> dict[str, object]:
+        results, waiting = {}, set(self.hosts)
+        while waiting:
+            try:
+                ident, env = self._recv(self.timeout_s, "RESULT", (MsgType.RESULT,))
+            except TimeoutError:
+                raise RunFailure(f"no RESULT within {self.timeout_s:g} s from {', '.join(sorted(waiting))}") from None
+            host = ident.decode()
+            if host not in waiting:
+                self.transport.rejected["duplicate"] += 1
+                continue
+            msg = Result.from_envelope(env)
+            results.update(msg.peers)
+            self.extra_traffic.extend(msg.traffic)
+            waiting.discard(host)
+        return results
+
+    # -- services --------------------------------------------------------------------------
+    def _service(self, role: str) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while role not in self.services:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RunFailure(f"the {role} service did not register within {self.timeout_s:g} s")
+            try:
+                ident, env = self._recv(left, f"HELLO from the {role} service", (MsgType.HELLO,))
+                self._hello(ident, env)
+            except TimeoutError:
+                continue
+
+    def ask_dso(self, dispatch_df, k: int) -> GridReport:
+        self._service("dso")
+        peers = list(dict.fromkeys(dispatch_df["peer"]))
+        H = self.scenario.market.hours
+        first = dispatch_df.drop_duplicates("peer").set_index("peer").loc[peers]
+        msg = Dispatch(peer_ids=tuple(peers), kinds=tuple(first["kind"]), buses=tuple(int(b) for b in first["bus"]),
+                       p_mw=dispatch_df["p_mw"].to_numpy().reshape(len(peers), H),
+                       q_mvar=dispatch_df["q_mvar"].to_numpy().reshape(len(peers), H))
+        self.transport.send(self.router, msg.envelope(run_id=self.run_id, sender="coordinator", iteration=k), to=b"dso")
+        t = time.perf_counter()
+        try:
+            _, env = self._recv(self.timeout_s, "GRID_REPORT from the dso service", (MsgType.GRID_REPORT,))
+        except TimeoutError:
+            raise RunFailure(f"the dso service did not answer the dispatch within {self.timeout_s:g} s") from None
+        self.timing["dso_s"] = time.perf_counter() - t
+        return GridReport.from_envelope(env)
+
+    def ask_tso(self, k: int) -> np.ndarray:
+        self._service("tso")
+        H = self.scenario.market.hours
+        self.transport.send(self.router, FreqQuery(hours=H).envelope(run_id=self.run_id, sender="coordinator", iteration=k), to=b"tso")
+        try:
+            _, env = self._recv(self.timeout_s, "FREQ_REQUEST from the tso service", (MsgType.FREQ_REQUEST,))
+        except TimeoutError:
+            raise RunFailure(f"the tso service did not answer within {self.timeout_s:g} s") from None
+        return FreqRequest.from_envelope(env).virtual_load_mw
+
+    def shutdown(self, reason: str) -> None:
+        for ident in [*self.hosts, *self.services]:
+            try:
+                self.transport.send(self.router, Shutdown(reason=reason).envelope(run_id=self.run_id, sender="coordinator"),
+                                    to=ident.encode())
+            except (ConnectionError, TimeoutError):
+                pass
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> dict:
+        import pandas as pd
+
+        from common.clearing import p2p_result
+
+        self.register()
+        rounds = self.clear_market()
+        k = rounds.iteration
+        results = self.collect_results(k)
+        H = self.scenario.market.hours
+        ids = self.graph.peer_ids
+        p_mw = np.vstack([results[pid].p_mw for pid in ids])
+        trades = np.zeros((self.graph.n_pairs, H))
+        prices = np.zeros((self.graph.n_pairs, H))
+        for n, pid in enumerate(ids):
+            kk = self.graph.partners_of(n)
+            trades[kk] = results[pid].trades_mw
+            prices[kk] = results[pid].price_eur_per_mwh
+        virtual_load = self.ask_tso(k)
+        # each peer discloses its own cost of the cleared dispatch (never its cost function)
+        sw = -np.sum([results[pid].cost_eur for pid in ids], axis=0)
+        roster = {p.id: p for p in self.scenario.peers}
+        dispatch = pd.DataFrame({
+            "peer": np.repeat(ids, H), "kind": np.repeat([roster[i].kind for i in ids], H),
+            "bus": np.repeat([roster[i].bus for i in ids], H), "hour": np.tile(np.arange(1, H + 1), len(ids)),
+            "p_mw": p_mw.reshape(-1), "q_mvar": np.vstack([results[pid].q_mvar for pid in ids]).reshape(-1)})
+        result = p2p_result(self.scenario, self.graph, dispatch, trades, prices, sw, np.zeros(H), "admm",
+                            converged=rounds.converged)
+        report = self.ask_dso(result.dispatch, k)
+        from dso_service.report_codec import ac_from_tables
+
+        result.ac = ac_from_tables(report.tables)
+        self.shutdown("run complete")
+        result.iterations = k
+        result.outer_iterations = 1
+        result.primal_residual = rounds.primal_residual
+        result.dual_residual = rounds.dual_residual
+        result.processes = self.processes or (len(self.hosts) + 1 + len(self.services))
+        result.admm_history = pd.DataFrame([(1, s.iteration, s.primal_residual, s.dual_residual, s.rho) for s in rounds.history],
+                                           columns=["outer", "iteration", "primal_residual", "dual_residual", "rho"])
+        rows = self.transport.traffic_rows() + list(self.extra_traffic)
+        msgs = pd.DataFrame(rows, columns=["iteration", "type", "count", "bytes"])
+        result.messages = msgs.groupby(["iteration", "type"], as_index=False)[["count", "bytes"]].sum()
+        hist = rounds.history
+        n = max(len(hist), 1)
+        result.extra.update({
+            "topology": self.topology,
+            "peer_processes": len(self.hosts),
+            "startup_s": self.timing.get("startup_s"),
+            "admm_s": self.timing.get("admm_s"),
+            "time_per_iteration_ms": 1e3 * sum(s.wall_s for s in hist) / n,
+            "local_solve_ms_per_iteration": 1e3 * sum(s.solve_s_max for s in hist) / n,
+            "local_solve_cpu_ms_per_iteration": 1e3 * sum(s.solve_s_sum for s in hist) / n,
+            "coordinator_ms_per_iteration": 1e3 * sum(s.coordinator_s for s in hist) / n,
+            "dso_s": self.timing.get("dso_s"),
+            "rejected_messages": int(self.transport.rejected_total()),
+            "tso_virtual_load_mwh": float(np.sum(virtual_load)),
+        })
+        result.extra["messaging_ms_per_iteration"] = max(
+            0.0, result.extra["time_per_iteration_ms"] - result.extra["local_solve_ms_per_iteration"]
+            - result.extra["coordinator_ms_per_iteration"])
+        from common.report import build_summary, write_results
+
+        result.wall_s = time.time() - self.t0
+        write_results(result, self.out_dir, self.scenario)
+        result.wall_s = time.time() - self.t0
+        summary = build_summary(result)
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+        emit("done", out=str(self.out_dir), converged=result.converged, iterations=k)
+        return summary
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def main(scenario_path: str, bind: str, run_id: str, topology: str, out_dir: str, timeout_s: float, t0: float,
+         ready_file: str | None, overrides: dict, processes: int = 0) -> int:
+    from common.scenario import ScenarioError, load_scenario
+
+    try:
+        scenario = load_scenario(scenario_path, **overrides)
+    except ScenarioError as exc:
+        log(f"bad scenario: {exc}")
+        return 2
+    if scenario.market.kind != "p2p":
+        log("the distributed clearing of the community market is not available yet; use --solver centralized")
+        return 2
+    server = CoordinatorServer(scenario, bind, run_id, topology, Path(out_dir), timeout_s, t0,
+                               Path(ready_file) if ready_file else None, processes)
+    try:
+        server.run()
+        return 0
+    except (RunFailure, TimeoutError, ConnectionError) as exc:
+        log(f"run failed: {exc}")
+        emit("failed", reason=str(exc))
+        server.shutdown(f"run failed: {exc}")
+        return 1
+    finally:
+        if server.transport.rejected:
+            log(f"rejected messages: {dict(server.transport.rejected)}")
+        server.close()

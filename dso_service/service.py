@@ -1,0 +1,87 @@
+"""The DSO validation service process: answers every DISPATCH with the AC power flow of it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+from common.protocol import ANY_RUN, Envelope, MsgType, ProtocolError
+from common.protocol.control import Hello
+from common.protocol.grid import Dispatch, GridReport
+from common.transport import Transport
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] dso: {msg}", file=sys.stderr, flush=True)
+
+
+def dispatch_to_frame(msg: Dispatch) -> pd.DataFrame:
+    n, H = msg.p_mw.shape
+    return pd.DataFrame({
+        "peer": np.repeat(list(msg.peer_ids), H), "kind": np.repeat(list(msg.kinds), H),
+        "bus": np.repeat(list(msg.buses), H), "hour": np.tile(np.arange(1, H + 1), n),
+        "p_mw": msg.p_mw.reshape(-1), "q_mvar": msg.q_mvar.reshape(-1),
+    })
+
+
+def grid_report(ac) -> GridReport:
+    from dso_service.report_codec import ac_to_tables
+
+    vm = ac.buses.pivot(index="bus", columns="hour", values="vm_pu").sort_index()
+    loading = ac.lines.pivot_table(index="line", columns="hour", values="loading_percent", aggfunc="max").sort_index()
+    violations = tuple({"kind": str(r.kind), "element": str(r.element), "hour": int(r.hour) - 1,
+                        "value": float(np.nan_to_num(r.value)), "limit": float(np.nan_to_num(r.limit))}
+                       for r in ac.violations.itertuples())
+    return GridReport(
+        vm_pu=np.nan_to_num(vm.to_numpy(dtype=float)), loading_percent=np.nan_to_num(loading.to_numpy(dtype=float)),
+        losses_mw=np.nan_to_num(ac.hours["losses_mw"].to_numpy(dtype=float)), violations=violations,
+        converged=tuple(bool(c) for c in ac.hours["converged"]), bus_ids=tuple(int(b) for b in vm.index),
+        tables=ac_to_tables(ac),
+    )
+
+
+def serve(scenario_path: str, coordinator: str, timeout_s: float, idle_timeout_s: float) -> int:
+    from common.scenario import load_scenario
+    from dso_service.networks import build_network
+    from dso_service.powerflow import run_ac
+
+    scenario = load_scenario(scenario_path)
+    net = build_network(scenario.network)
+    transport = Transport()
+    dealer = transport.dealer(coordinator, identity="dso")
+    try:
+        transport.send(dealer, Hello(role="dso", peer_ids=(), pid=os.getpid(), host=socket.gethostname())
+                       .envelope(run_id=ANY_RUN, sender="dso"))
+        _, env = transport.recv(dealer, timeout_s, waiting_for="WELCOME from the coordinator")
+        if env.type != MsgType.WELCOME:
+            log(f"registration refused: {env.body}")
+            return 1
+        run_id = env.body["config"]["run_id"]
+        transport.run_id = run_id
+
+        def check(e: Envelope) -> None:
+            if e.type not in (MsgType.DISPATCH, MsgType.SHUTDOWN):
+                raise ProtocolError("type", f"unexpected {e.type}")
+
+        while True:
+            _, env = transport.recv(dealer, idle_timeout_s, check=check, waiting_for="a DISPATCH or SHUTDOWN from the coordinator")
+            if env.type == MsgType.SHUTDOWN:
+                log(f"shutdown: {env.body.get('reason', '')}")
+                return 0
+            t = time.perf_counter()
+            ac = run_ac(net, dispatch_to_frame(Dispatch.from_envelope(env)), scenario.network)
+            log(f"AC power flow of {ac.hours.shape[0]} hours in {time.perf_counter() - t:.2f} s, "
+                f"{len(ac.violations)} violation(s)")
+            transport.send(dealer, grid_report(ac).envelope(run_id=run_id, sender="dso", iteration=env.iteration))
+    except (TimeoutError, ConnectionError) as exc:
+        log(f"stopped: {exc}")
+        return 1
+    finally:
+        if transport.rejected:
+            log(f"rejected messages: {dict(transport.rejected)}")
+        transport.close()
