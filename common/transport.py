@@ -38,6 +38,8 @@ from common.protocol import MAX_MESSAGE_BYTES, Envelope, ProtocolError
 
 __all__ = ["TrafficCounter", "Transport", "Unreachable", "bind_random_port"]
 
+ZMQ_SIZE_FACTOR = 4
+
 Check = Callable[[Envelope], None]
 """A receive-side check: raises ProtocolError (e.g. via ``codec.check_iteration``) to drop a message."""
 
@@ -142,7 +144,9 @@ class Transport:
     def _configure(self, sock: zmq.Socket) -> None:
         """Options every socket gets (CURVE keys will be set here)."""
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)
+        # The codec rejects and counts anything over max_bytes; ZeroMQ's own cap (which drops the
+        # connection without telling anyone) only guards memory against far larger frames.
+        sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_SIZE_FACTOR * self.max_bytes)
         sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.send_timeout_s * 1000)))
         if self.keepalive_idle_s is not None:
             sock.setsockopt(zmq.TCP_KEEPALIVE, 1)

@@ -15,7 +15,7 @@ import zmq
 
 from common.codec import check_iteration, encode
 from common.protocol import MsgType, control, make_envelope, market
-from common.transport import TrafficCounter, Transport, Unreachable, bind_random_port
+from common.transport import ZMQ_SIZE_FACTOR, TrafficCounter, Transport, Unreachable, bind_random_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -195,7 +195,7 @@ def test_oversized_frames_never_reach_the_receiver(raw_ctx: zmq.Context) -> None
         rogue.setsockopt(zmq.LINGER, 0)
         try:
             rogue.connect(addr)
-            rogue.send(b"\x00" * 10_000)  # ZMQ MAXMSGSIZE: the connection is dropped
+            rogue.send(b"\x00" * 20_000)  # over ZMQ MAXMSGSIZE (4 x 4096): the connection is dropped
             good = tr.dealer(addr, "good")
             tr.send(good, make_envelope(MsgType.READY, run_id=RUN, sender="good"))
             ident, env = tr.recv(router, 5)
@@ -204,6 +204,26 @@ def test_oversized_frames_never_reach_the_receiver(raw_ctx: zmq.Context) -> None
         assert ident == b"good" and env.type == MsgType.READY
         with pytest.raises(TimeoutError):
             tr.recv(router, 0.2)
+
+
+def test_oversized_message_is_rejected_and_counted(raw_ctx: zmq.Context) -> None:
+    with Transport(run_id=RUN, max_bytes=4096) as tr:
+        router = tr.router()
+        addr = bind_random_port(router)
+        rogue = raw_ctx.socket(zmq.DEALER)
+        rogue.setsockopt(zmq.LINGER, 0)
+        try:
+            rogue.connect(addr)
+            rogue.send(b"\x00" * 10_000)  # over the codec's limit, under ZeroMQ's cap
+            good = tr.dealer(addr, "good")
+            tr.send(good, make_envelope(MsgType.READY, run_id=RUN, sender="good"))
+            ident, env = tr.recv(router, 5)
+        finally:
+            rogue.close(linger=0)
+        assert ident == b"good" and env.type == MsgType.READY
+        with pytest.raises(TimeoutError):
+            tr.recv(router, 0.5)  # the rogue frame may arrive after the good one
+        assert tr.rejected["oversized"] == 1
 
 
 def test_fault_injection_drop_and_latency() -> None:
@@ -239,7 +259,7 @@ def test_sockets_have_safe_defaults(transport: Transport) -> None:
     dealer = transport.dealer(None, "x")
     for sock in (router, dealer):
         assert sock.getsockopt(zmq.LINGER) == 0
-        assert sock.getsockopt(zmq.MAXMSGSIZE) == transport.max_bytes
+        assert sock.getsockopt(zmq.MAXMSGSIZE) == ZMQ_SIZE_FACTOR * transport.max_bytes
         assert sock.getsockopt(zmq.TCP_KEEPALIVE) == 1
         assert sock.getsockopt(zmq.SNDTIMEO) > 0
     assert dealer.getsockopt(zmq.IMMEDIATE) == 1
