@@ -111,17 +111,38 @@ def residual_balance(rho: float, primal: float, dual: float, mu: float = 10.0, t
     return rho
 
 
+@dataclass
+class RhoPolicy:
+    """Residual balancing with a cadence: rho may change only every ``every`` iterations and not
+    after ``until`` iterations. Changing rho at every iteration can lock ADMM into a limit cycle
+    on degenerate markets (prices sitting on a kink of several cost curves); Boyd et al. (3.4.1)
+    note that convergence is only guaranteed once rho stops changing."""
+
+    rho: float
+    enabled: bool = True
+    mu: float = 10.0
+    tau: float = 2.0
+    every: int = 10
+    until: int = 2000
+
+    def update(self, iteration: int, primal: float, dual: float) -> float:
+        if self.enabled and iteration % self.every == 0 and iteration <= self.until:
+            self.rho = residual_balance(self.rho, primal, dual, self.mu, self.tau)
+        return self.rho
+
+
 def converged(primal: float, dual: float, tolerance: float) -> bool:
     return primal <= tolerance and dual <= tolerance
 
 
 def run_p2p_admm(locals_: list[LocalP2P], partner_index: list[np.ndarray], reverse: np.ndarray, rho: float,
                  tolerance: float, max_iterations: int, residual_balancing: bool = True, mu: float = 10.0,
-                 tau: float = 2.0, history: list | None = None):
+                 tau: float = 2.0, history: list | None = None, every: int = 10, until: int = 2000):
     """In-process reference of the distributed loop (same numerics, no sockets): used by tests
     and to study rho policies. ``partner_index[n]`` are the global trade indices owned by n."""
     K = len(reverse)
     H = locals_[0].x.shape[1]
+    policy = RhoPolicy(rho, residual_balancing, mu, tau, every, until)
     flat = np.zeros((K, H))
     for it in range(1, max_iterations + 1):
         dual_sq = 0.0
@@ -137,6 +158,5 @@ def run_p2p_admm(locals_: list[LocalP2P], partner_index: list[np.ndarray], rever
             history.append((it, r, s, rho))
         if converged(r, s, tolerance):
             return it, True, rho
-        if residual_balancing:
-            rho = residual_balance(rho, r, s, mu, tau)
+        rho = policy.update(it, r, s)
     return max_iterations, False, rho

@@ -33,7 +33,7 @@ class ScenarioError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SeriesRef(_Strict):
@@ -79,6 +79,8 @@ class MarketSpec(_Strict):
     residual_balancing: bool = True
     rb_mu: float = Field(10.0, gt=1)
     rb_tau: float = Field(2.0, gt=1)
+    rb_every: int = Field(10, ge=1, description="rho may change only every this many iterations")
+    rb_until: int = Field(2000, ge=0, description="rho is frozen after this iteration")
     price_init_eur_per_mwh: float = Field(0.0, description="starting trade price of the ADMM (a public guess)")
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.admm import converged, residual_balance
+from common.admm import RhoPolicy, converged
 from common.market import TradeGraph
 from common.protocol.market import Round, RoundPeer
 
@@ -34,6 +34,8 @@ class RoundSettings:
     residual_balancing: bool = True
     mu: float = 10.0
     tau: float = 2.0
+    every: int = 10
+    until: int = 2000
     topology: str = "relay"
 
 
@@ -61,7 +63,9 @@ class P2PRounds:
         index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
         self.peer_trades = {pid: self.graph.partners_of(index[pid]) for pid in self.graph.peer_ids}
         self.flat = np.zeros((self.graph.n_pairs, self.hours))
-        self.rho = self.settings.rho
+        st = self.settings
+        self.policy = RhoPolicy(st.rho, st.residual_balancing, st.mu, st.tau, st.every, st.until)
+        self.rho = st.rho
         self.iteration = 0
         self.finished = False
         self.converged = False
@@ -143,8 +147,8 @@ class P2PRounds:
         if done or out_of_iterations:
             self.finished = True
             self.converged = done and not self.statuses
-        elif self.settings.residual_balancing:
-            self.rho = residual_balance(self.rho, primal, dual, self.settings.mu, self.settings.tau)
+        else:
+            self.rho = self.policy.update(self.iteration, primal, dual)
         self.primal_residual, self.dual_residual = primal, dual
         self.history.append(IterationStats(self.iteration, primal, dual, rho_used, self._solve_max, self._solve_sum,
                                            time.perf_counter() - t0, wall))

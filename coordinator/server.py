@@ -8,6 +8,7 @@ Progress goes to stdout as JSON lines (read by the launcher); the log goes to st
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,7 @@ class CoordinatorServer:
         import zmq
 
         self.address = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        log(f"pid {os.getpid()} listening on {self.address}, run {run_id}")
         if ready_file:
             Path(ready_file).write_text(self.address)
         self.graph = roster_graph(scenario)
@@ -163,7 +165,8 @@ class CoordinatorServer:
     def clear_market(self) -> P2PRounds:
         m = self.scenario.market
         settings = RoundSettings(rho=m.rho, tolerance=m.tolerance, max_iterations=m.max_iterations,
-                                 residual_balancing=m.residual_balancing, mu=m.rb_mu, tau=m.rb_tau, topology=self.topology)
+                                 residual_balancing=m.residual_balancing, mu=m.rb_mu, tau=m.rb_tau, every=m.rb_every,
+                                 until=m.rb_until, topology=self.topology)
         rounds = P2PRounds(self.graph, self.hosts, m.hours, settings)
         answer = MsgType.UPDATE if self.topology == "relay" else MsgType.RESIDUALS
         handler = rounds.on_update if self.topology == "relay" else rounds.on_residuals

@@ -54,6 +54,7 @@ def serve(scenario_path: str, coordinator: str, timeout_s: float, idle_timeout_s
     net = build_network(scenario.network)
     transport = Transport()
     dealer = transport.dealer(coordinator, identity="dso")
+    log(f"pid {os.getpid()} connecting to {coordinator}")
     try:
         transport.send(dealer, Hello(role="dso", peer_ids=(), pid=os.getpid(), host=socket.gethostname())
                        .envelope(run_id=ANY_RUN, sender="dso"))

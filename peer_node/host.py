@@ -57,6 +57,7 @@ class PeerHost:
 
     # -- setup ----------------------------------------------------------------------------
     def register(self) -> None:
+        log(f"pid {os.getpid()} hosting {', '.join(self.peer_ids)}; mesh socket {self.mesh_address}")
         hello = Hello(role="peer", peer_ids=tuple(self.peer_ids), pid=os.getpid(), host=socket.gethostname(),
                       address=self.mesh_address)
         self.transport.send(self.dealer, hello.envelope(run_id=ANY_RUN, sender=self.host_id))

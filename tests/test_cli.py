@@ -1,0 +1,227 @@
+"""The command line (common.cli) through typer's CliRunner: listing, refusing bad input with exit
+code 2 and a one-line reason, and a centralized run that writes the results folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from common.cli import app
+from common.scenario import builtin_names, load_scenario
+
+SMALL_P2P = """\
+name: small-p2p
+description: three hours of a small P2P market on the IEEE 33-bus feeder
+network: {name: case33bw, line_max_i_ka: 0.5}
+market: {kind: p2p, hours: 3}
+peers:
+  - {id: grid, kind: grid, bus: 0, p_import_max_mw: 5.0, import_price_eur_per_mwh: 58.0}
+  - {id: chp1, kind: chp, bus: 5, p_min_mw: 0.0, p_max_mw: 0.4, cost_a_eur_per_mw2h: 20.0, cost_b_eur_per_mwh: 40.0}
+  - {id: pv1, kind: pv, bus: 10, p_forecast_mw: [0.0, 0.3, 0.5], cost_a_eur_per_mw2h: 1.0, cost_b_eur_per_mwh: 4.0}
+  - {id: load1, kind: load, bus: 3, p_base_mw: 0.4}
+  - {id: load2, kind: load, bus: 20, p_base_mw: [0.3, 0.5, 0.6], flex_fraction: 0.2}
+"""
+
+SUMMARY_KEYS = (
+    "schema", "scenario", "market", "model", "solver", "converged", "iterations", "outer_iterations", "wall_s",
+    "social_welfare_eur", "differentiation_cost_eur", "flex_penalty_eur", "energy_mwh", "losses_pct",
+    "max_line_loading_pct", "max_trafo_loading_pct", "vmin_pu", "vmax_pu", "violations", "violations_initial",
+    "primal_residual", "dual_residual", "messages", "bytes", "processes",
+)
+ENERGY_KEYS = ("grid_import", "grid_export", "pv", "wind", "chp", "ev_charge", "ev_discharge", "load", "virtual_load")
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def _assert_bad_input(result, *fragments: str) -> str:
+    text = result.output
+    assert result.exit_code == 2, text
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in text
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    assert lines[0].startswith("bad input: "), text
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def test_version(runner):
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("p2pm ")
+    assert result.output.split()[1][0].isdigit()
+
+
+def test_scenarios_lists_the_builtins(runner):
+    result = runner.invoke(app, ["scenarios"])
+    assert result.exit_code == 0, result.output
+    names = builtin_names()
+    assert "ieee33-ev" in names
+    listed = [line.split()[0] for line in result.output.splitlines() if line.strip()]
+    assert listed == names
+    assert "INVALID" not in result.output
+    assert "community" in result.output
+
+
+def test_no_arguments_shows_help(runner):
+    result = runner.invoke(app, [])
+    assert "run" in result.output and "scenarios" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("old, new, fragments", [
+    ("bus: 20", "bus: 99", ("load2", "bus", "99")),
+    ("p_import_max_mw: 5.0", "p_import_max_mw: -1", ("p_import_max_mw",)),
+    ("kind: chp,", "kind: battery,", ("battery",)),
+    ("[0.0, 0.3, 0.5]", "[0.0, 0.3]", ("pv1", "p_forecast_mw")),
+    ("p_min_mw: 0.0, p_max_mw: 0.4", "p_min_mw: 0.5, p_max_mw: 0.4", ("p_min_mw",)),
+    ("import_price_eur_per_mwh: 58.0", "import_price_eur_per_mwh: {series: nope}", ("import_price_eur_per_mwh", "nope")),
+    ("import_price_eur_per_mwh: 58.0", "import_price_eur_per_mwh: .nan", ("import_price_eur_per_mwh",)),
+])
+def test_run_bad_file_exits_2(runner, tmp_path, old, new, fragments):
+    assert old in SMALL_P2P
+    path = tmp_path / "bad.yaml"
+    path.write_text(SMALL_P2P.replace(old, new, 1))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(path), "--solver", "centralized", "--out", str(out)])
+    _assert_bad_input(result, *fragments)
+    assert not out.exists()
+
+
+def test_run_bad_file_exits_2_before_launching_processes(runner, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(SMALL_P2P.replace("bus: 20", "bus: 99"))
+    result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "out")])
+    _assert_bad_input(result, "load2", "bus")
+
+
+def test_run_unknown_scenario_exits_2(runner, tmp_path):
+    result = runner.invoke(app, ["run", "no-such-scenario", "--solver", "centralized", "--out", str(tmp_path / "o")])
+    _assert_bad_input(result, "unknown scenario", "no-such-scenario", "ieee33-ev")
+
+
+def test_run_missing_file_exits_2(runner, tmp_path):
+    result = runner.invoke(app, ["run", str(tmp_path / "missing.yaml"), "--solver", "centralized"])
+    _assert_bad_input(result, "not found")
+
+
+def test_run_bad_option_exits_2(runner, tmp_path):
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL_P2P)
+    result = runner.invoke(app, ["run", str(path), "--solver", "quantum"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["run", str(path), "--solver", "centralized", "--rho", "-1"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------------------------
+# a centralized run of a small P2P market
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def centralized_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli-run")
+    path = tmp / "small.yaml"
+    path.write_text(SMALL_P2P)
+    out = tmp / "results"
+    result = CliRunner().invoke(app, ["run", str(path), "--solver", "centralized", "--out", str(out)])
+    return path, out, result
+
+
+def test_run_centralized_exits_0(centralized_run):
+    _, out, result = centralized_run
+    assert result.exit_code == 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert "small-p2p" in result.output
+    assert str(out) in result.output
+
+
+def test_run_centralized_writes_the_results_folder(centralized_run):
+    _, out, result = centralized_run
+    assert result.exit_code == 0, result.output
+    for name in ("summary.json", "dispatch.csv", "trades.csv", "buses.csv", "lines.csv", "report.html"):
+        assert (out / name).is_file(), name
+        assert (out / name).stat().st_size > 0, name
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "<html" in html.lower() and "small-p2p" in html
+
+
+def test_run_centralized_summary(centralized_run):
+    path, out, result = centralized_run
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    assert not missing, missing
+    assert set(ENERGY_KEYS) <= set(summary["energy_mwh"])
+    assert summary["scenario"] == "small-p2p"
+    assert summary["market"] == "p2p"
+    assert summary["model"] == "benchmark"
+    assert summary["solver"] == "centralized"
+    assert summary["converged"] is True
+    assert isinstance(summary["schema"], str) and summary["schema"]
+    assert summary["wall_s"] > 0
+    assert summary["processes"] >= 1
+    assert summary["violations"] == 0
+    assert 0.9 < summary["vmin_pu"] <= summary["vmax_pu"] < 1.1
+    assert 0 < summary["max_line_loading_pct"] < 100
+    assert summary["losses_pct"] >= 0
+
+    # energy balance of the P2P market (losses are not part of it): supply = demand
+    e = summary["energy_mwh"]
+    supply = e["grid_import"] + e["pv"] + e["wind"] + e["chp"] + e["ev_discharge"]
+    demand = e["load"] + e["grid_export"] + e["ev_charge"]
+    assert supply == pytest.approx(demand, abs=1e-4)
+    assert e["wind"] == 0 and e["ev_charge"] == 0 and e["ev_discharge"] == 0
+    assert e["pv"] > 0 and e["chp"] > 0 and e["load"] > 0
+
+    # the same social welfare as the centralized solver called directly
+    from common.centralized import solve_p2p
+    from common.models import peer_models
+
+    sol = solve_p2p(peer_models(load_scenario(path)))
+    assert summary["social_welfare_eur"] == pytest.approx(float(sol.social_welfare_eur.sum()), rel=1e-5, abs=1e-3)
+
+
+def test_run_centralized_tables(centralized_run):
+    _, out, result = centralized_run
+    assert result.exit_code == 0, result.output
+    dispatch = pd.read_csv(out / "dispatch.csv")
+    assert list(dispatch.columns[:6]) == ["peer", "kind", "bus", "hour", "p_mw", "q_mvar"]
+    assert len(dispatch) == 5 * 3
+    assert set(dispatch["peer"]) == {"grid", "chp1", "pv1", "load1", "load2"}
+    by_hour = dispatch.groupby("hour")["p_mw"].sum()
+    np.testing.assert_allclose(by_hour.to_numpy(), 0.0, atol=1e-5)  # every hour balances
+    loads = dispatch[dispatch["kind"] == "load"]
+    assert (loads["p_mw"] < 0).all()
+    pv = dispatch[dispatch["peer"] == "pv1"].sort_values("hour")["p_mw"].to_numpy()
+    assert np.all(pv >= -1e-6) and np.all(pv <= np.array([0.0, 0.3, 0.5]) + 1e-6)
+
+    trades = pd.read_csv(out / "trades.csv")
+    assert list(trades.columns[:5]) == ["seller", "buyer", "hour", "p_mw", "price_eur_per_mwh"]
+    assert len(trades) > 0 and (trades["p_mw"] > 0).all()
+    assert set(trades["seller"]) <= {"grid", "chp1", "pv1"} and set(trades["buyer"]) <= {"load1", "load2"}
+    # what the buyers bought is what they consume
+    bought = trades.groupby(["buyer", "hour"])["p_mw"].sum()
+    for (buyer, hour), mw in bought.items():
+        p = dispatch[(dispatch["peer"] == buyer) & (dispatch["hour"] == hour)]["p_mw"].iloc[0]
+        assert mw == pytest.approx(-p, abs=1e-5)
+    assert (trades["price_eur_per_mwh"] > 0).all() and (trades["price_eur_per_mwh"] <= 58.0 + 1e-3).all()
+
+    buses = pd.read_csv(out / "buses.csv")
+    assert {"bus", "hour", "vm_pu"} <= set(buses.columns)
+    assert len(buses) == 33 * 3
+    lines = pd.read_csv(out / "lines.csv")
+    assert {"line", "hour", "loading_percent"} <= set(lines.columns)
+    assert len(lines) > 0
