@@ -105,7 +105,7 @@ def run(
                      max_iterations=max_iterations, residual_balancing=residual_balancing)
     sc = _load(scenario, **overrides)
     out = out or Path("results") / f"{sc.name}-{solver.value}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from common.report import build_summary, format_summary, write_results
+    from common.report import format_summary, write_results
 
     if solver is Solver.centralized:
         from common.centralized import SolveError
@@ -115,13 +115,10 @@ def run(
             result = run_centralized(sc)
         except SolveError as exc:
             _fail(f"centralized clearing of {sc.name}: {exc}", EXIT_FAILED)
-        result.wall_s = time.time() - t0
         write_results(result, out, sc)
-        summary = build_summary(result)
         # the summary's wall time covers writing the results too
         result.wall_s = time.time() - t0
-        write_results_summary_only(result, out)
-        summary = build_summary(result)
+        summary = write_results_summary_only(result, out)
     else:
         from common.launcher import LaunchError, run_distributed
 
@@ -217,12 +214,87 @@ def tso(
     raise typer.Exit(serve(str(resolve_path(scenario)), coordinator, timeout_s, idle_timeout_s))
 
 
-def write_results_summary_only(result, out: Path) -> None:
+@app.command()
+def bench(
+    scenario: ScenarioArg,
+    topology: Annotated[Topology, typer.Option()] = Topology.relay,
+    peers_per_process: Annotated[int, typer.Option(min=1)] = 1,
+    out: Annotated[Optional[Path], typer.Option(help="Folder of the benchmark's distributed run.")] = None,
+    timeout_s: Annotated[float, typer.Option(min=0.1)] = 30.0,
+    rho: RhoOpt = None,
+    tolerance: TolOpt = None,
+    max_iterations: MaxItOpt = None,
+    residual_balancing: RbOpt = None,
+):
+    """Benchmark the distributed clearing: start-up, iterations, time per iteration and where it
+    goes, peak memory per process, messages, and the comparison with the centralized solve."""
+    import tempfile
+
+    from common.centralized import SolveError, solve_p2p
+    from common.compare import compare_p2p
+    from common.launcher import LaunchError, run_distributed
+    from common.models import peer_models
+
+    overrides = dict(rho=rho, tolerance=tolerance, max_iterations=max_iterations, residual_balancing=residual_balancing)
+    sc = _load(scenario, **overrides)
+    if sc.market.kind != "p2p":
+        _fail("the benchmark covers the full P2P market", EXIT_BAD_INPUT)
+    out = out or Path(tempfile.mkdtemp(prefix="p2pm-bench-"))
+    t = time.perf_counter()
+    try:
+        ref = solve_p2p(peer_models(sc))
+    except SolveError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    central_s = time.perf_counter() - t
+    t0 = time.time()
+    try:
+        s = run_distributed(resolve_path(scenario), sc, out, topology=topology.value, overrides=overrides,
+                            peers_per_process=peers_per_process, timeout_s=timeout_s, t0=t0, quiet=True)
+    except LaunchError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    cmp = compare_p2p(out, sc, ref)
+    it = max(s["iterations"], 1)
+    lines = [
+        f"benchmark {sc.name}: {len(sc.peers)} peers, {sc.market.hours} h, topology {topology.value}, "
+        f"{s['peer_processes']} peer processes ({s['processes']} processes in all)",
+        f"  start-up (launch to all peers ready)   {s['startup_s']:8.2f} s",
+        f"  ADMM iterations                        {s['iterations']:8d}   converged: {s['converged']}",
+        f"  wall time (launch to results written)  {s['wall_s']:8.2f} s   ADMM loop {s['admm_s']:.2f} s",
+        f"  time per iteration                     {s['time_per_iteration_ms']:8.2f} ms",
+        f"    local solves (slowest process)       {s['local_solve_ms_per_iteration']:8.3f} ms   "
+        f"(all peers' CPU {s['local_solve_cpu_ms_per_iteration']:.3f} ms)",
+        f"    coordinator (residuals, rho)         {s['coordinator_ms_per_iteration']:8.3f} ms",
+        f"    messaging and waiting                {s['messaging_ms_per_iteration']:8.3f} ms",
+        f"  AC validation (DSO service)            {s['dso_s']:8.2f} s",
+        f"  messages {s['messages']:,} ({s['messages'] / it:.1f} per iteration), bytes {s['bytes']:,} "
+        f"({s['bytes'] / it / 1024:.1f} KiB per iteration)",
+        f"  peak memory per peer process           max {s.get('peak_rss_mib_peer_max', float('nan')):.1f} MiB, "
+        f"median {s.get('peak_rss_mib_peer_median', float('nan')):.1f} MiB",
+        f"  peak memory coordinator / dso / tso    {s.get('peak_rss_mib_coordinator', float('nan')):.1f} / "
+        f"{s.get('peak_rss_mib_dso', float('nan')):.1f} / {s.get('peak_rss_mib_tso', float('nan')):.1f} MiB",
+        f"  centralized solve (cvxpy + Clarabel)   {central_s:8.2f} s   -> distributed wall / centralized = "
+        f"{s['wall_s'] / central_s:.1f}",
+        f"  agreement: dispatch max |diff| {cmp['dispatch_max_abs_diff_mw']:.2e} MW, social welfare rel. diff "
+        f"{cmp['social_welfare_rel_diff']:.2e}",
+        f"  prices: {cmp['prices_within_0.01_of_dual']}/{cmp['traded_pairs_checked']} traded pairs within 0.01 EUR/MWh "
+        f"of the centralized dual; {cmp['prices_within_interval']}/{cmp['traded_pairs_checked']} within the interval "
+        f"of supporting prices (hours with a non-unique dual: {cmp['hours_with_price_interval'] or 'none'})",
+        f"  results: {out}",
+    ]
+    typer.echo("\n".join(lines))
+    import json
+
+    (out / "bench.json").write_text(json.dumps({"summary": s, "comparison": cmp, "centralized_s": central_s}, indent=2))
+
+
+def write_results_summary_only(result, out: Path) -> dict:
     import json
 
     from common.report import build_summary
 
-    (Path(out) / "summary.json").write_text(json.dumps(build_summary(result), indent=2, allow_nan=False))
+    summary = build_summary(result)
+    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    return summary
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -119,10 +119,12 @@ class Transport:
         latency_s: float = 0.0,
         drop_prob: float = 0.0,
         seed: int | None = None,
+        validate_outgoing: bool = True,
     ) -> None:
         if latency_s < 0 or not 0.0 <= drop_prob <= 1.0 or send_timeout_s <= 0:
             raise ValueError("latency_s >= 0, 0 <= drop_prob <= 1 and send_timeout_s > 0 are required")
         self.run_id = run_id
+        self.validate_outgoing = validate_outgoing  # False on the hot ADMM path: receivers validate
         self.max_bytes = int(max_bytes)
         self.send_timeout_s = float(send_timeout_s)
         self.keepalive_idle_s = keepalive_idle_s
@@ -223,7 +225,7 @@ class Transport:
         ProtocolError for an invalid envelope, :class:`Unreachable` for an unknown ``to``,
         TimeoutError when the send blocks longer than ``send_timeout_s``.
         """
-        data = encode(env, max_bytes=self.max_bytes)
+        data = encode(env, max_bytes=self.max_bytes, validate=self.validate_outgoing)
         is_router = sock.socket_type == zmq.ROUTER
         if is_router and to is None:
             raise ValueError(f"{self.label(sock)}: a ROUTER send needs the receiver's identity (to=...)")

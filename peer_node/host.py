@@ -40,7 +40,7 @@ class PeerHost:
         self.host_id = host_id
         self.coordinator = coordinator
         self.timeout_s = timeout_s
-        self.transport = Transport()
+        self.transport = Transport(validate_outgoing=False)
         self.dealer = self.transport.dealer(coordinator, identity=host_id)
         self.mesh_in = self.transport.router(f"tcp://{bind_host}:*")
         endpoint = self.mesh_in.getsockopt(zmq.LAST_ENDPOINT).decode()
