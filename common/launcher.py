@@ -2,9 +2,9 @@
 and stops all of them at the end, on error and on Ctrl-C.
 
 - coordinator, DSO and TSO services: ``python -m <role>`` subprocesses, each with its own log;
-- peer processes: forked from a clean fork server that has imported only the peer code (no
-  scenario, no solver), so that dozens of them start in well under a second; each gets only its
-  own peer's model. ``p2pm peer`` starts the same peer process by hand on another machine.
+- peer processes: forked by a clean fork server (``peer_node.zygote``) that has imported only the
+  peer code (no scenario, no solver), so that dozens of them start in well under a second; each
+  gets only its own peers' models. ``p2pm peer`` starts the same peer process by hand elsewhere.
 
 A role that exits with an error ends the run: the others are stopped and the error names the role,
 its exit code and the tail of its log.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import multiprocessing
 import os
 import queue
 import signal
@@ -50,16 +49,20 @@ def _tail(path: Path, lines: int = 12) -> str:
 
 @dataclass
 class Role:
+    """A process of the run: a direct child (``popen``) or a peer forked by the zygote (``forked_pid``,
+    whose exit the zygote reports)."""
+
     name: str
     log: Path
     popen: subprocess.Popen | None = None
-    process: multiprocessing.Process | None = None
+    forked_pid: int | None = None
     exitcode: int | None = None
     peak_rss_kib: int | None = None
+    is_peer: bool = False
 
     @property
-    def pid(self) -> int:
-        return self.popen.pid if self.popen else self.process.pid
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else self.forked_pid
 
     def poll(self) -> int | None:
         if self.exitcode is not None:
@@ -70,12 +73,10 @@ class Role:
                 self.exitcode = os.waitstatus_to_exitcode(status)
                 self.popen.returncode = self.exitcode
                 self.peak_rss_kib = rusage.ru_maxrss
-        elif self.process.exitcode is not None:
-            self.exitcode = self.process.exitcode
         return self.exitcode
 
     def stop(self, sig=signal.SIGTERM) -> None:
-        if self.poll() is None:
+        if self.poll() is None and self.pid is not None:
             try:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
@@ -86,35 +87,68 @@ class Role:
 class Launch:
     roles: list[Role] = field(default_factory=list)
 
-    def stop_all(self, grace_s: float = 3.0) -> None:
+    def stop_all(self, events: "queue.Queue | None" = None, grace_s: float = 3.0) -> None:
         for r in self.roles:
             r.stop(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and any(r.poll() is None for r in self.roles):
+            if events is not None:
+                self.absorb(events)
             time.sleep(0.02)
         for r in self.roles:
             if r.poll() is None:
                 r.stop(signal.SIGKILL)
+        if events is not None:
+            end = time.monotonic() + 2
+            while time.monotonic() < end and any(r.poll() is None for r in self.roles if r.is_peer):
+                self.absorb(events)
+                time.sleep(0.02)
         for r in self.roles:
-            if r.process is not None:
-                r.process.join(timeout=2)
-                r.exitcode = r.process.exitcode if r.exitcode is None else r.exitcode
-            elif r.popen is not None and r.exitcode is None:
+            if r.popen is not None and r.exitcode is None:
                 try:
                     _, status, rusage = os.wait4(r.popen.pid, 0)
                     r.exitcode = os.waitstatus_to_exitcode(status)
                     r.popen.returncode = r.exitcode
                 except ChildProcessError:
                     pass
-            if r.popen is not None and r.popen.stdout is not None:
-                r.popen.stdout.close()
+            if r.popen is not None:
+                for stream in (r.popen.stdout, r.popen.stdin):
+                    if stream is not None:
+                        stream.close()
+
+    def absorb(self, events: "queue.Queue") -> list[dict]:
+        """Apply the zygote's reports (peer started / exited); return the coordinator's events."""
+        out = []
+        while True:
+            try:
+                source, line = events.get_nowait()
+            except queue.Empty:
+                return out
+            if line is None:
+                continue
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if source == "coordinator":
+                out.append(ev)
+                continue
+            if ev.get("event") == "started":
+                for r in self.roles:
+                    if r.is_peer and r.log.stem == ev["host_id"]:
+                        r.forked_pid = ev["pid"]
+            elif ev.get("event") == "exit":
+                for r in self.roles:
+                    if r.is_peer and r.forked_pid == ev["pid"]:
+                        r.exitcode = ev["code"]
+                        r.peak_rss_kib = ev["peak_rss_kib"]
 
 
-def _spawn(role: str, args: list[str], log: Path, stdout=None) -> subprocess.Popen:
+def _spawn(role: str, args: list[str], log: Path, stdout=None, stdin=subprocess.DEVNULL) -> subprocess.Popen:
     logf = open(log, "ab")
     try:
         return subprocess.Popen([sys.executable, "-m", role, *args], stdout=stdout or logf, stderr=logf,
-                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+                                stdin=stdin, start_new_session=True, preexec_fn=_die_with_parent)
     finally:
         logf.close()
 
@@ -139,18 +173,16 @@ def _peer_groups(scenario, per_process: int) -> list[list[dict]]:
     return [models[i:i + per_process] for i in range(0, len(models), per_process)]
 
 
-def _reader(stream, q: queue.Queue) -> None:
+def _reader(source: str, stream, q: queue.Queue) -> None:
     for line in iter(stream.readline, b""):
-        q.put(line.decode(errors="replace").strip())
-    q.put(None)
+        q.put((source, line.decode(errors="replace").strip()))
+    q.put((source, None))
 
 
 def run_distributed(scenario_path: Path, scenario, out: Path, *, topology: str = "relay", overrides: dict | None = None,
                     peers_per_process: int = 1, timeout_s: float = 30.0, t0: float | None = None,
                     quiet: bool = False) -> dict:
     """Run the distributed clearing of ``scenario`` locally; returns the summary dict."""
-    from peer_node.host import child_main
-
     t0 = time.time() if t0 is None else t0
     out = Path(out)
     logs = out / "logs"
@@ -159,8 +191,15 @@ def run_distributed(scenario_path: Path, scenario, out: Path, *, topology: str =
     groups = _peer_groups(scenario, peers_per_process)
     n_processes = len(groups) + 3
     launch = Launch()
+    events: queue.Queue = queue.Queue()
     progress = _Progress(quiet)
     try:
+        # the fork server starts first: its imports overlap with the coordinator's
+        zygote = Role("peer fork server", logs / "zygote.log")
+        zygote.popen = _spawn("peer_node.zygote", [], zygote.log, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+        launch.roles.append(zygote)
+        threading.Thread(target=_reader, args=("zygote", zygote.popen.stdout, events), daemon=True).start()
+
         ready_file = logs / "coordinator.address"
         ready_file.unlink(missing_ok=True)
         coord = Role("coordinator", logs / "coordinator.log")
@@ -170,8 +209,7 @@ def run_distributed(scenario_path: Path, scenario, out: Path, *, topology: str =
             "--t0", repr(t0), "--processes", str(n_processes), *override_args(overrides or {})],
             coord.log, stdout=subprocess.PIPE)
         launch.roles.append(coord)
-        events: queue.Queue = queue.Queue()
-        threading.Thread(target=_reader, args=(coord.popen.stdout, events), daemon=True).start()
+        threading.Thread(target=_reader, args=("coordinator", coord.popen.stdout, events), daemon=True).start()
 
         deadline = time.monotonic() + timeout_s
         while not ready_file.exists() or not ready_file.read_text():
@@ -182,60 +220,50 @@ def run_distributed(scenario_path: Path, scenario, out: Path, *, topology: str =
             time.sleep(0.01)
         address = ready_file.read_text().strip()
 
+        for i, group in enumerate(groups):
+            name = f"peer {group[0]['id']}" if len(group) == 1 else f"peers {group[0]['id']}..{group[-1]['id']}"
+            host_id = f"h{i:04d}-{group[0]['id']}"
+            r = Role(name, logs / f"{host_id}.log", is_peer=True)
+            launch.roles.append(r)
+            zygote.popen.stdin.write((json.dumps({"host_id": host_id, "models": group, "coordinator": address,
+                                                  "timeout_s": timeout_s, "log": str(r.log)}) + "\n").encode())
+        zygote.popen.stdin.close()
+
         for svc in ("dso_service", "tso_service"):
             r = Role(svc.split("_")[0], logs / f"{svc.split('_')[0]}.log")
             r.popen = _spawn(svc, ["--scenario", str(scenario_path), "--coordinator", address,
                                    "--timeout-s", str(timeout_s)], r.log)
             launch.roles.append(r)
 
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["peer_node.host"])
-        for i, group in enumerate(groups):
-            name = f"peer {group[0]['id']}" if len(group) == 1 else f"peers {group[0]['id']}..{group[-1]['id']}"
-            host_id = f"h{i:04d}-{group[0]['id']}"
-            r = Role(name, logs / f"{host_id}.log")
-            r.process = ctx.Process(target=child_main, args=(group, address, host_id, timeout_s, str(r.log)),
-                                    name=host_id, daemon=False)
-            r.process.start()
-            launch.roles.append(r)
-
-        summary_ok = False
+        done = False
         while True:
-            try:
-                line = events.get(timeout=0.05)
-            except queue.Empty:
-                line = ""
-            if line:
-                try:
-                    ev = json.loads(line)
-                except json.JSONDecodeError:
-                    ev = {}
+            for ev in launch.absorb(events):
                 progress.update(ev)
                 if ev.get("event") == "done":
-                    summary_ok = True
+                    done = True
                 elif ev.get("event") == "failed":
                     raise LaunchError(f"the coordinator stopped the run: {ev.get('reason')}{_culprit(launch, coord)}")
             if coord.poll() is not None:
-                while not events.empty():  # drain the last events
-                    ev_line = events.get()
-                    if ev_line and '"event": "done"' in ev_line:
-                        summary_ok = True
-                if coord.exitcode == 0 and summary_ok:
+                time.sleep(0.05)
+                done = done or any(ev.get("event") == "done" for ev in launch.absorb(events))
+                if coord.exitcode == 0 and done:
                     break
                 raise LaunchError(f"the coordinator exited with code {coord.exitcode}:\n{_tail(coord.log)}{_culprit(launch, coord)}")
-            for r in launch.roles[1:]:
+            for r in launch.roles:
                 code = r.poll()
-                if code not in (None, 0):
+                if r is not coord and r is not zygote and code not in (None, 0):
                     raise LaunchError(f"{r.name} (pid {r.pid}) exited with code {code}; its log ends with:\n{_tail(r.log)}")
+            time.sleep(0.02)
         # the coordinator has written the results; the others end on its SHUTDOWN
         end = time.monotonic() + timeout_s
         while any(r.poll() is None for r in launch.roles) and time.monotonic() < end:
+            launch.absorb(events)
             time.sleep(0.02)
     except KeyboardInterrupt:
         raise LaunchError(f"interrupted; stopped all {len(launch.roles)} processes of the run") from None
     finally:
         progress.close()
-        launch.stop_all()
+        launch.stop_all(events)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text())
     summary.update(_memory(launch))
@@ -246,7 +274,7 @@ def run_distributed(scenario_path: Path, scenario, out: Path, *, topology: str =
 def _culprit(launch: Launch, coord: Role) -> str:
     """The first other role that died, with its log tail (often the root cause)."""
     for r in launch.roles:
-        if r is not coord and r.poll() not in (None, 0):
+        if r is not coord and r.name != "peer fork server" and r.poll() not in (None, 0):
             return f"\n{r.name} (pid {r.pid}) exited with code {r.exitcode}; its log ends with:\n{_tail(r.log)}"
     return ""
 
@@ -257,17 +285,9 @@ def _memory(launch: Launch) -> dict:
     by_role = {}
     for r in launch.roles:
         kib = r.peak_rss_kib
-        if kib is None and r.process is not None:
-            try:
-                for line in r.log.read_text().splitlines()[::-1]:
-                    if "peak_rss_kib" in line:
-                        kib = int(line.rsplit(" ", 1)[1])
-                        break
-            except (OSError, ValueError):
-                pass
-        if kib is None:
+        if kib is None or r.name == "peer fork server":
             continue
-        if r.process is not None:
+        if r.is_peer:
             peers.append(kib / 1024)
         else:
             by_role[r.name] = kib / 1024

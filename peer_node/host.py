@@ -242,10 +242,7 @@ def main(models: list[HourlyPeer], coordinator: str, host_id: str | None, timeou
 
 
 def child_main(model_dicts: list[dict], coordinator: str, host_id: str, timeout_s: float, log_path: str) -> None:
-    """Entry point of a peer process started by the local launcher (forked from a clean server
-    that has only imported this module): logs to ``log_path``, records its peak memory."""
-    import resource
-
+    """Entry point of a peer process forked by ``peer_node.zygote``: logs to ``log_path``."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -253,7 +250,6 @@ def child_main(model_dicts: list[dict], coordinator: str, host_id: str, timeout_
     try:
         code = main([hourly_peer_from_dict(d) for d in model_dicts], coordinator, host_id, timeout_s)
     finally:
-        log(f"peak_rss_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
