@@ -214,8 +214,10 @@ def test_killed_peer_ends_the_run_naming_it_and_leaves_nothing(tmp_path):
             time.sleep(0.1)
         time.sleep(0.5)
         victim = int(re.search(r"pid (\d+)", victim_log.read_text()).group(1))
+        while len(pids_in_logs(out / "logs")) < 9:  # 6 peers, coordinator, dso, tso
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.1)
         pids = pids_in_logs(out / "logs")
-        assert len(pids) == 9  # 6 peers, coordinator, dso, tso
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = launcher.communicate(timeout=60)
         assert launcher.returncode == 1
