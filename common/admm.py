@@ -40,6 +40,12 @@ class LocalP2P:
 
     def __post_init__(self):
         shape = self.weights.shape
+        H = shape[1]
+        # the local problem in producer form (consumers mirrored), arrays of shape (H,)
+        sgn = 1.0 if self.sign > 0 else -1.0
+        a, b, lo, hi = (np.broadcast_to(np.asarray(v, dtype=float), (H,)).copy()
+                        for v in (self.cost_a, self.cost_b, self.p_min_mw, self.p_max_mw))
+        self._prod = (a, sgn * b, lo, hi) if sgn > 0 else (a, -b, -hi, -lo)
         if self.x is None:
             self.x = np.zeros(shape)
         if self.y is None:
@@ -49,8 +55,11 @@ class LocalP2P:
 
     def step(self, rho: float) -> tuple[np.ndarray, float]:
         """Local update; returns the new trades and the squared change (for the dual residual)."""
-        tau = 0.5 * (self.x - self.y) + self.lam / rho
-        x_new = solve_local(tau, self.weights, rho, self.cost_a, self.cost_b, self.p_min_mw, self.p_max_mw, self.sign)
+        beta = 0.5 * rho * (self.x - self.y) + self.lam - self.weights  # rho tau - w
+        if self.sign > 0:
+            x_new = _solve_producer(beta, rho, *self._prod)
+        else:
+            x_new = -_solve_producer(-beta, rho, *self._prod)
         dx = float(np.sum((x_new - self.x) ** 2))
         self.x = x_new
         return x_new, dx
@@ -78,28 +87,36 @@ def solve_local(tau, w, rho, a, b, lo, hi, sign):
     lo, hi) and nu = (S_k - rho s)/k. The right k is the one whose nu falls between the k-th and
     (k+1)-th largest beta; k = 0 (no trade) is right when lo = 0 and max beta <= b.
     """
-    M, H = tau.shape
-    if sign < 0:
-        x = solve_local(-tau, -w, rho, a, -np.asarray(b), -np.asarray(hi), -np.asarray(lo), 1.0)
-        return -x
-    a = np.broadcast_to(np.asarray(a, float), (H,))
-    b = np.broadcast_to(np.asarray(b, float), (H,))
-    lo = np.broadcast_to(np.asarray(lo, float), (H,))
-    hi = np.broadcast_to(np.asarray(hi, float), (H,))
+    H = tau.shape[1]
+    a, b, lo, hi = (np.broadcast_to(np.asarray(v, dtype=float), (H,)) for v in (a, b, lo, hi))
     beta = rho * tau - w
-    srt = -np.sort(-beta, axis=0)  # descending, (M, H)
-    k = np.arange(1, M + 1, dtype=float)[:, None]
+    if sign < 0:
+        return -_solve_producer(-beta, rho, a, -b, -hi, -lo)
+    return _solve_producer(beta, rho, a, b, lo, hi)
+
+
+def _solve_producer(beta, rho, a, b, lo, hi):
+    """The producer case of ``solve_local`` with beta = rho tau - w; a, b, lo, hi of shape (H,)."""
+    M, H = beta.shape
+    srt = np.sort(beta, axis=0)[::-1]  # descending, (M, H)
+    k = _K[:M] if M <= len(_K) else np.arange(1, M + 1, dtype=float)[:, None]
     S = np.cumsum(srt, axis=0)
     s_k = np.clip((S - k * b) / (rho + k * a), lo, hi)
     nu_k = (S - rho * s_k) / k
-    below = np.vstack([srt[1:], np.full((1, H), -np.inf)])
     tol = 1e-12 * (1.0 + np.abs(srt))
-    valid = (nu_k <= srt + tol) & (nu_k >= below - tol)
+    valid = nu_k <= srt + tol
+    valid[:-1] &= nu_k[:-1] >= srt[1:] - tol[1:]
     first = np.argmax(valid, axis=0)
     nu = nu_k[first, np.arange(H)]
     none = (lo <= 0) & (srt[0] <= b)  # k = 0: no trade at all
     nu = np.where(none | ~valid.any(axis=0), np.maximum(srt[0], b), nu)
-    return np.maximum(beta - nu, 0.0) / rho
+    x = beta - nu
+    np.maximum(x, 0.0, out=x)
+    x /= rho
+    return x
+
+
+_K = np.arange(1, 257, dtype=float)[:, None]
 
 
 def residual_balance(rho: float, primal: float, dual: float, mu: float = 10.0, tau: float = 2.0) -> float:

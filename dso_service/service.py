@@ -46,6 +46,7 @@ def grid_report(ac) -> GridReport:
 
 
 def serve(scenario_path: str, coordinator: str, timeout_s: float, idle_timeout_s: float) -> int:
+    log(f"pid {os.getpid()} connecting to {coordinator}")
     from common.scenario import load_scenario
     from dso_service.networks import build_network
     from dso_service.powerflow import run_ac
@@ -54,7 +55,6 @@ def serve(scenario_path: str, coordinator: str, timeout_s: float, idle_timeout_s
     net = build_network(scenario.network)
     transport = Transport()
     dealer = transport.dealer(coordinator, identity="dso")
-    log(f"pid {os.getpid()} connecting to {coordinator}")
     try:
         transport.send(dealer, Hello(role="dso", peer_ids=(), pid=os.getpid(), host=socket.gethostname())
                        .envelope(run_id=ANY_RUN, sender="dso"))

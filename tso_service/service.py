@@ -28,13 +28,13 @@ def regulation_request_mw(scenario) -> np.ndarray:
 
 
 def serve(scenario_path: str, coordinator: str, timeout_s: float, idle_timeout_s: float) -> int:
+    log(f"pid {os.getpid()} connecting to {coordinator}")
     from common.scenario import load_scenario
 
     scenario = load_scenario(scenario_path)
     request = regulation_request_mw(scenario)
     transport = Transport()
     dealer = transport.dealer(coordinator, identity="tso")
-    log(f"pid {os.getpid()} connecting to {coordinator}")
     try:
         transport.send(dealer, Hello(role="tso", peer_ids=(), pid=os.getpid(), host=socket.gethostname())
                        .envelope(run_id=ANY_RUN, sender="tso"))
