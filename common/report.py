@@ -712,7 +712,7 @@ def _fig_admm(result: RunResult, limits: dict):
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.xaxis.set_major_locator(_integer_locator())
-    ax.set_ylabel("residual [MW]")
+    ax.set_ylabel("primal [MW], dual [EUR/MWh]")
     ax.set_title("ADMM residuals per iteration")
     ax.grid(alpha=0.3, which="major")
     for i, s in enumerate(starts):
