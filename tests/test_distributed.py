@@ -229,3 +229,27 @@ def test_killed_peer_ends_the_run_naming_it_and_leaves_nothing(tmp_path):
         if launcher.poll() is None:
             launcher.kill()
             launcher.communicate()
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    scen = small_market(tmp_path / "small.yaml", 6, hours=3)
+    out = tmp_path / "out"
+    launcher = subprocess.Popen([PY, "-m", "common.cli", "run", str(scen), "--out", str(out), "--quiet",
+                                 "--tolerance", "1e-14", "--max-iterations", "1000000"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(pids_in_logs(out / "logs") if (out / "logs").exists() else []) < 9:
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.1)
+        pids = pids_in_logs(out / "logs")
+        launcher.send_signal(signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=60)
+        assert launcher.returncode == 1
+        assert "interrupted" in stderr and "Traceback" not in stderr
+        time.sleep(0.5)
+        assert [p for p in pids if alive(p)] == []
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
