@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import os
-import socket
-import sys
 import time
 
 import numpy as np
 import pandas as pd
 
-from common.protocol import ANY_RUN, Envelope, MsgType, ProtocolError
-from common.protocol.control import Hello
+from common.protocol import MsgType
 from common.protocol.grid import Dispatch, GridReport
-from common.transport import Transport
+from common.service import run_service, service_log
 
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] dso: {msg}", file=sys.stderr, flush=True)
+log = service_log("dso")
 
 
 def dispatch_to_frame(msg: Dispatch) -> pd.DataFrame:
@@ -53,36 +48,12 @@ def serve(scenario_path: str, coordinator: str, timeout_s: float, idle_timeout_s
 
     scenario = load_scenario(scenario_path)
     net = build_network(scenario.network)
-    transport = Transport()
-    dealer = transport.dealer(coordinator, identity="dso")
-    try:
-        transport.send(dealer, Hello(role="dso", peer_ids=(), pid=os.getpid(), host=socket.gethostname())
-                       .envelope(run_id=ANY_RUN, sender="dso"))
-        _, env = transport.recv(dealer, timeout_s, waiting_for="WELCOME from the coordinator")
-        if env.type != MsgType.WELCOME:
-            log(f"registration refused: {env.body}")
-            return 1
-        run_id = env.body["config"]["run_id"]
-        transport.run_id = run_id
 
-        def check(e: Envelope) -> None:
-            if e.type not in (MsgType.DISPATCH, MsgType.SHUTDOWN):
-                raise ProtocolError("type", f"unexpected {e.type}")
+    def on_dispatch(env):
+        t = time.perf_counter()
+        ac = run_ac(net, dispatch_to_frame(Dispatch.from_envelope(env)), scenario.network)
+        log(f"AC power flow of {ac.hours.shape[0]} hours in {time.perf_counter() - t:.2f} s, "
+            f"{len(ac.violations)} violation(s)")
+        return grid_report(ac)
 
-        while True:
-            _, env = transport.recv(dealer, idle_timeout_s, check=check, waiting_for="a DISPATCH or SHUTDOWN from the coordinator")
-            if env.type == MsgType.SHUTDOWN:
-                log(f"shutdown: {env.body.get('reason', '')}")
-                return 0
-            t = time.perf_counter()
-            ac = run_ac(net, dispatch_to_frame(Dispatch.from_envelope(env)), scenario.network)
-            log(f"AC power flow of {ac.hours.shape[0]} hours in {time.perf_counter() - t:.2f} s, "
-                f"{len(ac.violations)} violation(s)")
-            transport.send(dealer, grid_report(ac).envelope(run_id=run_id, sender="dso", iteration=env.iteration))
-    except (TimeoutError, ConnectionError) as exc:
-        log(f"stopped: {exc}")
-        return 1
-    finally:
-        if transport.rejected:
-            log(f"rejected messages: {dict(transport.rejected)}")
-        transport.close()
+    return run_service("dso", coordinator, timeout_s, idle_timeout_s, {MsgType.DISPATCH: on_dispatch})

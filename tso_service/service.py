@@ -5,20 +5,14 @@ consume more / produce less; zero when the scenario asks for none)."""
 from __future__ import annotations
 
 import os
-import socket
-import sys
-import time
 
 import numpy as np
 
-from common.protocol import ANY_RUN, Envelope, MsgType, ProtocolError
-from common.protocol.control import Hello
+from common.protocol import MsgType
 from common.protocol.frequency import FreqRequest
-from common.transport import Transport
+from common.service import run_service, service_log
 
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] tso: {msg}", file=sys.stderr, flush=True)
+log = service_log("tso")
 
 
 def regulation_request_mw(scenario) -> np.ndarray:
@@ -31,37 +25,12 @@ def serve(scenario_path: str, coordinator: str, timeout_s: float, idle_timeout_s
     log(f"pid {os.getpid()} connecting to {coordinator}")
     from common.scenario import load_scenario
 
-    scenario = load_scenario(scenario_path)
-    request = regulation_request_mw(scenario)
-    transport = Transport()
-    dealer = transport.dealer(coordinator, identity="tso")
-    try:
-        transport.send(dealer, Hello(role="tso", peer_ids=(), pid=os.getpid(), host=socket.gethostname())
-                       .envelope(run_id=ANY_RUN, sender="tso"))
-        _, env = transport.recv(dealer, timeout_s, waiting_for="WELCOME from the coordinator")
-        if env.type != MsgType.WELCOME:
-            log(f"registration refused: {env.body}")
-            return 1
-        run_id = env.body["config"]["run_id"]
-        transport.run_id = run_id
+    request = regulation_request_mw(load_scenario(scenario_path))
 
-        def check(e: Envelope) -> None:
-            if e.type not in (MsgType.FREQ_QUERY, MsgType.SHUTDOWN):
-                raise ProtocolError("type", f"unexpected {e.type}")
+    def on_query(env):
+        hours = int(env.body["hours"])
+        answer = request if len(request) == hours else np.resize(request, hours)
+        log(f"regulation request: {float(np.sum(np.abs(answer))):.3f} MWh over {hours} h")
+        return FreqRequest(virtual_load_mw=answer)
 
-        while True:
-            _, env = transport.recv(dealer, idle_timeout_s, check=check, waiting_for="a FREQ_QUERY or SHUTDOWN from the coordinator")
-            if env.type == MsgType.SHUTDOWN:
-                log(f"shutdown: {env.body.get('reason', '')}")
-                return 0
-            hours = int(env.body["hours"])
-            answer = np.resize(request, hours) if len(request) != hours else request
-            transport.send(dealer, FreqRequest(virtual_load_mw=answer).envelope(run_id=run_id, sender="tso", iteration=env.iteration))
-            log(f"regulation request sent: {float(np.sum(np.abs(answer))):.3f} MWh over {hours} h")
-    except (TimeoutError, ConnectionError) as exc:
-        log(f"stopped: {exc}")
-        return 1
-    finally:
-        if transport.rejected:
-            log(f"rejected messages: {dict(transport.rejected)}")
-        transport.close()
+    return run_service("tso", coordinator, timeout_s, idle_timeout_s, {MsgType.FREQ_QUERY: on_query})
