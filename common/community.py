@@ -55,7 +55,7 @@ from common.models import EVModel, HourlyPeer
 # value) the interior-point fallback (Clarabel, ~1.5 ms) is much cheaper than more OSQP iterations.
 EV_OSQP_SETTINGS = dict(eps_abs=1e-9, eps_rel=1e-9, eps_prim_inf=1e-10, eps_dual_inf=1e-10, polishing=True,
                         polish_refine_iter=10, max_iter=10_000, verbose=False, warm_starting=True)
-EV_CLARABEL_SETTINGS = dict(tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10, tol_ktratio=1e-8,
+EV_CLARABEL_SETTINGS = dict(tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12, tol_ktratio=1e-10,
                             presolve_enable=False, verbose=False)
 
 
@@ -263,11 +263,12 @@ def peer_cost_eur(model, p_mw: np.ndarray, soc_step: EVStep | None = None) -> fl
 # reach and reports "almost solved" from the same iterate), so tighter settings buy nothing.
 # Presolve and chordal decomposition off, so that cvxpy hands new parameter values to the same
 # Clarabel solver (``update``, no reallocation) instead of building a new one every iteration.
-# ``AGENT_CLARABEL_FAST`` also drops iterative refinement: ~35 % faster, z within ~2e-7 MW and
-# prices within ~4e-6 EUR/MWh of the default on ieee33-ev.
+# Iterative refinement off: ~35 % faster per solve (ieee33-ev: ~48 instead of ~72 ms), z within
+# ~2e-7 MW and prices within ~4e-6 EUR/MWh of the refined solve, the same ADMM iterations.
+# ``AGENT_CLARABEL_REFINED`` turns it back on, for badly conditioned networks.
 AGENT_CLARABEL = dict(tol_gap_abs=1e-8, tol_gap_rel=1e-8, tol_feas=1e-8, tol_ktratio=1e-6,
-                      presolve_enable=False, chordal_decomposition_enable=False)
-AGENT_CLARABEL_FAST = dict(AGENT_CLARABEL, iterative_refinement_enable=False)
+                      presolve_enable=False, chordal_decomposition_enable=False, iterative_refinement_enable=False)
+AGENT_CLARABEL_REFINED = dict(AGENT_CLARABEL, iterative_refinement_enable=True)
 
 
 @dataclass

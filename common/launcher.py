@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.models import hourly_peer, hourly_peer_to_dict
+from common.models import peer_model_to_dict, peer_models
 
 
 class LaunchError(RuntimeError):
@@ -169,7 +169,10 @@ def override_args(overrides: dict) -> list[str]:
 
 
 def _peer_groups(scenario, per_process: int) -> list[list[dict]]:
-    models = [hourly_peer_to_dict(hourly_peer(scenario, p)) for p in scenario.peers]
+    """Each peer process's private models. In the community market the external supplier is not a
+    peer: the root exchange belongs to the network agent (DSO)."""
+    models = [peer_model_to_dict(m) for m in peer_models(scenario)
+              if not (scenario.market.kind == "community" and m.kind == "grid")]
     return [models[i:i + per_process] for i in range(0, len(models), per_process)]
 
 

@@ -62,11 +62,13 @@ class EVModel:
     kind: str = "ev"
 
 
-def reactive_mvar(model, p_mw: np.ndarray) -> np.ndarray:
+def reactive_mvar(model, p_mw: np.ndarray, market: str = "p2p") -> np.ndarray:
     """Reactive power of a peer for the AC check: loads draw Q = P tan(phi) (P < 0, so Q < 0 is
-    consumption); CHP and RES supply up to tan(phi) P (thesis eqs. 4.3, 4.5) and are taken at that
-    limit; EVs and the external supplier (the slack) run at unity power factor."""
-    if isinstance(model, EVModel) or model.kind == "grid":
+    consumption). In the full P2P market CHP and RES supply up to tan(phi) P (thesis eqs. 4.3,
+    4.5) and are taken at that limit; in the community market the branch-flow model runs them at
+    unity power factor (as the centralized SOCP does), so the AC check does too. EVs and the
+    external supplier (the slack) run at unity power factor."""
+    if isinstance(model, EVModel) or model.kind == "grid" or (market == "community" and model.kind != "load"):
         return np.zeros_like(p_mw)
     return model.tan_phi * p_mw
 
@@ -149,3 +151,28 @@ def hourly_peer_from_dict(data: dict) -> HourlyPeer:
     if np.any(arrays["p_min_mw"] > arrays["p_max_mw"] + 1e-12):
         raise ValueError(f"peer model {data.get('id')!r}: p_min_mw exceeds p_max_mw")
     return HourlyPeer(str(data["id"]), str(data["kind"]), int(data["bus"]), tan_phi=float(data["tan_phi"]), **arrays)
+
+
+_EV_FIELDS = ("capacity_mwh", "soc_initial_mwh", "soc_min_mwh", "soc_departure_mwh", "soc_final_mwh", "trip_energy_mwh",
+              "p_charge_max_mw", "p_discharge_max_mw", "eta_charge", "eta_discharge", "degradation_eur_per_mwh")
+
+
+def peer_model_to_dict(model) -> dict:
+    """Any peer's private model as plain data (HourlyPeer or EVModel)."""
+    if isinstance(model, EVModel):
+        out = {"id": model.id, "kind": "ev", "bus": int(model.bus), "arrival_hour": int(model.arrival_hour),
+               "departure_hour": int(model.departure_hour), "hours": int(len(model.plugged))}
+        out.update({k: float(getattr(model, k)) for k in _EV_FIELDS})
+        return out
+    return hourly_peer_to_dict(model)
+
+
+def peer_model_from_dict(data: dict):
+    if data.get("kind") != "ev":
+        return hourly_peer_from_dict(data)
+    values = {k: float(data[k]) for k in _EV_FIELDS}
+    if not all(np.isfinite(list(values.values()))):
+        raise ValueError(f"EV model {data.get('id')!r}: values must be finite")
+    arrival, departure, hours = int(data["arrival_hour"]), int(data["departure_hour"]), int(data["hours"])
+    return EVModel(id=str(data["id"]), bus=int(data["bus"]), arrival_hour=arrival, departure_hour=departure,
+                   plugged=ev_plugged_mask(arrival, departure, hours), **values)

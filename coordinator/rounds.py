@@ -49,6 +49,7 @@ class IterationStats:
     solve_s_sum: float  # all local solves (CPU)
     coordinator_s: float
     wall_s: float
+    network_s: float = 0.0  # the network agent's update (community market), on the critical path
 
 
 @dataclass
@@ -153,3 +154,121 @@ class P2PRounds:
         self.history.append(IterationStats(self.iteration, primal, dual, rho_used, self._solve_max, self._solve_sum,
                                            time.perf_counter() - t0, wall))
         return self._next_round(stop=self.finished)
+
+
+@dataclass
+class CommunityRounds:
+    """Consensus ADMM of the community market (SPEC 3.3), scaled form, all hours at once:
+
+    ROUND(k) to every peer host with its peers' targets z - u (and rho); UPDATE(k) back with the
+    peers' new injections p; then NETWORK_UPDATE(k) to the DSO's network agent with v = p + u;
+    NETWORK_RESULT(k) with z; then u += p - z, residuals (primal ||p - z||, dual rho ||dz||),
+    rho policy (u rescaled when rho changes), convergence. Prices paid to the peers: -rho u.
+    Instructions are ``(destination, message)`` with destination a host id or ``"dso"``.
+    """
+
+    peer_ids: list[str]
+    hosts: dict[str, list[str]]
+    hours: int
+    settings: RoundSettings
+    history: list[IterationStats] = field(default_factory=list)
+
+    def __post_init__(self):
+        N, H = len(self.peer_ids), self.hours
+        self.index = {pid: n for n, pid in enumerate(self.peer_ids)}
+        self.p = np.zeros((N, H))
+        self.z = np.zeros((N, H))
+        self.u = np.zeros((N, H))
+        st = self.settings
+        self.policy = RhoPolicy(st.rho, st.residual_balancing, st.mu, st.tau, st.every, st.until)
+        self.rho = st.rho
+        self.iteration = 0
+        self.finished = self.converged = False
+        self.statuses: dict[str, str] = {}
+        self.primal_residual = self.dual_residual = float("nan")
+        self._waiting: set[str] = set()
+        self._solve_max = self._solve_sum = 0.0
+        self.network_s = 0.0
+        self.network = None  # last NetworkResult
+
+    def pending(self) -> set[str]:
+        return set(self._waiting)
+
+    def start(self):
+        return self._next_round(stop=False)
+
+    def _next_round(self, stop: bool):
+        if not stop:
+            self.iteration += 1
+        self._waiting = set() if stop else set(self.hosts)
+        self._solve_max = self._solve_sum = 0.0
+        self._t_sent = time.perf_counter()
+        target = self.z - self.u
+        return [(host, Round(rho=self.rho, stop=stop,
+                             peers={pid: RoundPeer(p_in_mw=target[self.index[pid]][None, :]) for pid in peers}))
+                for host, peers in self.hosts.items()]
+
+    def on_update(self, host: str, update):
+        from common.protocol.grid import NetworkUpdate
+
+        if host not in self._waiting:
+            raise ValueError(f"host {host} answered iteration {self.iteration} twice or was not asked")
+        if set(update.peers) != set(self.hosts[host]):
+            raise ValueError(f"host {host} answered for peers {sorted(update.peers)}, expected {self.hosts[host]}")
+        self._waiting.discard(host)
+        host_solve = 0.0
+        for pid, rec in update.peers.items():
+            if rec.p_out_mw.shape != (1, self.hours):
+                raise ValueError(f"peer {pid} sent an injection of shape {rec.p_out_mw.shape}, expected {(1, self.hours)}")
+            self.p[self.index[pid]] = rec.p_out_mw[0]
+            host_solve += rec.solve_s
+            if rec.status != "ok":
+                self.statuses[pid] = rec.status
+        self._solve_max = max(self._solve_max, host_solve)
+        self._solve_sum += host_solve
+        if self._waiting:
+            return []
+        if self.statuses:
+            self.finished = True
+            return []
+        self._waiting = {"dso"}
+        self._t_network = time.perf_counter()
+        return [("dso", NetworkUpdate(rho=self.rho, arrays={"v_mw": self.p + self.u}))]
+
+    def on_network(self, result):
+        if "dso" not in self._waiting:
+            raise ValueError("a network result that was not asked for")
+        if result.status != "ok":
+            self.statuses["dso"] = result.status
+            self.finished = True
+            return []
+        z_new = result.arrays["z_mw"]
+        if z_new.shape != self.z.shape:
+            raise ValueError(f"network agent sent z of shape {z_new.shape}, expected {self.z.shape}")
+        t0 = time.perf_counter()
+        self.network_s = t0 - self._t_network
+        self.network = result
+        wall = t0 - self._t_sent
+        dual = self.rho * float(np.linalg.norm(z_new - self.z))
+        self.z = z_new
+        self.u += self.p - self.z
+        primal = float(np.linalg.norm(self.p - self.z))
+        rho_used = self.rho
+        self.primal_residual, self.dual_residual = primal, dual
+        if converged(primal, dual, self.settings.tolerance):
+            self.finished = self.converged = True
+        elif self.iteration >= self.settings.max_iterations:
+            self.finished = True
+        else:
+            new_rho = self.policy.update(self.iteration, primal, dual)
+            if new_rho != self.rho:
+                self.u *= self.rho / new_rho
+                self.rho = new_rho
+        self.history.append(IterationStats(self.iteration, primal, dual, rho_used, self._solve_max, self._solve_sum,
+                                           time.perf_counter() - t0, wall, self.network_s))
+        return self._next_round(stop=self.finished)
+
+    @property
+    def prices_eur_per_mwh(self) -> np.ndarray:
+        """The price paid to each peer per MWh it injects, per hour (-rho u)."""
+        return -self.rho * self.u

@@ -19,10 +19,10 @@ from common.market import TradeGraph
 from common.protocol import Envelope, MsgType, ProtocolError
 from common.protocol.control import Hello, Shutdown, Welcome
 from common.protocol.frequency import FreqQuery, FreqRequest
-from common.protocol.grid import Dispatch, GridReport
+from common.protocol.grid import Dispatch, GridReport, NetworkResult
 from common.protocol.market import Residuals, Result, Update
 from common.transport import Transport
-from coordinator.rounds import P2PRounds, RoundSettings
+from coordinator.rounds import CommunityRounds, P2PRounds, RoundSettings
 
 
 class RunFailure(RuntimeError):
@@ -74,7 +74,11 @@ class CoordinatorServer:
         log(f"pid {os.getpid()} listening on {self.address}, run {run_id}")
         if ready_file:
             Path(ready_file).write_text(self.address)
+        self.community = scenario.market.kind == "community"
         self.graph = roster_graph(scenario)
+        # who registers as a peer: in the community market the external supplier is the root
+        # exchange of the network agent, not a peer
+        self.roster_ids = [p.id for p in scenario.peers if not (self.community and p.kind == "grid")]
         self.hosts: dict[str, list[str]] = {}  # host identity -> peer ids
         self.host_info: dict[str, Hello] = {}
         self.services: dict[str, Hello] = {}
@@ -90,7 +94,7 @@ class CoordinatorServer:
             self._welcome(ident, {"run_id": self.run_id, "hours": self.scenario.market.hours})
             log(f"{hello.role} service registered (pid {hello.pid} on {hello.host})")
             return
-        roster = set(self.graph.peer_ids)
+        roster = set(self.roster_ids)
         taken = {p for h, ps in self.hosts.items() if h != name for p in ps}
         bad = [p for p in hello.peer_ids if p not in roster or p in taken]
         if bad or not hello.peer_ids:
@@ -128,7 +132,7 @@ class CoordinatorServer:
             return ident, env
 
     def register(self) -> None:
-        expected = set(self.graph.peer_ids)
+        expected = set(self.roster_ids)
         deadline = time.monotonic() + self.timeout_s
         while {p for ps in self.hosts.values() for p in ps} != expected:
             left = deadline - time.monotonic()
@@ -145,10 +149,14 @@ class CoordinatorServer:
         index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
         market = self.scenario.market
         for host, peer_ids in self.hosts.items():
+            if self.community:
+                self._welcome(host.encode(), {"run_id": self.run_id, "topology": "relay", "market": "community",
+                                              "hours": market.hours})
+                continue
             partners = {pid: [self.graph.peer_ids[m] for m in self.graph.partner[self.graph.partners_of(index[pid])]]
                         for pid in peer_ids}
             config = {"run_id": self.run_id, "topology": self.topology, "hours": market.hours, "partners": partners,
-                      "price_init_eur_per_mwh": market.price_init_eur_per_mwh}
+                      "price_init_eur_per_mwh": market.price_init_eur_per_mwh, "market": "p2p"}
             if self.topology == "mesh":
                 config["addresses"] = {q: addresses[q] for ps in partners.values() for q in ps}
             self._welcome(host.encode(), config)
@@ -164,10 +172,7 @@ class CoordinatorServer:
     # -- ADMM ------------------------------------------------------------------------------
     def clear_market(self) -> P2PRounds:
         m = self.scenario.market
-        settings = RoundSettings(rho=m.rho, tolerance=m.tolerance, max_iterations=m.max_iterations,
-                                 residual_balancing=m.residual_balancing, mu=m.rb_mu, tau=m.rb_tau, every=m.rb_every,
-                                 until=m.rb_until, topology=self.topology)
-        rounds = P2PRounds(self.graph, self.hosts, m.hours, settings)
+        rounds = P2PRounds(self.graph, self.hosts, m.hours, self._settings())
         answer = MsgType.UPDATE if self.topology == "relay" else MsgType.RESIDUALS
         handler = rounds.on_update if self.topology == "relay" else rounds.on_residuals
         parse = Update.from_envelope if self.topology == "relay" else Residuals.from_envelope
@@ -214,6 +219,61 @@ class CoordinatorServer:
         self.timing["admm_s"] = time.perf_counter() - t_start
         if rounds.statuses:
             raise RunFailure("local solve failed at " + ", ".join(f"peer {p}: {s}" for p, s in rounds.statuses.items()))
+        return rounds
+
+    def _settings(self) -> RoundSettings:
+        m = self.scenario.market
+        return RoundSettings(rho=m.rho, tolerance=m.tolerance, max_iterations=m.max_iterations,
+                             residual_balancing=m.residual_balancing, mu=m.rb_mu, tau=m.rb_tau, every=m.rb_every,
+                             until=m.rb_until, topology=self.topology)
+
+    def clear_community(self) -> CommunityRounds:
+        """ADMM between the peer processes and the DSO's network agent."""
+        self._service("dso")
+        rounds = CommunityRounds(self.roster_ids, self.hosts, self.scenario.market.hours, self._settings())
+        t_start = time.perf_counter()
+        last_emit = 0.0
+        sends = rounds.start()
+        while True:
+            for dest, msg in sends:
+                self.transport.send(self.router, msg.envelope(run_id=self.run_id, sender="coordinator",
+                                                              iteration=rounds.iteration), to=dest)
+            if rounds.finished:
+                break
+            sends = []
+            while not sends and not rounds.finished:
+                k = rounds.iteration
+                try:
+                    ident, env = self._recv(self.timeout_s, f"answers to iteration {k}",
+                                            (MsgType.UPDATE, MsgType.NETWORK_RESULT))
+                except TimeoutError:
+                    silent = sorted(rounds.pending())
+                    who = "; ".join("the dso service (network agent)" if h == "dso" else f"{h} (peer {', '.join(self.hosts[h])})"
+                                    for h in silent[:5])
+                    raise RunFailure(f"iteration {k}: no answer within {self.timeout_s:g} s from {who}") from None
+                if env.iteration != k:
+                    self.transport.rejected["stale"] += 1
+                    continue
+                try:
+                    if env.type == MsgType.NETWORK_RESULT and ident == b"dso":
+                        sends = rounds.on_network(NetworkResult.from_envelope(env))
+                    elif env.type == MsgType.UPDATE:
+                        sends = rounds.on_update(ident.decode(), Update.from_envelope(env))
+                    else:
+                        self.transport.rejected["type"] += 1
+                except (ValueError, KeyError) as exc:
+                    self.transport.rejected["body"] += 1
+                    log(f"rejected an answer from {ident.decode()}: {exc}")
+            now = time.perf_counter()
+            if now - last_emit > 0.25 or rounds.finished:
+                last_emit = now
+                emit("iteration", iteration=rounds.iteration, primal=rounds.primal_residual, dual=rounds.dual_residual,
+                     rho=rounds.rho)
+        self.timing["admm_s"] = time.perf_counter() - t_start
+        if rounds.statuses:
+            who = ", ".join(("the dso service (network agent)" if p == "dso" else f"peer {p}") + f": {st}"
+                            for p, st in rounds.statuses.items())
+            raise RunFailure(f"iteration {rounds.iteration}: {who}")
         return rounds
 
     def collect_results(self, k: int) -> dict[str, object]:
@@ -288,6 +348,10 @@ class CoordinatorServer:
         from common.clearing import p2p_result
 
         self.register()
+        if self.community:
+            rounds = self.clear_community()
+            result = self.community_result(rounds, self.collect_results(rounds.iteration))
+            return self.finish(rounds, result)
         rounds = self.clear_market()
         k = rounds.iteration
         results = self.collect_results(k)
@@ -300,7 +364,6 @@ class CoordinatorServer:
             kk = self.graph.partners_of(n)
             trades[kk] = results[pid].trades_mw
             prices[kk] = results[pid].price_eur_per_mwh
-        virtual_load = self.ask_tso(k)
         # each peer discloses its own cost of the cleared dispatch (never its cost function)
         sw = -np.sum([results[pid].cost_eur for pid in ids], axis=0)
         roster = {p.id: p for p in self.scenario.peers}
@@ -310,10 +373,49 @@ class CoordinatorServer:
             "p_mw": p_mw.reshape(-1), "q_mvar": np.vstack([results[pid].q_mvar for pid in ids]).reshape(-1)})
         result = p2p_result(self.scenario, self.graph, dispatch, trades, prices, sw, np.zeros(H), "admm",
                             converged=rounds.converged)
+        return self.finish(rounds, result)
+
+    def community_result(self, rounds: CommunityRounds, results: dict):
+        """The community market's results from the peers' RESULTs and the network agent's last answer."""
+        from types import SimpleNamespace
+
+        from common.clearing import community_result
+
+        sc = self.scenario
+        H = sc.market.hours
+        roster = {p.id: p for p in sc.peers}
+        grid_peer = next(p for p in sc.peers if p.kind == "grid")
+        net = rounds.network.arrays
+        ids = self.roster_ids
+        models = [SimpleNamespace(id=i, kind=roster[i].kind, bus=roster[i].bus) for i in ids]
+        imp, exp_ = net["import_mw"], net["export_mw"]
+        network_cost = sc.hourly(grid_peer, "import_price_eur_per_mwh") * imp - sc.hourly(grid_peer, "export_price_eur_per_mwh") * exp_
+        sol = SimpleNamespace(
+            p_mw=np.vstack([results[i].p_mw for i in ids]), q_mvar=np.vstack([results[i].q_mvar for i in ids]),
+            ev_soc_mwh={i: results[i].soc_mwh for i in ids if results[i].soc_mwh is not None},
+            import_mw=imp, export_mw=exp_, prices_eur_per_mwh=net["prices_eur_per_mwh"],
+            social_welfare_eur=-np.sum([results[i].cost_eur for i in ids], axis=0) - network_cost,
+            losses_mw=net["losses_mw"], vm_pu=net["vm_pu"], max_cone_gap=float(net["cone_gap"][0]))
+        result = community_result(sc, models, sol, "admm", converged=rounds.converged)
+        result.extra["peer_prices_max_abs_eur_per_mwh"] = float(np.abs(rounds.prices_eur_per_mwh).max())
+        self._community_sol = sol
+        return result
+
+    def finish(self, rounds, result) -> dict:
+        """AC check, TSO request, results folder."""
+        import pandas as pd
+
+        k = rounds.iteration
+        virtual_load = self.ask_tso(k)
         report = self.ask_dso(result.dispatch, k)
         from dso_service.report_codec import ac_from_tables
 
         result.ac = ac_from_tables(report.tables)
+        if self.community:
+            from common.clearing import relaxation_frame
+
+            result.relaxation = relaxation_frame(self._community_sol, result.ac)
+            result.extra["relaxation_max_vm_gap_pu"] = float(result.relaxation["max_vm_gap_pu"].max())
         self.shutdown("run complete")
         result.iterations = k
         result.outer_iterations = 1
@@ -327,6 +429,8 @@ class CoordinatorServer:
         result.messages = msgs.groupby(["iteration", "type"], as_index=False)[["count", "bytes"]].sum()
         hist = rounds.history
         n = max(len(hist), 1)
+        if self.community:
+            result.extra["network_agent_ms_per_iteration"] = 1e3 * sum(s.network_s for s in hist) / n
         result.extra.update({
             "topology": self.topology,
             "peer_processes": len(self.hosts),
@@ -342,7 +446,7 @@ class CoordinatorServer:
         })
         result.extra["messaging_ms_per_iteration"] = max(
             0.0, result.extra["time_per_iteration_ms"] - result.extra["local_solve_ms_per_iteration"]
-            - result.extra["coordinator_ms_per_iteration"])
+            - result.extra["coordinator_ms_per_iteration"] - result.extra.get("network_agent_ms_per_iteration", 0.0))
         from common.report import build_summary, write_results
 
         result.wall_s = time.time() - self.t0
@@ -366,8 +470,8 @@ def main(scenario_path: str, bind: str, run_id: str, topology: str, out_dir: str
     except ScenarioError as exc:
         log(f"bad scenario: {exc}")
         return 2
-    if scenario.market.kind != "p2p":
-        log("the distributed clearing of the community market is not available yet; use --solver centralized")
+    if scenario.market.kind == "community" and topology != "relay":
+        log("the community market runs in the relay topology (the network agent couples every peer)")
         return 2
     server = CoordinatorServer(scenario, bind, run_id, topology, Path(out_dir), timeout_s, t0,
                                Path(ready_file) if ready_file else None, processes)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from common.protocol import MsgType
-from common.protocol.grid import Dispatch, GridReport
+from common.protocol.grid import Dispatch, GridReport, NetworkResult, NetworkUpdate
 from common.service import run_service, service_log
 
 log = service_log("dso")
@@ -48,6 +48,19 @@ def serve(scenario_path: str, coordinator: str, timeout_s: float, idle_timeout_s
 
     scenario = load_scenario(scenario_path)
     net = build_network(scenario.network)
+    agent = network_agent(scenario, net) if scenario.market.kind == "community" else None
+
+    def on_network_update(env):
+        msg = NetworkUpdate.from_envelope(env)
+        try:
+            sol = agent.solve(msg.arrays["v_mw"], msg.rho)
+        except Exception as exc:  # noqa: BLE001 - a failed SOCP is an outcome: reported, the coordinator decides
+            log(f"network agent failed at iteration {env.iteration}: {exc}")
+            return NetworkResult(arrays={}, status=f"network agent SOCP failed: {exc}")
+        return NetworkResult(arrays={"z_mw": sol.z_mw, "import_mw": sol.import_mw, "export_mw": sol.export_mw,
+                                     "vm_pu": sol.vm_pu, "prices_eur_per_mwh": sol.prices_eur_per_mwh,
+                                     "losses_mw": sol.losses_mw, "cone_gap": np.array([sol.max_cone_gap])},
+                             solve_s=sol.solve_time_s, status="ok")
 
     def on_dispatch(env):
         t = time.perf_counter()
@@ -56,4 +69,23 @@ def serve(scenario_path: str, coordinator: str, timeout_s: float, idle_timeout_s
             f"{len(ac.violations)} violation(s)")
         return grid_report(ac)
 
-    return run_service("dso", coordinator, timeout_s, idle_timeout_s, {MsgType.DISPATCH: on_dispatch})
+    handlers = {MsgType.DISPATCH: on_dispatch}
+    if agent is not None:
+        handlers[MsgType.NETWORK_UPDATE] = on_network_update
+    return run_service("dso", coordinator, timeout_s, idle_timeout_s, handlers)
+
+
+def network_agent(scenario, net):
+    """The network agent of the community market, built once (DPP) from the network and the
+    roster's buses (and loads' power factor)."""
+    from common.clearing import community_inputs
+    from common.community import NetworkAgent
+    from dso_service.networks import grid_model
+
+    t = time.perf_counter()
+    models, grid_peer = community_inputs(scenario)
+    agent = NetworkAgent.from_models(
+        grid_model(net, scenario.network), models, scenario.hourly(grid_peer, "import_price_eur_per_mwh"),
+        scenario.hourly(grid_peer, "export_price_eur_per_mwh"), grid_peer.p_import_max_mw, grid_peer.p_export_max_mw)
+    log(f"network agent built in {time.perf_counter() - t:.2f} s ({len(models)} peers, DPP: {agent.is_dpp()})")
+    return agent

@@ -17,7 +17,7 @@ import zmq
 
 from common.admm import LocalP2P
 from common.codec import check_iteration
-from common.models import HourlyPeer, hourly_peer, hourly_peer_from_dict, reactive_mvar
+from common.models import EVModel, HourlyPeer, peer_model_from_dict, peer_models, reactive_mvar
 from common.protocol import ANY_RUN, Envelope, MsgType, ProtocolError
 from common.protocol.control import Hello, Ready
 from common.protocol.market import Residuals, ResidualsPeer, Result, ResultPeer, Round, Trades, Update, UpdatePeer
@@ -33,7 +33,7 @@ def log(msg: str) -> None:
 
 
 class PeerHost:
-    def __init__(self, models: list[HourlyPeer], coordinator: str, host_id: str, timeout_s: float = 30.0,
+    def __init__(self, models: list, coordinator: str, host_id: str, timeout_s: float = 30.0,
                  bind_host: str = "127.0.0.1", advertise_host: str | None = None):
         self.models = {m.id: m for m in models}
         self.peer_ids = list(self.models)
@@ -69,7 +69,15 @@ class PeerHost:
         self.run_id = cfg["run_id"]
         self.transport.run_id = self.run_id
         self.topology = cfg["topology"]
+        self.market = cfg.get("market", "p2p")
         hours = int(cfg["hours"])
+        if self.market == "community":
+            from common.community import local_solver
+
+            self.solvers = {pid: local_solver(self.models[pid], hours) for pid in self.peer_ids}
+            self.targets = {pid: np.zeros(hours) for pid in self.peer_ids}
+            self.transport.send(self.dealer, Ready().envelope(run_id=self.run_id, sender=self.host_id))
+            return
         lam0 = float(cfg.get("price_init_eur_per_mwh", 0.0))
         for pid in self.peer_ids:
             m = self.models[pid]
@@ -113,6 +121,8 @@ class PeerHost:
     def on_round(self, env: Envelope) -> bool:
         msg = Round.from_envelope(env)
         k = env.iteration
+        if self.market == "community":
+            return self.on_community_round(msg, k)
         if self.topology == "relay":
             for pid, loc in self.locals.items():
                 if k > 1 or msg.stop:
@@ -144,6 +154,42 @@ class PeerHost:
             x, dx, s = records[pid]
             res[pid] = ResidualsPeer(primal_sq=primal_sq, dual_sq=dx, solve_s=s)
         self.transport.send(self.dealer, Residuals(peers=res).envelope(run_id=self.run_id, sender=self.host_id, iteration=k))
+        return False
+
+    def on_community_round(self, msg: Round, k: int) -> bool:
+        """Community market: solve p = argmin f(p) + rho/2 ||p - target||^2 for the target
+        z - u the coordinator sends (this peer's own, nothing of the others')."""
+        if msg.stop:
+            peers = {}
+            for pid, solver in self.solvers.items():
+                model = self.models[pid]
+                last = getattr(solver, "last", None)
+                p = self.p_last[pid]
+                if isinstance(model, EVModel):
+                    cost = model.degradation_eur_per_mwh * last.discharge_mw
+                    soc = last.soc_mwh
+                else:
+                    cost, soc = model.cost_eur(p), None
+                peers[pid] = ResultPeer(p_mw=p, trades_mw=np.zeros((0, len(p))), price_eur_per_mwh=np.zeros((0, len(p))),
+                                        q_mvar=reactive_mvar(model, p, "community"), soc_mwh=soc, cost_eur=cost)
+            self.transport.send(self.dealer, Result(peers=peers).envelope(run_id=self.run_id, sender=self.host_id, iteration=k))
+            return False
+        self.iteration = k
+        records = {}
+        self.p_last = getattr(self, "p_last", {})
+        for pid, solver in self.solvers.items():
+            t = time.perf_counter()
+            status = "ok"
+            try:
+                p = solver.solve(msg.peers[pid].p_in_mw[0], msg.rho)
+                p = p.p_mw if hasattr(p, "p_mw") else p
+            except Exception as exc:  # noqa: BLE001 - a failed local solve is an outcome, reported
+                p, status = self.p_last.get(pid, np.zeros(msg.peers[pid].p_in_mw.shape[1])), f"local solve failed: {exc}"
+            dx = float(np.sum((p - self.p_last.get(pid, 0.0)) ** 2))
+            self.p_last[pid] = p
+            records[pid] = UpdatePeer(p_out_mw=p[None, :], primal_sq=0.0, dual_sq=dx, solve_s=time.perf_counter() - t,
+                                      status=status)
+        self.transport.send(self.dealer, Update(peers=records).envelope(run_id=self.run_id, sender=self.host_id, iteration=k))
         return False
 
     def collect_trades(self, k: int) -> dict[str, np.ndarray]:
@@ -213,12 +259,16 @@ def load_models(scenario_path: str | None, peer_ids: list[str], model_files: lis
     writes for each peer) or from a scenario file and peer ids."""
     import json
 
-    models = [hourly_peer_from_dict(json.loads(open(f).read())) for f in model_files]
+    models = [peer_model_from_dict(json.loads(open(f).read())) for f in model_files]
     if peer_ids:
         from common.scenario import load_scenario
 
         scenario = load_scenario(scenario_path)
-        models += [hourly_peer(scenario, scenario.peer(pid)) for pid in peer_ids]
+        by_id = {m.id: m for m in peer_models(scenario)}
+        unknown = [pid for pid in peer_ids if pid not in by_id]
+        if unknown:
+            raise ValueError(f"unknown peer id(s) {', '.join(unknown)} in {scenario_path}")
+        models += [by_id[pid] for pid in peer_ids]
     if not models:
         raise ValueError("no peer to host: give --model FILE or --scenario FILE --peer-id ID")
     return models
@@ -248,7 +298,7 @@ def child_main(model_dicts: list[dict], coordinator: str, host_id: str, timeout_
     os.dup2(fd, 2)
     code = 1
     try:
-        code = main([hourly_peer_from_dict(d) for d in model_dicts], coordinator, host_id, timeout_s)
+        code = main([peer_model_from_dict(d) for d in model_dicts], coordinator, host_id, timeout_s)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
