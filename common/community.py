@@ -31,6 +31,14 @@ Residuals: primal r = ||p - z|| [MW], dual s = rho ||z^{k+1} - z^k|| [EUR/MWh], 
 peers and hours. Residual balancing: ``common.admm.RhoPolicy``; when rho changes, u is rescaled by
 rho_old / rho_new so that the prices -rho u do not jump.
 
+Settings (ieee33-ev, tolerance 1e-4, in-process; see tests/test_community_admm.py for a small
+congested feeder): rho = 100-200 EUR/(MW^2 h) held constant converges in 83-88 iterations from
+zero prices and in 65-67 iterations from the import price as starting price
+(``initial_price_eur_per_mwh``); the poster's rho = 100 with residual balancing (mu 10, tau 2,
+every 10 iterations) needs 179, because balancing lowers rho to 25 (at rho >= 100 the dual
+residual, rho ||dz|| in EUR/MWh, always dominates); rho = 10 or 1 with balancing 208 / 288;
+rho = 10 without balancing more than 400 from zero prices, 440 from the import price.
+
 Peer processes import this module for ``local_update`` / ``EVLocalSolver`` only: it imports
 neither cvxpy nor pandapower at module level (the network agent imports cvxpy when built).
 """

@@ -17,7 +17,13 @@ import os
 import signal
 import sys
 
-from peer_node.host import child_main  # noqa: F401  (the import is the point: children inherit it)
+# The imports are the point: every forked peer inherits them (the community market's local
+# solvers need scipy.sparse, OSQP and Clarabel for the EVs).
+import clarabel  # noqa: F401
+import osqp  # noqa: F401
+
+import common.community  # noqa: F401
+from peer_node.host import child_main
 
 
 def _die_with_parent() -> None:
