@@ -231,18 +231,17 @@ def bench(
     import tempfile
 
     from common.centralized import SolveError, solve_p2p
-    from common.compare import compare_p2p
+    from common.compare import compare_community, compare_p2p, solve_community_reference
     from common.launcher import LaunchError, run_distributed
     from common.models import peer_models
 
     overrides = dict(rho=rho, tolerance=tolerance, max_iterations=max_iterations, residual_balancing=residual_balancing)
     sc = _load(scenario, **overrides)
-    if sc.market.kind != "p2p":
-        _fail("the benchmark covers the full P2P market", EXIT_BAD_INPUT)
+    community = sc.market.kind == "community"
     out = out or Path(tempfile.mkdtemp(prefix="p2pm-bench-"))
     t = time.perf_counter()
     try:
-        ref = solve_p2p(peer_models(sc))
+        ref = solve_community_reference(sc) if community else solve_p2p(peer_models(sc))
     except SolveError as exc:
         _fail(str(exc), EXIT_FAILED)
     central_s = time.perf_counter() - t
@@ -252,7 +251,7 @@ def bench(
                             peers_per_process=peers_per_process, timeout_s=timeout_s, t0=t0, quiet=True)
     except LaunchError as exc:
         _fail(str(exc), EXIT_FAILED)
-    cmp = compare_p2p(out, sc, ref)
+    cmp = compare_community(out, sc, ref) if community else compare_p2p(out, sc, ref)
     it = max(s["iterations"], 1)
     lines = [
         f"benchmark {sc.name}: {len(sc.peers)} peers, {sc.market.hours} h, topology {topology.value}, "
@@ -263,6 +262,7 @@ def bench(
         f"  time per iteration                     {s['time_per_iteration_ms']:8.2f} ms",
         f"    local solves (slowest process)       {s['local_solve_ms_per_iteration']:8.3f} ms   "
         f"(all peers' CPU {s['local_solve_cpu_ms_per_iteration']:.3f} ms)",
+        *([f"    network agent (DSO, SOCP)            {s['network_agent_ms_per_iteration']:8.3f} ms"] if community else []),
         f"    coordinator (residuals, rho)         {s['coordinator_ms_per_iteration']:8.3f} ms",
         f"    messaging and waiting                {s['messaging_ms_per_iteration']:8.3f} ms",
         f"  AC validation (DSO service)            {s['dso_s']:8.2f} s",
@@ -272,13 +272,14 @@ def bench(
         f"median {s.get('peak_rss_mib_peer_median', float('nan')):.1f} MiB",
         f"  peak memory coordinator / dso / tso    {s.get('peak_rss_mib_coordinator', float('nan')):.1f} / "
         f"{s.get('peak_rss_mib_dso', float('nan')):.1f} / {s.get('peak_rss_mib_tso', float('nan')):.1f} MiB",
-        f"  centralized solve (cvxpy + Clarabel)   {central_s:8.2f} s   -> distributed wall / centralized = "
+        f"  centralized solve ({'SOCP' if community else 'QP'}, cvxpy + Clarabel) {central_s:6.2f} s   -> distributed wall / centralized = "
         f"{s['wall_s'] / central_s:.1f}",
         f"  agreement: dispatch max |diff| {cmp['dispatch_max_abs_diff_mw']:.2e} MW, social welfare rel. diff "
         f"{cmp['social_welfare_rel_diff']:.2e}",
-        f"  prices: {cmp['prices_within_0.01_of_dual']}/{cmp['traded_pairs_checked']} traded pairs within 0.01 EUR/MWh "
-        f"of the centralized dual; {cmp['prices_within_interval']}/{cmp['traded_pairs_checked']} within the interval "
-        f"of supporting prices (hours with a non-unique dual: {cmp['hours_with_price_interval'] or 'none'})",
+        (f"  prices: bus prices max |diff| {cmp['bus_price_max_abs_diff_eur_per_mwh']:.4f} EUR/MWh" if community else
+         f"  prices: {cmp['prices_within_0.01_of_dual']}/{cmp['traded_pairs_checked']} traded pairs within 0.01 EUR/MWh "
+         f"of the centralized dual; {cmp['prices_within_interval']}/{cmp['traded_pairs_checked']} within the interval "
+         f"of supporting prices (hours with a non-unique dual: {cmp['hours_with_price_interval'] or 'none'})"),
         f"  results: {out}",
     ]
     typer.echo("\n".join(lines))

@@ -58,3 +58,35 @@ def compare_p2p(run_dir: Path, scenario, ref=None) -> dict:
                                    for h in sorted(pr.loc[~unique, "hour"].unique())},
     })
     return out
+
+
+def solve_community_reference(scenario):
+    """The centralized SOCP of a community scenario (the reference of the distributed run)."""
+    from common.centralized import solve_community
+    from common.clearing import community_inputs
+    from dso_service.networks import build_network, grid_model
+
+    models, grid_peer = community_inputs(scenario)
+    grid = grid_model(build_network(scenario.network), scenario.network)
+    sol = solve_community(models, grid, scenario.hourly(grid_peer, "import_price_eur_per_mwh"),
+                          scenario.hourly(grid_peer, "export_price_eur_per_mwh"), grid_peer.p_import_max_mw,
+                          grid_peer.p_export_max_mw)
+    return models, sol
+
+
+def compare_community(run_dir: Path, scenario, ref=None) -> dict:
+    """``ref``: (models, CommunitySolution) of the same scenario (solved here when None)."""
+    models, sol = ref or solve_community_reference(scenario)
+    run_dir = Path(run_dir)
+    disp = pd.read_csv(run_dir / "dispatch.csv").pivot(index="peer", columns="hour", values="p_mw")
+    p = disp.loc[[m.id for m in models]].to_numpy()
+    summary = __import__("json").loads((run_dir / "summary.json").read_text())
+    sw, sw_ref = summary["social_welfare_eur"], float(np.sum(sol.social_welfare_eur))
+    prices = pd.read_csv(run_dir / "prices.csv").pivot(index="bus", columns="hour", values="price_eur_per_mwh")
+    return {
+        "dispatch_max_abs_diff_mw": float(np.abs(p - sol.p_mw).max()),
+        "social_welfare_eur": float(sw),
+        "social_welfare_ref_eur": sw_ref,
+        "social_welfare_rel_diff": float(abs(sw - sw_ref) / max(abs(sw_ref), 1e-9)),
+        "bus_price_max_abs_diff_eur_per_mwh": float(np.abs(prices.sort_index().to_numpy() - sol.prices_eur_per_mwh).max()),
+    }

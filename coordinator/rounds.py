@@ -37,6 +37,7 @@ class RoundSettings:
     every: int = 10
     until: int = 2000
     topology: str = "relay"
+    price_init_eur_per_mwh: float = 0.0
 
 
 @dataclass
@@ -178,8 +179,9 @@ class CommunityRounds:
         self.index = {pid: n for n, pid in enumerate(self.peer_ids)}
         self.p = np.zeros((N, H))
         self.z = np.zeros((N, H))
-        self.u = np.zeros((N, H))
         st = self.settings
+        # a public starting price (e.g. the tariff): the price paid to a peer is -rho u
+        self.u = np.full((N, H), -st.price_init_eur_per_mwh / st.rho)
         self.policy = RhoPolicy(st.rho, st.residual_balancing, st.mu, st.tau, st.every, st.until)
         self.rho = st.rho
         self.iteration = 0

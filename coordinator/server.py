@@ -225,7 +225,7 @@ class CoordinatorServer:
         m = self.scenario.market
         return RoundSettings(rho=m.rho, tolerance=m.tolerance, max_iterations=m.max_iterations,
                              residual_balancing=m.residual_balancing, mu=m.rb_mu, tau=m.rb_tau, every=m.rb_every,
-                             until=m.rb_until, topology=self.topology)
+                             until=m.rb_until, topology=self.topology, price_init_eur_per_mwh=m.price_init_eur_per_mwh)
 
     def clear_community(self) -> CommunityRounds:
         """ADMM between the peer processes and the DSO's network agent."""

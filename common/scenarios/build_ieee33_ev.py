@@ -73,7 +73,7 @@ ETA = 0.95
 EV_DEGRADATION_EUR_PER_MWH = 5.0
 EV_PERMUTATION_SEED = 33  # shuffles the arrival, departure and trip-energy quantiles among the cars
 
-MARKET = {"kind": "community", "rho": 100.0, "tolerance": 1.0e-4, "max_iterations": 2000, "residual_balancing": True}
+MARKET = {"kind": "community", "rho": 100.0, "tolerance": 1.0e-4, "max_iterations": 2000, "residual_balancing": False, "price_init_eur_per_mwh": 150.0}
 
 
 # ---------------------------------------------------------------------------------------------
