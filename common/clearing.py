@@ -95,11 +95,22 @@ def community_result(scenario, models, sol, solver: str, converged: bool = True)
     ev_soc = pd.DataFrame([(k, t + 1, float(v[t])) for k, v in sol.ev_soc_mwh.items() for t in range(H)],
                           columns=["peer", "hour", "soc_mwh"])
     exchange = pd.DataFrame({"hour": np.arange(1, H + 1), "import_mw": sol.import_mw, "export_mw": sol.export_mw})
-    return RunResult(
+    result = RunResult(
         scenario=scenario.name, market="community", model=scenario.market.model, solver=solver, converged=converged,
         dispatch=dispatch, economics=economics_frame(sol.social_welfare_eur), prices=prices, ev_soc=ev_soc,
         payments=payments, grid_exchange=exchange,
     )
+    # the poster's headline: what the EVs give back, against what the community imports
+    ev = dispatch[dispatch["kind"] == "ev"]
+    discharge = ev["p_mw"].clip(lower=0).groupby(ev["hour"]).sum()
+    imports = float(np.sum(sol.import_mw))
+    result.extra.update({
+        "ev_discharge_mwh": float(discharge.sum()),
+        "ev_discharge_peak_mw": float(discharge.max()) if len(discharge) else 0.0,
+        "ev_discharge_hours": [int(h) for h in discharge.index[discharge > 1e-4]],
+        "ev_discharge_share_of_imports_pct": 100.0 * float(discharge.sum()) / imports if imports > 0 else None,
+    })
+    return result
 
 
 def relaxation_frame(sol, ac) -> pd.DataFrame:
