@@ -122,6 +122,49 @@ class CommunitySolution:
     status: str
 
 
+@dataclass
+class BranchFlowModel:
+    """Variables (pu, per branch or bus and hour) and constraints of the relaxed branch-flow model."""
+
+    p: cp.Variable  # sending-end active flow
+    q: cp.Variable  # sending-end reactive flow
+    l: cp.Variable  # squared current
+    v: cp.Variable  # squared voltage
+    balance_p: cp.Constraint  # nodal active balance (its dual gives the nodal prices)
+    balance_q: cp.Constraint
+    constraints: list
+
+
+def branch_flow_model(grid: "GridModel", p_bus, q_bus, H: int) -> BranchFlowModel:
+    """The relaxed branch-flow model (Farivar & Low 2013) of a radial network over H hours, for
+    bus injections ``p_bus``, ``q_bus`` (pu, (n_bus, H) expressions): DistFlow balance at every
+    bus, voltage drop, the relaxed cone P^2 + Q^2 <= v l, voltage limits, thermal limits on the
+    sending end, the root held at 1.0 pu."""
+    B, nb = len(grid.from_bus), grid.n_bus
+    Pf, Qf = cp.Variable((B, H), name="P"), cp.Variable((B, H), name="Q")
+    L, V = cp.Variable((B, H), nonneg=True, name="l"), cp.Variable((nb, H), name="v")
+    Cf = sp.csr_matrix((np.ones(B), (grid.from_bus, np.arange(B))), shape=(nb, B))
+    Ct = sp.csr_matrix((np.ones(B), (grid.to_bus, np.arange(B))), shape=(nb, B))
+    r, x = grid.r_pu[:, None], grid.x_pu[:, None]
+    balance_p = Ct @ (Pf - cp.multiply(r, L)) + p_bus == Cf @ Pf
+    balance_q = Ct @ (Qf - cp.multiply(x, L)) + q_bus == Cf @ Qf
+    Vf = Cf.T @ V
+    cons = [
+        balance_p, balance_q,
+        Ct.T @ V == Vf - 2 * (cp.multiply(r, Pf) + cp.multiply(x, Qf)) + cp.multiply(r**2 + x**2, L),
+        V[grid.root, :] == 1.0,
+        V >= grid.vm_min_pu**2, V <= grid.vm_max_pu**2,
+        cp.SOC(cp.vec(Vf + L, order="F"),
+               cp.vstack([cp.vec(2 * Pf, order="F"), cp.vec(2 * Qf, order="F"), cp.vec(Vf - L, order="F")]), axis=0),
+    ]
+    rated = np.flatnonzero(np.isfinite(grid.s_max_pu))
+    if len(rated):
+        s = grid.s_max_pu[rated]
+        cons.append(cp.SOC(cp.vec(np.repeat(s[:, None], H, axis=1), order="F"),
+                           cp.vstack([cp.vec(Pf[rated, :], order="F"), cp.vec(Qf[rated, :], order="F")]), axis=0))
+    return BranchFlowModel(Pf, Qf, L, V, balance_p, balance_q, cons)
+
+
 def community_injection_matrix(models: list, n_bus: int) -> np.ndarray:
     """(n_bus, N) 0/1 matrix placing every peer at its bus."""
     M = np.zeros((n_bus, len(models)))
@@ -189,27 +232,9 @@ def solve_community(models: list, grid: GridModel, import_price_eur_per_mwh: np.
     p_bus = (M @ Pn + root @ cp.reshape(imp - exp_, (1, H), order="F")) / base  # (nb, H) pu
     q_bus = (M @ Qn + root @ cp.reshape(qroot, (1, H), order="F")) / base
 
-    Pf, Qf, L = cp.Variable((B, H)), cp.Variable((B, H)), cp.Variable((B, H), nonneg=True)
-    V = cp.Variable((nb, H))
-    Cf = sp.csr_matrix((np.ones(B), (grid.from_bus, np.arange(B))), shape=(nb, B))
-    Ct = sp.csr_matrix((np.ones(B), (grid.to_bus, np.arange(B))), shape=(nb, B))
-    r, x = grid.r_pu[:, None], grid.x_pu[:, None]
-    balance_p = Ct @ (Pf - cp.multiply(r, L)) + p_bus == Cf @ Pf
-    balance_q = Ct @ (Qf - cp.multiply(x, L)) + q_bus == Cf @ Qf
-    Vf = Cf.T @ V
-    cons += [
-        balance_p, balance_q,
-        Ct.T @ V == Vf - 2 * (cp.multiply(r, Pf) + cp.multiply(x, Qf)) + cp.multiply(r**2 + x**2, L),
-        V[grid.root, :] == 1.0,
-        V >= grid.vm_min_pu**2, V <= grid.vm_max_pu**2,
-        cp.SOC(cp.vec(Vf + L, order="F"),
-               cp.vstack([cp.vec(2 * Pf, order="F"), cp.vec(2 * Qf, order="F"), cp.vec(Vf - L, order="F")]), axis=0),
-    ]
-    rated = np.flatnonzero(np.isfinite(grid.s_max_pu))
-    if len(rated):
-        s = grid.s_max_pu[rated]
-        cons.append(cp.SOC(cp.vec(np.repeat(s[:, None], H, axis=1), order="F"),
-                           cp.vstack([cp.vec(Pf[rated, :], order="F"), cp.vec(Qf[rated, :], order="F")]), axis=0))
+    bfm = branch_flow_model(grid, p_bus, q_bus, H)
+    cons += bfm.constraints
+    Pf, Qf, L, V, balance_p = bfm.p, bfm.q, bfm.l, bfm.v, bfm.balance_p
 
     prob = cp.Problem(cp.Minimize(cost), cons)
     _solve(prob, solver)

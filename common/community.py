@@ -316,6 +316,8 @@ class NetworkAgent:
                  p_import_max: float, p_export_max: float, solver_opts: dict | None = None):
         import cvxpy as cp
 
+        from common.centralized import branch_flow_model
+
         self.grid = grid
         self.peer_buses = np.asarray(peer_buses, dtype=int).reshape(-1)
         self.tan_phi = np.asarray(peer_is_load_tanphi, dtype=float).reshape(-1)
@@ -341,28 +343,9 @@ class NetworkAgent:
         p_bus = (M @ Z + root @ cp.reshape(imp - exp_, (1, H), order="F")) / base
         q_bus = (Mq @ Z + root @ cp.reshape(qroot, (1, H), order="F")) / base
 
-        Pf, Qf = cp.Variable((B, H), name="P"), cp.Variable((B, H), name="Q")
-        L, V = cp.Variable((B, H), nonneg=True, name="l"), cp.Variable((nb, H), name="v")
-        Cf = sp.csr_matrix((np.ones(B), (grid.from_bus, np.arange(B))), shape=(nb, B))
-        Ct = sp.csr_matrix((np.ones(B), (grid.to_bus, np.arange(B))), shape=(nb, B))
-        r, x = grid.r_pu[:, None], grid.x_pu[:, None]
-        balance_p = Ct @ (Pf - cp.multiply(r, L)) + p_bus == Cf @ Pf
-        balance_q = Ct @ (Qf - cp.multiply(x, L)) + q_bus == Cf @ Qf
-        Vf = Cf.T @ V
-        cons = [
-            imp >= 0, imp <= p_import_max, exp_ >= 0, exp_ <= p_export_max,
-            balance_p, balance_q,
-            Ct.T @ V == Vf - 2 * (cp.multiply(r, Pf) + cp.multiply(x, Qf)) + cp.multiply(r**2 + x**2, L),
-            V[grid.root, :] == 1.0,
-            V >= grid.vm_min_pu**2, V <= grid.vm_max_pu**2,
-            cp.SOC(cp.vec(Vf + L, order="F"),
-                   cp.vstack([cp.vec(2 * Pf, order="F"), cp.vec(2 * Qf, order="F"), cp.vec(Vf - L, order="F")]), axis=0),
-        ]
-        rated = np.flatnonzero(np.isfinite(grid.s_max_pu))
-        if len(rated):
-            s = grid.s_max_pu[rated]
-            cons.append(cp.SOC(cp.vec(np.repeat(s[:, None], H, axis=1), order="F"),
-                               cp.vstack([cp.vec(Pf[rated, :], order="F"), cp.vec(Qf[rated, :], order="F")]), axis=0))
+        bfm = branch_flow_model(grid, p_bus, q_bus, H)
+        Pf, Qf, L, V, balance_p, balance_q = bfm.p, bfm.q, bfm.l, bfm.v, bfm.balance_p, bfm.balance_q
+        cons = [imp >= 0, imp <= p_import_max, exp_ >= 0, exp_ <= p_export_max, *bfm.constraints]
         network_cost = self.import_price @ imp - self.export_price @ exp_
         self.problem = cp.Problem(cp.Minimize(network_cost + cp.sum_squares(self._c * Z - self._w)), cons)
         self._vars = dict(Z=Z, imp=imp, exp=exp_, qroot=qroot, Pf=Pf, Qf=Qf, L=L, V=V)

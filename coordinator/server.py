@@ -171,55 +171,27 @@ class CoordinatorServer:
 
     # -- ADMM ------------------------------------------------------------------------------
     def clear_market(self) -> P2PRounds:
-        m = self.scenario.market
-        rounds = P2PRounds(self.graph, self.hosts, m.hours, self._settings())
-        answer = MsgType.UPDATE if self.topology == "relay" else MsgType.RESIDUALS
-        handler = rounds.on_update if self.topology == "relay" else rounds.on_residuals
-        parse = Update.from_envelope if self.topology == "relay" else Residuals.from_envelope
-        t_start = time.perf_counter()
-        last_emit = 0.0
-        sends = rounds.start()
-        while True:
-            for host, msg in sends:
-                self.transport.send(self.router, msg.envelope(run_id=self.run_id, sender="coordinator",
-                                                              iteration=rounds.iteration), to=host)
-            if rounds.finished:
-                break
-            k = rounds.iteration
+        """ADMM among the peer processes (full P2P market)."""
+        rounds = P2PRounds(self.graph, self.hosts, self.scenario.market.hours, self._settings())
+        if self.topology == "relay":
+            handlers = {MsgType.UPDATE: lambda ident, env: rounds.on_update(ident.decode(), Update.from_envelope(env))}
+        else:
+            handlers = {MsgType.RESIDUALS: lambda ident, env: rounds.on_residuals(ident.decode(), Residuals.from_envelope(env))}
+        return self._drive(rounds, handlers)
 
-            def check(env: Envelope, k=k) -> None:
-                if env.type == MsgType.HELLO:
-                    return
-                if env.type != answer:
-                    raise ProtocolError("type", f"unexpected {env.type}")
-                if env.iteration != k:
-                    raise ProtocolError("stale", f"iteration {env.iteration} while at {k}")
+    def clear_community(self) -> CommunityRounds:
+        """ADMM between the peer processes and the DSO's network agent (community market)."""
+        self._service("dso")
+        rounds = CommunityRounds(self.roster_ids, self.hosts, self.scenario.market.hours, self._settings())
 
-            sends = []
-            while not sends and not rounds.finished:
-                try:
-                    ident, env = self._recv(self.timeout_s, f"answers to iteration {k}", (answer,))
-                except TimeoutError:
-                    silent = sorted(rounds.pending())
-                    who = "; ".join(f"{h} (peer {', '.join(self.hosts[h])})" for h in silent[:5])
-                    raise RunFailure(f"iteration {k}: no answer within {self.timeout_s:g} s from {who}") from None
-                if env.iteration != k:
-                    self.transport.rejected["stale"] += 1
-                    continue
-                try:
-                    sends = handler(ident.decode(), parse(env))
-                except (ValueError, KeyError) as exc:
-                    self.transport.rejected["body"] += 1
-                    log(f"rejected an answer from {ident.decode()}: {exc}")
-            now = time.perf_counter()
-            if now - last_emit > 0.25 or rounds.finished:
-                last_emit = now
-                emit("iteration", iteration=rounds.iteration if rounds.finished else k,
-                     primal=rounds.primal_residual, dual=rounds.dual_residual, rho=rounds.rho)
-        self.timing["admm_s"] = time.perf_counter() - t_start
-        if rounds.statuses:
-            raise RunFailure("local solve failed at " + ", ".join(f"peer {p}: {s}" for p, s in rounds.statuses.items()))
-        return rounds
+        def on_network(ident, env):
+            if ident != b"dso":
+                raise ValueError(f"a network result from {ident.decode()}")
+            return rounds.on_network(NetworkResult.from_envelope(env))
+
+        handlers = {MsgType.UPDATE: lambda ident, env: rounds.on_update(ident.decode(), Update.from_envelope(env)),
+                    MsgType.NETWORK_RESULT: on_network}
+        return self._drive(rounds, handlers)
 
     def _settings(self) -> RoundSettings:
         m = self.scenario.market
@@ -227,10 +199,10 @@ class CoordinatorServer:
                              residual_balancing=m.residual_balancing, mu=m.rb_mu, tau=m.rb_tau, every=m.rb_every,
                              until=m.rb_until, topology=self.topology, price_init_eur_per_mwh=m.price_init_eur_per_mwh)
 
-    def clear_community(self) -> CommunityRounds:
-        """ADMM between the peer processes and the DSO's network agent."""
-        self._service("dso")
-        rounds = CommunityRounds(self.roster_ids, self.hosts, self.scenario.market.hours, self._settings())
+    def _drive(self, rounds, handlers: dict):
+        """The socket shell around a round state machine: send its instructions, feed it the
+        answers of the current iteration (anything else is rejected and counted), stop on a
+        deadline naming the silent roles."""
         t_start = time.perf_counter()
         last_emit = 0.0
         sends = rounds.start()
@@ -241,26 +213,19 @@ class CoordinatorServer:
             if rounds.finished:
                 break
             sends = []
+            k = rounds.iteration
             while not sends and not rounds.finished:
-                k = rounds.iteration
                 try:
-                    ident, env = self._recv(self.timeout_s, f"answers to iteration {k}",
-                                            (MsgType.UPDATE, MsgType.NETWORK_RESULT))
+                    ident, env = self._recv(self.timeout_s, f"answers to iteration {k}", tuple(handlers))
                 except TimeoutError:
-                    silent = sorted(rounds.pending())
                     who = "; ".join("the dso service (network agent)" if h == "dso" else f"{h} (peer {', '.join(self.hosts[h])})"
-                                    for h in silent[:5])
+                                    for h in sorted(rounds.pending())[:5])
                     raise RunFailure(f"iteration {k}: no answer within {self.timeout_s:g} s from {who}") from None
                 if env.iteration != k:
                     self.transport.rejected["stale"] += 1
                     continue
                 try:
-                    if env.type == MsgType.NETWORK_RESULT and ident == b"dso":
-                        sends = rounds.on_network(NetworkResult.from_envelope(env))
-                    elif env.type == MsgType.UPDATE:
-                        sends = rounds.on_update(ident.decode(), Update.from_envelope(env))
-                    else:
-                        self.transport.rejected["type"] += 1
+                    sends = handlers[env.type](ident, env)
                 except (ValueError, KeyError) as exc:
                     self.transport.rejected["body"] += 1
                     log(f"rejected an answer from {ident.decode()}: {exc}")
