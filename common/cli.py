@@ -264,7 +264,7 @@ def bench(
         f"(all peers' CPU {s['local_solve_cpu_ms_per_iteration']:.3f} ms)",
         *([f"    network agent (DSO, SOCP)            {s['network_agent_ms_per_iteration']:8.3f} ms"] if community else []),
         f"    coordinator (residuals, rho)         {s['coordinator_ms_per_iteration']:8.3f} ms",
-        f"    messaging and waiting                {s['messaging_ms_per_iteration']:8.3f} ms",
+        f"    messages, price updates and waiting  {s['messaging_ms_per_iteration']:8.3f} ms",
         f"  AC validation (DSO service)            {s['dso_s']:8.2f} s",
         f"  messages {s['messages']:,} ({s['messages'] / it:.1f} per iteration), bytes {s['bytes']:,} "
         f"({s['bytes'] / it / 1024:.1f} KiB per iteration)",
