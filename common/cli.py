@@ -104,6 +104,12 @@ def run(
     overrides = dict(model=model.value if model else None, rho=rho, tolerance=tolerance,
                      max_iterations=max_iterations, residual_balancing=residual_balancing)
     sc = _load(scenario, **overrides)
+    if sc.market.model != "benchmark":
+        _fail(f"market.model: {sc.market.model!r} (the TSO/DSO outer loop) is not available yet; use 'benchmark'",
+              EXIT_BAD_INPUT)
+    if sc.market.kind == "community" and topology is Topology.mesh and solver is Solver.admm:
+        _fail("--topology mesh: the community market runs in the relay topology (the network agent couples every peer)",
+              EXIT_BAD_INPUT)
     out = out or Path("results") / f"{sc.name}-{solver.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     from common.report import format_summary, write_results
 
@@ -130,7 +136,9 @@ def run(
     typer.echo(format_summary(summary))
     typer.echo(f"results: {out}")
     if not summary.get("converged", False):
-        raise typer.Exit(EXIT_FAILED)
+        _fail(f"ADMM did not converge within {summary.get('iterations')} iterations (primal residual "
+              f"{summary.get('primal_residual'):.3g} MW, dual {summary.get('dual_residual'):.3g} EUR/MWh, tolerance "
+              f"{sc.market.tolerance:g}); the results of the last iterate are in {out}", EXIT_FAILED)
 
 
 @app.command()
@@ -237,6 +245,8 @@ def bench(
 
     overrides = dict(rho=rho, tolerance=tolerance, max_iterations=max_iterations, residual_balancing=residual_balancing)
     sc = _load(scenario, **overrides)
+    if sc.market.model != "benchmark":
+        _fail(f"market.model: {sc.market.model!r} is not available yet; use 'benchmark'", EXIT_BAD_INPUT)
     community = sc.market.kind == "community"
     out = out or Path(tempfile.mkdtemp(prefix="p2pm-bench-"))
     t = time.perf_counter()

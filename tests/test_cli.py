@@ -225,3 +225,9 @@ def test_run_centralized_tables(centralized_run):
     lines = pd.read_csv(out / "lines.csv")
     assert {"line", "hour", "loading_percent"} <= set(lines.columns)
     assert len(lines) > 0
+
+
+def test_outer_loop_models_are_refused_until_available():
+    result = CliRunner().invoke(app, ["run", "mv37", "--model", "cong", "--solver", "centralized"])
+    assert result.exit_code == 2
+    assert "not available yet" in result.output and "Traceback" not in result.output
