@@ -199,7 +199,7 @@ def solve_community(models: list, grid: GridModel, import_price_eur_per_mwh: np.
     and export are the root exchange) and EVModel entries.
     """
     H = len(import_price_eur_per_mwh)
-    N, B, nb = len(models), len(grid.from_bus), grid.n_bus
+    B, nb = len(grid.from_bus), grid.n_bus
     base = grid.base_mva
 
     p_cols, q_cols, cons, cost, soc_exprs = [], [], [], 0, {}

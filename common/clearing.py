@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from common.market import TradeGraph
-from common.models import EVModel, HourlyPeer, peer_models, reactive_mvar
+from common.models import peer_models, reactive_mvar
 from common.results import RunResult
 
 TRADE_EPS_MW = 1e-6

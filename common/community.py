@@ -331,7 +331,7 @@ class NetworkAgent:
         if np.any((self.peer_buses < 0) | (self.peer_buses >= grid.n_bus)):
             raise ValueError("a peer sits at an unknown bus")
         self.n_peers, self.hours = N, H
-        B, nb, base = grid.n_branch, grid.n_bus, grid.base_mva
+        nb, base = grid.n_bus, grid.base_mva
 
         self._c = cp.Parameter(nonneg=True, name="sqrt_half_rho", value=1.0)
         self._w = cp.Parameter((N, H), name="sqrt_half_rho_v", value=np.zeros((N, H)))

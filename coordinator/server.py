@@ -347,7 +347,6 @@ class CoordinatorServer:
         from common.clearing import community_result
 
         sc = self.scenario
-        H = sc.market.hours
         roster = {p.id: p for p in sc.peers}
         grid_peer = next(p for p in sc.peers if p.kind == "grid")
         net = rounds.network.arrays

@@ -16,7 +16,6 @@ import numpy as np
 import zmq
 
 from common.admm import LocalP2P
-from common.codec import check_iteration
 from common.models import EVModel, HourlyPeer, peer_model_from_dict, peer_models, reactive_mvar
 from common.protocol import ANY_RUN, Envelope, MsgType, ProtocolError
 from common.protocol.control import Hello, Ready
@@ -54,6 +53,7 @@ class PeerHost:
         self.rho_prev: dict[str, float] = {}
         self.mesh_out = {}  # partner peer id -> dealer socket
         self.early_trades: list[Trades] = []
+        self.p_last: dict[str, np.ndarray] = {}  # community market: the last injection of each hosted peer
 
     # -- setup ----------------------------------------------------------------------------
     def register(self) -> None:
@@ -131,7 +131,7 @@ class PeerHost:
             self.send_result(k)
             return False
         self.iteration = k
-        records, dual = {}, {}
+        records = {}
         for pid, loc in self.locals.items():
             t = time.perf_counter()
             x, dx = loc.step(msg.rho)
@@ -176,7 +176,6 @@ class PeerHost:
             return False
         self.iteration = k
         records = {}
-        self.p_last = getattr(self, "p_last", {})
         for pid, solver in self.solvers.items():
             t = time.perf_counter()
             status = "ok"
