@@ -38,18 +38,24 @@ class TradeGraph:
 
 def trade_graph(peers: list[HourlyPeer]) -> TradeGraph:
     """Full P2P trading graph: producers <-> consumers, ordered by owner then partner."""
+    return trade_graph_from_roster([p.id for p in peers], [p.is_producer for p in peers])
+
+
+def trade_graph_from_roster(ids: list[str], producer: list[bool]) -> TradeGraph:
+    """The same graph from public facts only (ids and whether each peer sells): what the
+    coordinator knows."""
     owner, partner, sign = [], [], []
-    for n, pn in enumerate(peers):
-        for m, pm in enumerate(peers):
-            if n != m and pn.is_producer != pm.is_producer:
+    for n in range(len(ids)):
+        for m in range(len(ids)):
+            if n != m and producer[n] != producer[m]:
                 owner.append(n)
                 partner.append(m)
-                sign.append(1.0 if pn.is_producer else -1.0)
+                sign.append(1.0 if producer[n] else -1.0)
     owner = np.array(owner, dtype=np.int64)
     partner = np.array(partner, dtype=np.int64)
     lookup = {(n, m): k for k, (n, m) in enumerate(zip(owner, partner))}
     reverse = np.array([lookup[(m, n)] for n, m in zip(owner, partner)], dtype=np.int64)
-    return TradeGraph(tuple(p.id for p in peers), owner, partner, reverse, np.array(sign))
+    return TradeGraph(tuple(ids), owner, partner, reverse, np.array(sign))
 
 
 def peer_arrays(peers: list[HourlyPeer]):

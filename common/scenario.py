@@ -258,12 +258,9 @@ class Scenario(_Strict):
         raise KeyError(peer_id)
 
 
-class _FieldError(ValueError):
-    pass
-
-
 def _field_error(field: str, reason: str) -> ValueError:
-    return _FieldError(f"{field}: {reason}")
+    """A cross-field check's error (pydantic reports it as a model-level ValueError)."""
+    return ValueError(f"{field}: {reason}")
 
 
 def check_ev_feasible(ev: EVPeer, where: str) -> None:
@@ -340,8 +337,6 @@ def parse_scenario(raw: dict, source: str = "scenario") -> Scenario:
         scenario = Scenario.model_validate(raw)
     except ValidationError as err:
         raise ScenarioError(f"{source}: {_format_validation_error(err)}") from None
-    except _FieldError as err:
-        raise ScenarioError(f"{source}: {err}") from None
     nbus = network_bus_count(scenario.network)
     for i, peer in enumerate(scenario.peers):
         if peer.bus >= nbus:

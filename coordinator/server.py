@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.market import TradeGraph
+from common.market import TradeGraph, trade_graph_from_roster
 from common.protocol import Envelope, MsgType, ProtocolError
 from common.protocol.control import Hello, Shutdown, Welcome
 from common.protocol.frequency import FreqQuery, FreqRequest
@@ -41,19 +41,7 @@ def roster_graph(scenario) -> TradeGraph:
     """The trading graph from the roster only (kinds decide producer / consumer)."""
     from common.models import PRODUCER_KINDS
 
-    ids = [p.id for p in scenario.peers]
-    producer = [p.kind in PRODUCER_KINDS for p in scenario.peers]
-    owner, partner, sign = [], [], []
-    for n in range(len(ids)):
-        for m in range(len(ids)):
-            if n != m and producer[n] != producer[m]:
-                owner.append(n)
-                partner.append(m)
-                sign.append(1.0 if producer[n] else -1.0)
-    owner, partner = np.array(owner, dtype=np.int64), np.array(partner, dtype=np.int64)
-    lookup = {(n, m): k for k, (n, m) in enumerate(zip(owner, partner))}
-    reverse = np.array([lookup[(m, n)] for n, m in zip(owner, partner)], dtype=np.int64)
-    return TradeGraph(tuple(ids), owner, partner, reverse, np.array(sign))
+    return trade_graph_from_roster([p.id for p in scenario.peers], [p.kind in PRODUCER_KINDS for p in scenario.peers])
 
 
 class CoordinatorServer:
