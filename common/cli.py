@@ -194,32 +194,33 @@ def peer(
     raise typer.Exit(peer_main(models, coordinator, host_id, timeout_s, bind_host, advertise_host))
 
 
-@app.command()
-def dso(
-    scenario: Annotated[str, typer.Option(help="Scenario (name or file): the network and its limits.")],
-    coordinator: Annotated[str, typer.Option(help="Coordinator address.")],
-    timeout_s: Annotated[float, typer.Option(min=0.1)] = 30.0,
-    idle_timeout_s: Annotated[float, typer.Option(help="Longest wait for the next request.", min=1.0)] = 3600.0,
-):
-    """Start the DSO service: AC power-flow validation of every dispatch."""
-    from dso_service.service import serve
+ServiceScenario = Annotated[str, typer.Option(help="Scenario (name or file): the network, its limits and the requests.")]
+CoordinatorAddr = Annotated[str, typer.Option(help="Coordinator address.")]
+ServiceTimeout = Annotated[float, typer.Option(min=0.1)]
+IdleTimeout = Annotated[float, typer.Option(help="Longest wait for the next request.", min=1.0)]
 
-    _load(scenario)
+
+def _serve(role: str, scenario: str, coordinator: str, timeout_s: float, idle_timeout_s: float):
+    from importlib import import_module
+
+    _load(scenario)  # a bad scenario: exit 2 before connecting
+    serve = import_module(f"{role}_service.service").serve
     raise typer.Exit(serve(str(resolve_path(scenario)), coordinator, timeout_s, idle_timeout_s))
 
 
 @app.command()
-def tso(
-    scenario: Annotated[str, typer.Option(help="Scenario (name or file): the regulation request.")],
-    coordinator: Annotated[str, typer.Option(help="Coordinator address.")],
-    timeout_s: Annotated[float, typer.Option(min=0.1)] = 30.0,
-    idle_timeout_s: Annotated[float, typer.Option(help="Longest wait for the next request.", min=1.0)] = 3600.0,
-):
+def dso(scenario: ServiceScenario, coordinator: CoordinatorAddr, timeout_s: ServiceTimeout = 30.0,
+        idle_timeout_s: IdleTimeout = 3600.0):
+    """Start the DSO service: AC power-flow validation of every dispatch (and the network agent of
+    the community market)."""
+    _serve("dso", scenario, coordinator, timeout_s, idle_timeout_s)
+
+
+@app.command()
+def tso(scenario: ServiceScenario, coordinator: CoordinatorAddr, timeout_s: ServiceTimeout = 30.0,
+        idle_timeout_s: IdleTimeout = 3600.0):
     """Start the TSO service: frequency-regulation requests (virtual load per hour)."""
-    from tso_service.service import serve
-
-    _load(scenario)
-    raise typer.Exit(serve(str(resolve_path(scenario)), coordinator, timeout_s, idle_timeout_s))
+    _serve("tso", scenario, coordinator, timeout_s, idle_timeout_s)
 
 
 @app.command()

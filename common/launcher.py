@@ -32,7 +32,9 @@ class LaunchError(RuntimeError):
     pass
 
 
-def _die_with_parent() -> None:  # runs in the child before exec
+def die_with_parent() -> None:
+    """Ask the kernel to end this process when its parent dies (run in a child before exec or
+    right after fork), so that a launcher killed outright leaves no role behind."""
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
@@ -148,7 +150,7 @@ def _spawn(role: str, args: list[str], log: Path, stdout=None, stdin=subprocess.
     logf = open(log, "ab")
     try:
         return subprocess.Popen([sys.executable, "-m", role, *args], stdout=stdout or logf, stderr=logf,
-                                stdin=stdin, start_new_session=True, preexec_fn=_die_with_parent)
+                                stdin=stdin, start_new_session=True, preexec_fn=die_with_parent)
     finally:
         logf.close()
 

@@ -124,6 +124,7 @@ class Transport:
         if latency_s < 0 or not 0.0 <= drop_prob <= 1.0 or send_timeout_s <= 0:
             raise ValueError("latency_s >= 0, 0 <= drop_prob <= 1 and send_timeout_s > 0 are required")
         self.run_id = run_id
+        self._pollers: dict[tuple[int, ...], zmq.Poller] = {}
         self.validate_outgoing = validate_outgoing  # False on the hot ADMM path: receivers validate
         self.max_bytes = int(max_bytes)
         self.send_timeout_s = float(send_timeout_s)
@@ -196,8 +197,20 @@ class Transport:
                 label = f"router {endpoint.decode(errors='replace')}"
         return label
 
+    def _poller(self, socks: Sequence[zmq.Socket]) -> zmq.Poller:
+        """One poller per set of sockets, kept: every receive on the ADMM path reuses it."""
+        key = tuple(id(s) for s in socks)
+        poller = self._pollers.get(key)
+        if poller is None:
+            poller = zmq.Poller()
+            for sock in socks:
+                poller.register(sock, zmq.POLLIN)
+            self._pollers[key] = poller
+        return poller
+
     def close_socket(self, sock: zmq.Socket) -> None:
         self._sockets.pop(sock, None)
+        self._pollers = {k: v for k, v in self._pollers.items() if id(sock) not in k}
         sock.close(linger=0)
 
     def close(self) -> None:
@@ -208,6 +221,7 @@ class Transport:
         for sock in list(self._sockets):
             sock.close(linger=0)
         self._sockets.clear()
+        self._pollers.clear()
         self.ctx.term()
 
     def __enter__(self) -> Transport:
@@ -281,9 +295,7 @@ class Transport:
         waiting_for: str | None = None,
     ) -> tuple[zmq.Socket, bytes | None, Envelope]:
         """Like :meth:`recv` on several sockets: ``(socket, identity or None, envelope)``."""
-        poller = zmq.Poller()
-        for sock in socks:
-            poller.register(sock, zmq.POLLIN)
+        poller = self._poller(socks)
         deadline = time.monotonic() + max(0.0, float(timeout_s))
         rejected_before = sum(self.rejected.values())
         while True:

@@ -64,6 +64,8 @@ class P2PRounds:
     def __post_init__(self):
         index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
         self.peer_trades = {pid: self.graph.partners_of(index[pid]) for pid in self.graph.peer_ids}
+        # where each peer's partners' trades towards it sit in the flat trade matrix (fixed per run)
+        self.peer_incoming = {pid: self.graph.reverse[k] for pid, k in self.peer_trades.items()}
         self.flat = np.zeros((self.graph.n_pairs, self.hours))
         st = self.settings
         self.policy = RhoPolicy(st.rho, st.residual_balancing, st.mu, st.tau, st.every, st.until)
@@ -88,7 +90,7 @@ class P2PRounds:
         peers = {}
         if self.settings.topology == "relay":
             for pid in self.hosts[host]:
-                peers[pid] = RoundPeer(p_in_mw=self.flat[self.graph.reverse[self.peer_trades[pid]]])
+                peers[pid] = RoundPeer(p_in_mw=self.flat[self.peer_incoming[pid]])
         return Round(rho=self.rho, stop=stop, peers=peers)
 
     def _next_round(self, stop: bool) -> list[tuple[str, Round]]:

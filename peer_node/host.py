@@ -86,6 +86,7 @@ class PeerHost:
             self.locals[pid] = LocalP2P(m.p_min_mw, m.p_max_mw, m.cost_a_eur_per_mw2h, m.cost_b_eur_per_mwh,
                                         1.0 if m.is_producer else -1.0, np.zeros((len(partners), hours)),
                                         lam=np.full((len(partners), hours), lam0))
+        self.partner_slot = {pid: {partner: j for j, partner in enumerate(self.partners[pid])} for pid in self.peer_ids}
         if self.topology == "mesh":
             addresses = cfg["addresses"]
             by_address = {}
@@ -194,7 +195,7 @@ class PeerHost:
     def collect_trades(self, k: int) -> dict[str, np.ndarray]:
         """Wait for every partner's trade of iteration k (trades of k+1 that arrive early are kept)."""
         incoming = {pid: np.full(loc.x.shape, np.nan) for pid, loc in self.locals.items()}
-        slot = {pid: {partner: j for j, partner in enumerate(self.partners[pid])} for pid in self.locals}
+        slot = self.partner_slot
         missing = {(pid, partner) for pid in self.locals for partner in self.partners[pid]}
 
         def take(tr: Trades) -> None:

@@ -11,7 +11,6 @@ Each child holds only its own peers' models (the zygote never loads a scenario).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -23,14 +22,8 @@ import clarabel  # noqa: F401
 import osqp  # noqa: F401
 
 import common.community  # noqa: F401
+from common.launcher import die_with_parent
 from peer_node.host import child_main
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _say(**event) -> None:
@@ -39,7 +32,7 @@ def _say(**event) -> None:
 
 
 def main() -> int:
-    _die_with_parent()
+    die_with_parent()
     children = 0
     for line in sys.stdin:
         if not line.strip():
@@ -47,7 +40,7 @@ def main() -> int:
         req = json.loads(line)
         pid = os.fork()
         if pid == 0:  # the peer process
-            _die_with_parent()
+            die_with_parent()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             try:
                 sys.stdin.close()

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
+
+from common.scenarios.writer import scenario_yaml
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "data"
@@ -239,17 +240,6 @@ def _k(kwh: float) -> float:
     return round(kwh / 1000.0, 6)
 
 
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-def _flow_list(dumper, data):
-    flow = all(isinstance(x, (int, float)) for x in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-_Dumper.add_representer(list, _flow_list)
-
 HEADER = """\
 # ieee33-ev -- the poster's community P2P market on the IEEE 33-bus network (Baran & Wu 1989,
 # pandapower case33bw, 12.66 kV, 3.715 MW / 2.3 Mvar), with PV, V2G EVs and MIBEL prices, 24 h.
@@ -271,7 +261,7 @@ HEADER = """\
 def main(argv: list[str] | None = None) -> int:
     scenario, facts = build()
     header = HEADER.format(omie_day=OMIE_DAY, tariff=GRID_TARIFF_EUR_PER_MWH, share=EXPORT_SHARE_OF_OMIE)
-    text = header + "\n" + yaml.dump(scenario, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
+    text = scenario_yaml(scenario, header)
     OUT.write_text(text)
     print(f"wrote {OUT.relative_to(HERE.parent.parent)}: {len(scenario['peers'])} peers "
           f"({sum(p['kind'] == 'ev' for p in scenario['peers'])} EVs, "

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
+
+from common.scenarios.writer import scenario_yaml
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "data"
@@ -340,17 +341,6 @@ def print_tables(r: dict) -> None:
     print(f"hour 17, bus 14 balance: ours {bal:.1f} kW / thesis 3148.8 kW")
 
 
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-def _flow_list(dumper, data):
-    flow = all(isinstance(x, (int, float)) for x in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-_Dumper.add_representer(list, _flow_list)
-
 HEADER = """\
 # mv37 -- the thesis's benchmark (sections 4.1-4.2) on its 37-bus 11 kV network (dso_service.networks.build_mv37):
 # full P2P market, 22 flexible loads, 3 CHP, 22 PV, 2 wind farms and the external supplier, 24 hours.
@@ -372,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     scenario, facts = build()
     header = HEADER.format(load_day=LOAD_DAY, pv_day=PV_COLUMN[:10])
-    text = header + "\n" + yaml.dump(scenario, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
+    text = scenario_yaml(scenario, header)
     OUT.write_text(text)
     kinds = [p["kind"] for p in scenario["peers"]]
     print(f"wrote {OUT.relative_to(HERE.parent.parent)}: {len(kinds)} peers "
