@@ -53,6 +53,17 @@ class LocalP2P:
         if self.lam is None:
             self.lam = np.zeros(shape)
 
+    def retune(self, p_min_mw, p_max_mw, cost_a, cost_b, weights=None) -> None:
+        """New bounds, cost or differentiation weights between two clearings (outer loop); the
+        ADMM state (trades, partners' trades, prices) is kept, so the next clearing is warm."""
+        self.p_min_mw, self.p_max_mw, self.cost_a, self.cost_b = p_min_mw, p_max_mw, cost_a, cost_b
+        if weights is not None:
+            self.weights = np.asarray(weights, dtype=float).reshape(self.x.shape)
+        H = self.x.shape[1]
+        sgn = 1.0 if self.sign > 0 else -1.0
+        a, b, lo, hi = (np.broadcast_to(np.asarray(v, dtype=float), (H,)).copy() for v in (cost_a, cost_b, p_min_mw, p_max_mw))
+        self._prod = (a, sgn * b, lo, hi) if sgn > 0 else (a, -b, -hi, -lo)
+
     def step(self, rho: float) -> tuple[np.ndarray, float]:
         """Local update; returns the new trades and the squared change (for the dual residual)."""
         beta = 0.5 * rho * (self.x - self.y) + self.lam - self.weights  # rho tau - w

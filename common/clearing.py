@@ -130,6 +130,10 @@ def run_centralized(scenario) -> RunResult:
     """Clear the scenario with the centralized reference and validate it with an AC power flow."""
     from common import centralized
 
+    if scenario.market.kind == "p2p" and scenario.market.model != "benchmark":
+        from common.outer_loop import run_centralized_outer
+
+        return run_centralized_outer(scenario)
     if scenario.market.kind == "p2p":
         peers = peer_models(scenario)
         sol = centralized.solve_p2p(peers)

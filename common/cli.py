@@ -104,9 +104,6 @@ def run(
     overrides = dict(model=model.value if model else None, rho=rho, tolerance=tolerance,
                      max_iterations=max_iterations, residual_balancing=residual_balancing)
     sc = _load(scenario, **overrides)
-    if sc.market.model != "benchmark":
-        _fail(f"market.model: {sc.market.model!r} (the TSO/DSO outer loop) is not available yet; use 'benchmark'",
-              EXIT_BAD_INPUT)
     if sc.market.kind == "community" and topology is Topology.mesh and solver is Solver.admm:
         _fail("--topology mesh: the community market runs in the relay topology (the network agent couples every peer)",
               EXIT_BAD_INPUT)
@@ -135,6 +132,9 @@ def run(
             _fail(str(exc), EXIT_FAILED)
     typer.echo(format_summary(summary))
     typer.echo(f"results: {out}")
+    if summary.get("outer_failure"):
+        _fail(f"outer loop ({sc.market.model}) ended without a feasible grid: {summary['outer_failure']}; "
+              f"the results of the last outer iteration are in {out}", EXIT_FAILED)
     if not summary.get("converged", False):
         _fail(f"ADMM did not converge within {summary.get('iterations')} iterations (primal residual "
               f"{summary.get('primal_residual'):.3g} MW, dual {summary.get('dual_residual'):.3g} EUR/MWh, tolerance "
@@ -247,7 +247,8 @@ def bench(
     overrides = dict(rho=rho, tolerance=tolerance, max_iterations=max_iterations, residual_balancing=residual_balancing)
     sc = _load(scenario, **overrides)
     if sc.market.model != "benchmark":
-        _fail(f"market.model: {sc.market.model!r} is not available yet; use 'benchmark'", EXIT_BAD_INPUT)
+        _fail(f"market.model: the benchmark compares one clearing with the centralized solve; {sc.market.model!r} runs "
+              "an outer loop: use 'p2pm run --model ...' (with --solver centralized for the reference)", EXIT_BAD_INPUT)
     community = sc.market.kind == "community"
     out = out or Path(tempfile.mkdtemp(prefix="p2pm-bench-"))
     t = time.perf_counter()

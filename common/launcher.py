@@ -324,6 +324,9 @@ class _Progress:
         elif ev.get("event") == "iteration":
             text = (f"ADMM iteration {ev['iteration']}: primal {ev['primal']:.3e} MW, dual {ev['dual']:.3e} EUR/MWh, "
                     f"rho {ev['rho']:.3g}")
+        elif ev.get("event") == "outer":
+            text = (f"outer iteration {ev['outer']} ({ev['step']}): {ev['iterations']} ADMM iterations, "
+                    f"{ev['violations']} violation(s) in the AC check")
         elif ev.get("event") == "done":
             text = "market cleared; AC validation done, results written"
         else:

@@ -8,12 +8,12 @@ EVs are the only peers whose hours are coupled (state of charge); they get their
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 PRODUCER_KINDS = ("pv", "wind", "chp", "grid")
-CONSUMER_KINDS = ("load",)
+CONSUMER_KINDS = ("load", "virtual_load")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class HourlyPeer:
     p_max_mw: np.ndarray
     cost_a_eur_per_mw2h: np.ndarray
     cost_b_eur_per_mwh: np.ndarray
-    tan_phi: float
+    tan_phi: float | np.ndarray  # a float, or one value per hour once the DSO changed it
 
     @property
     def is_producer(self) -> bool:
@@ -109,6 +109,9 @@ def hourly_peer(scenario, peer) -> HourlyPeer:
     if kind == "chp":
         return HourlyPeer(peer.id, kind, peer.bus, np.full(H, peer.p_min_mw), np.full(H, peer.p_max_mw),
                           np.full(H, peer.cost_a_eur_per_mw2h), np.full(H, peer.cost_b_eur_per_mwh), peer.tan_phi)
+    if kind == "virtual_load":  # fixed demand, set by the TSO's request (apply_parameters)
+        zero = np.zeros(H)
+        return HourlyPeer(peer.id, kind, peer.bus, zero, zero.copy(), zero.copy(), zero.copy(), 0.0)
     if kind == "grid":
         price = scenario.hourly(peer, "import_price_eur_per_mwh")
         return HourlyPeer(peer.id, kind, peer.bus, np.zeros(H), np.full(H, peer.p_import_max_mw),
@@ -137,7 +140,7 @@ def peer_models(scenario) -> list:
 def hourly_peer_to_dict(peer: HourlyPeer) -> dict:
     """A peer's private model as plain data (what a peer process is given, and nothing else)."""
     return {
-        "id": peer.id, "kind": peer.kind, "bus": int(peer.bus), "tan_phi": float(peer.tan_phi),
+        "id": peer.id, "kind": peer.kind, "bus": int(peer.bus), "tan_phi": np.asarray(peer.tan_phi, dtype=float).tolist(),
         "p_min_mw": peer.p_min_mw.tolist(), "p_max_mw": peer.p_max_mw.tolist(),
         "cost_a_eur_per_mw2h": peer.cost_a_eur_per_mw2h.tolist(), "cost_b_eur_per_mwh": peer.cost_b_eur_per_mwh.tolist(),
     }
@@ -150,7 +153,9 @@ def hourly_peer_from_dict(data: dict) -> HourlyPeer:
         raise ValueError(f"peer model {data.get('id')!r}: hourly arrays must have one finite value per hour")
     if np.any(arrays["p_min_mw"] > arrays["p_max_mw"] + 1e-12):
         raise ValueError(f"peer model {data.get('id')!r}: p_min_mw exceeds p_max_mw")
-    return HourlyPeer(str(data["id"]), str(data["kind"]), int(data["bus"]), tan_phi=float(data["tan_phi"]), **arrays)
+    tan_phi = data["tan_phi"]
+    tan_phi = float(tan_phi) if np.ndim(tan_phi) == 0 else np.asarray(tan_phi, dtype=float)
+    return HourlyPeer(str(data["id"]), str(data["kind"]), int(data["bus"]), tan_phi=tan_phi, **arrays)
 
 
 _EV_FIELDS = ("capacity_mwh", "soc_initial_mwh", "soc_min_mwh", "soc_departure_mwh", "soc_final_mwh", "trip_energy_mwh",
@@ -176,3 +181,76 @@ def peer_model_from_dict(data: dict):
     arrival, departure, hours = int(data["arrival_hour"]), int(data["departure_hour"]), int(data["hours"])
     return EVModel(id=str(data["id"]), bus=int(data["bus"]), arrival_hour=arrival, departure_hour=departure,
                    plugged=ev_plugged_mask(arrival, departure, hours), **values)
+
+
+# ----------------------------------------------------------------------------------------------
+# The DSO's and TSO's parameters (outer loop, thesis 3.2-3.4)
+# ----------------------------------------------------------------------------------------------
+
+# names of the parameters a PENALTY message may set (common.protocol.market)
+PARAMETERS = ("diff_eur_per_mwh", "tan_phi", "flex_down_fraction", "flex_up_fraction", "res_cap_fraction", "virtual_load_mw",
+              "beta_eur_per_mwh")
+
+
+def load_baseline_mw(base: HourlyPeer) -> tuple[np.ndarray, np.ndarray]:
+    """(baseline consumption, flexibility fraction) of a load from its benchmark bounds."""
+    d_min, d_max = -base.p_max_mw, -base.p_min_mw
+    baseline = 0.5 * (d_min + d_max)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        flex = np.where(baseline > 0, (d_max - d_min) / np.where(baseline > 0, 2 * baseline, 1.0), 0.0)
+    return baseline, flex
+
+
+def apply_parameters(base: HourlyPeer, params: dict) -> HourlyPeer:
+    """A peer's market model under the DSO's and TSO's current parameters (pure).
+
+    - ``flex_down_fraction``, ``flex_up_fraction`` (H,), loads: consumption between (1 - f_down) and
+      (1 + f_up) times the baseline, the utility line re-drawn through the same prices at the new
+      ends (thesis 3.6c: extra flexibility; directed, so that a step always moves consumption the
+      way the grid needs: down for low voltage and import congestion, up for the opposite);
+    - ``res_cap_fraction`` (H,), PV and wind: at most this fraction of the forecast (RES downward
+      flexibility ordered by the DSO, P2P_Full);
+    - ``virtual_load_mw`` (H,), the virtual load: its fixed demand (TSO request);
+    - ``tan_phi`` (H,): reactive power ratio q/p per hour (reactive-power control).
+    Differentiation weights (``diff_eur_per_mwh``) act on the trades, not on this model.
+    """
+    changes = {}
+    H = len(base.p_min_mw)
+    if base.kind == "load" and ("flex_down_fraction" in params or "flex_up_fraction" in params):
+        baseline, f0 = load_baseline_mw(base)
+        fd = np.maximum(np.broadcast_to(np.asarray(params.get("flex_down_fraction", f0), float), (H,)), f0)
+        fu = np.maximum(np.broadcast_to(np.asarray(params.get("flex_up_fraction", f0), float), (H,)), f0)
+        d_min0, d_max0 = -base.p_max_mw, -base.p_min_mw
+        price_at_min = base.cost_b_eur_per_mwh - base.cost_a_eur_per_mw2h * d_min0
+        price_at_max = base.cost_b_eur_per_mwh - base.cost_a_eur_per_mw2h * d_max0
+        d_min, d_max = baseline * (1 - np.minimum(fd, 1.0)), baseline * (1 + fu)
+        a, b = load_utility_coefficients(d_min, d_max, price_at_min, price_at_max)
+        keep = (d_max0 - d_min0) <= 1e-12  # a load without flexibility keeps its own (linear) utility
+        changes.update(p_min_mw=np.where(keep, base.p_min_mw, -d_max), p_max_mw=np.where(keep, base.p_max_mw, -d_min),
+                       cost_a_eur_per_mw2h=np.where(keep, base.cost_a_eur_per_mw2h, a),
+                       cost_b_eur_per_mwh=np.where(keep, base.cost_b_eur_per_mwh, b))
+    if "res_cap_fraction" in params and base.kind in ("pv", "wind"):
+        c = np.clip(np.broadcast_to(np.asarray(params["res_cap_fraction"], float), (H,)), 0.0, 1.0)
+        changes["p_max_mw"] = base.p_max_mw * c
+    if "virtual_load_mw" in params and base.kind == "virtual_load":
+        v = np.broadcast_to(np.asarray(params["virtual_load_mw"], float), (H,))
+        changes.update(p_min_mw=-v.copy(), p_max_mw=-v.copy())
+    if "tan_phi" in params:
+        changes["tan_phi"] = np.broadcast_to(np.asarray(params["tan_phi"], float), (H,)).copy()
+    return replace(base, **changes) if changes else base
+
+
+def flex_penalty_eur(base: HourlyPeer, params: dict) -> np.ndarray:
+    """beta times the extra flexibility offered beyond the benchmark's, per hour [EUR]: a load's
+    widened range (f - f0) * baseline, a RES unit's ordered cut (1 - cap) * forecast."""
+    H = len(base.p_min_mw)
+    beta = float(np.asarray(params.get("beta_eur_per_mwh", 0.0)).reshape(-1)[0]) if "beta_eur_per_mwh" in params else 0.0
+    extra = np.zeros(H)
+    if base.kind == "load":
+        baseline, f0 = load_baseline_mw(base)
+        for name in ("flex_down_fraction", "flex_up_fraction"):
+            if name in params:
+                extra = extra + np.maximum(np.asarray(params[name], float) - f0, 0.0) * baseline
+    if "res_cap_fraction" in params and base.kind in ("pv", "wind"):
+        extra = (1.0 - np.clip(np.asarray(params["res_cap_fraction"], float), 0.0, 1.0)) * base.p_max_mw
+    return beta * extra

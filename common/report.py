@@ -780,6 +780,42 @@ def _fig_messages(result: RunResult):
     return fig
 
 
+def _fig_outer(result: RunResult, limits: dict):
+    """Max loading and min/max voltage per hour at the first AC check (before the outer loop) and
+    the last one (after): the thesis's before/after figures (e.g. 4.12-4.13, 4.16-4.17)."""
+    h = result.outer_hours
+    if not _has_rows(h):
+        return None
+    fig, (ax1, ax2) = _new_figure(7.5, nrows=2)
+    hours = h["hour"].to_numpy()
+    for col, style, label in (("max_line_loading", "o", "lines"), ("max_trafo_loading", "s", "transformer")):
+        before, after = h[f"{col}_before_pct"].to_numpy(float), h[f"{col}_after_pct"].to_numpy(float)
+        if np.isfinite(before).any():
+            ax1.plot(hours, before, f"{style}--", color="#9e9e9e", markersize=4, label=f"{label}, before")
+            ax1.plot(hours, after, f"{style}-", color="#ff7f0e" if label == "lines" else "#7f3c8d", markersize=4,
+                     label=f"{label}, after")
+    ax1.axhline(limits["max_loading_percent"], color="black", linestyle="--", linewidth=1.2, label="limit")
+    ax1.set_ylabel("max loading [%]")
+    ax1.set_title("Maximum loading and voltage range per hour, before and after the outer loop")
+    ax1.grid(alpha=0.3)
+    _legend(ax1, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    for col, color in (("vmin", "#1f77b4"), ("vmax", "#d62728")):
+        ax2.plot(hours, h[f"{col}_before_pu"].to_numpy(float), "--", color=color, alpha=0.5, label=f"{col[1:]}, before")
+        ax2.plot(hours, h[f"{col}_after_pu"].to_numpy(float), "-", color=color, marker=".", label=f"{col[1:]}, after")
+    ax2.axhline(limits["vm_min_pu"], color="black", linestyle=":", linewidth=1)
+    ax2.axhline(limits["vm_max_pu"], color="black", linestyle=":", linewidth=1, label="limits")
+    ax2.set_ylabel("voltage [pu]")
+    ax2.grid(alpha=0.3)
+    _hour_axis(ax2, hours)
+    _legend(ax2, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return fig
+
+
+OUTER_HTML_COLUMNS = ["hour", "violations_before", "violations_after", "losses_pct_before", "losses_pct_after",
+                      "social_welfare_before_eur", "social_welfare_after_eur", "load_flex_down_pct", "load_flex_up_pct",
+                      "res_cap_pct", "tan_phi_changes", "differentiation_iterations", "virtual_load_mw"]
+
+
 def render_figures(result: RunResult, fig_dir: Path, scenario=None) -> list[dict]:
     """Draw every figure that has data, save each as PNG in ``fig_dir``.
 
@@ -800,6 +836,7 @@ def render_figures(result: RunResult, fig_dir: Path, scenario=None) -> list[dict
         ("ev_soc", "EV state of charge", lambda: _fig_ev_soc(result)),
         ("voltage", "Voltage per hour", lambda: _fig_voltage(result, limits)),
         ("loading", "Branch loading per hour", lambda: _fig_loading(result, limits)),
+        ("outer_before_after", "Outer loop: grid before and after", lambda: _fig_outer(result, limits)),
         ("admm_residuals", "ADMM residuals per iteration", lambda: _fig_admm(result, limits)),
         ("messages", "Messages and bytes per iteration", lambda: _fig_messages(result)),
     ]
@@ -949,6 +986,18 @@ def _html(result: RunResult, summary: dict, figures: list[dict], scenario, files
         out.append(f'<figure id="{f["name"]}"><img alt="{html.escape(f["title"])}" src="data:image/png;base64,{data}">'
                    f'<figcaption>{html.escape(f["title"])} (figures/{f["name"]}.png)</figcaption></figure>')
 
+    if _has_rows(result.outer_hours):
+        h = result.outer_hours
+        acted = h[(h["violations_before"] > 0) | (h["violations_after"] > 0) | (h.get("virtual_load_mw", 0) > 0)]
+        out.append(f"<h2>Outer loop ({s['outer_iterations']} outer iterations, "
+                   f"{html.escape(str(s.get('outer_status', '')))})</h2>")
+        if s.get("outer_failure"):
+            out.append(f'<p class="bad">{html.escape(str(s["outer_failure"]))}</p>')
+        out.append("<p>Hours with a violation before or after, or a TSO request (outer_hours.csv has every hour):</p>")
+        out.append(_df_table(acted[[c for c in OUTER_HTML_COLUMNS if c in acted.columns]], limit=24))
+    if _has_rows(result.outer_history):
+        out.append("<h2>Outer iterations</h2>")
+        out.append(_df_table(result.outer_history, limit=80))
     if result.ac is not None and _has_rows(result.ac.violations):
         out.append(f"<h2>Violations after the last AC check ({len(result.ac.violations)})</h2>")
         out.append(_df_table(_ordered(result.ac.violations, "violations")))
@@ -997,6 +1046,9 @@ def write_results(result: RunResult, out_dir: Path, scenario=None) -> Path:
     table(result.payments, "payments")
     table(result.relaxation, "relaxation")
     table(result.grid_exchange, "grid_exchange")
+    table(result.outer_hours, "outer_hours")
+    table(result.outer_history, "outer_history")
+    table(result.penalties, "penalties")
     if scenario is not None and hasattr(scenario, "model_dump"):
         (out_dir / "scenario.json").write_text(json.dumps(_py(scenario.model_dump(mode="json")), indent=2) + "\n")
         files.append("scenario.json")

@@ -86,9 +86,37 @@ class MarketSpec(_Strict):
 
 class TSOSpec(_Strict):
     """The TSO's frequency-regulation request: a virtual load at the transformer's primary (MW per
-    hour, positive = regulation up)."""
+    hour, positive = regulation up). It joins the market as the scenario's ``virtual_load`` peer."""
 
     virtual_load_mw: Hourly = 0.0
+
+
+class DSOSpec(_Strict):
+    """Settings of the DSO's outer loop (thesis 3.2-3.4; models cong, volt, full).
+
+    Product differentiation: a consumer n pays ``c * gamma_nm`` EUR per MWh bought from m (thesis
+    eq. 3.3 with c_n < 0 and P_nm < 0). Congestion: gamma starts at the distance between the two
+    peers' buses along the network [km] and grows by ``up_cong_km`` per outer iteration on the trades
+    whose path crosses an overloaded branch. Voltage: gamma starts at the trade's normalised
+    sensitivity (shared resistance with the worst bus's path to the slack) and grows by
+    ``up_volt`` on the trades that push that bus the wrong way. After ``k_differentiation`` outer
+    iterations without success an hour moves on: reactive-power control (volt, full: voltage
+    problems only), then flexibility steps of ``flex_step`` (loads' flexibility, or in the full
+    model RES downward flexibility for high voltage and export congestion) up to ``flex_max``.
+    Loads' flexibility is directed: downward for low voltage and import congestion, upward for
+    high voltage and export congestion.
+    """
+
+    k_differentiation: int = Field(10, ge=0, description="outer iterations of differentiation before the next stage")
+    c_cong_eur_per_km_mwh: float = Field(-1.0, le=0)
+    up_cong_km: float = Field(6.0, ge=0)
+    c_volt_eur_per_mwh: float = Field(-1.0, le=0)
+    up_volt: float = Field(6.0, ge=0)
+    q_control: bool = True
+    flex_step: float = Field(0.05, gt=0, le=1)
+    flex_max: float = Field(0.95, gt=0, le=1, description="loads' total flexibility may not exceed this fraction")
+    beta_eur_per_mwh: float = Field(100.0, ge=0, description="penalty on the extra flexibility offered (reported apart from SW)")
+    max_outer_iterations: int = Field(60, ge=1)
 
 
 class _PeerBase(_Strict):
@@ -183,7 +211,14 @@ class EVPeer(_PeerBase):
         return self
 
 
-Peer = Annotated[Union[LoadPeer, RESPeer, CHPPeer, GridPeer, EVPeer], Field(discriminator="kind")]
+class VirtualLoadPeer(_PeerBase):
+    """The TSO's virtual load at the transformer's primary: a buyer with the fixed demand the TSO
+    service asks for (``tso.virtual_load_mw``), zero until it asks."""
+
+    kind: Literal["virtual_load"]
+
+
+Peer = Annotated[Union[LoadPeer, RESPeer, CHPPeer, GridPeer, EVPeer, VirtualLoadPeer], Field(discriminator="kind")]
 
 
 class Scenario(_Strict):
@@ -194,6 +229,7 @@ class Scenario(_Strict):
     series: dict[str, list[float]] = Field(default_factory=dict)
     peers: list[Peer] = Field(min_length=2)
     tso: TSOSpec | None = None
+    dso: DSOSpec = Field(default_factory=DSOSpec)
 
     @field_validator("series")
     @classmethod
@@ -220,8 +256,24 @@ class Scenario(_Strict):
                     self._resolve(value, f"{where}.{fname}")
             if peer.kind == "ev":
                 check_ev_feasible(peer, f"{where}")
+        virtual = [p for p in self.peers if p.kind == "virtual_load"]
         if self.tso is not None:
-            self._resolve(self.tso.virtual_load_mw, "tso.virtual_load_mw")
+            vl = self._resolve(self.tso.virtual_load_mw, "tso.virtual_load_mw")
+            if np.any(vl < 0):
+                raise _field_error("tso.virtual_load_mw", "regulation down (a negative virtual load) is not supported")
+            if np.any(vl > 0) and len(virtual) != 1:
+                raise _field_error("peers", "a TSO request needs exactly one peer of kind 'virtual_load'")
+        if len(virtual) > 1:
+            raise _field_error("peers", "more than one peer of kind 'virtual_load'")
+        if self.market.model in ("freq", "full"):
+            if self.market.kind != "p2p":
+                raise _field_error("market.model", f"{self.market.model!r} is a model of the full P2P market (kind 'p2p')")
+            if self.tso is None or not virtual:
+                raise _field_error("tso", f"model {self.market.model!r} needs a tso section and a peer of kind 'virtual_load'")
+        elif self.market.model != "benchmark" and self.market.kind != "p2p":
+            raise _field_error("market.model", f"{self.market.model!r} is a model of the full P2P market (kind 'p2p')")
+        if virtual and self.market.kind != "p2p":
+            raise _field_error("peers", "a 'virtual_load' peer belongs to the full P2P market (kind 'p2p')")
         if sum(p.kind == "grid" for p in self.peers) > 1:
             raise _field_error("peers", "more than one peer of kind 'grid'")
         if self.market.kind == "p2p":
@@ -289,7 +341,7 @@ def _format_validation_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     if first["type"] == "union_tag_invalid":
-        msg = f"unknown peer kind {first.get('input', {}).get('kind') if isinstance(first.get('input'), dict) else ''!r}; known: load, pv, wind, chp, grid, ev"
+        msg = f"unknown peer kind {first.get('input', {}).get('kind') if isinstance(first.get('input'), dict) else ''!r}; known: load, pv, wind, chp, grid, ev, virtual_load"
     if first["type"] == "missing":
         msg = "missing"
     return f"{loc}: {msg}" if loc else msg

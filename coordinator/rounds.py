@@ -60,17 +60,22 @@ class P2PRounds:
     hours: int
     settings: RoundSettings
     history: list[IterationStats] = field(default_factory=list)
+    # an outer loop re-clears warm-started: iterations keep counting from ``start_iteration`` and
+    # the trades start from ``warm_trades_mw`` (K, H), the previous clearing's
+    start_iteration: int = 0
+    warm_trades_mw: np.ndarray | None = None
 
     def __post_init__(self):
         index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
         self.peer_trades = {pid: self.graph.partners_of(index[pid]) for pid in self.graph.peer_ids}
         # where each peer's partners' trades towards it sit in the flat trade matrix (fixed per run)
         self.peer_incoming = {pid: self.graph.reverse[k] for pid, k in self.peer_trades.items()}
-        self.flat = np.zeros((self.graph.n_pairs, self.hours))
+        self.flat = (np.zeros((self.graph.n_pairs, self.hours)) if self.warm_trades_mw is None
+                     else np.array(self.warm_trades_mw, dtype=float))
         st = self.settings
         self.policy = RhoPolicy(st.rho, st.residual_balancing, st.mu, st.tau, st.every, st.until)
         self.rho = st.rho
-        self.iteration = 0
+        self.iteration = self.start_iteration
         self.finished = False
         self.converged = False
         self._waiting: set[str] = set()
@@ -147,12 +152,13 @@ class P2PRounds:
         done = converged(primal, dual, self.settings.tolerance)
         if self.statuses:
             done = True  # a peer could not solve: stop and report
-        out_of_iterations = self.iteration >= self.settings.max_iterations
+        local = self.iteration - self.start_iteration
+        out_of_iterations = local >= self.settings.max_iterations
         if done or out_of_iterations:
             self.finished = True
             self.converged = done and not self.statuses
         else:
-            self.rho = self.policy.update(self.iteration, primal, dual)
+            self.rho = self.policy.update(local, primal, dual)
         self.primal_residual, self.dual_residual = primal, dual
         self.history.append(IterationStats(self.iteration, primal, dual, rho_used, self._solve_max, self._solve_sum,
                                            time.perf_counter() - t0, wall))

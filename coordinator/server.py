@@ -158,9 +158,11 @@ class CoordinatorServer:
         log(f"{len(expected)} peers in {len(self.hosts)} processes ready after {self.timing['startup_s']:.2f} s")
 
     # -- ADMM ------------------------------------------------------------------------------
-    def clear_market(self) -> P2PRounds:
-        """ADMM among the peer processes (full P2P market)."""
-        rounds = P2PRounds(self.graph, self.hosts, self.scenario.market.hours, self._settings())
+    def clear_market(self, previous: P2PRounds | None = None) -> P2PRounds:
+        """ADMM among the peer processes (full P2P market); warm-started from ``previous`` (outer loop)."""
+        warm = {} if previous is None else dict(start_iteration=previous.iteration, warm_trades_mw=previous.flat)
+        rounds = P2PRounds(self.graph, self.hosts, self.scenario.market.hours,
+                           self._settings(None if previous is None else previous.rho), **warm)
         if self.topology == "relay":
             handlers = {MsgType.UPDATE: lambda ident, env: rounds.on_update(ident.decode(), Update.from_envelope(env))}
         else:
@@ -181,9 +183,9 @@ class CoordinatorServer:
                     MsgType.NETWORK_RESULT: on_network}
         return self._drive(rounds, handlers)
 
-    def _settings(self) -> RoundSettings:
+    def _settings(self, rho: float | None = None) -> RoundSettings:
         m = self.scenario.market
-        return RoundSettings(rho=m.rho, tolerance=m.tolerance, max_iterations=m.max_iterations,
+        return RoundSettings(rho=m.rho if rho is None else rho, tolerance=m.tolerance, max_iterations=m.max_iterations,
                              residual_balancing=m.residual_balancing, mu=m.rb_mu, tau=m.rb_tau, every=m.rb_every,
                              until=m.rb_until, topology=self.topology, price_init_eur_per_mwh=m.price_init_eur_per_mwh)
 
@@ -259,14 +261,14 @@ class CoordinatorServer:
             except TimeoutError:
                 continue
 
-    def ask_dso(self, dispatch_df, k: int) -> GridReport:
+    def ask_dso(self, dispatch_df, k: int, plan: bool = False) -> GridReport:
         self._service("dso")
         peers = list(dict.fromkeys(dispatch_df["peer"]))
         H = self.scenario.market.hours
         first = dispatch_df.drop_duplicates("peer").set_index("peer").loc[peers]
         msg = Dispatch(peer_ids=tuple(peers), kinds=tuple(first["kind"]), buses=tuple(int(b) for b in first["bus"]),
                        p_mw=dispatch_df["p_mw"].to_numpy().reshape(len(peers), H),
-                       q_mvar=dispatch_df["q_mvar"].to_numpy().reshape(len(peers), H))
+                       q_mvar=dispatch_df["q_mvar"].to_numpy().reshape(len(peers), H), plan=plan)
         self.transport.send(self.router, msg.envelope(run_id=self.run_id, sender="coordinator", iteration=k), to=b"dso")
         t = time.perf_counter()
         try:
@@ -305,7 +307,18 @@ class CoordinatorServer:
             rounds = self.clear_community()
             result = self.community_result(rounds, self.collect_results(rounds.iteration))
             return self.finish(rounds, result)
+        if self.scenario.market.model != "benchmark":
+            return self.run_outer()
         rounds = self.clear_market()
+        result, _ = self.p2p_outcome(rounds)
+        return self.finish(rounds, result)
+
+    def p2p_outcome(self, rounds: P2PRounds):
+        """Collect the peers' RESULTs after a clearing: (RunResult, the peers' results)."""
+        import pandas as pd
+
+        from common.clearing import p2p_result
+
         k = rounds.iteration
         results = self.collect_results(k)
         H = self.scenario.market.hours
@@ -319,14 +332,93 @@ class CoordinatorServer:
             prices[kk] = results[pid].price_eur_per_mwh
         # each peer discloses its own cost of the cleared dispatch (never its cost function)
         sw = -np.sum([results[pid].cost_eur for pid in ids], axis=0)
+        zero = np.zeros(H)
+        diff = np.sum([results[pid].diff_cost_eur if results[pid].diff_cost_eur is not None else zero for pid in ids], axis=0)
+        flex = np.sum([results[pid].flex_penalty_eur if results[pid].flex_penalty_eur is not None else zero for pid in ids],
+                      axis=0)
         roster = {p.id: p for p in self.scenario.peers}
         dispatch = pd.DataFrame({
             "peer": np.repeat(ids, H), "kind": np.repeat([roster[i].kind for i in ids], H),
             "bus": np.repeat([roster[i].bus for i in ids], H), "hour": np.tile(np.arange(1, H + 1), len(ids)),
             "p_mw": p_mw.reshape(-1), "q_mvar": np.vstack([results[pid].q_mvar for pid in ids]).reshape(-1)})
-        result = p2p_result(self.scenario, self.graph, dispatch, trades, prices, sw, np.zeros(H), "admm",
+        result = p2p_result(self.scenario, self.graph, dispatch, trades, prices, sw, diff, "admm",
                             converged=rounds.converged)
-        return self.finish(rounds, result)
+        result.economics["flex_penalty_eur"] = flex
+        return result, results
+
+    def send_penalties(self, penalties: dict, k: int, outer: int, source: str) -> None:
+        """Forward the DSO's or TSO's new parameters, each host getting only its own peers' ones."""
+        from common.protocol.market import Penalty
+
+        host_of = {p: h for h, ps in self.hosts.items() for p in ps}
+        by_host: dict[str, dict] = {}
+        for pid, params in penalties.items():
+            if pid not in host_of:
+                raise RunFailure(f"the {source} service sent parameters for unknown peer {pid}")
+            by_host.setdefault(host_of[pid], {})[pid] = params
+        for host, peers in by_host.items():
+            self.transport.send(self.router, Penalty(peers=peers).envelope(run_id=self.run_id, sender="coordinator",
+                                                                         iteration=k), to=host.encode())
+            for pid, params in peers.items():
+                self.penalty_log.append((outer, source, host, pid, " ".join(sorted(params))))
+
+    def run_outer(self) -> dict:
+        """The TSO/DSO outer loop (models cong, volt, freq, full; common.outer_loop): clear, AC
+        check with the DSO's plan, forward the new parameters to the peers concerned, re-clear
+        warm-started, until the DSO finds no violation or gives up."""
+        import pandas as pd
+
+        from common.outer_loop import finish_outer, virtual_load_id
+        from dso_service.report_codec import ac_from_tables, frames_from_tables
+
+        sc = self.scenario
+        model, H = sc.market.model, sc.market.hours
+        tso_first = model in ("freq", "full")
+        all_rounds, history = [], []
+        self.penalty_log = []
+        vl = np.zeros(H)
+
+        def clear_and_check(plan: bool, step: str, actions: str):
+            rounds = self.clear_market(all_rounds[-1] if all_rounds else None)
+            all_rounds.append(rounds)
+            result, _ = self.p2p_outcome(rounds)
+            report = self.ask_dso(result.dispatch, rounds.iteration, plan=plan)
+            ac = ac_from_tables(report.tables)
+            outer = len(all_rounds)
+            its = rounds.iteration - rounds.start_iteration
+            history.append((outer, its, len(ac.violations), int((ac.hours["violations"] > 0).sum()), step, actions))
+            emit("outer", outer=outer, iterations=its, violations=len(ac.violations), step=step)
+            log(f"outer iteration {outer}: {its} ADMM iterations, {len(ac.violations)} violation(s)")
+            return rounds, result, report, ac
+
+        rounds, result, report, ac = clear_and_check(not tso_first, "clearing", "")
+        ac_initial, sw_before = ac, result.economics["social_welfare_eur"].to_numpy()
+        if tso_first:
+            vl = self.ask_tso(rounds.iteration)
+            vl_id = virtual_load_id(sc)
+            self.send_penalties({vl_id: {"virtual_load_mw": vl}}, rounds.iteration, 1, "tso")
+            rounds, result, report, ac = clear_and_check(True, "tso", f"virtual load {vl.sum():.2f} MWh")
+        status, reason = report.outer_status or "feasible", report.outer_reason
+        while status == "continue":
+            if len(all_rounds) >= sc.dso.max_outer_iterations:
+                status, reason = "limit", f"no feasible dispatch after {len(all_rounds)} outer iterations"
+                break
+            self.send_penalties(report.penalties or {}, rounds.iteration, len(all_rounds), "dso")
+            rounds, result, report, ac = clear_and_check(True, "dso", " | ".join(report.actions))
+            status, reason = report.outer_status or "feasible", report.outer_reason
+        result.ac, result.ac_initial = ac, ac_initial
+        result.outer_iterations = len(all_rounds)
+
+        hours = frames_from_tables(report.tables, ["outer_hours"])["outer_hours"] if "outer_hours" in (report.tables or {}) \
+            else pd.DataFrame({"hour": np.arange(1, H + 1)})
+        finish_outer(result, hours.to_dict("records"), sw_before, vl, history, status, reason)
+        result.converged = result.converged and all(r.converged for r in all_rounds)
+        result.penalties = pd.DataFrame(self.penalty_log, columns=["outer", "source", "host", "peer", "parameters"])
+        summary = self.finish(all_rounds, result, ac=ac)
+        if status != "feasible":
+            raise RunFailure(f"outer loop ({model}) ended without a feasible grid: {reason} "
+                             f"(results written to {self.out_dir})")
+        return summary
 
     def community_result(self, rounds: CommunityRounds, results: dict):
         """The community market's results from the peers' RESULTs and the network agent's last answer."""
@@ -353,16 +445,22 @@ class CoordinatorServer:
         self._community_sol = sol
         return result
 
-    def finish(self, rounds, result) -> dict:
-        """AC check, TSO request, results folder."""
+    def finish(self, rounds, result, ac=None) -> dict:
+        """AC check and TSO request (unless an outer loop did them), results folder. ``rounds``:
+        the clearing, or the list of an outer loop's clearings."""
         import pandas as pd
 
+        clearings = rounds if isinstance(rounds, list) else [rounds]
+        rounds = clearings[-1]
         k = rounds.iteration
-        virtual_load = self.ask_tso(k)
-        report = self.ask_dso(result.dispatch, k)
-        from dso_service.report_codec import ac_from_tables
+        if ac is None:
+            virtual_load = self.ask_tso(k)
+            report = self.ask_dso(result.dispatch, k)
+            from dso_service.report_codec import ac_from_tables
 
-        result.ac = ac_from_tables(report.tables)
+            result.ac = ac_from_tables(report.tables)
+        else:
+            virtual_load = result.outer_hours["virtual_load_mw"].to_numpy() if result.outer_hours is not None else np.zeros(1)
         if self.community:
             from common.clearing import relaxation_frame
 
@@ -370,16 +468,17 @@ class CoordinatorServer:
             result.extra["relaxation_max_vm_gap_pu"] = float(result.relaxation["max_vm_gap_pu"].max())
         self.shutdown("run complete")
         result.iterations = k
-        result.outer_iterations = 1
+        result.outer_iterations = len(clearings)
         result.primal_residual = rounds.primal_residual
         result.dual_residual = rounds.dual_residual
         result.processes = self.processes or (len(self.hosts) + 1 + len(self.services))
-        result.admm_history = pd.DataFrame([(1, s.iteration, s.primal_residual, s.dual_residual, s.rho) for s in rounds.history],
+        result.admm_history = pd.DataFrame([(o, s.iteration, s.primal_residual, s.dual_residual, s.rho)
+                                            for o, r in enumerate(clearings, start=1) for s in r.history],
                                            columns=["outer", "iteration", "primal_residual", "dual_residual", "rho"])
         rows = self.transport.traffic_rows() + list(self.extra_traffic)
         msgs = pd.DataFrame(rows, columns=["iteration", "type", "count", "bytes"])
         result.messages = msgs.groupby(["iteration", "type"], as_index=False)[["count", "bytes"]].sum()
-        hist = rounds.history
+        hist = [s for r in clearings for s in r.history]
         n = max(len(hist), 1)
         if self.community:
             result.extra["network_agent_ms_per_iteration"] = 1e3 * sum(s.network_s for s in hist) / n

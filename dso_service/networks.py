@@ -412,3 +412,13 @@ def _name(value, default: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() in ("", "None", "nan"):
         return default
     return str(value)
+
+
+def branch_lengths_km(net: pp.pandapowerNet, grid: GridModel) -> np.ndarray:
+    """Length of each branch of ``grid`` [km] (lines: length_km; transformers: 0), the distance
+    measure of the congestion differentiation (thesis 3.2.1.A)."""
+    out = np.zeros(grid.n_branch)
+    for k, (src, elem) in enumerate(zip(grid.branch_source or (), grid.branch_element if grid.branch_element is not None else ())):
+        if src == "line" and grid.branch_kind[k] == "line":
+            out[k] = float(net.line.at[int(elem), "length_km"])
+    return out

@@ -23,9 +23,12 @@ def _column(series: pd.Series):
 
 
 def ac_to_tables(ac: ACReport) -> dict:
+    return frames_to_tables({name: getattr(ac, name) for name in TABLES})
+
+
+def frames_to_tables(frames: dict[str, pd.DataFrame]) -> dict:
     out = {}
-    for name in TABLES:
-        df = getattr(ac, name)
+    for name, df in frames.items():
         cols = {}
         for col in df.columns:
             value = _column(df[col])
@@ -39,8 +42,12 @@ def ac_to_tables(ac: ACReport) -> dict:
 
 
 def ac_from_tables(tables: dict) -> ACReport:
+    return ACReport(**frames_from_tables(tables, TABLES))
+
+
+def frames_from_tables(tables: dict, names) -> dict[str, pd.DataFrame]:
     frames = {}
-    for name in TABLES:
+    for name in names:
         cols = tables[name]
         data = {}
         for col in cols["__columns__"]:
@@ -49,4 +56,4 @@ def ac_from_tables(tables: dict) -> ACReport:
                 value = np.where(np.asarray(cols[f"{col}__nan"], dtype=bool), np.nan, np.asarray(value, dtype=float))
             data[col] = value
         frames[name] = pd.DataFrame(data, columns=cols["__columns__"])
-    return ACReport(**frames)
+    return frames

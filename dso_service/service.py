@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -45,6 +46,7 @@ def serve(scenario_path: str, coordinator: str, timeout_s: float, idle_timeout_s
     from common.scenario import load_scenario
     from dso_service.networks import build_network
     from dso_service.powerflow import run_ac
+    from dso_service.report_codec import frames_to_tables
 
     scenario = load_scenario(scenario_path)
     net = build_network(scenario.network)
@@ -62,17 +64,48 @@ def serve(scenario_path: str, coordinator: str, timeout_s: float, idle_timeout_s
                                      "losses_mw": sol.losses_mw, "cone_gap": np.array([sol.max_cone_gap])},
                              solve_s=sol.solve_time_s, status="ok")
 
+    planner = None
+
     def on_dispatch(env):
+        nonlocal planner
         t = time.perf_counter()
-        ac = run_ac(net, dispatch_to_frame(Dispatch.from_envelope(env)), scenario.network)
+        msg = Dispatch.from_envelope(env)
+        ac = run_ac(net, dispatch_to_frame(msg), scenario.network)
         log(f"AC power flow of {ac.hours.shape[0]} hours in {time.perf_counter() - t:.2f} s, "
             f"{len(ac.violations)} violation(s)")
-        return grid_report(ac)
+        report = grid_report(ac)
+        if not msg.plan:
+            return report
+        if planner is None:
+            planner = outer_planner(scenario, msg)
+        plan = planner.step(msg.p_mw, ac)
+        for line in plan.actions:
+            log(f"outer loop: {line}")
+        if plan.reason:
+            log(f"outer loop {plan.status}: {plan.reason}")
+        tables = dict(report.tables)
+        tables.update(frames_to_tables({"outer_hours": pd.DataFrame(planner.hour_table())}))
+        return replace(report, penalties=plan.updates, outer_status=plan.status, outer_reason=plan.reason,
+                       actions=tuple(plan.actions), tables=tables)
 
     handlers = {MsgType.DISPATCH: on_dispatch}
     if agent is not None:
         handlers[MsgType.NETWORK_UPDATE] = on_network_update
     return run_service("dso", coordinator, timeout_s, idle_timeout_s, handlers)
+
+
+def outer_planner(scenario, msg: Dispatch):
+    """The DSO's outer-loop planner for the roster of the first dispatch it is asked to plan for.
+    The peers' benchmark tan phi and flexibility are the DSO's connection data (here: the scenario)."""
+    from common.models import peer_models
+    from common.outer_loop import initial_q_and_flex, planner_for
+
+    by_id = {m.id: m for m in peer_models(scenario)}
+    unknown = [p for p in msg.peer_ids if p not in by_id]
+    if unknown:
+        raise ValueError(f"dispatch names peers the DSO does not know: {', '.join(unknown[:5])}")
+    tan0, flex0 = initial_q_and_flex([by_id[p] for p in msg.peer_ids])
+    return planner_for(scenario, list(msg.peer_ids), list(msg.kinds), list(msg.buses), tan0, flex0)
 
 
 def network_agent(scenario, net):

@@ -16,10 +16,10 @@ import numpy as np
 import zmq
 
 from common.admm import LocalP2P
-from common.models import EVModel, HourlyPeer, peer_model_from_dict, peer_models, reactive_mvar
+from common.models import PARAMETERS, EVModel, HourlyPeer, apply_parameters, flex_penalty_eur, peer_model_from_dict, peer_models, reactive_mvar
 from common.protocol import ANY_RUN, Envelope, MsgType, ProtocolError
 from common.protocol.control import Hello, Ready
-from common.protocol.market import Residuals, ResidualsPeer, Result, ResultPeer, Round, Trades, Update, UpdatePeer
+from common.protocol.market import Penalty, Residuals, ResidualsPeer, Result, ResultPeer, Round, Trades, Update, UpdatePeer
 from common.transport import Transport
 
 
@@ -34,7 +34,10 @@ def log(msg: str) -> None:
 class PeerHost:
     def __init__(self, models: list, coordinator: str, host_id: str, timeout_s: float = 30.0,
                  bind_host: str = "127.0.0.1", advertise_host: str | None = None):
-        self.models = {m.id: m for m in models}
+        self.models = {m.id: m for m in models}  # the market model now (after the DSO's/TSO's parameters)
+        self.base_models = dict(self.models)  # the peer's own model: its true costs, for welfare
+        self.params: dict[str, dict[str, np.ndarray]] = {m.id: {} for m in models}
+        self.solved_since_receive: dict[str, bool] = {}
         self.peer_ids = list(self.models)
         self.host_id = host_id
         self.coordinator = coordinator
@@ -100,19 +103,23 @@ class PeerHost:
 
     # -- rounds ---------------------------------------------------------------------------
     def serve(self) -> None:
-        handlers = {MsgType.ROUND: self.on_round, MsgType.SHUTDOWN: self.on_shutdown}
+        handlers = {MsgType.ROUND: self.on_round, MsgType.SHUTDOWN: self.on_shutdown, MsgType.PENALTY: self.on_penalty}
         self.iteration = 0
         while True:
             _, env = self.transport.recv(self.dealer, 2 * self.timeout_s + 5,
                                          waiting_for=f"the next ROUND from the coordinator (after iteration {self.iteration})",
                                          check=self._check_control)
-            if handlers[env.type](env):
-                return
+            try:
+                if handlers[env.type](env):
+                    return
+            except ProtocolError as exc:  # a bad penalty is refused and counted; the peer goes on
+                self.transport.rejected[exc.reason] += 1
+                log(f"rejected a {env.type} from the coordinator: {exc}")
 
     def _check_control(self, env: Envelope) -> None:
-        if env.type not in (MsgType.ROUND, MsgType.SHUTDOWN):
+        if env.type not in (MsgType.ROUND, MsgType.SHUTDOWN, MsgType.PENALTY):
             raise ProtocolError("type", f"unexpected {env.type} from the coordinator")
-        if env.type == MsgType.ROUND and env.iteration < self.iteration:
+        if env.type in (MsgType.ROUND, MsgType.PENALTY) and env.iteration < self.iteration:
             raise ProtocolError("stale", f"iteration {env.iteration} < {self.iteration}")
 
     def on_shutdown(self, env: Envelope) -> bool:
@@ -126,8 +133,9 @@ class PeerHost:
             return self.on_community_round(msg, k)
         if self.topology == "relay":
             for pid, loc in self.locals.items():
-                if k > 1 or msg.stop:
+                if self.solved_since_receive.get(pid):
                     loc.receive(msg.peers[pid].p_in_mw, self.rho_prev.get(pid, msg.rho))
+                    self.solved_since_receive[pid] = False
         if msg.stop:
             self.send_result(k)
             return False
@@ -137,6 +145,7 @@ class PeerHost:
             t = time.perf_counter()
             x, dx = loc.step(msg.rho)
             self.rho_prev[pid] = msg.rho
+            self.solved_since_receive[pid] = True
             records[pid] = (x, dx, time.perf_counter() - t)
         if self.topology == "relay":
             upd = Update(peers={pid: UpdatePeer(p_out_mw=x, primal_sq=0.0, dual_sq=dx, solve_s=s)
@@ -152,6 +161,7 @@ class PeerHost:
         res = {}
         for pid, loc in self.locals.items():
             primal_sq = loc.receive(incoming[pid], msg.rho)
+            self.solved_since_receive[pid] = False
             x, dx, s = records[pid]
             res[pid] = ResidualsPeer(primal_sq=primal_sq, dual_sq=dx, solve_s=s)
         self.transport.send(self.dealer, Residuals(peers=res).envelope(run_id=self.run_id, sender=self.host_id, iteration=k))
@@ -232,13 +242,39 @@ class PeerHost:
                 self.early_trades.append((env.iteration, tr))
         return incoming
 
+    def on_penalty(self, env: Envelope) -> bool:
+        """New parameters from the DSO or TSO (through the coordinator) for hosted peers: the next
+        clearing starts from the current ADMM state with the retuned local problems."""
+        msg = Penalty.from_envelope(env)
+        H = next(iter(self.locals.values())).x.shape[1]
+        for pid, params in msg.peers.items():
+            if pid not in self.locals:
+                raise ProtocolError("body", f"penalty for {pid}, not hosted here")
+            for name, arr in params.items():
+                if name not in PARAMETERS:
+                    raise ProtocolError("body", f"penalty parameter {name!r} unknown")
+                want = (self.locals[pid].x.shape if name == "diff_eur_per_mwh" else (1,) if name == "beta_eur_per_mwh" else (H,))
+                if arr.shape != want:
+                    raise ProtocolError("body", f"penalty {name} for {pid} has shape {arr.shape}, expected {want}")
+        for pid, params in msg.peers.items():
+            self.params[pid].update(params)
+            model = apply_parameters(self.base_models[pid], self.params[pid])
+            self.models[pid] = model
+            self.locals[pid].retune(model.p_min_mw, model.p_max_mw, model.cost_a_eur_per_mw2h, model.cost_b_eur_per_mwh,
+                                    params.get("diff_eur_per_mwh"))
+            log(f"{pid}: new {', '.join(sorted(params))} (iteration {env.iteration})")
+        return False
+
     def send_result(self, k: int) -> None:
         peers = {}
         for pid, loc in self.locals.items():
-            model = self.models[pid]
+            model, base = self.models[pid], self.base_models[pid]
             p = loc.p_mw
+            outer = bool(self.params[pid])
             peers[pid] = ResultPeer(p_mw=p, trades_mw=loc.x, price_eur_per_mwh=loc.lam, partner_ids=tuple(self.partners[pid]),
-                                    q_mvar=reactive_mvar(model, p), cost_eur=model.cost_eur(p))
+                                    q_mvar=reactive_mvar(model, p), cost_eur=base.cost_eur(p),
+                                    diff_cost_eur=np.sum(loc.weights * loc.x, axis=0) if outer else None,
+                                    flex_penalty_eur=flex_penalty_eur(base, self.params[pid]) if outer else None)
         traffic = tuple(r for r in self.transport.sent.rows() if r[1] == MsgType.TRADES.value)
         self.transport.send(self.dealer, Result(peers=peers, traffic=traffic)
                             .envelope(run_id=self.run_id, sender=self.host_id, iteration=k))

@@ -227,7 +227,7 @@ def test_run_centralized_tables(centralized_run):
     assert len(lines) > 0
 
 
-def test_outer_loop_models_are_refused_until_available():
-    result = CliRunner().invoke(app, ["run", "mv37", "--model", "cong", "--solver", "centralized"])
+def test_freq_model_without_a_virtual_load_is_refused_before_anything_runs():
+    result = CliRunner().invoke(app, ["run", "mv37", "--model", "freq", "--solver", "centralized"])
     assert result.exit_code == 2
-    assert "not available yet" in result.output and "Traceback" not in result.output
+    assert "tso" in result.output and "virtual_load" in result.output and "Traceback" not in result.output

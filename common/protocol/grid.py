@@ -9,7 +9,8 @@ DISPATCH (coordinator -> DSO)
     ``peer_ids``: list[str] (n_peers); ``kinds``: list[str] (n_peers; "pv", "wind", "chp", "load",
     "ev", "grid", ...); ``buses``: list[int] (n_peers; pandapower bus index); ``p_mw``: (n_peers,
     hours); ``q_mvar``: (n_peers, hours); optional ``virtual_load_mw``: (hours,), the TSO's request at
-    the transformer's primary (positive: consume more).
+    the transformer's primary (positive: consume more); optional ``plan``: bool, outer loop: the DSO
+    also decides the next parameters of the peers concerned.
 GRID_REPORT (DSO -> coordinator)
     ``vm_pu``: (n_bus, hours); ``loading_percent``: (n_branch, hours) line loadings;
     ``losses_mw``: (hours,); ``violations``: list of records {``kind``: str ("vm_min", "vm_max",
@@ -18,7 +19,9 @@ GRID_REPORT (DSO -> coordinator)
     ``converged``: list[bool] (hours), whether the AC power flow converged; optional: ``bus_ids``:
     list[int] (n_bus), ``line_ids``: list[int] (n_branch), ``trafo_loading_percent``: (n_trafo,
     hours), ``p_grid_mw``: (hours,) import through the external grid, ``penalties``: {peer_id: {name:
-    array}} as in PENALTY (common.protocol.market).
+    array}} as in PENALTY (common.protocol.market), only the peers concerned and only what changed;
+    ``outer_status``: str ("feasible", "continue", "exhausted", "unhandled"), ``outer_reason``: str,
+    ``actions``: list[str] (one line per hour acted on); ``tables`` then also carries ``outer_hours``.
 NETWORK_UPDATE (coordinator -> DSO network agent; community market)
     ``rho``: float, ADMM penalty; ``arrays``: {name: float64 array}, e.g. ``p_mw`` (n_bus, hours) the
     peers' injections aggregated per bus and the matching duals ``price_eur_per_mwh``.
@@ -65,9 +68,11 @@ class Dispatch(Message):
     p_mw: np.ndarray
     q_mvar: np.ndarray
     virtual_load_mw: np.ndarray | None = None
+    plan: bool = False  # outer loop: the DSO also decides the next parameters (GRID_REPORT penalties)
 
     def to_body(self) -> dict[str, Any]:
         out: dict[str, Any] = {
+            "plan": bool(self.plan),
             "peer_ids": list(self.peer_ids),
             "kinds": list(self.kinds),
             "buses": [int(b) for b in self.buses],
@@ -87,6 +92,7 @@ class Dispatch(Message):
             body["p_mw"],
             body["q_mvar"],
             body.get("virtual_load_mw"),
+            bool(body.get("plan", False)),
         )
 
 
@@ -106,6 +112,9 @@ class GridReport(Message):
     p_grid_mw: np.ndarray | None = None
     penalties: dict[str, dict[str, np.ndarray]] | None = None
     tables: dict[str, dict[str, Any]] | None = None  # the AC report's tables, column by column
+    outer_status: str | None = None  # "feasible" | "continue" | "exhausted" | "unhandled" (outer loop)
+    outer_reason: str = ""
+    actions: tuple[str, ...] = ()
 
     def to_body(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -127,6 +136,8 @@ class GridReport(Message):
             out["penalties"] = {k: {n: f64(a) for n, a in v.items()} for k, v in self.penalties.items()}
         if self.tables is not None:
             out["tables"] = self.tables
+        if self.outer_status is not None:
+            out.update(outer_status=self.outer_status, outer_reason=self.outer_reason, actions=list(self.actions))
         return out
 
     @classmethod
@@ -147,6 +158,9 @@ class GridReport(Message):
             body.get("p_grid_mw"),
             body.get("penalties"),
             body.get("tables"),
+            body.get("outer_status"),
+            body.get("outer_reason") or "",
+            tuple(body.get("actions") or ()),
         )
 
 
@@ -245,7 +259,7 @@ SCHEMAS: dict[MsgType, Record] = {
             "p_mw": float_array(2),
             "q_mvar": float_array(2),
         },
-        optional={"virtual_load_mw": float_array(1)},
+        optional={"virtual_load_mw": float_array(1), "plan": Bool()},
         check_fn=_check_dispatch,
     ),
     MsgType.GRID_REPORT: Record(
@@ -263,6 +277,9 @@ SCHEMAS: dict[MsgType, Record] = {
             "p_grid_mw": float_array(1),
             "penalties": MapOf(MapOf(Array("float64"))),
             "tables": MapOf(MapOf(AnyValue())),
+            "outer_status": Str(max_len=32),
+            "outer_reason": Str(),
+            "actions": ListOf(Str()),
         },
         check_fn=_check_grid_report,
     ),

@@ -28,11 +28,15 @@ RESULT (peer host -> coordinator; at the end)
     ``price_eur_per_mwh``: (n_partners, hours), the trades' prices; optional ``partner_ids``:
     list[str] (n_partners); optional ``q_mvar``: (hours,); optional ``soc_mwh``: (hours,), EV state
     of charge at the end of each hour; optional ``status``: str}}.
-PENALTY (coordinator -> peer host; between outer iterations)
-    ``peers``: {peer_id: {name: float64 array}}; the names in use: ``diff_eur_per_mwh``
-    (n_partners, hours) product-differentiation weights; ``tan_phi`` (hours,) reactive-power ratio
-    q/p; ``flex_eur_per_mwh`` (hours,) flexibility price; ``virtual_load_mw`` (hours,). Free-form: a
-    receiver ignores names it does not know.
+PENALTY (coordinator -> peer host; between outer iterations; from the DSO or TSO service)
+    ``peers``: {peer_id: {name: float64 array}}, only the hosted peers concerned, only their own
+    parameters (``common.models.PARAMETERS``): ``diff_eur_per_mwh`` (n_partners, hours) the
+    product-differentiation cost of each of its trades; ``tan_phi`` (hours,) reactive-power ratio
+    q/p; ``flex_down_fraction``, ``flex_up_fraction`` (hours,) a load's flexibility around its
+    baseline; ``res_cap_fraction`` (hours,) the share of its forecast a RES unit may produce;
+    ``virtual_load_mw`` (hours,) the TSO's request (virtual load); ``beta_eur_per_mwh`` (1,) the
+    price of extra flexibility. A receiver refuses (and counts) a PENALTY for a peer it does not
+    host, an unknown name or a wrong shape.
 """
 
 from __future__ import annotations
@@ -232,6 +236,8 @@ class ResultPeer:
     soc_mwh: np.ndarray | None = None
     status: str = STATUS_OK
     cost_eur: np.ndarray | None = None  # (hours,) the peer's own cost C_n(P_n), disclosed for welfare accounting
+    diff_cost_eur: np.ndarray | None = None  # (hours,) product-differentiation cost it paid (outer loop)
+    flex_penalty_eur: np.ndarray | None = None  # (hours,) beta times the extra flexibility it offered (outer loop)
 
     def to_body(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -246,8 +252,9 @@ class ResultPeer:
             out["q_mvar"] = f64(self.q_mvar)
         if self.soc_mwh is not None:
             out["soc_mwh"] = f64(self.soc_mwh)
-        if self.cost_eur is not None:
-            out["cost_eur"] = f64(self.cost_eur)
+        for name in ("cost_eur", "diff_cost_eur", "flex_penalty_eur"):
+            if getattr(self, name) is not None:
+                out[name] = f64(getattr(self, name))
         return out
 
     @classmethod
@@ -262,6 +269,8 @@ class ResultPeer:
             body.get("soc_mwh"),
             body.get("status") or STATUS_OK,
             body.get("cost_eur"),
+            body.get("diff_cost_eur"),
+            body.get("flex_penalty_eur"),
         )
 
 
@@ -374,6 +383,8 @@ SCHEMAS: dict[MsgType, Record] = {
                         "q_mvar": float_array(1),
                         "soc_mwh": float_array(1),
                         "cost_eur": float_array(1),
+                        "diff_cost_eur": float_array(1),
+                        "flex_penalty_eur": float_array(1),
                         "status": Str(max_len=256),
                     },
                     check_fn=_check_result_peer,

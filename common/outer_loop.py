@@ -1,0 +1,156 @@
+"""The TSO/DSO outer loop around the full P2P market (thesis 3.2-3.4; models cong, volt, freq,
+full): the pieces the coordinator and the centralized reference share, and the centralized loop.
+
+One outer iteration: clear the market (warm-started), AC check by the DSO, the DSO's planner
+(``dso_service.outer``) decides new parameters for the peers concerned, repeat until no violation
+is left. In the freq and full models the TSO's virtual load joins the market after the first
+clearing (thesis: P2P market first, then the TSO's request).
+
+Welfare accounting: social welfare is always measured with the peers' benchmark cost and utility
+functions (a load's utility line extended beyond its benchmark range), so that before and after
+compare, and the result can never beat the benchmark's optimum; differentiation costs and the
+flexibility penalty (beta times the extra flexibility offered) are reported apart (SPEC 3.1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from common.models import HourlyPeer, apply_parameters, flex_penalty_eur, load_baseline_mw
+
+OUTER_MODELS = ("cong", "volt", "freq", "full")
+
+
+class OuterLoopError(RuntimeError):
+    """The outer loop cannot make the grid feasible (flexibility exhausted, model cannot address a
+    violation, or the outer-iteration limit); the message says which hour and why."""
+
+
+def virtual_load_request(scenario) -> np.ndarray:
+    """The TSO's request from the scenario (what the TSO service answers)."""
+    if scenario.tso is None:
+        return np.zeros(scenario.market.hours)
+    return scenario._resolve(scenario.tso.virtual_load_mw, "tso.virtual_load_mw")
+
+
+def virtual_load_id(scenario) -> str | None:
+    return next((p.id for p in scenario.peers if p.kind == "virtual_load"), None)
+
+
+def planner_for(scenario, roster_ids, kinds, buses, tan_phi0, flex0):
+    """The DSO's planner for a scenario's network and roster."""
+    from dso_service.networks import branch_lengths_km, build_network, grid_model
+    from dso_service.outer import OuterPlanner
+
+    net = build_network(scenario.network)
+    grid = grid_model(net, scenario.network)
+    return OuterPlanner(grid, roster_ids, kinds, buses, scenario.market.model, scenario.dso,
+                        branch_lengths_km(net, grid), tan_phi0, flex0, scenario.market.hours)
+
+
+def initial_q_and_flex(models: list[HourlyPeer]) -> tuple[np.ndarray, np.ndarray]:
+    """Per peer: benchmark tan phi and (loads) flexibility fraction, the DSO's starting point. In a
+    real deployment the DSO knows these from the connection agreements."""
+    tan0 = np.array([float(np.asarray(m.tan_phi).reshape(-1)[0]) for m in models])
+    flex0 = np.array([float(np.max(load_baseline_mw(m)[1])) if m.kind == "load" else 0.0 for m in models])
+    return tan0, flex0
+
+
+def hours_frame(ac_before, ac_after, sw_before, sw_after, hour_rows: list[dict], virtual_load_mw) -> pd.DataFrame:
+    """Per hour, before (first AC check) and after (last): the layout of thesis Tables 4.2-4.10."""
+    hb, ha = ac_before.hours.set_index("hour"), ac_after.hours.set_index("hour")
+    df = pd.DataFrame(hour_rows).set_index("hour")
+    out = pd.DataFrame({
+        "violations_before": hb["violations"], "violations_after": ha["violations"],
+        "losses_pct_before": hb["losses_pct"], "losses_pct_after": ha["losses_pct"],
+        "social_welfare_before_eur": np.asarray(sw_before), "social_welfare_after_eur": np.asarray(sw_after),
+        "max_line_loading_before_pct": hb["max_line_loading_pct"], "max_line_loading_after_pct": ha["max_line_loading_pct"],
+        "max_trafo_loading_before_pct": hb["max_trafo_loading_pct"], "max_trafo_loading_after_pct": ha["max_trafo_loading_pct"],
+        "vmin_before_pu": hb["vmin_pu"], "vmin_after_pu": ha["vmin_pu"],
+        "vmax_before_pu": hb["vmax_pu"], "vmax_after_pu": ha["vmax_pu"],
+        "virtual_load_mw": np.asarray(virtual_load_mw),
+    }, index=hb.index)
+    return out.join(df).reset_index()
+
+
+def accounting(base_models: list[HourlyPeer], params: dict, p_mw: np.ndarray, trades_mw: np.ndarray, graph, weights):
+    """(social welfare, differentiation cost, flexibility penalty) per hour [EUR]."""
+    sw = -np.sum([m.cost_eur(p_mw[i]) for i, m in enumerate(base_models)], axis=0)
+    diff = np.sum(np.where(graph.sign[:, None] < 0, weights * trades_mw, 0.0), axis=0)
+    flex = np.sum([flex_penalty_eur(m, params.get(m.id, {})) for m in base_models], axis=0)
+    return sw, diff, flex
+
+
+def run_centralized_outer(scenario):
+    """The outer loop with the centralized market clearing (the reference of the distributed run)."""
+    from common import centralized
+    from common.clearing import dispatch_frame, p2p_result, run_ac_check
+    from common.models import peer_models
+
+    model = scenario.market.model
+    base = peer_models(scenario)
+    ids = [m.id for m in base]
+    tan0, flex0 = initial_q_and_flex(base)
+    planner = planner_for(scenario, ids, [m.kind for m in base], [m.bus for m in base], tan0, flex0)
+    params: dict[str, dict] = {}
+    history = []
+    vl_id = virtual_load_id(scenario)
+    H = scenario.market.hours
+    vl = np.zeros(H)
+
+    def clear():
+        models = [apply_parameters(m, params.get(m.id, {})) for m in base]
+        w = planner.weights()
+        sol = centralized.solve_p2p(models, w)
+        dispatch = dispatch_frame(models, sol.p_mw)
+        return models, w, sol, dispatch, run_ac_check(scenario, dispatch)
+
+    models, w, sol, dispatch, ac = clear()
+    ac_initial = ac
+    sw_before = accounting(base, params, sol.p_mw, sol.trades_mw, sol.graph, w)[0]
+    outer, status, reason = 1, "feasible", ""
+    history.append((1, 0, len(ac.violations), int((ac.hours["violations"] > 0).sum()), "clearing", ""))
+    if model in ("freq", "full") and vl_id is not None:
+        vl = virtual_load_request(scenario)
+        params.setdefault(vl_id, {})["virtual_load_mw"] = vl
+        models, w, sol, dispatch, ac = clear()
+        outer += 1
+        history.append((outer, 0, len(ac.violations), int((ac.hours["violations"] > 0).sum()), "tso",
+                        f"virtual load {vl.sum():.2f} MWh"))
+    if model in OUTER_MODELS:
+        while True:
+            plan = planner.step(sol.p_mw, ac)
+            for pid, upd in plan.updates.items():
+                params.setdefault(pid, {}).update(upd)
+            if plan.status != "continue":
+                status, reason = plan.status, plan.reason
+                break
+            if outer >= scenario.dso.max_outer_iterations:
+                status, reason = "limit", f"no feasible dispatch after {outer} outer iterations"
+                break
+            models, w, sol, dispatch, ac = clear()
+            outer += 1
+            history.append((outer, 0, len(ac.violations), int((ac.hours["violations"] > 0).sum()), "dso",
+                            " | ".join(plan.actions)))
+    sw, diff, flex = accounting(base, params, sol.p_mw, sol.trades_mw, sol.graph, w)
+    result = p2p_result(scenario, sol.graph, dispatch, sol.trades_mw, sol.prices_eur_per_mwh, sw, diff, "centralized")
+    result.economics["flex_penalty_eur"] = flex
+    result.ac, result.ac_initial = ac, ac_initial
+    result.outer_iterations = outer
+    finish_outer(result, planner.hour_table(), sw_before, vl, history, status, reason)
+    return result
+
+
+def finish_outer(result, hour_rows: list[dict], sw_before, virtual_load_mw, history, status: str, reason: str) -> None:
+    """Attach the outer loop's tables and status to a result (shared by both solvers);
+    ``hour_rows``: the DSO planner's per-hour record (``OuterPlanner.hour_table``)."""
+    result.outer_hours = hours_frame(result.ac_initial, result.ac, sw_before, result.economics["social_welfare_eur"],
+                                     hour_rows, virtual_load_mw)
+    result.outer_history = pd.DataFrame(history, columns=["outer", "admm_iterations", "violations",
+                                                          "hours_with_violations", "step", "actions"])
+    result.extra["outer_status"] = status
+    if reason:
+        result.extra["outer_failure"] = reason
+    if status not in ("feasible",):
+        result.converged = False
