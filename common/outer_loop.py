@@ -74,6 +74,26 @@ def hours_frame(ac_before, ac_after, sw_before, sw_after, hour_rows: list[dict],
     return out.join(df).reset_index()
 
 
+def day_frame(dispatch_before: pd.DataFrame, result, sw_before) -> pd.DataFrame:
+    """The day before (first clearing) and after (last), the layout of thesis Tables 4.3, 4.6, 4.9
+    and 4.11: energy by technology [MWh], losses [%] and social welfare [EUR]."""
+
+    def energy(d: pd.DataFrame) -> dict:
+        by_kind = d.groupby("kind")["p_mw"].sum()
+        return {"grid_mwh": by_kind.get("grid", 0.0), "chp_mwh": by_kind.get("chp", 0.0),
+                "wind_mwh": by_kind.get("wind", 0.0), "pv_mwh": by_kind.get("pv", 0.0),
+                "consumption_mwh": -by_kind.get("load", 0.0), "virtual_load_mwh": -by_kind.get("virtual_load", 0.0)}
+
+    def losses(ac) -> float:
+        return float(100 * ac.hours["losses_mw"].sum() / ac.hours["load_mw"].sum())
+
+    before, after = energy(dispatch_before), energy(result.dispatch)
+    before.update(losses_pct=losses(result.ac_initial), social_welfare_eur=float(np.sum(sw_before)))
+    after.update(losses_pct=losses(result.ac), social_welfare_eur=float(result.economics["social_welfare_eur"].sum()))
+    return pd.DataFrame({"quantity": list(before), "before": [float(v) for v in before.values()],
+                         "after": [float(after[k]) for k in before]})
+
+
 def accounting(base_models: list[HourlyPeer], params: dict, p_mw: np.ndarray, trades_mw: np.ndarray, graph, weights):
     """(social welfare, differentiation cost, flexibility penalty) per hour [EUR]."""
     sw = -np.sum([m.cost_eur(p_mw[i]) for i, m in enumerate(base_models)], axis=0)
@@ -107,7 +127,7 @@ def run_centralized_outer(scenario):
         return models, w, sol, dispatch, run_ac_check(scenario, dispatch)
 
     models, w, sol, dispatch, ac = clear()
-    ac_initial = ac
+    ac_initial, dispatch_before = ac, dispatch
     sw_before = accounting(base, params, sol.p_mw, sol.trades_mw, sol.graph, w)[0]
     outer, status, reason = 1, "feasible", ""
     history.append((1, 0, len(ac.violations), int((ac.hours["violations"] > 0).sum()), "clearing", ""))
@@ -138,17 +158,24 @@ def run_centralized_outer(scenario):
     result.economics["flex_penalty_eur"] = flex
     result.ac, result.ac_initial = ac, ac_initial
     result.outer_iterations = outer
-    finish_outer(result, planner.hour_table(), sw_before, vl, history, status, reason)
+    finish_outer(result, planner.hour_table(), sw_before, vl, history, status, reason, dispatch_before)
     return result
 
 
-def finish_outer(result, hour_rows: list[dict], sw_before, virtual_load_mw, history, status: str, reason: str) -> None:
+def finish_outer(result, hour_rows: list[dict], sw_before, virtual_load_mw, history, status: str, reason: str,
+                 dispatch_before: pd.DataFrame | None = None) -> None:
     """Attach the outer loop's tables and status to a result (shared by both solvers);
     ``hour_rows``: the DSO planner's per-hour record (``OuterPlanner.hour_table``)."""
     result.outer_hours = hours_frame(result.ac_initial, result.ac, sw_before, result.economics["social_welfare_eur"],
                                      hour_rows, virtual_load_mw)
     result.outer_history = pd.DataFrame(history, columns=["outer", "admm_iterations", "violations",
                                                           "hours_with_violations", "step", "actions"])
+    if dispatch_before is not None:
+        result.outer_day = day_frame(dispatch_before, result, sw_before)
+    hb = result.ac_initial.hours
+    result.extra["social_welfare_initial_eur"] = float(np.sum(sw_before))
+    result.extra["losses_pct_initial"] = float(100 * hb["losses_mw"].sum() / hb["load_mw"].sum())
+    result.extra["hours_with_violations_initial"] = [int(h) for h in hb.loc[hb["violations"] > 0, "hour"]]
     result.extra["outer_status"] = status
     if reason:
         result.extra["outer_failure"] = reason

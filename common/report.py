@@ -993,6 +993,9 @@ def _html(result: RunResult, summary: dict, figures: list[dict], scenario, files
                    f"{html.escape(str(s.get('outer_status', '')))})</h2>")
         if s.get("outer_failure"):
             out.append(f'<p class="bad">{html.escape(str(s["outer_failure"]))}</p>')
+        if _has_rows(result.outer_day):
+            out.append("<p>The day before (first clearing) and after (last clearing):</p>")
+            out.append(_df_table(result.outer_day))
         out.append("<p>Hours with a violation before or after, or a TSO request (outer_hours.csv has every hour):</p>")
         out.append(_df_table(acted[[c for c in OUTER_HTML_COLUMNS if c in acted.columns]], limit=24))
     if _has_rows(result.outer_history):
@@ -1048,6 +1051,7 @@ def write_results(result: RunResult, out_dir: Path, scenario=None) -> Path:
     table(result.grid_exchange, "grid_exchange")
     table(result.outer_hours, "outer_hours")
     table(result.outer_history, "outer_history")
+    table(result.outer_day, "outer_day")
     table(result.penalties, "penalties")
     if scenario is not None and hasattr(scenario, "model_dump"):
         (out_dir / "scenario.json").write_text(json.dumps(_py(scenario.model_dump(mode="json")), indent=2) + "\n")

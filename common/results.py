@@ -63,5 +63,6 @@ class RunResult:
     dual_residual: float = 0.0
     outer_hours: pd.DataFrame | None = None  # per hour before/after the outer loop (common.outer_loop.hours_frame)
     outer_history: pd.DataFrame | None = None  # outer, admm_iterations, violations, hours_with_violations, step, actions
+    outer_day: pd.DataFrame | None = None  # quantity, before, after: the day before and after the outer loop
     penalties: pd.DataFrame | None = None  # outer, source, host, peer, parameters: who got which PENALTY
     extra: dict = field(default_factory=dict)  # more summary keys (e.g. timing breakdown)

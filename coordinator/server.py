@@ -392,7 +392,7 @@ class CoordinatorServer:
             return rounds, result, report, ac
 
         rounds, result, report, ac = clear_and_check(not tso_first, "clearing", "")
-        ac_initial, sw_before = ac, result.economics["social_welfare_eur"].to_numpy()
+        ac_initial, sw_before, dispatch_before = ac, result.economics["social_welfare_eur"].to_numpy(), result.dispatch
         if tso_first:
             vl = self.ask_tso(rounds.iteration)
             vl_id = virtual_load_id(sc)
@@ -411,7 +411,7 @@ class CoordinatorServer:
 
         hours = frames_from_tables(report.tables, ["outer_hours"])["outer_hours"] if "outer_hours" in (report.tables or {}) \
             else pd.DataFrame({"hour": np.arange(1, H + 1)})
-        finish_outer(result, hours.to_dict("records"), sw_before, vl, history, status, reason)
+        finish_outer(result, hours.to_dict("records"), sw_before, vl, history, status, reason, dispatch_before)
         result.converged = result.converged and all(r.converged for r in all_rounds)
         result.penalties = pd.DataFrame(self.penalty_log, columns=["outer", "source", "host", "peer", "parameters"])
         summary = self.finish(all_rounds, result, ac=ac)

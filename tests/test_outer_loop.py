@@ -107,6 +107,9 @@ def test_congestion_penalty_moves_the_trade_off_the_overloaded_line(tmp_path):
     assert r.outer_hours["load_flex_down_pct"].isna().all()  # differentiation alone solved it
     assert r.economics["social_welfare_eur"].sum() <= bench.economics["social_welfare_eur"].sum() + 1e-6
     assert r.economics["differentiation_cost_eur"].sum() > 0
+    day = r.outer_day.set_index("quantity")
+    assert day.loc["chp_mwh", "after"] > day.loc["chp_mwh", "before"] + 1.0
+    assert day.loc["consumption_mwh", "after"] == pytest.approx(day.loc["consumption_mwh", "before"])
 
 
 def test_voltage_fixed_by_reactive_control_of_the_most_sensitive_load(tmp_path):
@@ -147,6 +150,12 @@ def test_distributed_congestion_loop_matches_the_centralized_one(tmp_path):
     dc = pd.read_csv(central / "dispatch.csv").set_index(["peer", "hour"])["p_mw"]
     assert np.abs(da - dc.loc[da.index]).max() < 1e-3
     assert trades(admm)[("chp2", "load2", 1)] > 0.55
+    for name in ("outer_hours.csv", "outer_day.csv", "outer_history.csv", "violations_initial.csv",
+                 "figures/outer_before_after.png"):
+        assert (admm / name).exists(), name
+    hours = pd.read_csv(admm / "outer_hours.csv").set_index("hour")
+    assert (hours["violations_before"] == 1).all() and (hours["violations_after"] == 0).all()
+    assert (hours["max_line_loading_before_pct"] > 100).all() and (hours["max_line_loading_after_pct"] <= 100).all()
     hist = pd.read_csv(admm / "admm_history.csv")
     assert hist["outer"].max() == sa["outer_iterations"] and hist["iteration"].is_monotonic_increasing
     # only the consumer (its trades carry the weights) ever received a penalty
