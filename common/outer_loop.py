@@ -46,7 +46,8 @@ def planner_for(scenario, roster_ids, kinds, buses, tan_phi0, flex0):
     net = build_network(scenario.network)
     grid = grid_model(net, scenario.network)
     return OuterPlanner(grid, roster_ids, kinds, buses, scenario.market.model, scenario.dso,
-                        branch_lengths_km(net, grid), tan_phi0, flex0, scenario.market.hours)
+                        branch_lengths_km(net, grid), tan_phi0, flex0, scenario.market.hours,
+                        scenario.network.max_loading_percent)
 
 
 def initial_q_and_flex(models: list[HourlyPeer]) -> tuple[np.ndarray, np.ndarray]:

@@ -66,7 +66,7 @@ class Plan:
 
 class OuterPlanner:
     def __init__(self, grid: GridModel, peer_ids, kinds, buses, model: str, settings, branch_length_km: np.ndarray,
-                 tan_phi0, flex0, hours: int):
+                 tan_phi0, flex0, hours: int, max_loading_percent: float = 100.0):
         self.grid = grid
         self.ids = list(peer_ids)
         self.kinds = np.asarray(kinds)
@@ -74,6 +74,7 @@ class OuterPlanner:
         self.model = model
         self.s = settings
         self.H = hours
+        self.max_loading_percent = max_loading_percent
         self.graph: TradeGraph = trade_graph_from_roster(self.ids, [k in PRODUCER_KINDS for k in self.kinds])
         g = self.graph
         self.consumer_trade = g.sign[:] < 0  # trades owned by consumers carry the weights
@@ -116,7 +117,8 @@ class OuterPlanner:
             out[n] = self.grid.path_r_pu([k for k in self.grid.path_to_root(int(b)) if k in ref])
         return out
 
-    def _branch_index(self, ac_lines) -> dict:
+    def _branch_index(self) -> dict:
+        """(pandapower table, element index) -> branch of the grid model."""
         src = self.grid.branch_source or ("line",) * self.grid.n_branch
         elem = self.grid.branch_element if self.grid.branch_element is not None else np.arange(self.grid.n_branch)
         return {(s, int(e)): k for k, (s, e) in enumerate(zip(src, elem))}
@@ -125,8 +127,8 @@ class OuterPlanner:
     def step(self, p_mw: np.ndarray, ac) -> Plan:
         """Decide the next parameters from the dispatch ``p_mw`` (N, H) and its AC check."""
         handles = HANDLES[self.model]
-        index = self._branch_index(ac.lines)
-        limit = None
+        index = self._branch_index()
+        limit = self.max_loading_percent
         actions, exhausted, unhandled = [], [], []
         lines = ac.lines
         for t in range(self.H):
@@ -149,8 +151,6 @@ class OuterPlanner:
             over = []
             if "overload" in mine:
                 rows = lines[(lines["hour"] == hour)]
-                if limit is None:
-                    limit = float(viol[viol["kind"] == "overload"]["limit"].max()) if (viol["kind"] == "overload").any() else 100.0
                 for r in rows[rows["loading_percent"] > limit + 1e-9].itertuples():
                     k = index.get((str(r.element), int(r.line)))
                     if k is not None:

@@ -245,6 +245,8 @@ class PeerHost:
     def on_penalty(self, env: Envelope) -> bool:
         """New parameters from the DSO or TSO (through the coordinator) for hosted peers: the next
         clearing starts from the current ADMM state with the retuned local problems."""
+        if self.market != "p2p":
+            raise ProtocolError("type", "a penalty in the community market")
         msg = Penalty.from_envelope(env)
         H = next(iter(self.locals.values())).x.shape[1]
         for pid, params in msg.peers.items():

@@ -214,3 +214,35 @@ def test_virtual_load_is_served(tmp_path):
     dc = pd.read_csv(central / "dispatch.csv").set_index(["peer", "hour"])["p_mw"]
     assert np.abs(d - dc.loc[d.index]).max() < 1e-3
     assert s["social_welfare_eur"] <= bench.economics["social_welfare_eur"].sum() + 1e-6
+
+
+def test_peer_refuses_a_penalty_not_meant_for_it_and_applies_its_own(tmp_path):
+    from common.admm import LocalP2P
+    from common.protocol import ProtocolError
+    from common.protocol.market import Penalty
+    from peer_node.host import PeerHost
+
+    sc = load_scenario(voltage(tmp_path))
+    model = hourly_peer(sc, sc.peer("load2").model_copy(update={"flex_fraction": 0.3}))
+    host = PeerHost([model], "tcp://127.0.0.1:9", "h-load2", timeout_s=1.0)
+    try:
+        host.market = "p2p"
+        host.locals = {"load2": LocalP2P(model.p_min_mw, model.p_max_mw, model.cost_a_eur_per_mw2h,
+                                         model.cost_b_eur_per_mwh, -1.0, np.zeros((1, 2)))}
+        host.partners = {"load2": ["grid"]}
+
+        def env(peers):
+            return Penalty(peers=peers).envelope(run_id="r", sender="coordinator", iteration=3)
+
+        for bad in ({"load3": {"tan_phi": np.zeros(2)}}, {"load2": {"tan_phi": np.zeros(3)}},
+                    {"load2": {"diff_eur_per_mwh": np.zeros((2, 2))}}, {"load2": {"price_cap": np.zeros(2)}}):
+            with pytest.raises(ProtocolError):
+                host.on_penalty(env(bad))
+        assert np.allclose(host.locals["load2"].p_max_mw, model.p_max_mw)  # nothing applied
+        host.on_penalty(env({"load2": {"flex_down_fraction": np.array([0.5, 0.3]), "diff_eur_per_mwh": np.array([[-2.0, 0.0]]),
+                                       "tan_phi": np.array([0.0, 0.3])}}))
+        assert np.allclose(-host.locals["load2"].p_max_mw, [0.8, 1.6 * 0.7])
+        assert np.allclose(host.locals["load2"].weights, [[-2.0, 0.0]])
+        assert np.allclose(host.models["load2"].tan_phi, [0.0, 0.3])
+    finally:
+        host.close()
