@@ -91,8 +91,8 @@ def day_frame(dispatch_before: pd.DataFrame, result, sw_before) -> pd.DataFrame:
     before, after = energy(dispatch_before), energy(result.dispatch)
     before.update(losses_pct=losses(result.ac_initial), social_welfare_eur=float(np.sum(sw_before)))
     after.update(losses_pct=losses(result.ac), social_welfare_eur=float(result.economics["social_welfare_eur"].sum()))
-    return pd.DataFrame({"quantity": list(before), "before": [float(v) for v in before.values()],
-                         "after": [float(after[k]) for k in before]})
+    return pd.DataFrame({"quantity": list(before), "before": [float(v) + 0.0 for v in before.values()],
+                         "after": [float(after[k]) + 0.0 for k in before]})
 
 
 def accounting(base_models: list[HourlyPeer], params: dict, p_mw: np.ndarray, trades_mw: np.ndarray, graph, weights):
