@@ -165,9 +165,9 @@ class OuterPlanner:
                 vbus, vkind = int(np.argmax(self.grid.depth)), "undervoltage"
             act = self._act(t, st, p_mw, over, vbus, vkind)
             if act is None:
+                res = ", RES cut at most to 0 % of forecast" if self.model == "full" else ""
                 exhausted.append(f"hour {hour} ({st.problems}): flexibility exhausted (loads' flexibility at most "
-                                 f"{100 * self.s.flex_max:.0f} % of their baseline, RES cut at most to 0 %) and still "
-                                 "infeasible")
+                                 f"{100 * self.s.flex_max:.0f} % of their baseline{res}) and still infeasible")
             else:
                 actions.append(f"hour {hour} [{st.problems}]: {act}")
         updates = self._changed()
