@@ -122,16 +122,18 @@ def test_voltage_fixed_by_reactive_control_of_the_most_sensitive_load(tmp_path):
     assert r.economics["flex_penalty_eur"].sum() == 0.0
 
 
-def test_exhausted_flexibility_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("solver", ["centralized", "admm"])
+def test_exhausted_flexibility_is_a_clear_error(tmp_path, solver):
     net = feeder(tmp_path / "net.json", max_i_ka=(0.02, 0.3, 0.3))  # ~0.38 MW through line 0-1
     peers = [{"id": "load2", "kind": "load", "bus": 2, "p_base_mw": 1.0, "flex_fraction": 0.1}]
     path = scenario(tmp_path / "stuck.yaml", net, "cong", peers, dso={"k_differentiation": 1, "flex_step": 0.1,
                                                                        "flex_max": 0.3})
-    r = run_cli("run", path, "--solver", "centralized", "--out", tmp_path / "out")
+    r = run_cli("run", path, "--solver", solver, "--out", tmp_path / "out", "--quiet")
     assert r.returncode == 1
     assert "flexibility exhausted" in r.stderr and "hour 1" in r.stderr and "Traceback" not in r.stderr
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())  # the last outer iteration is kept
     assert summary["violations"] > 0 and summary["outer_status"] == "exhausted" and not summary["converged"]
+    assert summary["outer_iterations"] == 4  # differentiation once, then 20 % and 30 % flexibility, then exhausted
 
 
 # -- distributed (real processes) -------------------------------------------------------------------
