@@ -298,10 +298,6 @@ class CoordinatorServer:
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> dict:
-        import pandas as pd
-
-        from common.clearing import p2p_result
-
         self.register()
         if self.community:
             rounds = self.clear_community()

@@ -3,9 +3,6 @@ against the centralized SOCP of the same scenario."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +10,7 @@ import pandas as pd
 import pandapower as pp
 import yaml
 
-PY = sys.executable
+from conftest import run_cli
 
 
 def feeder(path: Path) -> Path:
@@ -55,18 +52,8 @@ def community(path: Path, network: Path, vm_min_pu: float = 0.95) -> Path:
     return path
 
 
-def p2pm(*args, timeout=300):
-    return subprocess.run([PY, "-m", "common.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
-def test_community_admm_processes_match_the_centralized_socp(tmp_path):
-    scen = community(tmp_path / "c.yaml", feeder(tmp_path / "feeder.json"))
-    admm, central = tmp_path / "admm", tmp_path / "central"
-    r1 = p2pm("run", scen, "--out", admm, "--quiet")
-    assert r1.returncode == 0, r1.stderr + r1.stdout
-    r2 = p2pm("run", scen, "--solver", "centralized", "--out", central)
-    assert r2.returncode == 0, r2.stderr + r2.stdout
-    sa, sc = (json.loads((d / "summary.json").read_text()) for d in (admm, central))
+def test_community_admm_processes_match_the_centralized_socp(tmp_path, admm_and_centralized):
+    admm, central, sa, sc = admm_and_centralized(community(tmp_path / "c.yaml", feeder(tmp_path / "feeder.json")))
     assert sa["converged"] and sa["market"] == "community" and sa["processes"] == 5 + 3  # 5 peers (grid is the root)
     assert abs(sa["social_welfare_eur"] - sc["social_welfare_eur"]) <= 1e-3 * abs(sc["social_welfare_eur"])
     da = pd.read_csv(admm / "dispatch.csv").set_index(["peer", "hour"])["p_mw"]
@@ -87,6 +74,6 @@ def test_community_admm_processes_match_the_centralized_socp(tmp_path):
 def test_failing_network_agent_ends_the_run_with_a_clear_error(tmp_path):
     # the root is held at 1.0 pu, so a lower voltage limit above it makes every SOCP infeasible
     scen = community(tmp_path / "c.yaml", feeder(tmp_path / "feeder.json"), vm_min_pu=1.001)
-    r = p2pm("run", scen, "--out", tmp_path / "out", "--quiet", "--timeout-s", "30")
+    r = run_cli("run", scen, "--out", tmp_path / "out", "--quiet", "--timeout-s", "30")
     assert r.returncode == 1
     assert "network agent" in r.stderr and "dso" in r.stderr and "Traceback" not in r.stderr

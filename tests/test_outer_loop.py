@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +15,7 @@ import yaml
 from common.clearing import run_centralized
 from common.models import apply_parameters, flex_penalty_eur, hourly_peer, load_baseline_mw
 from common.scenario import load_scenario
-
-PY = sys.executable
+from conftest import run_cli
 
 
 def feeder(path: Path, r_ohm_per_km: float = 0.4, x_ohm_per_km: float = 0.35, max_i_ka=(0.3, 0.3, 0.3)) -> Path:
@@ -66,10 +63,6 @@ def voltage(tmp_path: Path) -> Path:
              {"id": "load1", "kind": "load", "bus": 1, "p_base_mw": 0.05, "flex_fraction": 0.0},
              {"id": "load3", "kind": "load", "bus": 3, "p_base_mw": 0.3, "flex_fraction": 0.0}]
     return scenario(tmp_path / "volt.yaml", net, "volt", peers, dso={"k_differentiation": 1})
-
-
-def run_cli(*args, timeout=300):
-    return subprocess.run([PY, "-m", "common.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
 def trades(out: Path) -> pd.Series:
@@ -137,14 +130,8 @@ def test_exhausted_flexibility_is_a_clear_error(tmp_path, solver):
 
 
 # -- distributed (real processes) -------------------------------------------------------------------
-def test_distributed_congestion_loop_matches_the_centralized_one(tmp_path):
-    path = congestion(tmp_path)
-    admm, central = tmp_path / "admm", tmp_path / "central"
-    r1 = run_cli("run", path, "--out", admm, "--quiet")
-    assert r1.returncode == 0, r1.stderr + r1.stdout
-    r2 = run_cli("run", path, "--solver", "centralized", "--out", central)
-    assert r2.returncode == 0, r2.stderr + r2.stdout
-    sa, sc = (json.loads((d / "summary.json").read_text()) for d in (admm, central))
+def test_distributed_congestion_loop_matches_the_centralized_one(tmp_path, admm_and_centralized):
+    admm, central, sa, sc = admm_and_centralized(congestion(tmp_path))
     assert sa["violations"] == 0 and sa["violations_initial"] == 2 and sa["converged"]
     assert sa["outer_iterations"] == sc["outer_iterations"] > 1
     assert abs(sa["social_welfare_eur"] - sc["social_welfare_eur"]) <= 1e-3 * abs(sc["social_welfare_eur"])
