@@ -40,12 +40,7 @@ class LocalP2P:
 
     def __post_init__(self):
         shape = self.weights.shape
-        H = shape[1]
-        # the local problem in producer form (consumers mirrored), arrays of shape (H,)
-        sgn = 1.0 if self.sign > 0 else -1.0
-        a, b, lo, hi = (np.broadcast_to(np.asarray(v, dtype=float), (H,)).copy()
-                        for v in (self.cost_a, self.cost_b, self.p_min_mw, self.p_max_mw))
-        self._prod = (a, sgn * b, lo, hi) if sgn > 0 else (a, -b, -hi, -lo)
+        self._set_problem(shape[1])
         if self.x is None:
             self.x = np.zeros(shape)
         if self.y is None:
@@ -53,16 +48,19 @@ class LocalP2P:
         if self.lam is None:
             self.lam = np.zeros(shape)
 
+    def _set_problem(self, H: int) -> None:
+        """The local problem in producer form (consumers mirrored), arrays of shape (H,)."""
+        a, b, lo, hi = (np.broadcast_to(np.asarray(v, dtype=float), (H,)).copy()
+                        for v in (self.cost_a, self.cost_b, self.p_min_mw, self.p_max_mw))
+        self._prod = (a, b, lo, hi) if self.sign > 0 else (a, -b, -hi, -lo)
+
     def retune(self, p_min_mw, p_max_mw, cost_a, cost_b, weights=None) -> None:
         """New bounds, cost or differentiation weights between two clearings (outer loop); the
         ADMM state (trades, partners' trades, prices) is kept, so the next clearing is warm."""
         self.p_min_mw, self.p_max_mw, self.cost_a, self.cost_b = p_min_mw, p_max_mw, cost_a, cost_b
         if weights is not None:
             self.weights = np.asarray(weights, dtype=float).reshape(self.x.shape)
-        H = self.x.shape[1]
-        sgn = 1.0 if self.sign > 0 else -1.0
-        a, b, lo, hi = (np.broadcast_to(np.asarray(v, dtype=float), (H,)).copy() for v in (cost_a, cost_b, p_min_mw, p_max_mw))
-        self._prod = (a, sgn * b, lo, hi) if sgn > 0 else (a, -b, -hi, -lo)
+        self._set_problem(self.x.shape[1])
 
     def step(self, rho: float) -> tuple[np.ndarray, float]:
         """Local update; returns the new trades and the squared change (for the dual residual)."""

@@ -244,7 +244,7 @@ def flex_penalty_eur(base: HourlyPeer, params: dict) -> np.ndarray:
     """beta times the extra flexibility offered beyond the benchmark's, per hour [EUR]: a load's
     widened range (f - f0) * baseline, a RES unit's ordered cut (1 - cap) * forecast."""
     H = len(base.p_min_mw)
-    beta = float(np.asarray(params.get("beta_eur_per_mwh", 0.0)).reshape(-1)[0]) if "beta_eur_per_mwh" in params else 0.0
+    beta = float(np.asarray(params.get("beta_eur_per_mwh", 0.0)).reshape(-1)[0])
     extra = np.zeros(H)
     if base.kind == "load":
         baseline, f0 = load_baseline_mw(base)

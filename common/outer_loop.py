@@ -19,31 +19,15 @@ import pandas as pd
 
 from common.models import HourlyPeer, apply_parameters, flex_penalty_eur, load_baseline_mw
 
-OUTER_MODELS = ("cong", "volt", "freq", "full")
-
-
-class OuterLoopError(RuntimeError):
-    """The outer loop cannot make the grid feasible (flexibility exhausted, model cannot address a
-    violation, or the outer-iteration limit); the message says which hour and why."""
-
-
-def virtual_load_request(scenario) -> np.ndarray:
-    """The TSO's request from the scenario (what the TSO service answers)."""
-    if scenario.tso is None:
-        return np.zeros(scenario.market.hours)
-    return scenario._resolve(scenario.tso.virtual_load_mw, "tso.virtual_load_mw")
-
-
 def virtual_load_id(scenario) -> str | None:
     return next((p.id for p in scenario.peers if p.kind == "virtual_load"), None)
 
 
-def planner_for(scenario, roster_ids, kinds, buses, tan_phi0, flex0):
-    """The DSO's planner for a scenario's network and roster."""
-    from dso_service.networks import branch_lengths_km, build_network, grid_model
+def planner_for(scenario, net, roster_ids, kinds, buses, tan_phi0, flex0):
+    """The DSO's planner for a scenario's network (the pandapower ``net`` built from it) and roster."""
+    from dso_service.networks import branch_lengths_km, grid_model
     from dso_service.outer import OuterPlanner
 
-    net = build_network(scenario.network)
     grid = grid_model(net, scenario.network)
     return OuterPlanner(grid, roster_ids, kinds, buses, scenario.market.model, scenario.dso,
                         branch_lengths_km(net, grid), tan_phi0, flex0, scenario.market.hours,
@@ -95,6 +79,11 @@ def day_frame(dispatch_before: pd.DataFrame, result, sw_before) -> pd.DataFrame:
                          "after": [float(after[k]) + 0.0 for k in before]})
 
 
+def history_row(outer: int, admm_iterations: int, ac, step: str, actions: str) -> tuple:
+    """One row of ``outer_history``: the outer iteration, its clearing and what its AC check found."""
+    return (outer, admm_iterations, len(ac.violations), int((ac.hours["violations"] > 0).sum()), step, actions)
+
+
 def accounting(base_models: list[HourlyPeer], params: dict, p_mw: np.ndarray, trades_mw: np.ndarray, graph, weights):
     """(social welfare, differentiation cost, flexibility penalty) per hour [EUR]."""
     sw = -np.sum([m.cost_eur(p_mw[i]) for i, m in enumerate(base_models)], axis=0)
@@ -106,14 +95,18 @@ def accounting(base_models: list[HourlyPeer], params: dict, p_mw: np.ndarray, tr
 def run_centralized_outer(scenario):
     """The outer loop with the centralized market clearing (the reference of the distributed run)."""
     from common import centralized
-    from common.clearing import dispatch_frame, p2p_result, run_ac_check
+    from common.clearing import dispatch_frame, p2p_result
     from common.models import peer_models
+    from dso_service.networks import build_network
+    from dso_service.powerflow import run_ac
+    from tso_service.service import regulation_request_mw
 
     model = scenario.market.model
     base = peer_models(scenario)
     ids = [m.id for m in base]
     tan0, flex0 = initial_q_and_flex(base)
-    planner = planner_for(scenario, ids, [m.kind for m in base], [m.bus for m in base], tan0, flex0)
+    net = build_network(scenario.network)
+    planner = planner_for(scenario, net, ids, [m.kind for m in base], [m.bus for m in base], tan0, flex0)
     params: dict[str, dict] = {}
     history = []
     vl_id = virtual_load_id(scenario)
@@ -125,35 +118,32 @@ def run_centralized_outer(scenario):
         w = planner.weights()
         sol = centralized.solve_p2p(models, w)
         dispatch = dispatch_frame(models, sol.p_mw)
-        return models, w, sol, dispatch, run_ac_check(scenario, dispatch)
+        return models, w, sol, dispatch, run_ac(net, dispatch, scenario.network)
 
     models, w, sol, dispatch, ac = clear()
     ac_initial, dispatch_before = ac, dispatch
     sw_before = accounting(base, params, sol.p_mw, sol.trades_mw, sol.graph, w)[0]
     outer, status, reason = 1, "feasible", ""
-    history.append((1, 0, len(ac.violations), int((ac.hours["violations"] > 0).sum()), "clearing", ""))
+    history.append(history_row(1, 0, ac, "clearing", ""))
     if model in ("freq", "full") and vl_id is not None:
-        vl = virtual_load_request(scenario)
+        vl = regulation_request_mw(scenario)
         params.setdefault(vl_id, {})["virtual_load_mw"] = vl
         models, w, sol, dispatch, ac = clear()
         outer += 1
-        history.append((outer, 0, len(ac.violations), int((ac.hours["violations"] > 0).sum()), "tso",
-                        f"virtual load {vl.sum():.2f} MWh"))
-    if model in OUTER_MODELS:
-        while True:
-            plan = planner.step(sol.p_mw, ac)
-            for pid, upd in plan.updates.items():
-                params.setdefault(pid, {}).update(upd)
-            if plan.status != "continue":
-                status, reason = plan.status, plan.reason
-                break
-            if outer >= scenario.dso.max_outer_iterations:
-                status, reason = "limit", f"no feasible dispatch after {outer} outer iterations"
-                break
-            models, w, sol, dispatch, ac = clear()
-            outer += 1
-            history.append((outer, 0, len(ac.violations), int((ac.hours["violations"] > 0).sum()), "dso",
-                            " | ".join(plan.actions)))
+        history.append(history_row(outer, 0, ac, "tso", f"virtual load {vl.sum():.2f} MWh"))
+    while True:
+        plan = planner.step(sol.p_mw, ac)
+        for pid, upd in plan.updates.items():
+            params.setdefault(pid, {}).update(upd)
+        if plan.status != "continue":
+            status, reason = plan.status, plan.reason
+            break
+        if outer >= scenario.dso.max_outer_iterations:
+            status, reason = "limit", f"no feasible dispatch after {outer} outer iterations"
+            break
+        models, w, sol, dispatch, ac = clear()
+        outer += 1
+        history.append(history_row(outer, 0, ac, "dso", " | ".join(plan.actions)))
     sw, diff, flex = accounting(base, params, sol.p_mw, sol.trades_mw, sol.graph, w)
     result = p2p_result(scenario, sol.graph, dispatch, sol.trades_mw, sol.prices_eur_per_mwh, sw, diff, "centralized")
     result.economics["flex_penalty_eur"] = flex
@@ -164,15 +154,14 @@ def run_centralized_outer(scenario):
 
 
 def finish_outer(result, hour_rows: list[dict], sw_before, virtual_load_mw, history, status: str, reason: str,
-                 dispatch_before: pd.DataFrame | None = None) -> None:
+                 dispatch_before: pd.DataFrame) -> None:
     """Attach the outer loop's tables and status to a result (shared by both solvers);
     ``hour_rows``: the DSO planner's per-hour record (``OuterPlanner.hour_table``)."""
     result.outer_hours = hours_frame(result.ac_initial, result.ac, sw_before, result.economics["social_welfare_eur"],
                                      hour_rows, virtual_load_mw)
     result.outer_history = pd.DataFrame(history, columns=["outer", "admm_iterations", "violations",
                                                           "hours_with_violations", "step", "actions"])
-    if dispatch_before is not None:
-        result.outer_day = day_frame(dispatch_before, result, sw_before)
+    result.outer_day = day_frame(dispatch_before, result, sw_before)
     hb = result.ac_initial.hours
     result.extra["social_welfare_initial_eur"] = float(np.sum(sw_before))
     result.extra["losses_pct_initial"] = float(100 * hb["losses_mw"].sum() / hb["load_mw"].sum())

@@ -71,6 +71,7 @@ class CoordinatorServer:
         self.host_info: dict[str, Hello] = {}
         self.services: dict[str, Hello] = {}
         self.extra_traffic: list[tuple[int, str, int, int]] = []
+        self.penalty_log: list[tuple] = []  # outer, source, host, peer, parameters: every PENALTY sent
         self.timing: dict[str, float] = {}
 
     # -- control dialog --------------------------------------------------------------------
@@ -306,11 +307,10 @@ class CoordinatorServer:
         if self.scenario.market.model != "benchmark":
             return self.run_outer()
         rounds = self.clear_market()
-        result, _ = self.p2p_outcome(rounds)
-        return self.finish(rounds, result)
+        return self.finish(rounds, self.p2p_outcome(rounds))
 
     def p2p_outcome(self, rounds: P2PRounds):
-        """Collect the peers' RESULTs after a clearing: (RunResult, the peers' results)."""
+        """Collect the peers' RESULTs after a clearing into a RunResult."""
         import pandas as pd
 
         from common.clearing import p2p_result
@@ -340,7 +340,7 @@ class CoordinatorServer:
         result = p2p_result(self.scenario, self.graph, dispatch, trades, prices, sw, diff, "admm",
                             converged=rounds.converged)
         result.economics["flex_penalty_eur"] = flex
-        return result, results
+        return result
 
     def send_penalties(self, penalties: dict, k: int, outer: int, source: str) -> None:
         """Forward the DSO's or TSO's new parameters, each host getting only its own peers' ones."""
@@ -364,25 +364,24 @@ class CoordinatorServer:
         warm-started, until the DSO finds no violation or gives up."""
         import pandas as pd
 
-        from common.outer_loop import finish_outer, virtual_load_id
+        from common.outer_loop import finish_outer, history_row, virtual_load_id
         from dso_service.report_codec import ac_from_tables, frames_from_tables
 
         sc = self.scenario
         model, H = sc.market.model, sc.market.hours
         tso_first = model in ("freq", "full")
         all_rounds, history = [], []
-        self.penalty_log = []
         vl = np.zeros(H)
 
         def clear_and_check(plan: bool, step: str, actions: str):
             rounds = self.clear_market(all_rounds[-1] if all_rounds else None)
             all_rounds.append(rounds)
-            result, _ = self.p2p_outcome(rounds)
+            result = self.p2p_outcome(rounds)
             report = self.ask_dso(result.dispatch, rounds.iteration, plan=plan)
             ac = ac_from_tables(report.tables)
             outer = len(all_rounds)
             its = rounds.iteration - rounds.start_iteration
-            history.append((outer, its, len(ac.violations), int((ac.hours["violations"] > 0).sum()), step, actions))
+            history.append(history_row(outer, its, ac, step, actions))
             emit("outer", outer=outer, iterations=its, violations=len(ac.violations), step=step)
             log(f"outer iteration {outer}: {its} ADMM iterations, {len(ac.violations)} violation(s)")
             return rounds, result, report, ac
@@ -405,8 +404,8 @@ class CoordinatorServer:
         result.ac, result.ac_initial = ac, ac_initial
         result.outer_iterations = len(all_rounds)
 
-        hours = frames_from_tables(report.tables, ["outer_hours"])["outer_hours"] if "outer_hours" in (report.tables or {}) \
-            else pd.DataFrame({"hour": np.arange(1, H + 1)})
+        # the last check always planned, so the DSO's per-hour record came with it
+        hours = frames_from_tables(report.tables, ["outer_hours"])["outer_hours"]
         finish_outer(result, hours.to_dict("records"), sw_before, vl, history, status, reason, dispatch_before)
         result.converged = result.converged and all(r.converged for r in all_rounds)
         result.penalties = pd.DataFrame(self.penalty_log, columns=["outer", "source", "host", "peer", "parameters"])

@@ -99,9 +99,16 @@ class OuterPlanner:
         self.flex_up = self.flex_down.copy()
         self.res_cap = np.ones((N, hours))
         self.hours = [HourState() for _ in range(hours)]
-        self._sent: dict[tuple[str, str], np.ndarray] = {}
-        # each peer's feeder (first branch out of the root)
+        # each peer's feeder (first branch out of the root) and path to the slack
         self.feeder = np.array([grid.feeder_of(int(b)) for b in self.buses])
+        self.root_paths = [set(grid.path_to_root(int(b))) for b in self.buses]
+        # (pandapower table, element index) of the AC report -> branch of the grid model
+        src = grid.branch_source or ("line",) * grid.n_branch
+        elem = grid.branch_element if grid.branch_element is not None else np.arange(grid.n_branch)
+        self.branch_of = {(s, int(e)): k for k, (s, e) in enumerate(zip(src, elem))}
+        # what each peer was last told; the initial values are its own model's, so nothing is sent
+        # until they change
+        self._sent = {(pid, name): arr.copy() for pid, p in self.parameters().items() for name, arr in p.items()}
 
     # -- helpers ------------------------------------------------------------------------------
     def weights(self) -> np.ndarray:
@@ -112,22 +119,12 @@ class OuterPlanner:
     def _shared_r(self, bus: int) -> np.ndarray:
         """Per peer: resistance shared by its bus's path to the slack and ``bus``'s path (pu)."""
         ref = set(self.grid.path_to_root(bus))
-        out = np.zeros(len(self.ids))
-        for n, b in enumerate(self.buses):
-            out[n] = self.grid.path_r_pu([k for k in self.grid.path_to_root(int(b)) if k in ref])
-        return out
-
-    def _branch_index(self) -> dict:
-        """(pandapower table, element index) -> branch of the grid model."""
-        src = self.grid.branch_source or ("line",) * self.grid.n_branch
-        elem = self.grid.branch_element if self.grid.branch_element is not None else np.arange(self.grid.n_branch)
-        return {(s, int(e)): k for k, (s, e) in enumerate(zip(src, elem))}
+        return np.array([self.grid.path_r_pu(path & ref) for path in self.root_paths])
 
     # -- one outer iteration --------------------------------------------------------------------
     def step(self, p_mw: np.ndarray, ac) -> Plan:
         """Decide the next parameters from the dispatch ``p_mw`` (N, H) and its AC check."""
         handles = HANDLES[self.model]
-        index = self._branch_index()
         limit = self.max_loading_percent
         actions, exhausted, unhandled = [], [], []
         lines = ac.lines
@@ -152,11 +149,11 @@ class OuterPlanner:
             if "overload" in mine:
                 rows = lines[(lines["hour"] == hour)]
                 for r in rows[rows["loading_percent"] > limit + 1e-9].itertuples():
-                    k = index.get((str(r.element), int(r.line)))
+                    k = self.branch_of.get((str(r.element), int(r.line)))
                     if k is not None:
                         over.append(k)
             vbus, vkind = None, None
-            vrows = viol[viol["kind"].isin(["undervoltage", "overvoltage"] if mine & {"undervoltage", "overvoltage"} else [])]
+            vrows = viol[viol["kind"].isin(mine & {"undervoltage", "overvoltage"})]
             if len(vrows):
                 dev = np.where(vrows["kind"] == "undervoltage", vrows["limit"] - vrows["value"], vrows["value"] - vrows["limit"])
                 worst = vrows.iloc[int(np.argmax(dev))]
@@ -308,32 +305,15 @@ class OuterPlanner:
         out: dict[str, dict[str, np.ndarray]] = {}
         for pid, params in self.parameters().items():
             for name, arr in params.items():
-                key = (pid, name)
-                prev = self._sent.get(key)
-                if prev is None:
-                    # initial values equal the peer's own model: nothing to send until they change
-                    if name == "beta_eur_per_mwh" or not self._differs_from_initial(pid, name, arr):
-                        self._sent[key] = arr.copy()
-                        continue
-                elif np.array_equal(prev, arr):
+                if np.array_equal(self._sent[(pid, name)], arr):
                     continue
-                self._sent[key] = arr.copy()
+                self._sent[(pid, name)] = arr.copy()
                 out.setdefault(pid, {})[name] = arr.copy()
         # a peer whose flexibility changes learns beta with it
         for pid, p in out.items():
             if {"flex_down_fraction", "flex_up_fraction", "res_cap_fraction"} & set(p):
                 p["beta_eur_per_mwh"] = np.array([self.s.beta_eur_per_mwh])
         return out
-
-    def _differs_from_initial(self, pid: str, name: str, arr: np.ndarray) -> bool:
-        n = self.ids.index(pid)
-        if name == "tan_phi":
-            return not np.allclose(arr, self.tan_phi0[n])
-        if name in ("flex_down_fraction", "flex_up_fraction"):
-            return not np.allclose(arr, self.flex0[n])
-        if name == "res_cap_fraction":
-            return not np.allclose(arr, 1.0)
-        return bool(np.any(arr != 0))
 
     # -- results ------------------------------------------------------------------------------
     def hour_table(self) -> list[dict]:

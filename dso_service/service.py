@@ -77,7 +77,7 @@ def serve(scenario_path: str, coordinator: str, timeout_s: float, idle_timeout_s
         if not msg.plan:
             return report
         if planner is None:
-            planner = outer_planner(scenario, msg)
+            planner = outer_planner(scenario, net, msg)
         plan = planner.step(msg.p_mw, ac)
         for line in plan.actions:
             log(f"outer loop: {line}")
@@ -94,7 +94,7 @@ def serve(scenario_path: str, coordinator: str, timeout_s: float, idle_timeout_s
     return run_service("dso", coordinator, timeout_s, idle_timeout_s, handlers)
 
 
-def outer_planner(scenario, msg: Dispatch):
+def outer_planner(scenario, net, msg: Dispatch):
     """The DSO's outer-loop planner for the roster of the first dispatch it is asked to plan for.
     The peers' benchmark tan phi and flexibility are the DSO's connection data (here: the scenario)."""
     from common.models import peer_models
@@ -105,7 +105,7 @@ def outer_planner(scenario, msg: Dispatch):
     if unknown:
         raise ValueError(f"dispatch names peers the DSO does not know: {', '.join(unknown[:5])}")
     tan0, flex0 = initial_q_and_flex([by_id[p] for p in msg.peer_ids])
-    return planner_for(scenario, list(msg.peer_ids), list(msg.kinds), list(msg.buses), tan0, flex0)
+    return planner_for(scenario, net, list(msg.peer_ids), list(msg.kinds), list(msg.buses), tan0, flex0)
 
 
 def network_agent(scenario, net):
