@@ -1,5 +1,6 @@
 """Pure numerics of the consensus ADMM for the full P2P market (Sousa et al. 2019; Baroche et al.
-2019), shared by the peer processes, the coordinator and the in-process reference loop.
+2019): the peers' local update (``peer_node.engine``) and the residuals and rho policy of the
+coordinator's loop (``coordinator.clearing``).
 
 Each peer n owns its trades x = p_nm with its M partners (matrix (M, H)). One iteration:
 
@@ -159,30 +160,3 @@ class RhoPolicy:
 
 def converged(primal: float, dual: float, tolerance: float) -> bool:
     return primal <= tolerance and dual <= tolerance
-
-
-def run_p2p_admm(locals_: list[LocalP2P], partner_index: list[np.ndarray], reverse: np.ndarray, rho: float,
-                 tolerance: float, max_iterations: int, residual_balancing: bool = True, mu: float = 10.0,
-                 tau: float = 2.0, history: list | None = None, every: int = 10, until: int = 2000):
-    """In-process reference of the distributed loop (same numerics, no sockets): used by tests
-    and to study rho policies. ``partner_index[n]`` are the global trade indices owned by n."""
-    K = len(reverse)
-    H = locals_[0].x.shape[1]
-    policy = RhoPolicy(rho, residual_balancing, mu, tau, every, until)
-    flat = np.zeros((K, H))
-    for it in range(1, max_iterations + 1):
-        dual_sq = 0.0
-        for n, loc in enumerate(locals_):
-            x, dx = loc.step(rho)
-            flat[partner_index[n]] = x
-            dual_sq += dx
-        primal_sq = 0.0
-        for n, loc in enumerate(locals_):
-            primal_sq += loc.receive(flat[reverse[partner_index[n]]], rho)
-        r, s = np.sqrt(primal_sq), rho * np.sqrt(dual_sq)
-        if history is not None:
-            history.append((it, r, s, rho))
-        if converged(r, s, tolerance):
-            return it, True, rho
-        rho = policy.update(it, r, s)
-    return max_iterations, False, rho

@@ -1,5 +1,6 @@
 """From solver output to a ``RunResult``: dispatch, trades, prices and economics tables shared by
-the centralized clearing and the distributed coordinator; and the centralized run itself."""
+the centralized clearing and the distributed coordinator. ``scenario`` is the public scenario
+(``common.public.PublicScenario``): name, market, roster."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from common.market import TradeGraph
-from common.models import peer_models, reactive_mvar
+from common.models import reactive_mvar
 from common.results import RunResult
 
 TRADE_EPS_MW = 1e-6
@@ -59,29 +60,12 @@ def p2p_result(scenario, graph: TradeGraph, dispatch: pd.DataFrame, trades_mw, p
                converged: bool = True) -> RunResult:
     from common.models import PRODUCER_KINDS
 
-    sellers = np.array([p.kind in PRODUCER_KINDS for p in scenario.peers])
+    sellers = np.array([p.kind in PRODUCER_KINDS for p in scenario.roster])
     return RunResult(
         scenario=scenario.name, market="p2p", model=scenario.market.model, solver=solver, converged=converged,
         dispatch=dispatch, economics=economics_frame(sw, diff),
         trades=trades_frame(graph, trades_mw, prices, sellers), payments=p2p_payments(graph, trades_mw, prices),
     )
-
-
-def run_ac_check(scenario, dispatch: pd.DataFrame):
-    """AC power-flow validation (pandapower) of a dispatch on the scenario's network."""
-    from dso_service.networks import build_network
-    from dso_service.powerflow import run_ac
-
-    return run_ac(build_network(scenario.network), dispatch, scenario.network)
-
-
-def community_inputs(scenario):
-    """(models without the grid peer, grid peer) of a community scenario."""
-    models = peer_models(scenario)
-    grid = [p for p in scenario.peers if p.kind == "grid"]
-    if not grid:
-        raise ValueError("a community market needs a peer of kind 'grid' at the root bus")
-    return [m for m in models if m.kind != "grid"], grid[0]
 
 
 def community_result(scenario, models, sol, solver: str, converged: bool = True) -> RunResult:
@@ -124,34 +108,3 @@ def relaxation_frame(sol, ac) -> pd.DataFrame:
         "max_vm_gap_pu": gap,
         "max_cone_gap_pu": sol.max_cone_gap,
     })
-
-
-def run_centralized(scenario) -> RunResult:
-    """Clear the scenario with the centralized reference and validate it with an AC power flow."""
-    from common import centralized
-
-    if scenario.market.kind == "p2p" and scenario.market.model != "benchmark":
-        from common.outer_loop import run_centralized_outer
-
-        return run_centralized_outer(scenario)
-    if scenario.market.kind == "p2p":
-        peers = peer_models(scenario)
-        sol = centralized.solve_p2p(peers)
-        result = p2p_result(scenario, sol.graph, dispatch_frame(peers, sol.p_mw), sol.trades_mw, sol.prices_eur_per_mwh,
-                            sol.social_welfare_eur, sol.differentiation_cost_eur, "centralized")
-        result.ac = run_ac_check(scenario, result.dispatch)
-        return result
-
-    from dso_service.networks import build_network, grid_model
-
-    models, grid_peer = community_inputs(scenario)
-    grid = grid_model(build_network(scenario.network), scenario.network)
-    sol = centralized.solve_community(
-        models, grid, scenario.hourly(grid_peer, "import_price_eur_per_mwh"),
-        scenario.hourly(grid_peer, "export_price_eur_per_mwh"), grid_peer.p_import_max_mw, grid_peer.p_export_max_mw)
-    result = community_result(scenario, models, sol, "centralized")
-    result.ac = run_ac_check(scenario, result.dispatch)
-    result.relaxation = relaxation_frame(sol, result.ac)
-    result.extra["socp_losses_mwh"] = float(np.sum(sol.losses_mw))
-    result.extra["relaxation_max_vm_gap_pu"] = float(result.relaxation["max_vm_gap_pu"].max())
-    return result

@@ -388,14 +388,10 @@ def _limits(scenario) -> dict:
 
 
 def _grid_price(scenario) -> np.ndarray | None:
-    """Hourly import price of the scenario's grid peer, for reference in the price figure."""
-    try:
-        for peer in scenario.peers:
-            if peer.kind == "grid":
-                return np.asarray(scenario.hourly(peer, "import_price_eur_per_mwh"), dtype=float)
-    except Exception:  # noqa: BLE001 - a reference line only
-        return None
-    return None
+    """The public import tariff at the root (community market), for reference in the price figure;
+    in the full P2P market the external supplier's price is its own private data."""
+    tariff = getattr(scenario, "tariff", None)
+    return None if tariff is None else np.asarray(tariff.import_price_eur_per_mwh, dtype=float)
 
 
 def _hour_axis(ax, hours) -> None:
@@ -1016,12 +1012,12 @@ def _html(result: RunResult, summary: dict, figures: list[dict], scenario, files
 # ---------------------------------------------------------------------------------------------------------------
 # the results folder
 # ---------------------------------------------------------------------------------------------------------------
-def write_results(result: RunResult, out_dir: Path, scenario=None) -> Path:
+def write_results(result: RunResult, out_dir: Path, scenario=None, figures: bool = True) -> Path:
     """Write the results folder of a run (SPEC section 6) and return it.
 
-    ``scenario`` (optional, a common.scenario.Scenario) gives the voltage and loading limits and the
-    tolerance drawn in the figures, the grid import price drawn with the prices, and is saved as
-    ``scenario.json``.
+    ``scenario`` (optional, the public scenario, ``common.public.PublicScenario``) gives the voltage
+    and loading limits and the tolerance drawn in the figures, the grid tariff drawn with the prices,
+    and is saved as ``scenario.json``. ``figures=False`` writes the tables only (no figures, no page).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1053,10 +1049,12 @@ def write_results(result: RunResult, out_dir: Path, scenario=None) -> Path:
     table(result.outer_history, "outer_history")
     table(result.outer_day, "outer_day")
     table(result.penalties, "penalties")
-    if scenario is not None and hasattr(scenario, "model_dump"):
-        (out_dir / "scenario.json").write_text(json.dumps(_py(scenario.model_dump(mode="json")), indent=2) + "\n")
+    if scenario is not None and hasattr(scenario, "dump"):  # the public part only: no peer's private data
+        (out_dir / "scenario.json").write_text(json.dumps(_py(scenario.dump()), indent=2) + "\n")
         files.append("scenario.json")
 
+    if not figures:
+        return out_dir
     figures = render_figures(result, out_dir / "figures", scenario)
     files += [f"figures/{f['name']}.png" for f in figures if "png" in f]
     files.append("report.html")

@@ -107,6 +107,9 @@ class Transport:
     latency_s, drop_prob, seed:
         Fault injection (zero by default): sleep ``latency_s`` before each send; drop a send with
         probability ``drop_prob`` (random generator seeded by ``seed``).
+    context:
+        The ZeroMQ context to make sockets in (default: a new one); the socket shell passes a
+        ``zmq.asyncio.Context`` and does its own asynchronous sends and receives with them.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class Transport:
         drop_prob: float = 0.0,
         seed: int | None = None,
         validate_outgoing: bool = True,
+        context: zmq.Context | None = None,
     ) -> None:
         if latency_s < 0 or not 0.0 <= drop_prob <= 1.0 or send_timeout_s <= 0:
             raise ValueError("latency_s >= 0, 0 <= drop_prob <= 1 and send_timeout_s > 0 are required")
@@ -132,7 +136,7 @@ class Transport:
         self.latency_s = float(latency_s)
         self.drop_prob = float(drop_prob)
         self._rng = random.Random(seed)
-        self.ctx = zmq.Context()
+        self.ctx = context if context is not None else zmq.Context()  # a zmq.asyncio.Context for the shell
         self.sent = TrafficCounter()
         self.received = TrafficCounter()
         self.rejected: collections.Counter[str] = collections.Counter()

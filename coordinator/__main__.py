@@ -1,6 +1,6 @@
 """``python -m coordinator``: start the coordinator (the same as ``p2pm coordinator``)."""
 
-from common.cli import app
+from p2pm.cli import app
 
 if __name__ == "__main__":
     app(args=["coordinator", *__import__("sys").argv[1:]], prog_name="p2pm")

@@ -3,10 +3,10 @@ per request, so that dozens of peers start in a fraction of a second (a fresh in
 peer costs ~0.3 s of CPU in imports alone).
 
 Protocol on stdin/stdout, one JSON object per line:
-  in:  {"host_id", "models": [peer model dicts], "coordinator", "timeout_s", "log"}
+  in:  {"host_id", "model_files": [paths of the hosted peers' private files], "coordinator", "timeout_s", "log"}
   out: {"event": "started", "host_id", "pid"} / {"event": "exit", "pid", "code", "peak_rss_kib"}
 After stdin closes, the zygote reaps its children and exits when the last one has.
-Each child holds only its own peers' models (the zygote never loads a scenario).
+Each child reads only its own peers' private files (the zygote never loads a scenario).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import clarabel  # noqa: F401
 import osqp  # noqa: F401
 
 import common.community  # noqa: F401
-from common.launcher import die_with_parent
-from peer_node.host import child_main
+import cryptography.hazmat.primitives.asymmetric.x25519  # noqa: F401
+from common.process import die_with_parent
+from peer_node.main import child_main
 
 
 def _say(**event) -> None:
@@ -47,7 +48,7 @@ def main() -> int:
                 os.close(0)
             except OSError:
                 pass
-            child_main(req["models"], req["coordinator"], req["host_id"], float(req["timeout_s"]), req["log"])
+            child_main(req["model_files"], req["coordinator"], req["host_id"], float(req["timeout_s"]), req["log"])
             os._exit(1)  # child_main never returns
         children += 1
         _say(event="started", host_id=req["host_id"], pid=pid)

@@ -6,7 +6,9 @@ Control messages carry iteration 0 unless they concern a given ADMM iteration.
 HELLO (role -> coordinator)
     ``role``: "peer" | "dso" | "tso"; ``peer_ids``: list[str], the peers this process hosts (empty for
     the DSO/TSO); ``pid``: int, the OS process id; ``host``: str, the host name; ``address``: str,
-    optional, the process's own listening address (mesh topology), e.g. ``tcp://10.0.0.5:5601``.
+    optional, the process's own listening address (mesh topology), e.g. ``tcp://10.0.0.5:5601``;
+    ``public_keys``: optional {peer_id: hex X25519 public key}, relayed to every peer in WELCOME
+    (``public_keys``) for the masked cost sums (``common.secagg``).
 WELCOME (coordinator -> role)
     ``config``: map, the run settings the role needs (free-form plain msgpack values).
 ERROR (either way)
@@ -40,6 +42,7 @@ class Hello(Message):
     pid: int
     host: str
     address: str | None = None
+    public_keys: dict[str, str] | None = None  # peer id -> X25519 public key (hex), for masked cost sums
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -50,11 +53,15 @@ class Hello(Message):
         }
         if self.address is not None:
             body["address"] = self.address
+        if self.public_keys is not None:
+            body["public_keys"] = dict(self.public_keys)
         return body
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Hello:
-        return cls(body["role"], tuple(body["peer_ids"]), body["pid"], body["host"], body.get("address"))
+        keys = body.get("public_keys")
+        return cls(body["role"], tuple(body["peer_ids"]), body["pid"], body["host"], body.get("address"),
+                   dict(keys) if keys is not None else None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,7 +146,7 @@ SCHEMAS: dict[MsgType, Record] = {
             "pid": Int(min=0),
             "host": Str(max_len=1024),
         },
-        optional={"address": Str(max_len=1024)},
+        optional={"address": Str(max_len=1024), "public_keys": MapOf(Str(max_len=64))},
     ),
     MsgType.WELCOME: Record(required={"config": MapOf(AnyValue())}),
     MsgType.ERROR: Record(required={"code": Str(max_len=256), "text": Str()}),

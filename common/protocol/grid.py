@@ -115,9 +115,11 @@ class GridReport(Message):
     outer_status: str | None = None  # "feasible" | "continue" | "exhausted" | "unhandled" (outer loop)
     outer_reason: str = ""
     actions: tuple[str, ...] = ()
+    status: str = STATUS_OK  # anything else: the DSO could not check the dispatch, and says why
 
     def to_body(self) -> dict[str, Any]:
         out: dict[str, Any] = {
+            "status": self.status,
             "vm_pu": f64(self.vm_pu),
             "loading_percent": f64(self.loading_percent),
             "losses_mw": f64(self.losses_mw),
@@ -161,6 +163,7 @@ class GridReport(Message):
             body.get("outer_status"),
             body.get("outer_reason") or "",
             tuple(body.get("actions") or ()),
+            body.get("status") or STATUS_OK,
         )
 
 
@@ -271,6 +274,7 @@ SCHEMAS: dict[MsgType, Record] = {
             "converged": ListOf(Bool()),
         },
         optional={
+            "status": Str(max_len=4096),
             "bus_ids": ListOf(Int()),
             "line_ids": ListOf(Int()),
             "trafo_loading_percent": float_array(2),

@@ -235,7 +235,9 @@ class ResultPeer:
     q_mvar: np.ndarray | None = None
     soc_mwh: np.ndarray | None = None
     status: str = STATUS_OK
-    cost_eur: np.ndarray | None = None  # (hours,) the peer's own cost C_n(P_n), disclosed for welfare accounting
+    # (hours,) the peer's own cost C_n(P_n) in micro-euro plus its secure-aggregation mask (int64,
+    # wrapping): only the sum over all peers means anything (common.secagg)
+    cost_masked_ueur: np.ndarray | None = None
     diff_cost_eur: np.ndarray | None = None  # (hours,) product-differentiation cost it paid (outer loop)
     flex_penalty_eur: np.ndarray | None = None  # (hours,) beta times the extra flexibility it offered (outer loop)
 
@@ -252,7 +254,9 @@ class ResultPeer:
             out["q_mvar"] = f64(self.q_mvar)
         if self.soc_mwh is not None:
             out["soc_mwh"] = f64(self.soc_mwh)
-        for name in ("cost_eur", "diff_cost_eur", "flex_penalty_eur"):
+        if self.cost_masked_ueur is not None:
+            out["cost_masked_ueur"] = np.ascontiguousarray(self.cost_masked_ueur, dtype=np.int64)
+        for name in ("diff_cost_eur", "flex_penalty_eur"):
             if getattr(self, name) is not None:
                 out[name] = f64(getattr(self, name))
         return out
@@ -268,7 +272,7 @@ class ResultPeer:
             body.get("q_mvar"),
             body.get("soc_mwh"),
             body.get("status") or STATUS_OK,
-            body.get("cost_eur"),
+            body.get("cost_masked_ueur"),
             body.get("diff_cost_eur"),
             body.get("flex_penalty_eur"),
         )
@@ -382,7 +386,7 @@ SCHEMAS: dict[MsgType, Record] = {
                         "partner_ids": ListOf(Str(max_len=256)),
                         "q_mvar": float_array(1),
                         "soc_mwh": float_array(1),
-                        "cost_eur": float_array(1),
+                        "cost_masked_ueur": Array("int64", (1,)),
                         "diff_cost_eur": float_array(1),
                         "flex_penalty_eur": float_array(1),
                         "status": Str(max_len=256),

@@ -1,4 +1,8 @@
-"""The coordinator's ADMM round logic as a pure state machine (no sockets).
+"""The coordinator's side of each market's ADMM: pure state machines (no sockets, no clock).
+
+This is the one implementation of the clearing loops; the coordinator engine
+(``coordinator.engine``) drives it with the messages of whichever driver runs it. Timings come from
+the ``timer`` handed in (``time.perf_counter`` in both drivers).
 
 Events in: ``on_update(host, Update)`` (relay topology: the hosts' new trades) or
 ``on_residuals(host, Residuals)`` (mesh topology: trades went peer to peer, only residual sums
@@ -17,12 +21,14 @@ Iteration k (k = 1, 2, ...):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from common.admm import RhoPolicy, converged
 from common.market import TradeGraph
+from common.protocol.grid import NetworkUpdate
 from common.protocol.market import Round, RoundPeer
 
 
@@ -64,6 +70,7 @@ class P2PRounds:
     # the trades start from ``warm_trades_mw`` (K, H), the previous clearing's
     start_iteration: int = 0
     warm_trades_mw: np.ndarray | None = None
+    timer: Callable[[], float] = time.perf_counter
 
     def __post_init__(self):
         index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
@@ -80,7 +87,7 @@ class P2PRounds:
         self.converged = False
         self._waiting: set[str] = set()
         self._dual_sq = self._primal_sq = self._solve_max = self._solve_sum = 0.0
-        self._t_sent = time.perf_counter()
+        self._t_sent = self.timer()
         self.statuses: dict[str, str] = {}
 
     # -- instructions ----------------------------------------------------------------------
@@ -104,7 +111,7 @@ class P2PRounds:
         self._waiting = set(self.hosts) if not stop else set()
         self._dual_sq = self._primal_sq = self._solve_max = self._solve_sum = 0.0
         out = [(host, self._round_for(host, stop)) for host in self.hosts]
-        self._t_sent = time.perf_counter()
+        self._t_sent = self.timer()
         return out
 
     # -- events ----------------------------------------------------------------------------
@@ -141,7 +148,7 @@ class P2PRounds:
     def _maybe_complete(self) -> list[tuple[str, Round]]:
         if self._waiting:
             return []
-        t0 = time.perf_counter()
+        t0 = self.timer()
         wall = t0 - self._t_sent
         if self.settings.topology == "relay":
             primal = float(np.sqrt(np.sum((self.flat + self.flat[self.graph.reverse]) ** 2)))
@@ -161,7 +168,7 @@ class P2PRounds:
             self.rho = self.policy.update(local, primal, dual)
         self.primal_residual, self.dual_residual = primal, dual
         self.history.append(IterationStats(self.iteration, primal, dual, rho_used, self._solve_max, self._solve_sum,
-                                           time.perf_counter() - t0, wall))
+                                           self.timer() - t0, wall))
         return self._next_round(stop=self.finished)
 
 
@@ -181,6 +188,7 @@ class CommunityRounds:
     hours: int
     settings: RoundSettings
     history: list[IterationStats] = field(default_factory=list)
+    timer: Callable[[], float] = time.perf_counter
 
     def __post_init__(self):
         N, H = len(self.peer_ids), self.hours
@@ -212,15 +220,13 @@ class CommunityRounds:
             self.iteration += 1
         self._waiting = set() if stop else set(self.hosts)
         self._solve_max = self._solve_sum = 0.0
-        self._t_sent = time.perf_counter()
+        self._t_sent = self.timer()
         target = self.z - self.u
         return [(host, Round(rho=self.rho, stop=stop,
                              peers={pid: RoundPeer(p_in_mw=target[self.index[pid]][None, :]) for pid in peers}))
                 for host, peers in self.hosts.items()]
 
     def on_update(self, host: str, update):
-        from common.protocol.grid import NetworkUpdate
-
         if host not in self._waiting:
             raise ValueError(f"host {host} answered iteration {self.iteration} twice or was not asked")
         if set(update.peers) != set(self.hosts[host]):
@@ -242,7 +248,7 @@ class CommunityRounds:
             self.finished = True
             return []
         self._waiting = {"dso"}
-        self._t_network = time.perf_counter()
+        self._t_network = self.timer()
         return [("dso", NetworkUpdate(rho=self.rho, arrays={"v_mw": self.p + self.u}))]
 
     def on_network(self, result):
@@ -255,7 +261,7 @@ class CommunityRounds:
         z_new = result.arrays["z_mw"]
         if z_new.shape != self.z.shape:
             raise ValueError(f"network agent sent z of shape {z_new.shape}, expected {self.z.shape}")
-        t0 = time.perf_counter()
+        t0 = self.timer()
         self.network_s = t0 - self._t_network
         self.network = result
         wall = t0 - self._t_sent
@@ -275,7 +281,7 @@ class CommunityRounds:
                 self.u *= self.rho / new_rho
                 self.rho = new_rho
         self.history.append(IterationStats(self.iteration, primal, dual, rho_used, self._solve_max, self._solve_sum,
-                                           time.perf_counter() - t0, wall, self.network_s))
+                                           self.timer() - t0, wall, self.network_s))
         return self._next_round(stop=self.finished)
 
     @property

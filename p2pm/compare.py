@@ -63,10 +63,11 @@ def compare_p2p(run_dir: Path, scenario, ref=None) -> dict:
 def solve_community_reference(scenario):
     """The centralized SOCP of a community scenario (the reference of the distributed run)."""
     from common.centralized import solve_community
-    from common.clearing import community_inputs
+    from common.models import peer_models
     from dso_service.networks import build_network, grid_model
 
-    models, grid_peer = community_inputs(scenario)
+    models = [m for m in peer_models(scenario) if m.kind != "grid"]
+    grid_peer = next(p for p in scenario.peers if p.kind == "grid")
     grid = grid_model(build_network(scenario.network), scenario.network)
     sol = solve_community(models, grid, scenario.hourly(grid_peer, "import_price_eur_per_mwh"),
                           scenario.hourly(grid_peer, "export_price_eur_per_mwh"), grid_peer.p_import_max_mw,

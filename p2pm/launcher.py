@@ -1,10 +1,14 @@
 """Local launcher: starts every role of a run as its own OS process on loopback, shows progress,
 and stops all of them at the end, on error and on Ctrl-C.
 
-- coordinator, DSO and TSO services: ``python -m <role>`` subprocesses, each with its own log;
+- the scenario is split first (``common.public``): the public part for the coordinator, the DSO and
+  the TSO, one private file per peer in a folder only this user can read, removed after the run;
+- coordinator, DSO and TSO services: ``python -m <role>`` subprocesses with the public file, each
+  with its own log;
 - peer processes: forked by a clean fork server (``peer_node.zygote``) that has imported only the
   peer code (no scenario, no solver), so that dozens of them start in well under a second; each
-  gets only its own peers' models. ``p2pm peer`` starts the same peer process by hand elsewhere.
+  gets the paths of its own peers' private files only. ``p2pm peer`` starts the same peer process by
+  hand elsewhere.
 
 A role that exits with an error ends the run: the others are stopped and the error names the role,
 its exit code and the tail of its log.
@@ -12,33 +16,26 @@ its exit code and the tail of its log.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.models import peer_model_to_dict, peer_models
+from common.process import die_with_parent
+from common.public import write_split
 
 
 class LaunchError(RuntimeError):
     pass
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to end this process when its parent dies (run in a child before exec or
-    right after fork), so that a launcher killed outright leaves no role behind."""
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _tail(path: Path, lines: int = 12) -> str:
@@ -155,27 +152,12 @@ def _spawn(role: str, args: list[str], log: Path, stdout=None, stdin=subprocess.
         logf.close()
 
 
-def override_args(overrides: dict) -> list[str]:
-    args = []
-    for key, value in overrides.items():
-        if value is None or key == "model":
-            continue
-        opt = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(opt if value else "--no-" + key.replace("_", "-"))
-        else:
-            args += [opt, str(value)]
-    if overrides.get("model"):
-        args += ["--model", overrides["model"]]
-    return args
-
-
-def _peer_groups(scenario, per_process: int) -> list[list[dict]]:
-    """Each peer process's private models. In the community market the external supplier is not a
-    peer: the root exchange belongs to the network agent (DSO)."""
-    models = [peer_model_to_dict(m) for m in peer_models(scenario)
-              if not (scenario.market.kind == "community" and m.kind == "grid")]
-    return [models[i:i + per_process] for i in range(0, len(models), per_process)]
+def _peer_groups(scenario, private_files: dict[str, Path], per_process: int) -> list[list[tuple[str, Path]]]:
+    """Each peer process's (peer id, private file). In the community market the external supplier
+    is not a peer: the root exchange belongs to the network agent (DSO)."""
+    ids = [p.id for p in scenario.peers if not (scenario.market.kind == "community" and p.kind == "grid")]
+    files = [(pid, private_files[pid]) for pid in ids]
+    return [files[i:i + per_process] for i in range(0, len(files), per_process)]
 
 
 def _reader(source: str, stream, q: queue.Queue) -> None:
@@ -184,16 +166,27 @@ def _reader(source: str, stream, q: queue.Queue) -> None:
     q.put((source, None))
 
 
-def run_distributed(scenario_path: Path, scenario, out: Path, *, topology: str = "relay", overrides: dict | None = None,
-                    peers_per_process: int = 1, timeout_s: float = 30.0, t0: float | None = None,
-                    quiet: bool = False) -> dict:
-    """Run the distributed clearing of ``scenario`` locally; returns the summary dict."""
+def run_distributed(scenario, out: Path, *, topology: str = "relay", peers_per_process: int = 1,
+                    timeout_s: float = 30.0, t0: float | None = None, quiet: bool = False, report: bool = True) -> dict:
+    """Run the distributed clearing of ``scenario`` (loaded, with any overrides applied) locally;
+    returns the summary dict."""
     t0 = time.time() if t0 is None else t0
     out = Path(out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:12]
-    groups = _peer_groups(scenario, peers_per_process)
+    inputs = Path(tempfile.mkdtemp(prefix="p2pm-inputs-"))  # mode 0700: the peers' private files
+    try:
+        public_path, private_files = write_split(scenario, inputs)
+        return _run(public_path, private_files, scenario, out, logs, run_id, topology, peers_per_process, timeout_s,
+                    t0, quiet, report)
+    finally:
+        shutil.rmtree(inputs, ignore_errors=True)
+
+
+def _run(public_path, private_files, scenario, out, logs, run_id, topology, peers_per_process, timeout_s, t0, quiet,
+         report) -> dict:
+    groups = _peer_groups(scenario, private_files, peers_per_process)
     n_processes = len(groups) + 3
     launch = Launch()
     events: queue.Queue = queue.Queue()
@@ -209,9 +202,9 @@ def run_distributed(scenario_path: Path, scenario, out: Path, *, topology: str =
         ready_file.unlink(missing_ok=True)
         coord = Role("coordinator", logs / "coordinator.log")
         coord.popen = _spawn("coordinator", [
-            "--scenario", str(scenario_path), "--bind", "tcp://127.0.0.1:*", "--ready-file", str(ready_file),
+            "--scenario", str(public_path), "--bind", "tcp://127.0.0.1:*", "--ready-file", str(ready_file),
             "--run-id", run_id, "--topology", topology, "--out", str(out), "--timeout-s", str(timeout_s),
-            "--t0", repr(t0), "--processes", str(n_processes), *override_args(overrides or {})],
+            "--t0", repr(t0), "--processes", str(n_processes), *([] if report else ["--no-report"])],
             coord.log, stdout=subprocess.PIPE)
         launch.roles.append(coord)
         threading.Thread(target=_reader, args=("coordinator", coord.popen.stdout, events), daemon=True).start()
@@ -226,17 +219,18 @@ def run_distributed(scenario_path: Path, scenario, out: Path, *, topology: str =
         address = ready_file.read_text().strip()
 
         for i, group in enumerate(groups):
-            name = f"peer {group[0]['id']}" if len(group) == 1 else f"peers {group[0]['id']}..{group[-1]['id']}"
-            host_id = f"h{i:04d}-{group[0]['id']}"
+            name = f"peer {group[0][0]}" if len(group) == 1 else f"peers {group[0][0]}..{group[-1][0]}"
+            host_id = f"h{i:04d}-{group[0][0]}"
             r = Role(name, logs / f"{host_id}.log", is_peer=True)
             launch.roles.append(r)
-            zygote.popen.stdin.write((json.dumps({"host_id": host_id, "models": group, "coordinator": address,
-                                                  "timeout_s": timeout_s, "log": str(r.log)}) + "\n").encode())
+            zygote.popen.stdin.write((json.dumps({"host_id": host_id, "model_files": [str(f) for _, f in group],
+                                                  "coordinator": address, "timeout_s": timeout_s,
+                                                  "log": str(r.log)}) + "\n").encode())
         zygote.popen.stdin.close()
 
         for svc in ("dso_service", "tso_service"):
             r = Role(svc.split("_")[0], logs / f"{svc.split('_')[0]}.log")
-            r.popen = _spawn(svc, ["--scenario", str(scenario_path), "--coordinator", address,
+            r.popen = _spawn(svc, ["--scenario", str(public_path), "--coordinator", address,
                                    "--timeout-s", str(timeout_s)], r.log)
             launch.roles.append(r)
 

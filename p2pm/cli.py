@@ -58,9 +58,16 @@ def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_
     pass
 
 
-@app.command()
-def scenarios():
-    """List the built-in scenarios."""
+scenarios_app = typer.Typer(no_args_is_help=False, invoke_without_command=True,
+                             help="The built-in scenarios; split a scenario into its public and private files.")
+app.add_typer(scenarios_app, name="scenarios")
+
+
+@scenarios_app.callback()
+def scenarios(ctx: typer.Context):
+    """List the built-in scenarios (or run a subcommand)."""
+    if ctx.invoked_subcommand is not None:
+        return
     for name in builtin_names():
         try:
             sc = load_scenario(name)
@@ -74,6 +81,31 @@ def _load(scenario: str, **overrides):
         return load_scenario(scenario, **overrides)
     except ScenarioError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
+
+
+@scenarios_app.command("split")
+def split(scenario: Annotated[str, typer.Argument(help="Built-in scenario name or a YAML/TOML file.")],
+          out: Annotated[Path, typer.Option(help="Folder to write public.json and peers/<id>.json to.")]):
+    """Split a scenario into its public part (for the coordinator, DSO and TSO) and one private file
+    per peer (for that peer's process only)."""
+    from common.public import write_split
+
+    public, private = write_split(_load(scenario), out)
+    typer.echo(f"public part: {public}\nprivate files: {len(private)} in {out / 'peers'} (give each peer only its own)")
+
+
+def _load_public(path: str, **market_overrides):
+    """A role's public scenario (exit 2 on a bad or full scenario file), with market overrides."""
+    from common.public import load_public
+
+    try:
+        public = load_public(path)
+    except ScenarioError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    changes = {k: v for k, v in market_overrides.items() if v is not None}
+    if changes:
+        public = public.model_copy(update={"market": public.market.model_copy(update=changes)})
+    return public
 
 
 ScenarioArg = Annotated[str, typer.Argument(help="Built-in scenario name (see `p2pm scenarios`) or a YAML/TOML file.")]
@@ -98,6 +130,7 @@ def run(
     peers_per_process: Annotated[int, typer.Option(help="Peers hosted by one peer process.", min=1)] = 1,
     timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait (registration, a round, a service answer).", min=0.1)] = 30.0,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Render the figures and report.html (tables are always written).")] = True,
 ):
     """Clear a market and write the results folder."""
     t0 = time.time()
@@ -112,22 +145,26 @@ def run(
 
     if solver is Solver.centralized:
         from common.centralized import SolveError
-        from common.clearing import run_centralized
+        from common.engine import RunFailed
+        from common.public import split_scenario
+        from p2pm.local import run_centralized
 
         try:
             result = run_centralized(sc)
         except SolveError as exc:
             _fail(f"centralized clearing of {sc.name}: {exc}", EXIT_FAILED)
-        write_results(result, out, sc)
+        except RunFailed as exc:
+            _fail(f"centralized clearing of {sc.name}: {exc}", EXIT_FAILED)
+        write_results(result, out, split_scenario(sc)[0], figures=report)
         # the summary's wall time covers writing the results too
         result.wall_s = time.time() - t0
         summary = write_results_summary_only(result, out)
     else:
-        from common.launcher import LaunchError, run_distributed
+        from p2pm.launcher import LaunchError, run_distributed
 
         try:
-            summary = run_distributed(resolve_path(scenario), sc, out, topology=topology.value, overrides=overrides,
-                                      peers_per_process=peers_per_process, timeout_s=timeout_s, t0=t0, quiet=quiet)
+            summary = run_distributed(sc, out, topology=topology.value, peers_per_process=peers_per_process,
+                                      timeout_s=timeout_s, t0=t0, quiet=quiet, report=report)
         except LaunchError as exc:
             _fail(str(exc), EXIT_FAILED)
     typer.echo(format_summary(summary))
@@ -141,86 +178,87 @@ def run(
               f"{sc.market.tolerance:g}); the results of the last iterate are in {out}", EXIT_FAILED)
 
 
+PublicOpt = Annotated[str, typer.Option(
+    "--scenario", envvar="P2PM_SCENARIO",
+    help="The public scenario file (public.json from 'p2pm scenarios split'); a full scenario is refused.")]
+
+
 @app.command()
 def coordinator(
-    scenario: Annotated[str, typer.Option(help="Scenario (name or file): the roster and market settings.")],
-    bind: Annotated[str, typer.Option(help="Address to listen on (use tcp://0.0.0.0:PORT in containers).")] = "tcp://127.0.0.1:5555",
+    scenario: PublicOpt,
+    bind: Annotated[str, typer.Option(help="Address to listen on (use tcp://0.0.0.0:PORT in containers).", envvar="P2PM_BIND")] = "tcp://127.0.0.1:5555",
     run_id: Annotated[Optional[str], typer.Option(help="Run id carried by every message (default: random).")] = None,
-    topology: Annotated[Topology, typer.Option()] = Topology.relay,
-    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("results/run"),
-    timeout_s: Annotated[float, typer.Option(min=0.1)] = 30.0,
-    ready_file: Annotated[Optional[Path], typer.Option(help="Write the bound address here once listening.")] = None,
-    t0: Annotated[Optional[float], typer.Option(help="Launch time (epoch s) for the run's wall time.")] = None,
-    processes: Annotated[int, typer.Option(help="Processes of the run, for the summary (0: count the registered roles).")] = 0,
-    model: Annotated[Optional[Model], typer.Option()] = None,
+    topology: Annotated[Topology, typer.Option(help="relay: trades go through the coordinator; mesh: peer to peer.", envvar="P2PM_TOPOLOGY")] = Topology.relay,
+    out: Annotated[Path, typer.Option(help="Results folder.", envvar="P2PM_OUT")] = Path("results/run"),
+    timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait.", min=0.1)] = 30.0,
+    ready_file: Annotated[Optional[Path], typer.Option(help="Write the bound address here once listening.", hidden=True)] = None,
+    t0: Annotated[Optional[float], typer.Option(help="Launch time (epoch s) for the run's wall time.", hidden=True)] = None,
+    processes: Annotated[int, typer.Option(help="Processes of the run, for the summary (0: count the registered roles).", hidden=True)] = 0,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Render the figures and report.html.")] = True,
+    model: Annotated[Optional[Model], typer.Option(help="Market model (overrides the scenario).")] = None,
     rho: RhoOpt = None,
     tolerance: TolOpt = None,
     max_iterations: MaxItOpt = None,
     residual_balancing: RbOpt = None,
 ):
-    """Start the coordinator: registration, ADMM rounds, DSO/TSO dialogs, results."""
+    """Start the coordinator: registration, ADMM rounds, DSO/TSO dialogs, results. It reads only the
+    public scenario."""
     import uuid
 
-    from coordinator.server import main as coordinator_main
+    from coordinator.main import main as coordinator_main
 
-    _load(scenario)  # refuse a bad scenario with exit code 2 before listening
-    overrides = dict(model=model.value if model else None, rho=rho, tolerance=tolerance,
-                     max_iterations=max_iterations, residual_balancing=residual_balancing)
-    code = coordinator_main(str(resolve_path(scenario)), bind, run_id or uuid.uuid4().hex[:12], topology.value, str(out),
-                            timeout_s, t0 or time.time(), str(ready_file) if ready_file else None, overrides, processes)
+    public = _load_public(scenario, model=model.value if model else None, rho=rho, tolerance=tolerance,
+                          max_iterations=max_iterations, residual_balancing=residual_balancing)
+    if public.market.kind == "community" and topology is Topology.mesh:
+        _fail("--topology mesh: the community market runs in the relay topology", EXIT_BAD_INPUT)
+    code = coordinator_main(public, bind, run_id or uuid.uuid4().hex[:12], topology.value, str(out), timeout_s,
+                            t0 or time.time(), str(ready_file) if ready_file else None, processes, report)
     raise typer.Exit(code)
 
 
 @app.command()
 def peer(
-    coordinator: Annotated[str, typer.Option(help="Coordinator address, e.g. tcp://10.0.0.1:5555.")],
-    model_file: Annotated[Optional[list[Path]], typer.Option("--model", help="A single peer's model (JSON); repeat to host several.")] = None,
-    scenario: Annotated[Optional[str], typer.Option(help="Scenario to take the peer(s) from (with --peer-id).")] = None,
-    peer_id: Annotated[Optional[list[str]], typer.Option(help="Peer id in the scenario; repeat to host several.")] = None,
-    host_id: Annotated[Optional[str], typer.Option(help="This process's identity (default: host-<first peer>).")] = None,
-    timeout_s: Annotated[float, typer.Option(min=0.1)] = 30.0,
-    bind_host: Annotated[str, typer.Option(help="Interface for the mesh socket.")] = "127.0.0.1",
-    advertise_host: Annotated[Optional[str], typer.Option(help="Address the partners use to reach this peer (mesh).")] = None,
+    coordinator: Annotated[str, typer.Option(help="Coordinator address, e.g. tcp://10.0.0.1:5555.", envvar="P2PM_COORDINATOR")],
+    model_file: Annotated[list[Path], typer.Option("--model", help="A hosted peer's private file (peers/<id>.json from 'p2pm scenarios split'); repeat to host several.", envvar="P2PM_MODELS")],
+    host_id: Annotated[Optional[str], typer.Option(help="This process's identity (default: host-<first peer>).", envvar="P2PM_HOST_ID")] = None,
+    timeout_s: Annotated[float, typer.Option(help="The coordinator's deadline (a peer waits twice as long for a round).", min=0.1)] = 30.0,
+    bind_host: Annotated[str, typer.Option(help="Interface for the mesh socket.", envvar="P2PM_BIND_HOST")] = "127.0.0.1",
+    advertise_host: Annotated[Optional[str], typer.Option(help="Address the partners use to reach this peer (mesh).", envvar="P2PM_ADVERTISE_HOST")] = None,
 ):
-    """Start one peer process (hosting one or more peers) that connects to the coordinator."""
-    from peer_node.host import load_models, main as peer_main
+    """Start one peer process (hosting one or more peers) that connects to the coordinator. It reads
+    only its own peers' private files."""
+    from peer_node.main import load_models, main as peer_main
 
-    if peer_id and not scenario:
-        _fail("--peer-id needs --scenario", EXIT_BAD_INPUT)
     try:
-        models = load_models(scenario, list(peer_id or []), [str(f) for f in model_file or []])
-    except (ScenarioError, KeyError, ValueError, OSError) as exc:
+        models = load_models([str(f) for f in model_file])
+    except (KeyError, ValueError, TypeError, OSError) as exc:
         _fail(f"peer: {exc}", EXIT_BAD_INPUT)
     raise typer.Exit(peer_main(models, coordinator, host_id, timeout_s, bind_host, advertise_host))
 
 
-ServiceScenario = Annotated[str, typer.Option(help="Scenario (name or file): the network, its limits and the requests.")]
-CoordinatorAddr = Annotated[str, typer.Option(help="Coordinator address.")]
-ServiceTimeout = Annotated[float, typer.Option(min=0.1)]
+CoordinatorAddr = Annotated[str, typer.Option(help="Coordinator address.", envvar="P2PM_COORDINATOR")]
+ServiceTimeout = Annotated[float, typer.Option(help="Deadline for a single send.", min=0.1)]
 IdleTimeout = Annotated[float, typer.Option(help="Longest wait for the next request.", min=1.0)]
 
 
-def _serve(role: str, scenario: str, coordinator: str, timeout_s: float, idle_timeout_s: float):
-    from importlib import import_module
-
-    _load(scenario)  # a bad scenario: exit 2 before connecting
-    serve = import_module(f"{role}_service.service").serve
-    raise typer.Exit(serve(str(resolve_path(scenario)), coordinator, timeout_s, idle_timeout_s))
-
-
 @app.command()
-def dso(scenario: ServiceScenario, coordinator: CoordinatorAddr, timeout_s: ServiceTimeout = 30.0,
+def dso(scenario: PublicOpt, coordinator: CoordinatorAddr, timeout_s: ServiceTimeout = 30.0,
         idle_timeout_s: IdleTimeout = 3600.0):
     """Start the DSO service: AC power-flow validation of every dispatch (and the network agent of
-    the community market)."""
-    _serve("dso", scenario, coordinator, timeout_s, idle_timeout_s)
+    the community market). It reads only the public scenario."""
+    from dso_service.main import main as dso_main
+
+    raise typer.Exit(dso_main(_load_public(scenario), coordinator, timeout_s, idle_timeout_s))
 
 
 @app.command()
-def tso(scenario: ServiceScenario, coordinator: CoordinatorAddr, timeout_s: ServiceTimeout = 30.0,
+def tso(scenario: PublicOpt, coordinator: CoordinatorAddr, timeout_s: ServiceTimeout = 30.0,
         idle_timeout_s: IdleTimeout = 3600.0):
-    """Start the TSO service: frequency-regulation requests (virtual load per hour)."""
-    _serve("tso", scenario, coordinator, timeout_s, idle_timeout_s)
+    """Start the TSO service: frequency-regulation requests (virtual load per hour). It reads only
+    the public scenario."""
+    from tso_service.main import main as tso_main
+
+    raise typer.Exit(tso_main(_load_public(scenario), coordinator, timeout_s, idle_timeout_s))
 
 
 @app.command()
@@ -240,8 +278,8 @@ def bench(
     import tempfile
 
     from common.centralized import SolveError, solve_p2p
-    from common.compare import compare_community, compare_p2p, solve_community_reference
-    from common.launcher import LaunchError, run_distributed
+    from p2pm.compare import compare_community, compare_p2p, solve_community_reference
+    from p2pm.launcher import LaunchError, run_distributed
     from common.models import peer_models
 
     overrides = dict(rho=rho, tolerance=tolerance, max_iterations=max_iterations, residual_balancing=residual_balancing)
@@ -259,8 +297,8 @@ def bench(
     central_s = time.perf_counter() - t
     t0 = time.time()
     try:
-        s = run_distributed(resolve_path(scenario), sc, out, topology=topology.value, overrides=overrides,
-                            peers_per_process=peers_per_process, timeout_s=timeout_s, t0=t0, quiet=True)
+        s = run_distributed(sc, out, topology=topology.value, peers_per_process=peers_per_process, timeout_s=timeout_s,
+                            t0=t0, quiet=True)
     except LaunchError as exc:
         _fail(str(exc), EXIT_FAILED)
     cmp = compare_community(out, sc, ref) if community else compare_p2p(out, sc, ref)

@@ -1,0 +1,257 @@
+"""The socket shell: runs one role engine in its own OS process over ZeroMQ (``zmq.asyncio``).
+
+It turns valid messages into ``Received`` events (anything the codec refuses is counted, never
+delivered), a silence longer than ``timeout_s`` into a ``Deadline``, ``Send`` instructions into
+socket sends, ``Note`` into JSON progress lines on stdout and ``Log`` into the role's log. One shell
+serves every role:
+
+- the coordinator binds a ROUTER; every other role connects a DEALER whose identity is its name;
+- a peer host in the mesh topology also binds a ROUTER for its partners' TRADES and connects one
+  DEALER per partner host, at the addresses the coordinator's WELCOME gives.
+
+An exception inside a peer's or service's engine is logged with its traceback and counted; the
+process lives on. The coordinator's engine failing is the run failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+import traceback
+from dataclasses import replace
+
+import zmq
+import zmq.asyncio
+
+from common.codec import decode, encode
+from common.engine import COORDINATOR, Deadline, Fail, Finish, Log, Note, Received, Send, Started
+from common.protocol import ANY_RUN, MsgType, ProtocolError, parse
+from common.protocol.market import Result
+from common.transport import Transport
+
+
+class ShellFailure(RuntimeError):
+    def __init__(self, role: str, reason: str, outcome=None):
+        super().__init__(reason)
+        self.role, self.reason, self.outcome = role, reason, outcome
+
+
+def role_logger(role: str) -> logging.Logger:
+    log = logging.getLogger(f"p2pm.{role}")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"[%(asctime)s] {role} (pid %(process)d): %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+class Shell:
+    """Runs ``engine`` until it finishes (returns its outcome) or fails (raises ShellFailure).
+
+    ``bind``: the coordinator's listening address; ``connect``: the coordinator's address (other
+    roles); ``mesh_host``: interface of a peer host's mesh socket; ``t0``: the run's launch time
+    (events carry ``now_s`` = seconds since it).
+    """
+
+    def __init__(self, engine, *, bind: str | None = None, connect: str | None = None, run_id: str | None = None,
+                 timeout_s: float = 30.0, mesh_host: str | None = None, advertise_host: str | None = None,
+                 t0: float | None = None, notes=None):
+        self.engine = engine
+        self.role = engine.name
+        self.log = role_logger(self.role if len(self.role) < 40 else self.role[:40])
+        self.timeout_s = timeout_s
+        self.t0 = time.time() if t0 is None else t0
+        self.notes = notes if notes is not None else self._print_note
+        self.ctx = zmq.asyncio.Context()
+        self.transport = Transport(run_id=run_id, validate_outgoing=False, context=self.ctx)
+        self.is_coordinator = bind is not None
+        self.address = None
+        self.mesh_address = None
+        self.mesh_in = None
+        self.mesh_out: dict[str, zmq.Socket] = {}
+        self.addresses: dict[str, str] = {}
+        self.run_id = run_id or ANY_RUN
+        self.internal_errors = 0
+        if self.is_coordinator:
+            self.main = self.transport.router(bind)
+            self.address = self.main.getsockopt(zmq.LAST_ENDPOINT).decode()
+        else:
+            self.main = self.transport.dealer(connect, identity=self.role)
+        if mesh_host is not None:
+            self.mesh_in = self.transport.router(f"tcp://{mesh_host}:*")
+            endpoint = self.mesh_in.getsockopt(zmq.LAST_ENDPOINT).decode()
+            if advertise_host:
+                endpoint = f"tcp://{advertise_host}:{endpoint.rsplit(':', 1)[1]}"
+            self.mesh_address = endpoint
+        self.poller = zmq.asyncio.Poller()
+        for sock in (self.main, self.mesh_in):
+            if sock is not None:
+                self.poller.register(sock, zmq.POLLIN)
+        self.finished = False
+        self.outcome = None
+
+    @staticmethod
+    def _print_note(note: Note) -> None:
+        print(json.dumps({"event": note.event, **note.fields}), flush=True)
+
+    def now_s(self) -> float:
+        return time.time() - self.t0
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self):
+        return asyncio.run(self.serve())
+
+    async def serve(self):
+        try:
+            await self._deliver(Started(self.now_s()))
+            last_progress = time.monotonic()
+            while not self.finished:
+                left_ms = max(0, int(1000 * (last_progress + self.timeout_s - time.monotonic())))
+                ready = dict(await self.poller.poll(left_ms))
+                if not ready:
+                    await self._deliver(Deadline(self.timeout_s, self.now_s()))
+                    if not self.finished:
+                        raise ShellFailure(self.role, f"no message within {self.timeout_s:g} s"
+                                                      + (" from the coordinator" if not self.is_coordinator else ""))
+                    break
+                for sock in (self.main, self.mesh_in):
+                    if sock is not None and sock in ready:
+                        if await self._receive(sock):
+                            last_progress = time.monotonic()
+            return self.outcome
+        finally:
+            await self._flush()
+
+    async def _receive(self, sock) -> bool:
+        """Receive what is waiting on ``sock``; True when a valid message was delivered."""
+        delivered = False
+        while sock.poll(0, zmq.POLLIN) and not self.finished:
+            frames = await sock.recv_multipart()
+            is_router = sock.socket_type == zmq.ROUTER
+            payload = frames[1:] if is_router else frames
+            nbytes = sum(len(f) for f in payload)
+            try:
+                if len(payload) != 1:
+                    raise ProtocolError("malformed", f"{len(payload)} payload frames")
+                sender = frames[0].decode() if is_router else COORDINATOR
+                env = decode(payload[0], expect_run=self.transport.run_id, max_bytes=self.transport.max_bytes)
+                if is_router and sock is self.main and env.sender != sender:
+                    raise ProtocolError("body", f"sender {env.sender!r} on the connection of {sender!r}")
+                message = parse(env)
+            except UnicodeDecodeError:
+                self.transport._reject("malformed", nbytes, ProtocolError("malformed", "identity is not UTF-8"))
+                continue
+            except ProtocolError as exc:
+                self.transport._reject(exc.reason, nbytes, exc)
+                continue
+            except (KeyError, TypeError, ValueError) as exc:
+                self.transport._reject("body", nbytes, ProtocolError("body", str(exc)[:200]))
+                continue
+            self.transport.received.add(env.iteration, env.type.value, nbytes)
+            if env.type == MsgType.WELCOME and not self.is_coordinator:
+                self._on_welcome(message.config)
+            await self._deliver(Received(sender, message, env.iteration, self.now_s()))
+            delivered = True
+        return delivered
+
+    def _on_welcome(self, config: dict) -> None:
+        self.run_id = str(config.get("run_id", self.run_id))
+        self.transport.run_id = self.run_id
+        self.addresses = dict(config.get("addresses") or {})
+
+    async def _deliver(self, event) -> None:
+        try:
+            instructions = self.engine.handle(event)
+        except Exception as exc:  # noqa: BLE001
+            if self.is_coordinator:
+                raise ShellFailure(COORDINATOR, f"internal error: {type(exc).__name__}: {exc}\n"
+                                                f"{traceback.format_exc()}") from exc
+            self.internal_errors += 1
+            self.log.error("could not handle %s: %s\n%s", type(getattr(event, "message", event)).__name__, exc,
+                           traceback.format_exc())
+            return
+        for ins in instructions:
+            if isinstance(ins, Send):
+                await self._send(ins)
+            elif isinstance(ins, Log):
+                self.log.info(ins.text)
+            elif isinstance(ins, Note):
+                self.notes(ins)
+            elif isinstance(ins, Finish):
+                self.finished, self.outcome = True, ins.outcome
+            elif isinstance(ins, Fail):
+                # send what the engine queued before failing (SHUTDOWNs) first
+                raise ShellFailure(ins.role, ins.reason, ins.outcome)
+
+    async def _send(self, ins: Send) -> None:
+        message = ins.message
+        if isinstance(message, Result) and not self.is_coordinator:
+            # the host's own traffic outside the coordinator's sight (mesh TRADES) goes with its result
+            rows = tuple(r for r in self.transport.sent.rows() if r[1] == MsgType.TRADES.value)
+            message = replace(message, traffic=rows)
+        env = message.envelope(run_id=self.run_id, sender=self.role, iteration=ins.iteration)
+        try:
+            data = encode(env, max_bytes=self.transport.max_bytes, validate=False)
+        except ProtocolError as exc:
+            self.log.error("could not encode %s to %s: %s", env.type.value, ins.to, exc)
+            self.transport.rejected["outgoing"] += 1
+            return
+        if self.is_coordinator:
+            sock, frames = self.main, [ins.to.encode(), data]
+        elif ins.to == COORDINATOR:
+            sock, frames = self.main, [data]
+        else:
+            sock, frames = self._mesh_socket(ins.to), [data]
+        try:
+            await asyncio.wait_for(sock.send_multipart(frames, copy=False), self.transport.send_timeout_s)
+        except asyncio.TimeoutError:
+            raise ShellFailure(ins.to, f"could not send {env.type.value} to {ins.to} within "
+                                       f"{self.transport.send_timeout_s:g} s") from None
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:  # the receiver is gone: counted; its silence is reported
+                self.transport.dropped[env.type.value] += 1
+                return
+            raise
+        self.transport.sent.add(env.iteration, env.type.value, len(data))
+
+    def _mesh_socket(self, host: str):
+        sock = self.mesh_out.get(host)
+        if sock is None:
+            address = self.addresses.get(host)
+            if address is None:
+                raise ShellFailure(self.role, f"no address for peer host {host} (mesh)")
+            sock = self.transport.dealer(address, identity=self.role)
+            self.mesh_out[host] = sock
+        return sock
+
+    async def _flush(self, grace_s: float = 1.0) -> None:
+        """Give queued messages (SHUTDOWNs) a moment to leave before the sockets close."""
+        await asyncio.sleep(0)
+        end = time.monotonic() + grace_s
+        for sock in [self.main, *self.mesh_out.values()]:
+            while time.monotonic() < end and sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT == 0:
+                await asyncio.sleep(0.01)
+
+    def close(self) -> None:
+        if self.transport.rejected:
+            self.log.info("rejected messages: %s", dict(self.transport.rejected))
+        self.transport.close()
+
+
+def run_role(engine, coordinator: str, idle_timeout_s: float, **kw) -> int:
+    """Run a non-coordinator engine until the coordinator's SHUTDOWN (0), or a silence of
+    ``idle_timeout_s`` or a failure (1, logged)."""
+    shell = Shell(engine, connect=coordinator, timeout_s=idle_timeout_s, **kw)
+    try:
+        shell.run()
+        return 0
+    except ShellFailure as exc:
+        shell.log.info(f"stopped: {exc}")
+        return 1
+    finally:
+        shell.close()

@@ -1,0 +1,73 @@
+"""The coordinator process: the coordinator engine in the socket shell, then the results folder.
+Built from the public scenario only. Progress goes to stdout as JSON lines (read by the launcher);
+the log goes to stderr."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from common.engine import Note
+from common.shell import Shell, ShellFailure, role_logger
+from coordinator.engine import CoordinatorEngine, RunOutcome
+
+log = role_logger("coordinator")
+
+
+def emit(event: str, **fields) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def write_run(outcome: RunOutcome, engine: CoordinatorEngine, out_dir: Path, traffic: list, *, t0: float,
+              processes: int = 0, rejected: int = 0, report: bool = True) -> dict:
+    """Build the results of a finished run and write its folder; returns the summary."""
+    from common.report import build_summary, write_results
+    from coordinator.results import build_result
+
+    result = build_result(outcome, engine, traffic, processes=processes, rejected=rejected)
+    result.wall_s = time.time() - t0
+    write_results(result, out_dir, engine.public, figures=report)
+    result.wall_s = time.time() - t0
+    summary = build_summary(result)
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    return summary
+
+
+def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s: float, t0: float,
+         ready_file: str | None, processes: int = 0, report: bool = True) -> int:
+    engine = CoordinatorEngine(public, topology=topology)
+    engine.run_id = run_id
+
+    def note(n: Note) -> None:
+        fields = dict(n.fields)
+        if n.event == "ready":
+            fields["startup_s"] = time.time() - t0
+        emit(n.event, **fields)
+
+    shell = Shell(engine, bind=bind, run_id=run_id, timeout_s=timeout_s, t0=t0, notes=note)
+    log.info(f"listening on {shell.address}, run {run_id}")
+    if ready_file:
+        Path(ready_file).write_text(shell.address)
+    try:
+        outcome = shell.run()
+        traffic = shell.transport.traffic_rows() + list(engine.extra_traffic)
+        rejected = shell.transport.rejected_total() + sum(engine.rejected.values())
+        summary = write_run(outcome, engine, Path(out_dir), traffic, t0=t0, processes=processes, rejected=rejected,
+                            report=report)
+        emit("done", out=str(out_dir), converged=summary["converged"], iterations=summary["iterations"])
+        if summary.get("outer_failure"):
+            reason = (f"outer loop ({public.market.model}) ended without a feasible grid: {summary['outer_failure']} "
+                      f"(results written to {out_dir})")
+            log.info(f"run failed: {reason}")
+            emit("failed", reason=reason)
+            return 1
+        return 0
+    except ShellFailure as exc:
+        log.info(f"run failed: {exc}")
+        emit("failed", reason=str(exc), role=exc.role)
+        return 1
+    finally:
+        if shell.transport.rejected or engine.rejected:
+            log.info(f"rejected messages: {dict(shell.transport.rejected + engine.rejected)}")
+        shell.close()

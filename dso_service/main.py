@@ -1,0 +1,15 @@
+"""The DSO service process: the DSO engine in the socket shell, built from the public scenario."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from common.shell import role_logger, run_role
+
+
+def main(public, coordinator: str, timeout_s: float, idle_timeout_s: float) -> int:
+    from dso_service.engine import DSOEngine
+
+    role_logger("dso").info(f"connecting to {coordinator}")
+    return run_role(DSOEngine(public, pid=os.getpid(), host=socket.gethostname()), coordinator, idle_timeout_s)

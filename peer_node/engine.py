@@ -1,0 +1,262 @@
+"""The peer engine: one peer host (one or several peers) as ``handle(event) -> instructions``.
+
+Built only from the hosted peers' own private models. Costs and bounds never leave it: it sends
+trades (P2P), injections (community), residual sums, and at the end its dispatch and a masked cost
+(``common.secagg``) whose masks cancel only in the sum over all peers.
+
+Full P2P market, iteration k (``common.admm`` has the numerics):
+- relay: ROUND(k) carries rho_k and the partners' trades of k-1; each peer first applies the price
+  update of k-1 (with the rho it solved with), then solves with rho_k and answers UPDATE(k);
+- mesh: ROUND(k) carries rho_k only; each peer solves, sends TRADES(k) to every partner's host,
+  and once every partner's trades of k are in, applies the price update and answers RESIDUALS(k);
+- ROUND with ``stop``: the last price update (relay), then RESULT.
+Community market: ROUND(k) carries each peer's target z - u; the peer answers its new injection.
+PENALTY (outer loop): new parameters for hosted peers; the next clearing starts warm.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from common.admm import LocalP2P
+from common.engine import COORDINATOR, Finish, Log, Received, Send, Started
+from common.models import PARAMETERS, EVModel, apply_parameters, flex_penalty_eur, reactive_mvar
+from common.protocol import ProtocolError
+from common.protocol.control import Hello, Ready, Shutdown, Welcome
+from common.protocol.market import Penalty, Residuals, ResidualsPeer, Result, ResultPeer, Round, Trades, Update, UpdatePeer
+from common.secagg import MaskKeys, mask_label
+
+
+class PeerEngine:
+    def __init__(self, models: list, host_id: str, *, address: str | None = None, pid: int = 0, host: str = "",
+                 timer: Callable[[], float] = time.perf_counter):
+        self.name = host_id
+        self.models = {m.id: m for m in models}  # the market model now (after the DSO's/TSO's parameters)
+        self.base_models = dict(self.models)  # the peer's own model: its true costs, for welfare
+        self.params: dict[str, dict[str, np.ndarray]] = {m.id: {} for m in models}
+        self.peer_ids = list(self.models)
+        self.address, self.pid, self.host = address, pid, host
+        self.timer = timer
+        self.keys = {pid_: MaskKeys(pid_) for pid_ in self.peer_ids}
+        self.run_id = ""
+        self.market = "p2p"
+        self.topology = "relay"
+        self.iteration = 0
+        self.locals: dict[str, LocalP2P] = {}
+        self.partners: dict[str, list[str]] = {}
+        self.rho_prev: dict[str, float] = {}
+        self.solved_since_receive: dict[str, bool] = {}
+        self.partner_host: dict[str, str] = {}  # mesh: partner peer id -> its host id
+        self.rejected: dict[str, int] = {}
+        # mesh: the trades of the current iteration as they arrive, and early ones of the next
+        self._incoming: dict[str, np.ndarray] = {}
+        self._missing: set[tuple[str, str]] = set()
+        self._early: list[tuple[int, Trades]] = []
+        self._records: dict[str, tuple] = {}
+        self._mesh_rho = 0.0
+        self.p_last: dict[str, np.ndarray] = {}  # community market: the last injection of each hosted peer
+
+    # -- events ---------------------------------------------------------------------------------
+    def handle(self, event) -> list:
+        if isinstance(event, Started):
+            return [Send(COORDINATOR, Hello(role="peer", peer_ids=tuple(self.peer_ids), pid=self.pid, host=self.host,
+                                            address=self.address,
+                                            public_keys={p: k.public_hex for p, k in self.keys.items()}))]
+        if not isinstance(event, Received):
+            return []  # a deadline: the shell reports the silence; nothing to decide here
+        msg, k = event.message, event.iteration
+        try:
+            if isinstance(msg, Trades):
+                return self._on_trades(event.sender, msg, k)
+            if event.sender != COORDINATOR:
+                raise ProtocolError("type", f"{msg.TYPE.value} from {event.sender}, not from the coordinator")
+            if isinstance(msg, Welcome):
+                return self._on_welcome(msg.config)
+            if isinstance(msg, Shutdown):
+                return [Log(f"shutdown: {msg.reason}"), Finish()]
+            if k < self.iteration:
+                raise ProtocolError("stale", f"{msg.TYPE.value} of iteration {k} < {self.iteration}")
+            if isinstance(msg, Round):
+                return self._on_round(msg, k)
+            if isinstance(msg, Penalty):
+                return self._on_penalty(msg, k)
+            raise ProtocolError("type", f"unexpected {msg.TYPE.value} from the coordinator")
+        except ProtocolError as exc:  # refused and counted; the peer goes on
+            self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+            return [Log(f"rejected a {msg.TYPE.value} from {event.sender}: {exc}")]
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _on_welcome(self, cfg: dict) -> list:
+        self.run_id = cfg["run_id"]
+        self.topology = cfg.get("topology", "relay")
+        self.market = cfg.get("market", "p2p")
+        self.hours = int(cfg["hours"])
+        for keys in self.keys.values():
+            keys.agree(cfg.get("public_keys") or {})
+        if self.market == "community":
+            from common.community import local_solver
+
+            self.solvers = {pid: local_solver(self.models[pid], self.hours) for pid in self.peer_ids}
+            return [Send(COORDINATOR, Ready())]
+        lam0 = float(cfg.get("price_init_eur_per_mwh", 0.0))
+        for pid in self.peer_ids:
+            m = self.models[pid]
+            partners = list(cfg["partners"][pid])
+            self.partners[pid] = partners
+            self.locals[pid] = LocalP2P(m.p_min_mw, m.p_max_mw, m.cost_a_eur_per_mw2h, m.cost_b_eur_per_mwh,
+                                        1.0 if m.is_producer else -1.0, np.zeros((len(partners), self.hours)),
+                                        lam=np.full((len(partners), self.hours), lam0))
+        self.partner_slot = {pid: {q: j for j, q in enumerate(self.partners[pid])} for pid in self.peer_ids}
+        self.partner_host = dict(cfg.get("hosts") or {})
+        return [Send(COORDINATOR, Ready())]
+
+    # -- rounds ---------------------------------------------------------------------------------
+    def _on_round(self, msg: Round, k: int) -> list:
+        if self.market == "community":
+            return self._on_community_round(msg, k)
+        if self.topology == "relay":
+            for pid, loc in self.locals.items():
+                if self.solved_since_receive.get(pid):
+                    loc.receive(msg.peers[pid].p_in_mw, self.rho_prev.get(pid, msg.rho))
+                    self.solved_since_receive[pid] = False
+        if msg.stop:
+            return [self._result(k)]
+        self.iteration = k
+        records = {}
+        for pid, loc in self.locals.items():
+            t = self.timer()
+            x, dx = loc.step(msg.rho)
+            self.rho_prev[pid] = msg.rho
+            self.solved_since_receive[pid] = True
+            records[pid] = (x, dx, self.timer() - t)
+        if self.topology == "relay":
+            return [Send(COORDINATOR, Update(peers={pid: UpdatePeer(p_out_mw=x, primal_sq=0.0, dual_sq=dx, solve_s=s)
+                                                    for pid, (x, dx, s) in records.items()}), k)]
+        # mesh: trades go straight to the partners' hosts, residual sums to the coordinator
+        out = [Send(self.partner_host[partner], Trades(from_peer=pid, to_peer=partner, p_mw=x[j]), k)
+               for pid, (x, _, _) in records.items() for j, partner in enumerate(self.partners[pid])]
+        self._records, self._mesh_rho = records, msg.rho
+        self._incoming = {pid: np.full(loc.x.shape, np.nan) for pid, loc in self.locals.items()}
+        self._missing = {(pid, q) for pid in self.locals for q in self.partners[pid]}
+        early, self._early = self._early, []
+        for tr_k, tr in early:
+            if tr_k == k:
+                self._take(tr)
+            else:
+                self._early.append((tr_k, tr))
+        return out + self._maybe_residuals(k)
+
+    def _take(self, tr: Trades) -> None:
+        key = (tr.to_peer, tr.from_peer)
+        if key in self._missing:
+            self._incoming[tr.to_peer][self.partner_slot[tr.to_peer][tr.from_peer]] = tr.p_mw
+            self._missing.discard(key)
+
+    def _on_trades(self, sender: str, tr: Trades, k: int) -> list:
+        if self.topology != "mesh" or self.market != "p2p":
+            raise ProtocolError("type", "trades outside the mesh topology")
+        if tr.to_peer not in self.locals:
+            raise ProtocolError("body", f"trades for {tr.to_peer}, not hosted here")
+        if tr.from_peer not in self.partner_slot[tr.to_peer]:
+            raise ProtocolError("body", f"trades from {tr.from_peer}, not a partner of {tr.to_peer}")
+        want = self.locals[tr.to_peer].x.shape[1]
+        if np.shape(tr.p_mw) != (want,):
+            raise ProtocolError("body", f"trades of shape {np.shape(tr.p_mw)}, expected ({want},)")
+        if k == self.iteration + 1 or (k == self.iteration and not self._missing):
+            self._early.append((k, tr))  # the partner is one round ahead
+            return []
+        if k != self.iteration:
+            raise ProtocolError("stale", f"trades of iteration {k} during {self.iteration}")
+        self._take(tr)
+        return self._maybe_residuals(k)
+
+    def _maybe_residuals(self, k: int) -> list:
+        if self._missing or not self._records:
+            return []
+        res = {}
+        for pid, loc in self.locals.items():
+            primal_sq = loc.receive(self._incoming[pid], self._mesh_rho)
+            self.solved_since_receive[pid] = False
+            _, dx, s = self._records[pid]
+            res[pid] = ResidualsPeer(primal_sq=primal_sq, dual_sq=dx, solve_s=s)
+        self._records = {}
+        return [Send(COORDINATOR, Residuals(peers=res), k)]
+
+    def _on_community_round(self, msg: Round, k: int) -> list:
+        """Community market: p = argmin f(p) + rho/2 ||p - target||^2 for this peer's own target z - u."""
+        if msg.stop:
+            return [self._community_result(k)]
+        self.iteration = k
+        records = {}
+        for pid, solver in self.solvers.items():
+            t = self.timer()
+            status = "ok"
+            try:
+                p = solver.solve(msg.peers[pid].p_in_mw[0], msg.rho)
+                p = p.p_mw if hasattr(p, "p_mw") else p
+            except Exception as exc:  # noqa: BLE001 - a failed local solve is an outcome, reported
+                p, status = self.p_last.get(pid, np.zeros(msg.peers[pid].p_in_mw.shape[1])), f"local solve failed: {exc}"
+            dx = float(np.sum((p - self.p_last.get(pid, 0.0)) ** 2))
+            self.p_last[pid] = p
+            records[pid] = UpdatePeer(p_out_mw=p[None, :], primal_sq=0.0, dual_sq=dx, solve_s=self.timer() - t,
+                                      status=status)
+        return [Send(COORDINATOR, Update(peers=records), k)]
+
+    # -- outer loop -----------------------------------------------------------------------------
+    def _on_penalty(self, msg: Penalty, k: int) -> list:
+        """New parameters from the DSO or TSO (through the coordinator) for hosted peers: the next
+        clearing starts from the current ADMM state with the retuned local problems."""
+        if self.market != "p2p":
+            raise ProtocolError("type", "a penalty in the community market")
+        H = self.hours
+        for pid, params in msg.peers.items():
+            if pid not in self.locals:
+                raise ProtocolError("body", f"penalty for {pid}, not hosted here")
+            for name, arr in params.items():
+                if name not in PARAMETERS:
+                    raise ProtocolError("body", f"penalty parameter {name!r} unknown")
+                want = (self.locals[pid].x.shape if name == "diff_eur_per_mwh" else (1,) if name == "beta_eur_per_mwh" else (H,))
+                if arr.shape != want:
+                    raise ProtocolError("body", f"penalty {name} for {pid} has shape {arr.shape}, expected {want}")
+        out = []
+        for pid, params in msg.peers.items():
+            self.params[pid].update(params)
+            model = apply_parameters(self.base_models[pid], self.params[pid])
+            self.models[pid] = model
+            self.locals[pid].retune(model.p_min_mw, model.p_max_mw, model.cost_a_eur_per_mw2h, model.cost_b_eur_per_mwh,
+                                    params.get("diff_eur_per_mwh"))
+            out.append(Log(f"{pid}: new {', '.join(sorted(params))} (iteration {k})"))
+        return out
+
+    # -- results --------------------------------------------------------------------------------
+    def _masked_cost(self, pid: str, cost_eur: np.ndarray, k: int) -> np.ndarray:
+        return self.keys[pid].masked(cost_eur, mask_label(self.run_id, k))
+
+    def _result(self, k: int) -> Send:
+        peers = {}
+        for pid, loc in self.locals.items():
+            model, base = self.models[pid], self.base_models[pid]
+            p = loc.p_mw
+            outer = bool(self.params[pid])
+            peers[pid] = ResultPeer(p_mw=p, trades_mw=loc.x, price_eur_per_mwh=loc.lam, partner_ids=tuple(self.partners[pid]),
+                                    q_mvar=reactive_mvar(model, p), cost_masked_ueur=self._masked_cost(pid, base.cost_eur(p), k),
+                                    diff_cost_eur=np.sum(loc.weights * loc.x, axis=0) if outer else None,
+                                    flex_penalty_eur=flex_penalty_eur(base, self.params[pid]) if outer else None)
+        return Send(COORDINATOR, Result(peers=peers), k)
+
+    def _community_result(self, k: int) -> Send:
+        peers = {}
+        for pid, solver in self.solvers.items():
+            model = self.models[pid]
+            p = self.p_last[pid]
+            if isinstance(model, EVModel):
+                cost, soc = model.degradation_eur_per_mwh * solver.last.discharge_mw, solver.last.soc_mwh
+            else:
+                cost, soc = model.cost_eur(p), None
+            peers[pid] = ResultPeer(p_mw=p, trades_mw=np.zeros((0, len(p))), price_eur_per_mwh=np.zeros((0, len(p))),
+                                    q_mvar=reactive_mvar(model, p, "community"), soc_mwh=soc,
+                                    cost_masked_ueur=self._masked_cost(pid, cost, k))
+        return Send(COORDINATOR, Result(peers=peers), k)

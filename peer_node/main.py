@@ -1,0 +1,64 @@
+"""A peer process: the peer engine for one or several peers in the socket shell. It reads only the
+hosted peers' own private model files; light by design (numpy, pyzmq, msgpack; no cvxpy, no
+pandapower, no pandas)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import traceback
+
+from common.models import peer_model_from_dict
+from common.shell import Shell, ShellFailure, role_logger
+
+
+def load_models(model_files: list[str]) -> list:
+    """The hosted peers' private models, one JSON file each (``p2pm scenarios split`` writes them)."""
+    if not model_files:
+        raise ValueError("no peer to host: give --model FILE (one private model file per hosted peer)")
+    return [peer_model_from_dict(json.loads(open(f).read())) for f in model_files]
+
+
+def main(models: list, coordinator: str, host_id: str | None, timeout_s: float, bind_host: str = "127.0.0.1",
+         advertise_host: str | None = None) -> int:
+    from peer_node.engine import PeerEngine
+
+    host_id = host_id or f"host-{models[0].id}"
+    log = role_logger(host_id)
+    names = ", ".join(m.id for m in models)
+    engine = PeerEngine(models, host_id, pid=os.getpid(), host=socket.gethostname())
+    # the peer waits for the coordinator's next round for at most twice the coordinator's deadline
+    shell = Shell(engine, connect=coordinator, timeout_s=2 * timeout_s + 5, mesh_host=bind_host,
+                  advertise_host=advertise_host)
+    engine.address = shell.mesh_address
+    log.info(f"hosting {names}; mesh socket {shell.mesh_address}")
+    try:
+        shell.run()
+        return 0
+    except ShellFailure as exc:
+        log.info(f"peer(s) {names} stopped: {exc}")
+        return 1
+    finally:
+        if engine.rejected:
+            log.info(f"rejected messages: {engine.rejected}")
+        shell.close()
+
+
+def child_main(model_files: list[str], coordinator: str, host_id: str, timeout_s: float, log_path: str) -> None:
+    """Entry point of a peer process forked by ``peer_node.zygote``: logs to ``log_path``. An
+    exception is written to the log with its traceback before the process ends."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    code = 1
+    try:
+        code = main(load_models(model_files), coordinator, host_id, timeout_s)
+    except BaseException:  # noqa: BLE001 - the reason must reach the log before os._exit
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
