@@ -951,7 +951,7 @@ def _html(result: RunResult, summary: dict, figures: list[dict], scenario, files
         ("violations (last AC check)", _fmt(s["violations"])),
         ("violations (first AC check)", _fmt(s["violations_initial"])),
         ("primal residual", _fmt(s["primal_residual"], 3, "MW")),
-        ("dual residual", _fmt(s["dual_residual"], 3, "MW")),
+        ("dual residual", _fmt(s["dual_residual"], 3, "EUR/MWh")),
         ("messages", _fmt(s["messages"])),
         ("bytes", f"{_fmt(s['bytes'])} ({_fmt_bytes(s['bytes'])})"),
     ]
