@@ -194,9 +194,11 @@ def _ac_figures(ac: ACReport | None) -> dict:
     hours = ac.hours if ac.hours is not None else pd.DataFrame()
     losses_pct = None
     if "losses_mw" in hours.columns and "load_mw" in hours.columns:
-        load = _column_sum(hours, "load_mw")
+        # over the hours with a power-flow solution: an hour that did not converge has no losses
+        solved = hours[pd.to_numeric(hours["losses_mw"], errors="coerce").notna()]
+        load = _column_sum(solved, "load_mw")
         if abs(load) > 0:
-            losses_pct = 100.0 * _column_sum(hours, "losses_mw") / load
+            losses_pct = 100.0 * _column_sum(solved, "losses_mw") / load
     vmin = _nan_extreme(hours["vmin_pu"], np.min) if "vmin_pu" in hours.columns else None
     vmax = _nan_extreme(hours["vmax_pu"], np.max) if "vmax_pu" in hours.columns else None
     if (vmin is None or vmax is None) and _has_rows(ac.buses) and "vm_pu" in ac.buses.columns:
@@ -947,7 +949,7 @@ def _html(result: RunResult, summary: dict, figures: list[dict], scenario, files
         ("violations (last AC check)", _fmt(s["violations"])),
         ("violations (first AC check)", _fmt(s["violations_initial"])),
         ("primal residual", _fmt(s["primal_residual"], 3, "MW")),
-        ("dual residual", _fmt(s["dual_residual"], 3, "MW")),
+        ("dual residual", _fmt(s["dual_residual"], 3, "EUR/MWh")),
         ("messages", _fmt(s["messages"])),
         ("bytes", f"{_fmt(s['bytes'])} ({_fmt_bytes(s['bytes'])})"),
     ]

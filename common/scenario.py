@@ -22,6 +22,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.models import CONSUMER_KINDS, PRODUCER_KINDS
+
 BUILTIN_DIR = Path(__file__).parent / "scenarios"
 
 # Number of buses of the built-in networks, so that a scenario can be checked without pandapower.
@@ -280,6 +282,14 @@ class Scenario(_Strict):
             for i, peer in enumerate(self.peers):
                 if peer.kind == "ev":
                     raise _field_error(f"peers[{i}] ({peer.id}).kind", "EVs couple the hours; use market.kind 'community'")
+            # the full P2P market trades producers with consumers only (common.market.trade_graph)
+            producers = sum(p.kind in PRODUCER_KINDS for p in self.peers)
+            if producers == 0:
+                raise _field_error("peers", f"the full P2P market (market.kind 'p2p') has no producer (kind "
+                                            f"{', '.join(PRODUCER_KINDS)}): the consumers have no one to trade with")
+            if producers == len(self.peers):
+                raise _field_error("peers", f"the full P2P market (market.kind 'p2p') has no consumer (kind "
+                                            f"{', '.join(CONSUMER_KINDS)}): the producers have no one to trade with")
         return self
 
     # -- hourly values -------------------------------------------------------------------

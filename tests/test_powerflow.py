@@ -112,6 +112,89 @@ def test_non_converging_hour_is_an_outcome_not_an_exception(case33):
     assert rep.buses.loc[rep.buses["hour"] == 1, "vm_pu"].isna().all()
 
 
+
+def _mv37_with_a_collapsing_hour():
+    """A copy of the built-in mv37 scenario cut to 3 hours whose loads draw 100 times their
+    consumption in hour 2 (no power-flow solution), and its dispatch: loads at their maximum
+    consumption, producers off."""
+    import yaml
+
+    from common.clearing import dispatch_frame
+    from common.models import peer_models
+    from common.scenario import parse_scenario, resolve_path
+
+    raw = yaml.safe_load(resolve_path("mv37").read_text())
+    raw["market"]["hours"] = 3
+    raw["series"] = {k: v[:3] for k, v in raw["series"].items()}
+    for k in ("load_btn_a_pu", "load_btn_b_pu", "load_btn_c_pu"):
+        raw["series"][k][1] *= 100.0
+    sc = parse_scenario(raw)
+    models = peer_models(sc)
+    p = np.vstack([m.p_min_mw if m.kind == "load" else np.zeros(3) for m in models])
+    return sc, dispatch_frame(models, p)
+
+
+def _dso_grid_report(ac):
+    """The arrays the DSO puts in GRID_REPORT (dso_service.service.grid_report), every hour kept."""
+    from common.protocol.grid import GridReport
+    from dso_service.report_codec import ac_to_tables
+
+    vm = ac.buses.pivot(index="bus", columns="hour", values="vm_pu").sort_index()
+    loading = ac.lines.pivot_table(index="line", columns="hour", values="loading_percent", aggfunc="max",
+                                   dropna=False).sort_index()
+    violations = tuple({"kind": str(r.kind), "element": str(r.element), "hour": int(r.hour) - 1,
+                        "value": float(np.nan_to_num(r.value)), "limit": float(np.nan_to_num(r.limit))}
+                       for r in ac.violations.itertuples())
+    return GridReport(
+        vm_pu=np.nan_to_num(vm.to_numpy(dtype=float)), loading_percent=np.nan_to_num(loading.to_numpy(dtype=float)),
+        losses_mw=np.nan_to_num(ac.hours["losses_mw"].to_numpy(dtype=float)), violations=violations,
+        converged=tuple(bool(c) for c in ac.hours["converged"]), bus_ids=tuple(int(b) for b in vm.index),
+        tables=ac_to_tables(ac),
+    )
+
+
+def test_not_converged_hour_travels_to_the_report(tmp_path):
+    from common.codec import decode, encode
+    from common.protocol.grid import GridReport
+    from common.report import build_summary, format_summary, write_results
+    from common.results import RunResult
+    from dso_service.report_codec import ac_from_tables
+
+    sc, dispatch = _mv37_with_a_collapsing_hour()
+    ac = run_ac(build_network(sc.network), dispatch, sc.network)
+    assert ac.hours["converged"].tolist() == [True, False, True]
+
+    # DSO -> coordinator: GRID_REPORT on the wire, the AC report rebuilt from its tables
+    wire = encode(_dso_grid_report(ac).envelope(run_id="run1", sender="dso"))
+    report = GridReport.from_envelope(decode(wire, expect_run="run1"))
+    assert report.converged == (True, False, True) and report.loading_percent.shape[1] == 3
+    back = ac_from_tables(report.tables)
+    for name in ("buses", "lines", "hours", "violations"):
+        pd.testing.assert_frame_equal(getattr(back, name), getattr(ac, name))
+    hours = back.hours.set_index("hour")
+    assert not bool(hours.loc[2, "converged"]) and bool(hours.loc[1, "converged"]) and bool(hours.loc[3, "converged"])
+    assert np.isnan(hours.loc[2, "losses_mw"]) and hours.loc[2, "violations"] == 1
+    assert back.buses.loc[back.buses["hour"] == 2, "vm_pu"].isna().all()
+    assert back.lines.loc[back.lines["hour"] == 2, "loading_percent"].isna().all()
+    assert back.buses.loc[back.buses["hour"] != 2, "vm_pu"].notna().all()
+    failed = back.violations[back.violations["hour"] == 2]
+    assert list(failed["kind"]) == ["not_converged"] and list(failed["element"]) == ["powerflow"]
+
+    # the results: the hour reported as not converged, the AC figures from the hours that converged
+    result = RunResult(sc.name, "p2p", "benchmark", "admm", True, dispatch,
+                       pd.DataFrame({"hour": [1, 2, 3], "social_welfare_eur": 0.0}), ac=back)
+    summary = build_summary(result)
+    ok = hours[hours["converged"]]
+    assert summary["losses_pct"] == pytest.approx(100 * ok["losses_mw"].sum() / ok["load_mw"].sum())
+    assert summary["vmin_pu"] == pytest.approx(ok["vmin_pu"].min())
+    assert summary["violations"] == len(ac.violations)
+    assert "violations" in format_summary(summary)
+    out = write_results(result, tmp_path / "run")
+    written = pd.read_csv(out / "hours.csv").set_index("hour")
+    assert written["converged"].tolist() == [True, False, True] and np.isnan(written.loc[2, "losses_mw"])
+    assert "not_converged" in pd.read_csv(out / "violations.csv")["kind"].tolist()
+    assert "could not be drawn" not in (out / "report.html").read_text()
+
 # -- mv37 -----------------------------------------------------------------------------------------
 def test_mv37_topology():
     net = build_mv37()

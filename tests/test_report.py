@@ -224,6 +224,15 @@ def test_write_results_folder(tmp_path):
     assert base64.b64decode(images[0])[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_page_gives_the_residuals_in_their_units(tmp_path):
+    # primal residual: power mismatch of the trades [MW]; dual residual: rho * change of the
+    # trades [EUR/MWh] (common.admm)
+    page = (write_results(_p2p_result(), tmp_path / "run") / "report.html").read_text()
+    cell = {name: re.search(rf"<th>{name} residual</th><td[^>]*>([^<]*)</td>", page).group(1)
+            for name in ("primal", "dual")}
+    assert cell["primal"].endswith(" MW")
+    assert cell["dual"] == "2.00e-05 EUR/MWh"
+
 def test_write_results_community_with_prices_and_evs(tmp_path):
     res = _community_result()
     out = write_results(res, tmp_path / "community")

@@ -199,6 +199,24 @@ def test_ev_in_a_p2p_market(raw):
     _refused(raw, "kind", "community")
 
 
+@pytest.mark.parametrize("side", ["producer", "consumer"])
+def test_p2p_market_with_one_side_empty(raw, side):
+    # full P2P market: producers trade with consumers only, so without the other side a peer
+    # would have no partner at all
+    raw["market"]["kind"] = "p2p"
+    producer_kinds = ("pv", "wind", "chp", "grid")
+    keep = (lambda p: p["kind"] not in producer_kinds) if side == "producer" else (lambda p: p["kind"] in producer_kinds)
+    raw["peers"] = [p for p in raw["peers"] if p["kind"] != "ev" and keep(p)]
+    assert len(raw["peers"]) >= 2
+    msg = _refused(raw, "peers", f"no {side}", "p2p")
+    other = "consumer" if side == "producer" else "producer"
+    assert f"the {other}s have no one to trade with" in msg
+
+
+def test_community_market_with_consumers_only_is_accepted(raw):
+    raw["peers"] = [p for p in raw["peers"] if p["kind"] in ("load", "grid")]  # the grid is the network agent's
+    assert parse_scenario(raw).market.kind == "community"
+
 def test_two_grid_peers(raw):
     extra = copy.deepcopy(raw["peers"][_index(raw, "grid")])
     extra["id"] = "grid2"
