@@ -52,15 +52,21 @@ def _failed_report(reason: str) -> GridReport:
 class DSOEngine:
     name = "dso"
 
-    def __init__(self, public, timer: Callable[[], float] = time.perf_counter, pid: int = 0, host: str = ""):
-        from dso_service.networks import build_network
-
+    def __init__(self, public, timer: Callable[[], float] = time.perf_counter, pid: int = 0, host: str = "",
+                 agent=None):
+        """``agent``: a network agent built elsewhere (a feeder given as a ``GridModel``, in tests and
+        studies); by default it is built from the public scenario's network."""
         self.public = public
         self.timer = timer
         self.pid, self.host = pid, host
-        self.net = build_network(public.network)
         self.planner = None
-        self.agent = self._network_agent() if public.market.kind == "community" else None
+        self.last_network = None  # the network agent's last solution
+        self.net = None
+        if public.network is not None:
+            from dso_service.networks import build_network
+
+            self.net = build_network(public.network)
+        self.agent = agent if agent is not None or public.market.kind != "community" else self._network_agent()
 
     def _network_agent(self):
         """The network agent of the community market, built once (DPP) from the network, the
@@ -111,7 +117,7 @@ class DSOEngine:
         if self.agent is None:
             return [Send(COORDINATOR, NetworkResult(arrays={}, status="no network agent: not a community market"), k)]
         try:
-            sol = self.agent.solve(msg.arrays["v_mw"], msg.rho)
+            sol = self.last_network = self.agent.solve(msg.arrays["v_mw"], msg.rho)
         except Exception as exc:  # noqa: BLE001 - a failed SOCP is an outcome: reported, the coordinator decides
             return [Log(f"network agent failed at iteration {k}: {exc}"),
                     Send(COORDINATOR, NetworkResult(arrays={}, status=f"network agent SOCP failed: {exc}"), k)]

@@ -60,6 +60,60 @@ def run_in_process(scenario, *, topology: str = "relay", peers_per_process: int 
     return result, driver
 
 
+def clear_market(models: list, *, rho: float = 1.0, tolerance: float = 1e-4, max_iterations: int = 5000,
+                 residual_balancing: bool = True, topology: str = "relay", peers_per_process: int = 1,
+                 price_init_eur_per_mwh: float = 0.0, wire: bool = True, trace=None, **market):
+    """Clear a full P2P market of peer models without a grid (no DSO, no TSO) with the real
+    coordinator and peer engines in process; returns (RunOutcome, coordinator engine, driver)."""
+    from types import SimpleNamespace
+
+    from common.public import RosterEntry
+    from common.scenario import DSOSpec, MarketSpec
+    from coordinator.engine import CoordinatorEngine
+    from peer_node.engine import PeerEngine
+
+    spec = MarketSpec(kind="p2p", hours=len(models[0].p_min_mw), rho=rho, tolerance=tolerance,
+                      max_iterations=max_iterations, residual_balancing=residual_balancing,
+                      price_init_eur_per_mwh=price_init_eur_per_mwh, **market)
+    public = SimpleNamespace(name="market", market=spec, dso=DSOSpec(), network=None, tariff=None,
+                             roster=[RosterEntry(id=m.id, kind=m.kind, bus=m.bus) for m in models])
+    coordinator = CoordinatorEngine(public, topology=topology, progress_every_s=np.inf)
+    peers = [PeerEngine(models[i:i + peers_per_process], f"h{i:04d}-{models[i].id}")
+             for i in range(0, len(models), peers_per_process)]
+    driver = InProcessDriver([coordinator, *peers], wire=wire, trace=trace)
+    return driver.run(), coordinator, driver
+
+
+def clear_community(models: list, agent, import_price, export_price, p_import_max_mw: float, p_export_max_mw: float, *,
+                    rho: float = 100.0, tolerance: float = 1e-4,
+                    max_iterations: int = 2000, residual_balancing: bool = True, price_init_eur_per_mwh: float = 0.0,
+                    wire: bool = True, **market):
+    """Clear a community market of peer models against a given network agent (the DSO's) with the
+    real coordinator, peer and DSO engines in process, without an AC check; returns
+    (RunOutcome, coordinator engine, DSO engine, driver)."""
+    from types import SimpleNamespace
+
+    from common.public import RosterEntry, Tariff
+    from common.scenario import DSOSpec, MarketSpec
+    from coordinator.engine import CoordinatorEngine
+    from dso_service.engine import DSOEngine
+    from peer_node.engine import PeerEngine
+
+    H = len(np.atleast_1d(import_price))
+    spec = MarketSpec(kind="community", hours=H, rho=rho, tolerance=tolerance, max_iterations=max_iterations,
+                      residual_balancing=residual_balancing, price_init_eur_per_mwh=price_init_eur_per_mwh, **market)
+    tariff = Tariff(import_price_eur_per_mwh=list(np.broadcast_to(import_price, (H,))),
+                    export_price_eur_per_mwh=list(np.broadcast_to(export_price, (H,))),
+                    p_import_max_mw=p_import_max_mw, p_export_max_mw=p_export_max_mw)
+    public = SimpleNamespace(name="community", market=spec, dso=DSOSpec(), network=None, tariff=tariff,
+                             roster=[RosterEntry(id=m.id, kind=m.kind, bus=m.bus) for m in models])
+    coordinator = CoordinatorEngine(public, progress_every_s=np.inf)
+    dso = DSOEngine(public, agent=agent)
+    peers = [PeerEngine([m], f"h{i:04d}-{m.id}") for i, m in enumerate(models)]
+    driver = InProcessDriver([coordinator, *peers, dso], wire=wire)
+    return driver.run(), coordinator, dso, driver
+
+
 def run_centralized(scenario):
     """Clear the scenario with the centralized reference and validate it with an AC power flow."""
     from common import centralized

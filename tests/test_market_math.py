@@ -8,11 +8,12 @@ import cvxpy as cp
 import numpy as np
 import pytest
 
-from common.admm import LocalP2P, converged, residual_balance, run_p2p_admm, solve_local
+from common.admm import LocalP2P, converged, residual_balance, solve_local
 from common.centralized import CLARABEL_TIGHT, solve_community, solve_p2p
 from common.grid import GridModel
 from common.market import social_welfare_eur, trade_graph, uniform_price_interval
 from common.models import EVModel, HourlyPeer, ev_plugged_mask, load_utility_coefficients
+from p2pm.local import clear_market
 
 
 def _peer(pid: str, kind: str, lo, hi, a, b, H: int = 1, bus: int = 0) -> HourlyPeer:
@@ -22,24 +23,15 @@ def _peer(pid: str, kind: str, lo, hi, a, b, H: int = 1, bus: int = 0) -> Hourly
     return HourlyPeer(pid, kind, bus, arr(lo), arr(hi), arr(a), arr(b), 0.3 if kind == "load" else 0.0)
 
 
-def _admm(peers: list[HourlyPeer], rho: float = 1.0, tolerance: float = 1e-7, max_iterations: int = 20000, history=None):
-    """The in-process ADMM, each peer's LocalP2P built as a peer process builds it."""
-    graph = trade_graph(peers)
-    H = len(peers[0].p_min_mw)
-    index = [graph.partners_of(n) for n in range(len(peers))]
-    locals_ = [
-        LocalP2P(p.p_min_mw, p.p_max_mw, p.cost_a_eur_per_mw2h, p.cost_b_eur_per_mwh,
-                 1.0 if p.is_producer else -1.0, np.zeros((len(index[n]), H)))
-        for n, p in enumerate(peers)
-    ]
-    it, ok, rho_end = run_p2p_admm(locals_, index, graph.reverse, rho, tolerance, max_iterations, history=history)
-    p = np.vstack([loc.p_mw for loc in locals_])
-    trades = np.zeros((graph.n_pairs, H))
-    prices = np.zeros((graph.n_pairs, H))
-    for n, loc in enumerate(locals_):
-        trades[index[n]] = loc.x
-        prices[index[n]] = loc.lam
-    return graph, p, trades, prices, it, ok
+def _admm(peers: list[HourlyPeer], rho: float = 1.0, tolerance: float = 1e-7, max_iterations: int = 20000, history=None,
+          **kw):
+    """The distributed clearing with the real coordinator and peer engines, in process."""
+    outcome, coordinator, _ = clear_market(peers, rho=rho, tolerance=tolerance, max_iterations=max_iterations, **kw)
+    cleared = outcome.clearings[-1]
+    if history is not None:
+        history += [(s.iteration, s.primal_residual, s.dual_residual, s.rho) for s in cleared.rounds.history]
+    return (coordinator.graph, cleared.p_mw, cleared.trades_mw, cleared.prices_eur_per_mwh, cleared.rounds.iteration,
+            cleared.converged)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,14 +192,9 @@ def test_residual_balancing_in_the_loop():
     # starting far too high, rho has been lowered
     assert history[-1][3] < 1000.0
     # without residual balancing rho stays put
-    graph = trade_graph(_two_peers())
-    peers = _two_peers()
-    locs = [LocalP2P(p.p_min_mw, p.p_max_mw, p.cost_a_eur_per_mw2h, p.cost_b_eur_per_mwh,
-                     1.0 if p.is_producer else -1.0, np.zeros((1, 1))) for p in peers]
     hist2: list = []
-    _, _, rho_end = run_p2p_admm(locs, [graph.partners_of(n) for n in range(2)], graph.reverse, 7.0, 1e-6, 50,
-                                 residual_balancing=False, history=hist2)
-    assert rho_end == 7.0 and {h[3] for h in hist2} == {7.0}
+    _admm(_two_peers(), rho=7.0, tolerance=1e-6, max_iterations=50, history=hist2, residual_balancing=False)
+    assert {h[3] for h in hist2} == {7.0}
 
 
 # ----------------------------------------------------------------------------------------------
