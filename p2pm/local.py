@@ -87,7 +87,7 @@ def clear_market(models: list, *, rho: float = 1.0, tolerance: float = 1e-4, max
 def clear_community(models: list, agent, import_price, export_price, p_import_max_mw: float, p_export_max_mw: float, *,
                     rho: float = 100.0, tolerance: float = 1e-4,
                     max_iterations: int = 2000, residual_balancing: bool = True, price_init_eur_per_mwh: float = 0.0,
-                    wire: bool = True, **market):
+                    wire: bool = True, trace=None, **market):
     """Clear a community market of peer models against a given network agent (the DSO's) with the
     real coordinator, peer and DSO engines in process, without an AC check; returns
     (RunOutcome, coordinator engine, DSO engine, driver)."""
@@ -110,7 +110,7 @@ def clear_community(models: list, agent, import_price, export_price, p_import_ma
     coordinator = CoordinatorEngine(public, progress_every_s=np.inf)
     dso = DSOEngine(public, agent=agent)
     peers = [PeerEngine([m], f"h{i:04d}-{m.id}") for i, m in enumerate(models)]
-    driver = InProcessDriver([coordinator, *peers, dso], wire=wire)
+    driver = InProcessDriver([coordinator, *peers, dso], wire=wire, trace=trace)
     return driver.run(), coordinator, dso, driver
 
 
