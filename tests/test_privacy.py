@@ -6,41 +6,33 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.admm import LocalP2P, RhoPolicy
 from common.market import trade_graph
 from common.models import HourlyPeer, peer_models
 from common.privacy import recover_costs_relay, score_recovery
+from common.protocol.market import Round, Update
 from common.scenario import load_scenario
+from p2pm.local import clear_market
 
 
-# ----------------------------------------------------------------------------------------------
-# TRACE BUILDER: a stand-in for the in-process driver's message log. It runs the relay order with
-# the real LocalP2P objects and returns what the coordinator holds, [(rho_k, X_k)] for k = 1..n:
-# in iteration k every peer first updates its prices with its partners' trades of k-1 (at the
-# rho it solved with), then solves with rho_k; the coordinator collects all trades (UPDATE) and
-# chooses rho_{k+1} by residual balancing, as coordinator.rounds.P2PRounds does.
-# ----------------------------------------------------------------------------------------------
-def relay_trace(peers, graph, lam0: float, policy: RhoPolicy, iterations: int, weights=None):
+def coordinator_view(peers, max_iterations: int, **market):
+    """What the coordinator holds in the relay topology, [(rho_k, X_k)] for k = 1..n: the real
+    coordinator and peer engines clear the market in process, and every ROUND (rho_k) and UPDATE
+    (each peer's trades of iteration k) it sends and receives is recorded from the driver's log."""
+    graph = trade_graph(peers)
     H = len(peers[0].p_min_mw)
-    index = [graph.partners_of(n) for n in range(len(peers))]
-    w = np.zeros((graph.n_pairs, H)) if weights is None else weights
-    locs = [LocalP2P(p.p_min_mw, p.p_max_mw, p.cost_a_eur_per_mw2h, p.cost_b_eur_per_mwh,
-                     1.0 if p.is_producer else -1.0, w[index[n]].copy(), lam=np.full((len(index[n]), H), lam0))
-            for n, p in enumerate(peers)]
-    flat, rho, rho_prev, trace = np.zeros((graph.n_pairs, H)), policy.rho, None, []
-    for k in range(1, iterations + 1):
-        if rho_prev is not None:
-            for n, loc in enumerate(locs):
-                loc.receive(flat[graph.reverse[index[n]]], rho_prev)
-        dual_sq = 0.0
-        for n, loc in enumerate(locs):
-            x, dx = loc.step(rho)
-            flat[index[n]] = x
-            dual_sq += dx
-        trace.append((rho, flat.copy()))
-        primal = float(np.sqrt(np.sum((flat + flat[graph.reverse]) ** 2)))
-        rho_prev, rho = rho, policy.update(k, primal, rho * float(np.sqrt(dual_sq)))
-    return trace
+    index = {pid: graph.partners_of(n) for n, pid in enumerate(graph.peer_ids)}
+    rho, trades = {}, {}
+
+    def record(now_s, sender, to, k, message):
+        if isinstance(message, Round) and not message.stop:
+            rho[k] = message.rho
+        elif isinstance(message, Update):
+            X = trades.setdefault(k, np.zeros((graph.n_pairs, H)))
+            for pid, rec in message.peers.items():
+                X[index[pid]] = rec.p_out_mw
+
+    clear_market(peers, max_iterations=max_iterations, trace=record, **market)
+    return graph, [(rho[k], trades[k]) for k in sorted(trades)]
 
 
 def _truth(peers):
@@ -51,9 +43,10 @@ def test_mv37_costs_recovered_from_the_relayed_trades():
     sc = load_scenario("mv37")
     m = sc.market
     peers = peer_models(sc)
-    graph = trade_graph(peers)
-    policy = RhoPolicy(m.rho, m.residual_balancing, m.rb_mu, m.rb_tau, m.rb_every, m.rb_until)
-    trace = relay_trace(peers, graph, m.price_init_eur_per_mwh, policy, 150)
+    graph, trace = coordinator_view(peers, 150, rho=m.rho, tolerance=m.tolerance, price_init_eur_per_mwh=m.price_init_eur_per_mwh,
+                                    residual_balancing=m.residual_balancing, rb_mu=m.rb_mu, rb_tau=m.rb_tau,
+                                    rb_every=m.rb_every, rb_until=m.rb_until)
+    assert len(trace) == 150
     truth, N = _truth(peers), len(peers)
     loads = [p.id for p in peers if p.kind == "load"]
     figures = {}
@@ -85,20 +78,19 @@ def _peer(pid, kind, lo, hi, a, b, H=3):
     return HourlyPeer(pid, kind, 0, arr(lo), arr(hi), arr(a) * scale, arr(b) * scale, 0.0)
 
 
-def test_consumers_weights_and_unidentifiable_peers():
-    """Consumers (mirrored solve), differentiation weights, a varying rho and costs that differ by
-    hour are replayed exactly; a fixed demand and a producer pinned at its capacity reveal nothing."""
+def test_consumers_and_unidentifiable_peers():
+    """Consumers (mirrored solve), a varying rho and costs that differ by hour are replayed exactly;
+    a fixed demand and a producer pinned at its capacity reveal nothing."""
     peers = [_peer("g0", "chp", 0.0, 10.0, 2.0, 10.0), _peer("g1", "pv", 0.0, 0.5, 0.1, 1.0),
              _peer("c0", "load", -8.0, -1.0, 3.0, 40.0), _peer("c1", "load", -2.0, -2.0, 0.0, 30.0)]
-    graph = trade_graph(peers)
-    weights = np.random.default_rng(3).uniform(0.0, 3.0, (graph.n_pairs, 3))
-    trace = relay_trace(peers, graph, 20.0, RhoPolicy(1.0, every=3, mu=1.5), 40, weights)
+    graph, trace = coordinator_view(peers, 40, rho=1.0, rb_every=3, rb_mu=1.5, price_init_eur_per_mwh=20.0,
+                                    tolerance=1e-12)
     assert len({rho for rho, _ in trace}) > 1
-    rec = recover_costs_relay(graph, trace, 20.0, weights)
+    rec = recover_costs_relay(graph, trace, 20.0)
     score = score_recovery(rec, _truth(peers))
     assert set(score.exact) == {"g0", "c0"} and score.wrong == ()
     assert rec["g0"].hours_identified == rec["c0"].hours_identified == 3
     assert rec["c1"].hours_identified == rec["g1"].hours_identified == 0
-    # the replay needs the weights: without them the points no longer lie on a line
-    blind = recover_costs_relay(graph, trace, 20.0)
+    # the replay needs the right starting price: with another one the points no longer lie on a line
+    blind = recover_costs_relay(graph, trace, 25.0)
     assert score_recovery(blind, _truth(peers)).n_exact < 2
