@@ -133,12 +133,13 @@ class P2PRounds:
         self._solve_sum += host_solve
 
     def on_update(self, host: str, update) -> list[tuple[str, Round]]:
+        for pid, rec in update.peers.items():  # refuse a bad answer whole, before anything is counted
+            k = self.peer_trades.get(pid)
+            if k is not None and rec.p_out_mw.shape != (len(k), self.hours):
+                raise ValueError(f"peer {pid} sent trades of shape {rec.p_out_mw.shape}, expected {(len(k), self.hours)}")
         self._account(host, update.peers)
         for pid, rec in update.peers.items():
-            k = self.peer_trades[pid]
-            if rec.p_out_mw.shape != (len(k), self.hours):
-                raise ValueError(f"peer {pid} sent trades of shape {rec.p_out_mw.shape}, expected {(len(k), self.hours)}")
-            self.flat[k] = rec.p_out_mw
+            self.flat[self.peer_trades[pid]] = rec.p_out_mw
         return self._maybe_complete()
 
     def on_residuals(self, host: str, residuals) -> list[tuple[str, Round]]:
@@ -231,11 +232,12 @@ class CommunityRounds:
             raise ValueError(f"host {host} answered iteration {self.iteration} twice or was not asked")
         if set(update.peers) != set(self.hosts[host]):
             raise ValueError(f"host {host} answered for peers {sorted(update.peers)}, expected {self.hosts[host]}")
+        for pid, rec in update.peers.items():  # refuse a bad answer whole, before anything is counted
+            if rec.p_out_mw.shape != (1, self.hours):
+                raise ValueError(f"peer {pid} sent an injection of shape {rec.p_out_mw.shape}, expected {(1, self.hours)}")
         self._waiting.discard(host)
         host_solve = 0.0
         for pid, rec in update.peers.items():
-            if rec.p_out_mw.shape != (1, self.hours):
-                raise ValueError(f"peer {pid} sent an injection of shape {rec.p_out_mw.shape}, expected {(1, self.hours)}")
             self.p[self.index[pid]] = rec.p_out_mw[0]
             host_solve += rec.solve_s
             if rec.status != "ok":

@@ -60,23 +60,29 @@ def run_in_process(scenario, *, topology: str = "relay", peers_per_process: int 
     return result, driver
 
 
+def market_public(models: list, **market):
+    """The public part of a market of peer models without a grid (no network: no DSO, no TSO)."""
+    from types import SimpleNamespace
+
+    from common.public import RosterEntry
+    from common.scenario import DSOSpec, MarketSpec
+
+    spec = MarketSpec(**{"kind": "p2p", "hours": len(models[0].p_min_mw), **market})
+    return SimpleNamespace(name="market", market=spec, dso=DSOSpec(), network=None, tariff=None,
+                           roster=[RosterEntry(id=m.id, kind=m.kind, bus=m.bus) for m in models])
+
+
 def clear_market(models: list, *, rho: float = 1.0, tolerance: float = 1e-4, max_iterations: int = 5000,
                  residual_balancing: bool = True, topology: str = "relay", peers_per_process: int = 1,
                  price_init_eur_per_mwh: float = 0.0, wire: bool = True, trace=None, **market):
     """Clear a full P2P market of peer models without a grid (no DSO, no TSO) with the real
     coordinator and peer engines in process; returns (RunOutcome, coordinator engine, driver)."""
-    from types import SimpleNamespace
-
-    from common.public import RosterEntry
-    from common.scenario import DSOSpec, MarketSpec
     from coordinator.engine import CoordinatorEngine
     from peer_node.engine import PeerEngine
 
-    spec = MarketSpec(kind="p2p", hours=len(models[0].p_min_mw), rho=rho, tolerance=tolerance,
-                      max_iterations=max_iterations, residual_balancing=residual_balancing,
-                      price_init_eur_per_mwh=price_init_eur_per_mwh, **market)
-    public = SimpleNamespace(name="market", market=spec, dso=DSOSpec(), network=None, tariff=None,
-                             roster=[RosterEntry(id=m.id, kind=m.kind, bus=m.bus) for m in models])
+    public = market_public(models, rho=rho, tolerance=tolerance, max_iterations=max_iterations,
+                           residual_balancing=residual_balancing, price_init_eur_per_mwh=price_init_eur_per_mwh,
+                           **market)
     coordinator = CoordinatorEngine(public, topology=topology, progress_every_s=np.inf)
     peers = [PeerEngine(models[i:i + peers_per_process], f"h{i:04d}-{models[i].id}")
              for i in range(0, len(models), peers_per_process)]
