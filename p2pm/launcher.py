@@ -143,10 +143,11 @@ class Launch:
                         r.peak_rss_kib = ev["peak_rss_kib"]
 
 
-def _spawn(role: str, args: list[str], log: Path, stdout=None, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+def _spawn(module: str, args: list[str], log: Path, stdout=None, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+    """``python -m <module> <args>`` as a child that dies with the launcher, logging to ``log``."""
     logf = open(log, "ab")
     try:
-        return subprocess.Popen([sys.executable, "-m", role, *args], stdout=stdout or logf, stderr=logf,
+        return subprocess.Popen([sys.executable, "-m", module, *args], stdout=stdout or logf, stderr=logf,
                                 stdin=stdin, start_new_session=True, preexec_fn=die_with_parent)
     finally:
         logf.close()
@@ -201,7 +202,7 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
         ready_file = logs / "coordinator.address"
         ready_file.unlink(missing_ok=True)
         coord = Role("coordinator", logs / "coordinator.log")
-        coord.popen = _spawn("coordinator", [
+        coord.popen = _spawn("p2pm", ["coordinator",
             "--scenario", str(public_path), "--bind", "tcp://127.0.0.1:*", "--ready-file", str(ready_file),
             "--run-id", run_id, "--topology", topology, "--out", str(out), "--timeout-s", str(timeout_s),
             "--t0", repr(t0), "--processes", str(n_processes), *([] if report else ["--no-report"])],
@@ -228,9 +229,9 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
                                                   "log": str(r.log)}) + "\n").encode())
         zygote.popen.stdin.close()
 
-        for svc in ("dso_service", "tso_service"):
-            r = Role(svc.split("_")[0], logs / f"{svc.split('_')[0]}.log")
-            r.popen = _spawn(svc, ["--scenario", str(public_path), "--coordinator", address,
+        for svc in ("dso", "tso"):
+            r = Role(svc, logs / f"{svc}.log")
+            r.popen = _spawn("p2pm", [svc, "--scenario", str(public_path), "--coordinator", address,
                                    "--timeout-s", str(timeout_s)], r.log)
             launch.roles.append(r)
 
