@@ -130,8 +130,11 @@ class Shell:
     async def _receive(self, sock) -> bool:
         """Receive what is waiting on ``sock``; True when a valid message was delivered."""
         delivered = False
-        while sock.poll(0, zmq.POLLIN) and not self.finished:
-            frames = await sock.recv_multipart()
+        while not self.finished:
+            try:
+                frames = await sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
             is_router = sock.socket_type == zmq.ROUTER
             payload = frames[1:] if is_router else frames
             nbytes = sum(len(f) for f in payload)
