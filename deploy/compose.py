@@ -28,17 +28,19 @@ def compose(scenario_name: str, out: Path, topology: str = "relay", port: int = 
     public_in = "/opt/p2pm/public.json"
     public_mount = f"{public}:{public_in}:ro"
     coordinator = f"tcp://coordinator:{port}"
-    base = {"image": "p2pm", "networks": ["market"]}
+    def base() -> dict:
+        return {"image": "p2pm", "networks": ["market"]}
+
     services = {
-        "coordinator": {**base, "volumes": [public_mount, "./results:/results"],
+        "coordinator": {**base(), "volumes": [public_mount, "./results:/results"],
                         "command": ["p2pm", "coordinator", "--scenario", public_in, "--bind", f"tcp://0.0.0.0:{port}",
                                     "--topology", topology, "--out", "/results", "--timeout-s", "120"]},
-        "dso": {**base, "volumes": [public_mount], "command": ["p2pm", "dso", "--scenario", public_in, "--coordinator", coordinator]},
-        "tso": {**base, "volumes": [public_mount], "command": ["p2pm", "tso", "--scenario", public_in, "--coordinator", coordinator]},
+        "dso": {**base(), "volumes": [public_mount], "command": ["p2pm", "dso", "--scenario", public_in, "--coordinator", coordinator]},
+        "tso": {**base(), "volumes": [public_mount], "command": ["p2pm", "tso", "--scenario", public_in, "--coordinator", coordinator]},
     }
     for pid, path in private.items():
         name = "peer-" + pid.replace("_", "-").replace(".", "-").lower()
-        services[name] = {**base, "volumes": [f"{path}:/opt/p2pm/peer.json:ro"],
+        services[name] = {**base(), "volumes": [f"{path}:/opt/p2pm/peer.json:ro"],
                           "command": ["p2pm", "peer", "--coordinator", coordinator, "--model", "/opt/p2pm/peer.json",
                                       "--host-id", name, "--bind-host", "0.0.0.0", "--advertise-host", name,
                                       "--timeout-s", "120"]}
