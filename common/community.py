@@ -47,13 +47,11 @@ neither cvxpy nor pandapower at module level (the network agent imports cvxpy wh
 from __future__ import annotations
 
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-from common.grid import GridModel
 from common.models import EVModel, HourlyPeer
 
 # OSQP settings of the EV local problem: the ADMM tolerance is 1e-4 MW over ~1500 entries and

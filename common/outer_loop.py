@@ -19,10 +19,6 @@ import numpy as np
 import pandas as pd
 
 
-def virtual_load_id(scenario) -> str | None:
-    return next((p.id for p in scenario.peers if p.kind == "virtual_load"), None)
-
-
 def hours_frame(ac_before, ac_after, sw_before, sw_after, hour_rows: list[dict], virtual_load_mw) -> pd.DataFrame:
     """Per hour, before (first AC check) and after (last): the layout of thesis Tables 4.2-4.10."""
     hb, ha = ac_before.hours.set_index("hour"), ac_after.hours.set_index("hour")
@@ -58,11 +54,6 @@ def day_frame(dispatch_before: pd.DataFrame, result, sw_before) -> pd.DataFrame:
     after.update(losses_pct=losses(result.ac), social_welfare_eur=float(result.economics["social_welfare_eur"].sum()))
     return pd.DataFrame({"quantity": list(before), "before": [float(v) + 0.0 for v in before.values()],
                          "after": [float(after[k]) + 0.0 for k in before]})
-
-
-def history_row(outer: int, admm_iterations: int, ac, step: str, actions: str) -> tuple:
-    """One row of ``outer_history``: the outer iteration, its clearing and what its AC check found."""
-    return (outer, admm_iterations, len(ac.violations), int((ac.hours["violations"] > 0).sum()), step, actions)
 
 
 def finish_outer(result, hour_rows: list[dict], sw_before, virtual_load_mw, history, status: str, reason: str,

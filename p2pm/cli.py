@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from common.scenario import ScenarioError, builtin_names, load_scenario, resolve_path
+from common.scenario import ScenarioError, builtin_names, load_scenario
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Peer-to-peer electricity markets cleared by ADMM among separate processes over ZeroMQ.")

@@ -47,7 +47,6 @@ def test_a_dso_that_cannot_check_the_dispatch_is_named_and_lives_on(monkeypatch)
     monkeypatch.setattr("dso_service.powerflow.run_ac", broken)
     sc = load_scenario("mv37", max_iterations=3)
     coordinator, engines = engines_for(sc, peers_per_process=25)
-    dso = next(e for e in engines if e.name == "dso")
     driver = InProcessDriver(engines)
     with pytest.raises(RunFailed) as err:
         driver.run()
