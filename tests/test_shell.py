@@ -1,0 +1,120 @@
+"""The socket shell (``common.shell``) at the socket level, with pytest-asyncio: two shells in one
+event loop over real ZeroMQ sockets on loopback, driving small engines."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from common.engine import COORDINATOR, Deadline, Finish, Log, Received, Send, Started
+from common.protocol.control import Heartbeat, Hello, Shutdown
+from common.shell import Shell, ShellFailure
+
+
+class Echo:
+    """A coordinator-side engine: answers every HELLO with a SHUTDOWN and finishes after ``n``."""
+
+    name = COORDINATOR
+
+    def __init__(self, n: int = 1):
+        self.n, self.seen, self.deadlines = n, [], 0
+
+    def handle(self, event):
+        if isinstance(event, Deadline):
+            self.deadlines += 1
+            return []
+        if isinstance(event, Received) and isinstance(event.message, Hello):
+            self.seen.append(event.sender)
+            out = [Send(event.sender, Shutdown(reason="bye"))]
+            return out + ([Finish(tuple(self.seen))] if len(self.seen) >= self.n else [])
+        return []
+
+
+class Client:
+    """A role that says HELLO and stops at SHUTDOWN; ``explode`` raises on the first HEARTBEAT."""
+
+    def __init__(self, name: str, explode: bool = False):
+        self.name, self.explode, self.got = name, explode, []
+
+    def handle(self, event):
+        if isinstance(event, Started):
+            return [Send(COORDINATOR, Hello(role="peer", peer_ids=(self.name,), pid=1, host="test"))]
+        if isinstance(event, Received):
+            self.got.append(type(event.message).__name__)
+            if isinstance(event.message, Heartbeat) and self.explode:
+                raise RuntimeError("a bug in the engine")
+            if isinstance(event.message, Shutdown):
+                return [Log("done"), Finish("stopped")]
+        return []
+
+
+def _coordinator(engine, timeout_s=5.0):
+    return Shell(engine, bind="tcp://127.0.0.1:*", run_id="r1", timeout_s=timeout_s, notes=lambda n: None)
+
+
+async def test_two_roles_talk_over_real_sockets():
+    coord = _coordinator(Echo(n=2))
+    a, b = Shell(Client("a"), connect=coord.address), Shell(Client("b"), connect=coord.address)
+    try:
+        outcome, ra, rb = await asyncio.wait_for(asyncio.gather(coord.serve(), a.serve(), b.serve()), 10)
+    finally:
+        for s in (coord, a, b):
+            s.close()
+    assert sorted(outcome) == ["a", "b"] and ra == rb == "stopped"
+    assert coord.transport.received.messages == 2 and coord.transport.sent.messages == 2
+
+
+async def test_malformed_and_forged_messages_are_counted_never_delivered():
+    engine = Echo(n=1)
+    coord = _coordinator(engine)
+    raw_ctx = zmq.asyncio.Context()
+    raw = raw_ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.ROUTING_ID, b"x")
+    raw.connect(coord.address)
+    client = Shell(Client("c"), connect=coord.address)
+    try:
+        await raw.send(b"\xc1 not msgpack")
+        await raw.send_multipart([b"a", b"b"])
+        from common.codec import encode
+
+        forged = Hello(role="peer", peer_ids=("z",), pid=1, host="h").envelope(run_id="r1", sender="someone-else")
+        await raw.send(encode(forged))  # a sender that is not its connection's identity
+
+        async def later(coro):
+            await asyncio.sleep(0.3)  # the coordinator has read the raw messages by then
+            return await coro
+
+        outcome = (await asyncio.wait_for(asyncio.gather(coord.serve(), later(client.serve())), 10))[0]
+    finally:
+        raw.close(0)
+        raw_ctx.term()
+        coord.close()
+        client.close()
+    assert outcome == ("c",)  # only the valid HELLO reached the engine
+    assert dict(coord.transport.rejected) == {"malformed": 2, "body": 1}, coord.transport.rejected
+
+
+async def test_a_deadline_names_the_silent_side_and_an_engine_error_does_not_kill_a_role():
+    # a peer-side shell whose engine raises keeps serving; its coordinator never answers
+    coord_ctx = zmq.asyncio.Context()
+    router = coord_ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    client = Shell(Client("d", explode=True), connect=f"tcp://127.0.0.1:{port}", timeout_s=0.5)
+    try:
+        from common.codec import encode
+
+        async def poke():
+            ident, _ = await router.recv_multipart()  # the HELLO
+            beat = Heartbeat().envelope(run_id="*", sender=COORDINATOR)
+            await router.send_multipart([ident, encode(beat)])
+
+        with pytest.raises(ShellFailure, match="no message within 0.5 s from the coordinator"):
+            await asyncio.wait_for(asyncio.gather(client.serve(), poke()), 10)
+    finally:
+        router.close(0)
+        coord_ctx.term()
+        client.close()
+    assert client.internal_errors == 1 and client.engine.got == ["Heartbeat"]
