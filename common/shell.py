@@ -232,18 +232,15 @@ class Shell:
             self.mesh_out[host] = sock
         return sock
 
-    async def _flush(self, grace_s: float = 1.0) -> None:
-        """Give queued messages (SHUTDOWNs) a moment to leave before the sockets close."""
+    async def _flush(self) -> None:
+        """Let the event loop hand queued sends to ZeroMQ before the sockets close (they then
+        linger up to a second for the messages to leave)."""
         await asyncio.sleep(0)
-        end = time.monotonic() + grace_s
-        for sock in [self.main, *self.mesh_out.values()]:
-            while time.monotonic() < end and sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT == 0:
-                await asyncio.sleep(0.01)
 
     def close(self) -> None:
         if self.transport.rejected:
             self.log.info("rejected messages: %s", dict(self.transport.rejected))
-        self.transport.close()
+        self.transport.close(linger_ms=1000)
 
 
 def run_role(engine, coordinator: str, idle_timeout_s: float, **kw) -> int:

@@ -217,13 +217,14 @@ class Transport:
         self._pollers = {k: v for k, v in self._pollers.items() if id(sock) not in k}
         sock.close(linger=0)
 
-    def close(self) -> None:
-        """Close every socket this transport made and terminate its context."""
+    def close(self, linger_ms: int = 0) -> None:
+        """Close every socket this transport made and terminate its context; ``linger_ms``: how
+        long messages still queued (a coordinator's SHUTDOWNs) may take to leave."""
         if self._closed:
             return
         self._closed = True
         for sock in list(self._sockets):
-            sock.close(linger=0)
+            sock.close(linger=linger_ms)
         self._sockets.clear()
         self._pollers.clear()
         self.ctx.term()
