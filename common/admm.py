@@ -86,6 +86,38 @@ class LocalP2P:
         return self.x.sum(axis=0)
 
 
+def best_response(a, b, lo, hi, price) -> tuple[np.ndarray, np.ndarray]:
+    """The net injections p in [lo, hi] that maximise price p - (a p^2/2 + b p), per hour, as an
+    interval (q_low, q_high): one point where a > 0, the whole [lo, hi] where a = 0 and the price
+    equals b (a linear cost is indifferent there). The answer to a pool-price probe."""
+    a, b, lo, hi, price = (np.asarray(v, dtype=float) for v in (a, b, lo, hi, price))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        interior = np.clip((price - b) / np.where(a > 0, a, 1.0), lo, hi)
+    flat = np.where(price > b, hi, lo)
+    q_low = np.where(a > 0, interior, flat)
+    q_high = np.where(a > 0, interior, np.where(price >= b, hi, lo))
+    return q_low, q_high
+
+
+def pool_start(q_mw: np.ndarray, price_eur_per_mwh: np.ndarray, graph) -> tuple[np.ndarray, np.ndarray]:
+    """The ADMM's starting point from a uniform (pool) price: trades (K, H) that split each
+    producer's injection over the consumers in proportion to their consumption (reciprocal, and
+    summing to every peer's injection when supply and demand balance), and every trade's price at
+    the hour's pool price. ``q_mw`` (N, H): the peers' injections at that price."""
+    q = np.asarray(q_mw, dtype=float)
+    supply = np.clip(q, 0.0, None)
+    demand = np.clip(-q, 0.0, None)
+    total = 0.5 * (supply.sum(axis=0) + demand.sum(axis=0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(total > 0, 1.0 / total, 0.0)
+    seller = np.where(graph.sign > 0, graph.owner, graph.partner)
+    buyer = np.where(graph.sign > 0, graph.partner, graph.owner)
+    volume = supply[seller] * demand[buyer] * share  # (K, H) what the seller sells to the buyer
+    trades = graph.sign[:, None] * volume
+    prices = np.broadcast_to(np.asarray(price_eur_per_mwh, dtype=float), trades.shape).copy()
+    return trades, prices
+
+
 def solve_local(tau, w, rho, a, b, lo, hi, sign):
     """argmin_x  a/2 s^2 + b s + sum_m [w_m x_m + rho/2 (x_m - tau_m)^2],  s = sum_m x_m,
     lo <= s <= hi, sign*x_m >= 0; vectorised over hours (columns).

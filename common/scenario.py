@@ -84,6 +84,10 @@ class MarketSpec(_Strict):
     rb_every: int = Field(10, ge=1, description="rho may change only every this many iterations")
     rb_until: int = Field(2000, ge=0, description="rho is frozen after this iteration")
     price_init_eur_per_mwh: float = Field(0.0, description="starting trade price of the ADMM (a public guess)")
+    pool_price_start: bool = Field(True, description="full P2P market: start every clearing from scratch at the "
+                                   "uniform (pool) price found by price rounds (probed prices, aggregate answers)")
+    pool_price_rounds: int = Field(30, ge=1, description="most price rounds of a pool-price start")
+    pool_price_points: int = Field(8, ge=2, le=64, description="candidate prices per hour in one price round")
 
 
 class TSOSpec(_Strict):

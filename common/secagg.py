@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 MICRO_EUR_PER_EUR = 1_000_000
+NANO_MW_PER_MW = 1_000_000_000
 
 
 class MaskKeys:
@@ -39,33 +40,40 @@ class MaskKeys:
                 shared = self._private.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(key_hex)))
                 self._secrets[other] = hashlib.blake2b(shared, digest_size=32, person=b"p2pm-secagg").digest()
 
-    def mask(self, label: str, hours: int) -> np.ndarray:
-        """This peer's total mask (int64, one per hour) for the report ``label``."""
-        total = np.zeros(hours, dtype=np.int64)
+    def mask(self, label: str, size: int) -> np.ndarray:
+        """This peer's total mask (int64, ``size`` values) for the report ``label``."""
+        total = np.zeros(size, dtype=np.int64)
         for other, secret in self._secrets.items():
-            digest = hashlib.blake2b(label.encode(), key=secret, digest_size=min(64, 8 * hours)).digest()
-            while len(digest) < 8 * hours:
+            digest = hashlib.blake2b(label.encode(), key=secret, digest_size=min(64, 8 * size)).digest()
+            while len(digest) < 8 * size:
                 digest += hashlib.blake2b(digest, key=secret, digest_size=64).digest()
-            m = np.frombuffer(digest[:8 * hours], dtype="<i8").astype(np.int64)
+            m = np.frombuffer(digest[:8 * size], dtype="<i8").astype(np.int64)
             with np.errstate(over="ignore"):
                 total = total + m if self.peer_id < other else total - m
         return total
 
-    def masked(self, cost_eur: np.ndarray, label: str) -> np.ndarray:
-        """``cost_eur`` in micro-euro plus this peer's mask (int64, wrapping)."""
-        fixed = np.rint(np.asarray(cost_eur, dtype=float) * MICRO_EUR_PER_EUR).astype(np.int64)
+    def masked(self, values: np.ndarray, label: str, scale: float = MICRO_EUR_PER_EUR) -> np.ndarray:
+        """``values`` in fixed point (``scale`` units per unit: micro-euro by default) plus this
+        peer's mask (int64, wrapping), in the shape of ``values``."""
+        values = np.asarray(values, dtype=float)
+        fixed = np.rint(values * scale).astype(np.int64)
         with np.errstate(over="ignore"):
-            return fixed + self.mask(label, len(fixed))
+            return fixed + self.mask(label, fixed.size).reshape(fixed.shape)
 
 
-def unmask_sum(masked: list[np.ndarray]) -> np.ndarray:
-    """The sum in euro of the peers' masked reports (exact when every peer of the key set reported)."""
+def add_masked(masked: list[np.ndarray]) -> np.ndarray:
+    """The wrapping int64 sum of masked reports (a host may add its peers' before sending)."""
     total = np.zeros_like(masked[0], dtype=np.int64)
     with np.errstate(over="ignore"):
         for m in masked:
             total = total + m.astype(np.int64)
-    return total.astype(float) / MICRO_EUR_PER_EUR
+    return total
 
 
-def mask_label(run_id: str, iteration: int) -> str:
-    return f"{run_id}/cost/{iteration}"
+def unmask_sum(masked: list[np.ndarray], scale: float = MICRO_EUR_PER_EUR) -> np.ndarray:
+    """The sum of the peers' masked reports in units (exact when every peer of the key set reported)."""
+    return add_masked(masked).astype(float) / scale
+
+
+def mask_label(run_id: str, iteration: int, what: str = "cost") -> str:
+    return f"{run_id}/{what}/{iteration}"

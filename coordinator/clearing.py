@@ -71,6 +71,9 @@ class P2PRounds:
     start_iteration: int = 0
     warm_trades_mw: np.ndarray | None = None
     timer: Callable[[], float] = time.perf_counter
+    # a clearing from a pool price starts from these trade prices (K, H), with ``warm_trades_mw``
+    # the matching trades: the first ROUND hands every peer its start (both topologies)
+    start_prices: np.ndarray | None = None
 
     def __post_init__(self):
         index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
@@ -100,7 +103,12 @@ class P2PRounds:
 
     def _round_for(self, host: str, stop: bool) -> Round:
         peers = {}
-        if self.settings.topology == "relay":
+        first = self.start_prices is not None and self.iteration == self.start_iteration + 1 and not stop
+        if first:
+            for pid in self.hosts[host]:
+                peers[pid] = RoundPeer(p_in_mw=self.flat[self.peer_incoming[pid]],
+                                       price_eur_per_mwh=self.start_prices[self.peer_trades[pid]])
+        elif self.settings.topology == "relay":
             for pid in self.hosts[host]:
                 peers[pid] = RoundPeer(p_in_mw=self.flat[self.peer_incoming[pid]])
         return Round(rho=self.rho, stop=stop, peers=peers)

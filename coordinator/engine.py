@@ -33,8 +33,9 @@ from common.models import PRODUCER_KINDS
 from common.protocol.control import Hello, Ready, Shutdown, Welcome
 from common.protocol.frequency import FreqQuery, FreqRequest
 from common.protocol.grid import Dispatch, GridReport, NetworkResult
-from common.protocol.market import Penalty, Residuals, Result, Update
-from common.secagg import unmask_sum
+from common.admm import pool_start
+from common.protocol.market import Penalty, PoolPrice, PoolQuantity, PriceProbe, QuantitySum, Residuals, Result, Update
+from common.secagg import NANO_MW_PER_MW, unmask_sum
 from coordinator.clearing import CommunityRounds, P2PRounds, RoundSettings
 
 SERVICES = ("dso", "tso")
@@ -135,6 +136,7 @@ class CoordinatorEngine:
         self.penalty_log: list[tuple] = []
         self.timing: dict[str, float] = {}
         self.iteration = 0
+        self.price_rounds = 0  # round trips of the pool-price starts (probes and the starting injections)
         self.extra_traffic: list = []  # mesh: TRADES the hosts sent outside the coordinator's sight
         self._out: list = []
         self._gen = None
@@ -294,6 +296,10 @@ class CoordinatorEngine:
             return self.central.clear(self.graph)
         prev = previous.rounds if previous is not None else None
         warm = {} if prev is None else dict(start_iteration=prev.iteration, warm_trades_mw=prev.flat)
+        if prev is None and self.market.pool_price_start:
+            price, q = yield from self._pool_price()
+            trades, prices = pool_start(q, price, self.graph)
+            warm = dict(warm_trades_mw=trades, start_prices=prices)
         rounds = P2PRounds(self.graph, self.hosts, self.H, self._settings(None if prev is None else prev.rho),
                            timer=self.timer, **warm)
         if self.topology == "relay":
@@ -302,6 +308,110 @@ class CoordinatorEngine:
             handlers = {Residuals: lambda ev: rounds.on_residuals(ev.sender, ev.message)}
         yield from self._drive(rounds, handlers)
         return (yield from self._collect_p2p(rounds))
+
+    def _pool_price(self, tol_mw: float = 1e-9, width_eur_per_mwh: float = 1e-9):
+        """Price rounds before the ADMM. Each round sends every host ``pool_price_points`` candidate
+        prices per hour; the hosts answer their peers' best-response intervals at each candidate,
+        summed and masked so that the coordinator learns only the aggregate over all peers
+        (``common.secagg``). An hour is settled when the aggregate brackets zero at a candidate,
+        or between two candidates closer than ``width_eur_per_mwh`` (a linear cost's slope makes
+        the aggregate jump there: the jump is shared). While an hour is bracketed, the candidates
+        are the regula-falsi point and equally spaced points in the bracket (it shrinks by the
+        number of points each round); until then, steps that double. Then POOL_PRICE tells the
+        hosts the settled price and each peer answers its starting injection.
+        Returns (price (H,), injections (N, H))."""
+        H, K = self.H, self.market.pool_price_points
+        lo, hi = np.full(H, -np.inf), np.full(H, np.inf)  # prices with too little / too much supply
+        f_lo, f_hi = np.zeros(H), np.zeros(H)  # the aggregate there (< 0, > 0)
+        step = np.full(H, 8.0)
+        done = np.zeros(H, dtype=bool)
+        price_a, price_b, share = np.full(H, float(self.market.price_init_eur_per_mwh)), np.zeros(H), np.zeros(H)
+        cand = price_a + step * (np.arange(K) - K // 2)[:, None]  # around the starting guess
+        hours = np.arange(H)
+        for r in range(1, self.market.pool_price_rounds + 1):
+            self.price_rounds += 1
+            for host in self.hosts:
+                self._send(host, PriceProbe(price_eur_per_mwh=cand), self.iteration)
+            SL, SH = yield from self._collect_sums(r, K)  # (K, H) each
+            hit = (SL <= tol_mw) & (SH >= -tol_mw) & ~done[None, :]
+            got = hit.any(axis=0)
+            first = np.argmax(hit, axis=0)
+            sl, sh = SL[first, hours], SH[first, hours]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                theta = np.clip(np.where(sh > sl, -sl / (sh - sl), 0.0), 0.0, 1.0)
+            c = cand[first, hours]
+            price_a, price_b, share = np.where(got, c, price_a), np.where(got, c, price_b), np.where(got, theta, share)
+            done |= got
+            short = (SH < -tol_mw) & ~done[None, :]
+            excess = (SL > tol_mw) & ~done[None, :]
+            best_lo, best_hi = np.where(short, cand, -np.inf), np.where(excess, cand, np.inf)
+            k_lo, k_hi = best_lo.argmax(axis=0), best_hi.argmin(axis=0)
+            up, down = best_lo.max(axis=0) > lo, best_hi.min(axis=0) < hi
+            lo, f_lo = np.where(up, cand[k_lo, hours], lo), np.where(up, SH[k_lo, hours], f_lo)
+            hi, f_hi = np.where(down, cand[k_hi, hours], hi), np.where(down, SL[k_hi, hours], f_hi)
+            narrow = ~done & np.isfinite(lo) & np.isfinite(hi) & (hi - lo <= width_eur_per_mwh * np.maximum(1.0, np.abs(lo)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t = np.clip(np.where(f_hi > f_lo, -f_lo / (f_hi - f_lo), 0.5), 0.0, 1.0)
+            price_a, price_b, share = np.where(narrow, lo, price_a), np.where(narrow, hi, price_b), np.where(narrow, t, share)
+            done |= narrow
+            if done.all():
+                break
+            both = np.isfinite(lo) & np.isfinite(hi)
+            with np.errstate(divide="ignore", invalid="ignore"):  # the hours without a bracket are not used
+                falsi = np.clip(lo - f_lo * (hi - lo) / (f_hi - f_lo), lo, hi)
+                falsi = np.where(np.isfinite(falsi), falsi, 0.5 * (lo + hi))
+                inner = lo + (hi - lo) * (np.arange(1, K)[:, None] / K)  # K-1 equally spaced points
+            grow = step * 2.0 ** np.arange(K)[:, None]
+            expanding = np.where(np.isfinite(lo), lo + grow, hi - grow)
+            cand = np.where(both[None, :], np.vstack([falsi[None, :], inner]), expanding)
+            cand[:, done] = price_a[done]
+            step = np.where(both, step, step * 2.0 ** K)
+        rest = ~done  # hours the rounds did not settle start in the middle of what is known
+        with np.errstate(invalid="ignore"):
+            mid = np.where(np.isfinite(lo) & np.isfinite(hi), 0.5 * (lo + hi), np.where(np.isfinite(lo), lo, hi))
+        price_a, price_b, share = np.where(rest, mid, price_a), np.where(rest, mid, price_b), np.where(rest, 0.5, share)
+        for host in self.hosts:
+            self._send(host, PoolPrice(price_a_eur_per_mwh=price_a, price_b_eur_per_mwh=price_b, share=share),
+                       self.iteration)
+        q = yield from self._collect_pool_quantities()
+        self.price_rounds += 1
+        price = price_a + share * (price_b - price_a)
+        self._log(f"pool price after {r} price rounds: {price.min():.2f} to {price.max():.2f} EUR/MWh, "
+                  f"{int(done.sum())} of {H} hours settled")
+        return price, q
+
+    def _collect_sums(self, r: int, K: int):
+        """The aggregate (over all peers) of the smallest and largest best responses of round ``r``."""
+        waiting, low, high = set(self.hosts), [], []
+        while waiting:
+            ev = yield from self._await(
+                lambda e: isinstance(e.message, QuantitySum) and e.sender in waiting,
+                lambda t: RunFailure(sorted(waiting)[0], f"price round {r}: no answer within {t:g} s from "
+                                                         f"{', '.join(sorted(waiting)[:5])}"))
+            m = ev.message
+            if m.q_low_masked.shape != (K, self.H) or m.q_high_masked.shape != (K, self.H):
+                self.rejected["body"] += 1
+                continue
+            low.append(m.q_low_masked)
+            high.append(m.q_high_masked)
+            waiting.discard(ev.sender)
+        return unmask_sum(low, NANO_MW_PER_MW), unmask_sum(high, NANO_MW_PER_MW)
+
+    def _collect_pool_quantities(self):
+        ids, H = self.graph.peer_ids, self.H
+        q, waiting = {}, set(self.hosts)
+        while waiting:
+            ev = yield from self._await(
+                lambda e: isinstance(e.message, PoolQuantity) and e.sender in waiting,
+                lambda t: RunFailure(sorted(waiting)[0], f"pool price: no starting injections within {t:g} s from "
+                                                         f"{', '.join(sorted(waiting)[:5])}"))
+            peers = ev.message.peers
+            if set(peers) != set(self.hosts[ev.sender]) or any(v.shape != (H,) for v in peers.values()):
+                self.rejected["body"] += 1
+                continue
+            q.update(peers)
+            waiting.discard(ev.sender)
+        return np.vstack([q[i] for i in ids])
 
     def _clear_community(self):
         yield from self._service("dso")

@@ -30,6 +30,8 @@ def build_result(outcome: RunOutcome, engine: CoordinatorEngine, traffic: list[t
         result.economics["flex_penalty_eur"] = last.flex_eur
     result.ac = ac_from_tables(outcome.report.tables)
     result.iterations = engine.iteration
+    result.extra["price_rounds"] = engine.price_rounds
+    result.extra["rounds"] = engine.price_rounds + engine.iteration  # every round trip of the clearings
     result.outer_iterations = len(outcome.clearings)
     if outcome.outer is not None:
         o = outcome.outer

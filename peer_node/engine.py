@@ -21,13 +21,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from common.admm import LocalP2P
+from common.admm import LocalP2P, best_response
 from common.engine import COORDINATOR, Finish, Log, Received, Send, Started
 from common.models import PARAMETERS, EVModel, apply_parameters, flex_penalty_eur, reactive_mvar
 from common.protocol import ProtocolError
 from common.protocol.control import Hello, Ready, Shutdown, Welcome
-from common.protocol.market import Penalty, Residuals, ResidualsPeer, Result, ResultPeer, Round, Trades, Update, UpdatePeer
-from common.secagg import MaskKeys, mask_label
+from common.protocol.market import (Penalty, PoolPrice, PoolQuantity, PriceProbe, QuantitySum, Residuals, ResidualsPeer,
+                                    Result, ResultPeer, Round, Trades, Update, UpdatePeer)
+from common.secagg import NANO_MW_PER_MW, MaskKeys, add_masked, mask_label
 
 
 class PeerEngine:
@@ -41,6 +42,7 @@ class PeerEngine:
         self.address, self.pid, self.host = address, pid, host
         self.timer = timer
         self.keys = {pid_: MaskKeys(pid_) for pid_ in self.peer_ids}
+        self.probes = 0  # price probes answered (each gets fresh masks)
         self.run_id = ""
         self.market = "p2p"
         self.topology = "relay"
@@ -83,6 +85,10 @@ class PeerEngine:
                 return self._on_round(msg, k)
             if isinstance(msg, Penalty):
                 return self._on_penalty(msg, k)
+            if isinstance(msg, PriceProbe):
+                return self._on_probe(msg, k)
+            if isinstance(msg, PoolPrice):
+                return self._on_pool_price(msg, k)
             raise ProtocolError("type", f"unexpected {msg.TYPE.value} from the coordinator")
         except ProtocolError as exc:  # refused and counted; the peer goes on
             self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
@@ -114,10 +120,57 @@ class PeerEngine:
         return [Send(COORDINATOR, Ready())]
 
     # -- rounds ---------------------------------------------------------------------------------
+    def _best_responses(self, price: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        out = {}
+        for pid in self.peer_ids:
+            m = self.models[pid]
+            out[pid] = best_response(m.cost_a_eur_per_mw2h, m.cost_b_eur_per_mwh, m.p_min_mw, m.p_max_mw, price)
+        return out
+
+    def _on_probe(self, msg: PriceProbe, k: int) -> list:
+        """Pool-price start: the hosted peers' best responses to candidate prices, summed over the
+        host and masked, so that the coordinator learns only the sum over all peers."""
+        price = msg.price_eur_per_mwh
+        if self.market != "p2p" or price.ndim != 2 or price.shape[1] != self.hours:
+            raise ProtocolError("body", f"a price probe of shape {price.shape} in the {self.market} market")
+        self.probes += 1
+        answers = self._best_responses(price)
+        masked = {side: add_masked([self.keys[pid].masked(answers[pid][j], mask_label(self.run_id, k, f"probe{self.probes}{side}"),
+                                                          NANO_MW_PER_MW) for pid in self.peer_ids])
+                  for j, side in enumerate(("low", "high"))}
+        return [Send(COORDINATOR, QuantitySum(q_low_masked=masked["low"], q_high_masked=masked["high"]), k)]
+
+    def _on_pool_price(self, msg: PoolPrice, k: int) -> list:
+        """The settled pool price: each hosted peer's starting injection there."""
+        a, b, share = msg.price_a_eur_per_mwh, msg.price_b_eur_per_mwh, msg.share
+        if any(v.shape != (self.hours,) for v in (a, b, share)) or np.any((share < 0) | (share > 1)) or np.any(a > b):
+            raise ProtocolError("body", "a pool price of the wrong shape or with a share outside [0, 1]")
+        at_a, at_b = self._best_responses(a), self._best_responses(b)
+        same = a == b
+        q = {pid: (1 - share) * np.where(same, at_a[pid][0], at_a[pid][1]) + share * np.where(same, at_b[pid][1], at_b[pid][0])
+             for pid in self.peer_ids}
+        return [Send(COORDINATOR, PoolQuantity(peers=q), k)]
+
+    def _start_from(self, msg: Round) -> None:
+        """The first ROUND of a clearing from a pool price: the partners' starting trades towards
+        each peer and the starting prices of its trades; its own trades are the reciprocal ones."""
+        for pid, loc in self.locals.items():
+            rec = msg.peers.get(pid)
+            if rec is None or rec.price_eur_per_mwh is None:
+                raise ProtocolError("body", f"a starting ROUND without the start of peer {pid}")
+            if rec.p_in_mw.shape != loc.x.shape or rec.price_eur_per_mwh.shape != loc.x.shape:
+                raise ProtocolError("body", f"a start of shape {rec.p_in_mw.shape} for {pid}, expected {loc.x.shape}")
+        for pid, loc in self.locals.items():
+            rec = msg.peers[pid]
+            loc.y, loc.x, loc.lam = rec.p_in_mw.copy(), -rec.p_in_mw, rec.price_eur_per_mwh.copy()
+            self.solved_since_receive[pid] = False
+
     def _on_round(self, msg: Round, k: int) -> list:
         if self.market == "community":
             return self._on_community_round(msg, k)
-        if self.topology == "relay":
+        if any(rec.price_eur_per_mwh is not None for rec in msg.peers.values()):
+            self._start_from(msg)
+        elif self.topology == "relay":
             for pid, loc in self.locals.items():
                 if self.solved_since_receive.get(pid):
                     loc.receive(msg.peers[pid].p_in_mw, self.rho_prev.get(pid, msg.rho))

@@ -84,6 +84,10 @@ class MsgType(StrEnum):
     RESIDUALS = "residuals"
     RESULT = "result"
     PENALTY = "penalty"
+    PRICE_PROBE = "price_probe"
+    QUANTITY_SUM = "quantity_sum"
+    POOL_PRICE = "pool_price"
+    POOL_QUANTITY = "pool_quantity"
     # grid checks (common.protocol.grid)
     DISPATCH = "dispatch"
     GRID_REPORT = "grid_report"

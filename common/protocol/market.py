@@ -28,6 +28,18 @@ RESULT (peer host -> coordinator; at the end)
     ``price_eur_per_mwh``: (n_partners, hours), the trades' prices; optional ``partner_ids``:
     list[str] (n_partners); optional ``q_mvar``: (hours,); optional ``soc_mwh``: (hours,), EV state
     of charge at the end of each hour; optional ``status``: str}}.
+PRICE_PROBE (coordinator -> peer host; the pool-price start of a clearing, before the ADMM)
+    ``price_eur_per_mwh``: (candidates, hours), candidate prices per hour.
+QUANTITY_SUM (peer host -> coordinator; the answer to a PRICE_PROBE)
+    ``q_low_masked``, ``q_high_masked``: int64 (candidates, hours), the sum over the hosted peers of
+    the smallest and largest best-response injection at each candidate price, in nano-MW plus the
+    peers' secure-aggregation masks (``common.secagg``): only the sum over all hosts means anything.
+POOL_PRICE (coordinator -> peer host; the settled pool price)
+    ``price_a_eur_per_mwh``, ``price_b_eur_per_mwh``, ``share``: (hours,). Each peer's starting
+    injection is (1 - share) x its answer at price a + share x its answer at price b (at a = b: its
+    smallest and largest answer; at a < b: its largest at a and its smallest at b).
+POOL_QUANTITY (peer host -> coordinator; the answer to POOL_PRICE)
+    ``peers``: {peer_id: (hours,)}, each hosted peer's starting injection.
 PENALTY (coordinator -> peer host; between outer iterations; from the DSO or TSO service)
     ``peers``: {peer_id: {name: float64 array}}, only the hosted peers concerned, only their own
     parameters (``common.models.PARAMETERS``): ``diff_eur_per_mwh`` (n_partners, hours) the
@@ -300,6 +312,74 @@ class Result(Message):
                    tuple(tuple(row) for row in body.get("traffic") or ()))
 
 
+# ------------------------------------------------------------------------- PRICE_PROBE / QUANTITY
+
+
+@dataclass(frozen=True, eq=False)
+class PriceProbe(Message):
+    """Coordinator -> peer host: what would your peers inject at these prices (candidates x hours)?"""
+
+    TYPE: ClassVar[MsgType] = MsgType.PRICE_PROBE
+    price_eur_per_mwh: np.ndarray
+
+    def to_body(self) -> dict[str, Any]:
+        return {"price_eur_per_mwh": f64(self.price_eur_per_mwh)}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> PriceProbe:
+        return cls(body["price_eur_per_mwh"])
+
+
+@dataclass(frozen=True, eq=False)
+class QuantitySum(Message):
+    """Peer host -> coordinator: its peers' best responses, summed and masked."""
+
+    TYPE: ClassVar[MsgType] = MsgType.QUANTITY_SUM
+    q_low_masked: np.ndarray
+    q_high_masked: np.ndarray
+
+    def to_body(self) -> dict[str, Any]:
+        return {"q_low_masked": np.ascontiguousarray(self.q_low_masked, dtype=np.int64),
+                "q_high_masked": np.ascontiguousarray(self.q_high_masked, dtype=np.int64)}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> QuantitySum:
+        return cls(body["q_low_masked"], body["q_high_masked"])
+
+
+@dataclass(frozen=True, eq=False)
+class PoolPrice(Message):
+    """Coordinator -> peer host: the settled pool price and how to take the starting injection."""
+
+    TYPE: ClassVar[MsgType] = MsgType.POOL_PRICE
+    price_a_eur_per_mwh: np.ndarray
+    price_b_eur_per_mwh: np.ndarray
+    share: np.ndarray
+
+    def to_body(self) -> dict[str, Any]:
+        return {"price_a_eur_per_mwh": f64(self.price_a_eur_per_mwh),
+                "price_b_eur_per_mwh": f64(self.price_b_eur_per_mwh), "share": f64(self.share)}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> PoolPrice:
+        return cls(body["price_a_eur_per_mwh"], body["price_b_eur_per_mwh"], body["share"])
+
+
+@dataclass(frozen=True, eq=False)
+class PoolQuantity(Message):
+    """Peer host -> coordinator: each hosted peer's starting injection at the pool price."""
+
+    TYPE: ClassVar[MsgType] = MsgType.POOL_QUANTITY
+    peers: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"peers": {k: f64(v) for k, v in self.peers.items()}}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> PoolQuantity:
+        return cls(dict(body["peers"]))
+
+
 # ----------------------------------------------------------------------------------------- PENALTY
 
 
@@ -398,6 +478,11 @@ SCHEMAS: dict[MsgType, Record] = {
         optional={"traffic": ListOf(ListOf(AnyValue()))},
     ),
     MsgType.PENALTY: Record(required={"peers": MapOf(MapOf(Array("float64")))}),
+    MsgType.PRICE_PROBE: Record(required={"price_eur_per_mwh": float_array(2)}),
+    MsgType.QUANTITY_SUM: Record(required={"q_low_masked": Array("int64", (2,)), "q_high_masked": Array("int64", (2,))}),
+    MsgType.POOL_PRICE: Record(required={"price_a_eur_per_mwh": float_array(1), "price_b_eur_per_mwh": float_array(1),
+                                         "share": float_array(1)}),
+    MsgType.POOL_QUANTITY: Record(required={"peers": MapOf(float_array(1))}),
 }
 
 MESSAGES: dict[MsgType, type[Message]] = {
@@ -407,4 +492,8 @@ MESSAGES: dict[MsgType, type[Message]] = {
     MsgType.RESIDUALS: Residuals,
     MsgType.RESULT: Result,
     MsgType.PENALTY: Penalty,
+    MsgType.PRICE_PROBE: PriceProbe,
+    MsgType.QUANTITY_SUM: QuantitySum,
+    MsgType.POOL_PRICE: PoolPrice,
+    MsgType.POOL_QUANTITY: PoolQuantity,
 }
