@@ -111,13 +111,17 @@ def load_public(path: str | Path) -> PublicScenario:
     """A public scenario file; ScenarioError naming the field otherwise (a full scenario with the
     peers' private data is refused: roles other than peers take only the public part)."""
     path = Path(path)
+    refuse = (f"{path}: schema: expected a public scenario ({PUBLIC_SCHEMA!r}; write one with 'p2pm scenarios "
+              "split SCENARIO --out DIR' and give DIR/public.json); a full scenario holds every peer's private data "
+              "and is not accepted here")
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ScenarioError(f"{path}: not a readable public scenario (JSON): {exc}") from None
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read the public scenario: {exc.strerror or exc}; {refuse}") from None
+    except json.JSONDecodeError:
+        raise ScenarioError(refuse) from None
     if not isinstance(raw, dict) or raw.get("schema") != PUBLIC_SCHEMA:
-        raise ScenarioError(f"{path}: schema: expected {PUBLIC_SCHEMA!r} (write one with 'p2pm scenarios split'); "
-                            "a full scenario holds every peer's private data and is not accepted here")
+        raise ScenarioError(refuse)
     try:
         return PublicScenario.model_validate(raw)
     except ValidationError as exc:

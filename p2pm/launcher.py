@@ -87,16 +87,21 @@ class Launch:
     roles: list[Role] = field(default_factory=list)
 
     def stop_all(self, events: "queue.Queue | None" = None, grace_s: float = 3.0) -> None:
-        for r in self.roles:
-            r.stop(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(r.poll() is None for r in self.roles):
-            if events is not None:
-                self.absorb(events)
-            time.sleep(0.02)
-        for r in self.roles:
-            if r.poll() is None:
-                r.stop(signal.SIGKILL)
+        # the fork server goes last: it reports its peers' exits, so that none is waited for in vain
+        # (and no reused process id is signalled)
+        servers = [r for r in self.roles if r.name == "peer fork server"]
+        others = [r for r in self.roles if r.name != "peer fork server"]
+        for group in (others, servers):
+            for r in group:
+                r.stop(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and any(r.poll() is None for r in group):
+                if events is not None:
+                    self.absorb(events)
+                time.sleep(0.01)
+            for r in group:
+                if r.poll() is None:
+                    r.stop(signal.SIGKILL)
         if events is not None:
             end = time.monotonic() + 2
             while time.monotonic() < end and any(r.poll() is None for r in self.roles if r.is_peer):

@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import traceback
+from pathlib import Path
 
 from common.models import peer_model_from_dict
 from common.shell import Shell, ShellFailure, role_logger
@@ -18,7 +19,7 @@ def load_models(model_files: list[str]) -> list:
     """The hosted peers' private models, one JSON file each (``p2pm scenarios split`` writes them)."""
     if not model_files:
         raise ValueError("no peer to host: give --model FILE (one private model file per hosted peer)")
-    return [peer_model_from_dict(json.loads(open(f).read())) for f in model_files]
+    return [peer_model_from_dict(json.loads(Path(f).read_text())) for f in model_files]
 
 
 def main(models: list, coordinator: str, host_id: str | None, timeout_s: float, bind_host: str = "127.0.0.1",

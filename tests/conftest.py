@@ -1,30 +1,49 @@
-"""Shared helpers of the end-to-end tests: the ``p2pm`` command line in a subprocess."""
+"""Fixtures shared by the tests; the helpers are in ``p2pm_support``."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from p2pm_support import invoke, run_cli
 
-def run_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``p2pm ARGS`` in a subprocess (real processes for every role of a distributed run)."""
-    return subprocess.run([sys.executable, "-m", "common.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+_NETWORKS: dict = {}
+
+
+@pytest.fixture
+def networks_built_once(monkeypatch):
+    """``dso_service.networks.build_network`` memoized on the network section and the network
+    file's content; every call still gets a fresh, independent copy of the net. (pandapower takes
+    ~0.5 s to build even a 4-bus feeder from JSON, and the in-process runs of a test build the same
+    network for the DSO engine and the AC checks of the reference again and again.)"""
+    import copy
+
+    import dso_service.networks as networks
+
+    build = networks.build_network
+
+    def build_once(spec):
+        key = (spec.model_dump_json(exclude={"file"}), Path(spec.file).read_bytes() if spec.file else b"")
+        if key not in _NETWORKS:
+            _NETWORKS[key] = build(spec)
+        return copy.deepcopy(_NETWORKS[key])
+
+    monkeypatch.setattr(networks, "build_network", build_once)
 
 
 @pytest.fixture
 def admm_and_centralized(tmp_path):
-    """Run a scenario distributed and centralized; (admm dir, centralized dir, their summaries)."""
+    """Run a scenario distributed (real processes; ``--no-report`` unless ``report``) and
+    centralized (in this process); (admm dir, centralized dir, their summaries)."""
 
-    def run(scenario: Path):
+    def run(scenario: Path, *extra, report: bool = False):
         admm, central = tmp_path / "admm", tmp_path / "central"
-        for out, extra in ((admm, ["--quiet"]), (central, ["--solver", "centralized"])):
-            r = run_cli("run", scenario, "--out", out, *extra)
-            assert r.returncode == 0, r.stderr + r.stdout
+        r = run_cli("run", scenario, "--out", admm, "--quiet", *([] if report else ["--no-report"]), *extra)
+        assert r.returncode == 0, r.stderr + r.stdout
+        c = invoke("run", scenario, "--solver", "centralized", "--out", central, "--no-report")
+        assert c.exit_code == 0, c.output
         return admm, central, *(json.loads((d / "summary.json").read_text()) for d in (admm, central))
 
     return run

@@ -1,16 +1,19 @@
-"""The command line (common.cli) through typer's CliRunner: listing, refusing bad input with exit
-code 2 and a one-line reason, and a centralized run that writes the results folder."""
+"""The command line (p2pm.cli) through typer's CliRunner, in this process: listing and splitting
+scenarios, refusing bad input with exit code 2 and a one-line reason (a full scenario given to a
+role that takes only the public part included), and a centralized run that writes the results
+folder. Nothing here starts a process."""
 
 from __future__ import annotations
 
 import json
+import stat
 
 import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from common.cli import app
+from p2pm.cli import app
 from common.scenario import builtin_names, load_scenario
 
 SMALL_P2P = """\
@@ -77,6 +80,86 @@ def test_no_arguments_shows_help(runner):
     assert "Traceback" not in result.output
 
 
+def test_scenarios_split_writes_the_public_part_and_one_private_file_per_peer(runner, tmp_path):
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL_P2P)
+    out = tmp_path / "split"
+    result = runner.invoke(app, ["scenarios", "split", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ids = ["grid", "chp1", "pv1", "load1", "load2"]
+    public = json.loads((out / "public.json").read_text())
+    assert public["schema"] == "p2pm.public/1" and public["name"] == "small-p2p"
+    assert [p["id"] for p in public["roster"]] == ids and "peers" not in public
+    assert {"id", "kind", "bus"} <= set(public["roster"][0])
+    text = (out / "public.json").read_text()
+    for private in ("cost_a_eur_per_mw2h", "cost_b_eur_per_mwh", "p_min_mw", "p_max_mw", "p_forecast_mw"):
+        assert private not in text, private
+    assert sorted(p.name for p in (out / "peers").iterdir()) == sorted(f"{i}.json" for i in ids)
+    for pid in ids:
+        f = out / "peers" / f"{pid}.json"
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, pid  # only this user reads a peer's private file
+        data = json.loads(f.read_text())
+        assert data["id"] == pid and {"cost_a_eur_per_mw2h", "cost_b_eur_per_mwh"} <= set(data)
+        assert not [other for other in ids if other != pid and f'"{other}"' in f.read_text()]
+    chp = json.loads((out / "peers" / "chp1.json").read_text())
+    assert chp["cost_a_eur_per_mw2h"] == [20.0] * 3 and chp["cost_b_eur_per_mwh"] == [40.0] * 3
+
+
+def test_scenarios_split_of_a_bad_scenario_exits_2(runner, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(SMALL_P2P.replace("bus: 20", "bus: 99"))
+    result = runner.invoke(app, ["scenarios", "split", str(path), "--out", str(tmp_path / "split")])
+    _assert_bad_input(result, "load2", "bus")
+    assert not (tmp_path / "split").exists()
+
+
+ROLE_ARGS = {"coordinator": ["--out", "unused"], "dso": ["--coordinator", "tcp://127.0.0.1:9"],
+             "tso": ["--coordinator", "tcp://127.0.0.1:9"]}
+
+
+@pytest.mark.parametrize("role", list(ROLE_ARGS))
+def test_roles_refuse_a_full_scenario(runner, tmp_path, role):
+    """The coordinator, the DSO and the TSO take only the public part of a scenario: a full one,
+    with every peer's costs, is refused (exit 2) and the message names the schema expected."""
+    import yaml
+
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(yaml.safe_load(SMALL_P2P)))
+    result = runner.invoke(app, [role, "--scenario", str(full), *ROLE_ARGS[role]])
+    _assert_bad_input(result, "full.json", "schema", "p2pm.public/1", "p2pm scenarios split")
+    # the usual forms of a full scenario, a YAML file and a built-in name, are refused as well
+    yaml_file = tmp_path / "full.yaml"
+    yaml_file.write_text(SMALL_P2P)
+    for scenario in (str(yaml_file), "mv37"):
+        _assert_bad_input(runner.invoke(app, [role, "--scenario", scenario, *ROLE_ARGS[role]]), scenario)
+    assert not (tmp_path / "unused").exists()
+
+
+def test_a_public_scenario_with_private_fields_is_refused(runner, tmp_path):
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL_P2P)
+    assert runner.invoke(app, ["scenarios", "split", str(path), "--out", str(tmp_path / "split")]).exit_code == 0
+    public = json.loads((tmp_path / "split" / "public.json").read_text())
+    public["roster"][1]["cost_a_eur_per_mw2h"] = 20.0
+    bad = tmp_path / "public.json"
+    bad.write_text(json.dumps(public))
+    result = runner.invoke(app, ["dso", "--scenario", str(bad), "--coordinator", "tcp://127.0.0.1:9"])
+    _assert_bad_input(result, "cost_a_eur_per_mw2h")
+
+
+@pytest.mark.parametrize("what", ["full scenario", "public part", "missing file", "no model"])
+def test_peer_refuses_anything_but_its_private_files(runner, tmp_path, what):
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL_P2P)
+    assert runner.invoke(app, ["scenarios", "split", str(path), "--out", str(tmp_path / "split")]).exit_code == 0
+    model = {"full scenario": path, "public part": tmp_path / "split" / "public.json",
+             "missing file": tmp_path / "nope.json", "no model": None}[what]
+    args = ["peer", "--coordinator", "tcp://127.0.0.1:9", *(["--model", str(model)] if model else [])]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.parametrize("old, new, fragments", [
     ("bus: 20", "bus: 99", ("load2", "bus", "99")),
     ("p_import_max_mw: 5.0", "p_import_max_mw: -1", ("p_import_max_mw",)),
@@ -135,7 +218,8 @@ def centralized_run(tmp_path_factory):
     path = tmp / "small.yaml"
     path.write_text(SMALL_P2P)
     out = tmp / "results"
-    result = CliRunner().invoke(app, ["run", str(path), "--solver", "centralized", "--out", str(out)])
+    # tables and summary only: the report page is rendered by test_report and by one end-to-end run
+    result = CliRunner().invoke(app, ["run", str(path), "--solver", "centralized", "--out", str(out), "--no-report"])
     return path, out, result
 
 
@@ -151,11 +235,14 @@ def test_run_centralized_exits_0(centralized_run):
 def test_run_centralized_writes_the_results_folder(centralized_run):
     _, out, result = centralized_run
     assert result.exit_code == 0, result.output
-    for name in ("summary.json", "dispatch.csv", "trades.csv", "buses.csv", "lines.csv", "report.html"):
+    for name in ("summary.json", "dispatch.csv", "trades.csv", "buses.csv", "lines.csv", "scenario.json"):
         assert (out / name).is_file(), name
         assert (out / name).stat().st_size > 0, name
-    html = (out / "report.html").read_text(encoding="utf-8")
-    assert "<html" in html.lower() and "small-p2p" in html
+    # --no-report: no figures, no page
+    assert not (out / "report.html").exists() and not list(out.glob("figures/*.png"))
+    scenario = json.loads((out / "scenario.json").read_text())  # the public part only
+    assert scenario["schema"] == "p2pm.public/1" and "roster" in scenario and "peers" not in scenario
+    assert "cost_a_eur_per_mw2h" not in (out / "scenario.json").read_text()
 
 
 def test_run_centralized_summary(centralized_run):
@@ -231,3 +318,4 @@ def test_freq_model_without_a_virtual_load_is_refused_before_anything_runs():
     result = CliRunner().invoke(app, ["run", "mv37", "--model", "freq", "--solver", "centralized"])
     assert result.exit_code == 2
     assert "tso" in result.output and "virtual_load" in result.output and "Traceback" not in result.output
+

@@ -1,5 +1,7 @@
 """The community market cleared by real processes (peers, coordinator, the DSO's network agent)
-against the centralized SOCP of the same scenario."""
+against the centralized SOCP of the same scenario; a network agent that fails ends the run naming
+it (every role's engine in this process: the failure path over real processes is the exhausted
+flexibility of test_outer_loop)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pandapower as pp
+import pytest
 import yaml
 
-from conftest import run_cli
+from common.engine import RunFailed
+from common.scenario import load_scenario
+from p2pm.local import run_in_process
+from p2pm_support import assert_no_private_data
 
 
 def feeder(path: Path) -> Path:
@@ -52,9 +58,12 @@ def community(path: Path, network: Path, vm_min_pu: float = 0.95) -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_community_admm_processes_match_the_centralized_socp(tmp_path, admm_and_centralized):
-    admm, central, sa, sc = admm_and_centralized(community(tmp_path / "c.yaml", feeder(tmp_path / "feeder.json")))
-    assert sa["converged"] and sa["market"] == "community" and sa["processes"] == 5 + 3  # 5 peers (grid is the root)
+    scen = community(tmp_path / "c.yaml", feeder(tmp_path / "feeder.json"))
+    # 5 peers (the grid is the network agent's root exchange) in 3 processes: one hosts both EVs
+    admm, central, sa, sc = admm_and_centralized(scen, "--peers-per-process", "2")
+    assert sa["converged"] and sa["market"] == "community" and sa["processes"] == 3 + 3
     assert abs(sa["social_welfare_eur"] - sc["social_welfare_eur"]) <= 1e-3 * abs(sc["social_welfare_eur"])
     da = pd.read_csv(admm / "dispatch.csv").set_index(["peer", "hour"])["p_mw"]
     dc = pd.read_csv(central / "dispatch.csv").set_index(["peer", "hour"])["p_mw"]
@@ -69,11 +78,17 @@ def test_community_admm_processes_match_the_centralized_socp(tmp_path, admm_and_
     assert soc.loc["ev2", 2] >= 0.04 - 1e-6  # departs at the start of hour 3
     assert soc.loc["ev3", 2] >= 0.035 - 1e-6 and soc.loc["ev3"].min() >= 0.008 - 1e-6
     assert sa["messages"] > 0 and "network_update" in set(pd.read_csv(admm / "messages.csv")["type"])
+    for p in admm.glob("logs/*.log"):
+        assert "Traceback" not in p.read_text(), p
+    # no peer's private data (costs, utilities, EV batteries) in the results folder
+    assert_no_private_data(admm, scen, tmp_path)
 
 
 def test_failing_network_agent_ends_the_run_with_a_clear_error(tmp_path):
     # the root is held at 1.0 pu, so a lower voltage limit above it makes every SOCP infeasible
     scen = community(tmp_path / "c.yaml", feeder(tmp_path / "feeder.json"), vm_min_pu=1.001)
-    r = run_cli("run", scen, "--out", tmp_path / "out", "--quiet", "--timeout-s", "30")
-    assert r.returncode == 1
-    assert "network agent" in r.stderr and "dso" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(RunFailed) as info:
+        run_in_process(load_scenario(scen))
+    assert info.value.role == "dso"
+    assert "iteration 1" in info.value.reason and "network agent" in info.value.reason
+    assert "infeasible" in info.value.reason and "Traceback" not in info.value.reason

@@ -1,14 +1,14 @@
 """End-to-end tests of the distributed market: real OS processes, real ZeroMQ sockets on loopback,
-started the way a user starts them (the CLI)."""
+started the way a user starts them (the CLI; by hand from ``p2pm scenarios split``)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +17,6 @@ import msgpack
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 import zmq
 
 from common.centralized import solve_p2p
@@ -25,86 +24,68 @@ from common.codec import encode
 from common.models import peer_models
 from common.protocol import MAX_MESSAGE_BYTES, MsgType, make_envelope
 from common.scenario import load_scenario
+from p2pm_support import P2PM, alive, assert_no_private_data, descendants, free_port, run_cli, small_market, split
 
-PY = sys.executable
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-
-def small_market(path: Path, seed: int, hours: int = 4, **market) -> Path:
-    """A random market: grid, CHP, PV, wind sellers and three flexible loads."""
-    rng = np.random.default_rng(seed)
-    pv = np.round(rng.uniform(0.0, 0.6, hours), 3).tolist()
-    doc = {
-        "name": f"small-{seed}",
-        "network": {"name": "case33bw", "line_max_i_ka": 0.5},
-        "market": {"kind": "p2p", "hours": hours, "rho": 1.0, "tolerance": 1e-5, "max_iterations": 20000, **market},
-        "peers": [
-            {"id": "grid", "kind": "grid", "bus": 0, "p_import_max_mw": 5, "import_price_eur_per_mwh": 58},
-            {"id": "chp1", "kind": "chp", "bus": 5, "p_min_mw": 0.1, "p_max_mw": 0.5,
-             "cost_a_eur_per_mw2h": float(rng.uniform(8, 20)), "cost_b_eur_per_mwh": float(rng.uniform(40, 50))},
-            {"id": "pv1", "kind": "pv", "bus": 10, "p_forecast_mw": pv, "cost_a_eur_per_mw2h": 2.0},
-            {"id": "wind1", "kind": "wind", "bus": 17, "p_forecast_mw": float(rng.uniform(0.1, 0.4)),
-             "cost_a_eur_per_mw2h": 3.0},
-        ] + [
-            {"id": f"load{i}", "kind": "load", "bus": int(b), "p_base_mw": np.round(rng.uniform(0.1, 0.5, hours), 3).tolist()}
-            for i, b in enumerate(rng.choice(np.arange(1, 33), 3, replace=False))
-        ],
-    }
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def p2pm(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "common.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def pids_in_logs(log_dir: Path) -> list[int]:
-    pids = []
-    for f in log_dir.glob("*.log"):
-        m = re.search(r"pid (\d+)", f.read_text())
-        if m:
-            pids.append(int(m.group(1)))
-    return pids
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is gone for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-@pytest.mark.parametrize("topology,seed,per_process", [("relay", 1, 1), ("mesh", 2, 1), ("mesh", 5, 3)])
-def test_distributed_clearing_matches_centralized(tmp_path, topology, seed, per_process):
-    scen = small_market(tmp_path / "small.yaml", seed)
-    out = tmp_path / "out"
-    proc = p2pm("run", scen, "--topology", topology, "--out", out, "--quiet", "--peers-per-process", per_process)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+def _assert_matches_centralized(scen: Path, out: Path, topology: str) -> dict:
+    """The distributed clearing written to ``out`` is the centralized one; its messages are the
+    topology's; returns the summary."""
     summary = json.loads((out / "summary.json").read_text())
-    sc = load_scenario(scen)
-    peers = peer_models(sc)
+    peers = peer_models(load_scenario(scen))
     ref = solve_p2p(peers)
     disp = pd.read_csv(out / "dispatch.csv").pivot(index="peer", columns="hour", values="p_mw").loc[[p.id for p in peers]]
     assert np.abs(disp.to_numpy() - ref.p_mw).max() < 1e-3
     sw_ref = ref.social_welfare_eur.sum()
     assert abs(summary["social_welfare_eur"] - sw_ref) <= 1e-3 * abs(sw_ref)
-    assert summary["converged"] is True and summary["solver"] == "admm"
-    hosts = -(-len(peers) // per_process)
-    assert summary["processes"] == hosts + 3  # the peer processes, coordinator, DSO, TSO
+    assert summary["converged"] is True and summary["solver"] == "admm" and summary["topology"] == topology
     assert summary["messages"] > 0 and summary["bytes"] > 0
-    msgs = pd.read_csv(out / "messages.csv")
-    kinds = set(msgs["type"])
-    assert ("trades" in kinds) == (topology == "mesh")
+    kinds = set(pd.read_csv(out / "messages.csv")["type"])
+    assert ("trades" in kinds) == (topology == "mesh") and ("residuals" in kinds) == (topology == "mesh")
     assert ("update" in kinds) == (topology == "relay")
-    # prices of traded pairs agree with the centralized duals where those are unique
     trades = pd.read_csv(out / "trades.csv")
     assert (trades["price_eur_per_mwh"] > 0).all()
+    return summary
+
+
+@pytest.fixture(scope="module")
+def mesh_run(tmp_path_factory):
+    """The launcher's mesh run: three peers per process (a seed whose market converges in a few
+    hundred iterations). The relay topology is cleared by the roles started by hand below."""
+    tmp = tmp_path_factory.mktemp("run-mesh")
+    scen = small_market(tmp / "small.yaml", 15, hours=3)
+    out = tmp / "out"
+    proc = run_cli("run", scen, "--topology", "mesh", "--out", out, "--quiet", "--no-report", "--peers-per-process", 3)
+    return scen, out, proc
+
+
+def test_distributed_clearing_matches_centralized(mesh_run):
+    scen, out, proc = mesh_run
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    summary = _assert_matches_centralized(scen, out, "mesh")
+    assert summary["peer_processes"] == 3 and summary["processes"] == 3 + 3  # the peer processes, coordinator, DSO, TSO
+    # --no-report: the tables and the summary, no figures and no page
+    assert not (out / "report.html").exists() and not (out / "figures").exists()
+    logs = sorted(p.name for p in out.glob("logs/*.log"))
+    assert {"coordinator.log", "dso.log", "tso.log"} <= set(logs) and len([n for n in logs if n.startswith("h")]) == 3
     for p in out.glob("logs/*.log"):
         assert "Traceback" not in p.read_text(), p
+
+
+def test_results_hold_no_private_data(mesh_run, tmp_path):
+    """No file of the results folder (scenario.json, the tables, summary.json, the logs) holds a
+    peer's cost coefficients: neither their field names nor their values."""
+    scen, out, proc = mesh_run
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert_no_private_data(out, scen, tmp_path)
+    # and the check finds a leak: a CHP cost coefficient written into a peer's log
+    leaky = tmp_path / "leaky"
+    shutil.copytree(out, leaky)
+    cost_a = load_scenario(scen).peer("chp1").cost_a_eur_per_mw2h
+    with open(next(leaky.glob("logs/h*.log")), "a") as log:
+        log.write(f"chp1 marginal cost slope {cost_a:.10g}\n")
+    with pytest.raises(AssertionError, match="private data"):
+        assert_no_private_data(leaky, scen, tmp_path / "again")
 
 
 def _reader(stream, sink: list):
@@ -113,24 +94,39 @@ def _reader(stream, sink: list):
 
 
 def test_bad_messages_are_rejected_counted_and_survived(tmp_path):
+    """Roles started by hand from ``p2pm scenarios split``, all at once (the others connect until
+    the coordinator listens), relay topology: the coordinator, DSO and TSO get the public part, each
+    peer process only its own peers' private files. Garbage sent to the coordinator and to a peer's
+    mesh socket is refused and counted; the run goes on to the centralized clearing."""
     scen = small_market(tmp_path / "small.yaml", 3, hours=2)
-    out, ready = tmp_path / "out", tmp_path / "address"
+    public, private = split(scen, tmp_path / "split")
+    out = tmp_path / "out"
+    address = f"tcp://127.0.0.1:{free_port()}"
     run = "run-bad-msg"
     procs = []
+    ctx = zmq.Context()
     try:
-        coord = subprocess.Popen([PY, "-m", "coordinator", "--scenario", scen, "--bind", "tcp://127.0.0.1:*",
-                                  "--ready-file", ready, "--run-id", run, "--out", out, "--timeout-s", "60"],
+        coord = subprocess.Popen([*P2PM, "coordinator", "--scenario", public, "--bind", address, "--run-id", run,
+                                  "--out", out, "--timeout-s", "60", "--no-report"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         procs.append(coord)
         coord_log: list[str] = []
         threading.Thread(target=_reader, args=(coord.stderr, coord_log), daemon=True).start()
-        deadline = time.monotonic() + 30
-        while not (ready.exists() and ready.read_text()):
-            assert time.monotonic() < deadline and coord.poll() is None, "".join(coord_log)
-            time.sleep(0.05)
-        address = ready.read_text()
+        # two peer processes: load0 alone (its log gives its mesh socket), the six others together;
+        # each gets its own peers' private files only
+        peer_logs: list[str] = []
+        others = [pid for pid in private if pid != "load0"]
+        for host, ids in (("h-load0", ["load0"]), ("h-others", others)):
+            models = [a for pid in ids for a in ("--model", private[pid])]
+            pr = subprocess.Popen([*P2PM, "peer", "--coordinator", address, *models, "--host-id", host, "--timeout-s", "60"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            procs.append(pr)
+            threading.Thread(target=_reader, args=(pr.stderr, peer_logs if host == "h-load0" else []), daemon=True).start()
+        for svc in ("dso", "tso"):
+            procs.append(subprocess.Popen([*P2PM, svc, "--scenario", public, "--coordinator", address, "--timeout-s", "60"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
-        ctx = zmq.Context()
+        # garbage for the coordinator (queued until it listens)
         rogue = ctx.socket(zmq.DEALER)
         rogue.setsockopt(zmq.LINGER, 0)
         rogue.setsockopt(zmq.IDENTITY, b"rogue")
@@ -148,43 +144,30 @@ def test_bad_messages_are_rejected_counted_and_survived(tmp_path):
         for frame in bad:
             rogue.send(frame)
 
-        peer_logs: list[str] = []
-        sc = load_scenario(scen)
-        for p in sc.peers:
-            pr = subprocess.Popen([PY, "-m", "peer_node", "--coordinator", address, "--scenario", scen, "--peer-id", p.id,
-                                   "--timeout-s", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            procs.append(pr)
-            if p.id == "load0":
-                threading.Thread(target=_reader, args=(pr.stderr, peer_logs), daemon=True).start()
         # a peer's mesh socket gets garbage too
         deadline = time.monotonic() + 30
         while not any("mesh socket" in line for line in peer_logs):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+            assert time.monotonic() < deadline and procs[1].poll() is None, "".join(peer_logs)
+            time.sleep(0.02)
         mesh = re.search(r"mesh socket (\S+)", "".join(peer_logs)).group(1)
         rogue2 = ctx.socket(zmq.DEALER)
         rogue2.setsockopt(zmq.LINGER, 0)
         rogue2.connect(mesh)
         rogue2.send(b"\xc1 not a message")
         rogue2.send(msgpack.packb([1, "another-run", "x", "trades", 0, {}]))
-        for svc in ("dso_service", "tso_service"):
-            procs.append(subprocess.Popen([PY, "-m", svc, "--scenario", scen, "--coordinator", address, "--timeout-s", "60"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        assert coord.wait(timeout=240) == 0, "".join(coord_log)
+
+        assert coord.wait(timeout=90) == 0, "".join(coord_log)
         for pr in procs[1:]:
             assert pr.wait(timeout=30) == 0
-        rogue.close()
-        rogue2.close()
-        ctx.term()
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["converged"]
+        summary = _assert_matches_centralized(scen, out, "relay")
+        assert summary["peer_processes"] == 2 and summary["processes"] == 5
+        assert_no_private_data(out, scen, tmp_path, logs=False)
         assert summary["rejected_messages"] >= 6, "".join(coord_log)
         text = "".join(coord_log)
         for reason in ("malformed", "version", "run", "type", "body", "oversized"):
             assert f"'{reason}'" in text, text
-        # the peer ran on, and counted the garbage it was sent on its mesh socket (before the run
-        # had started the peer reads only its coordinator socket, so count what it drained)
-        assert any("shutdown" in line for line in peer_logs)
+        # the peer ran on to the end of the run
+        assert any("shutdown: run complete" in line for line in peer_logs), "".join(peer_logs)
     finally:
         for pr in procs:
             if pr.poll() is None:
@@ -192,64 +175,65 @@ def test_bad_messages_are_rejected_counted_and_survived(tmp_path):
             pr.wait(timeout=10)
             if pr.stderr is not None:
                 pr.stderr.close()
+        ctx.destroy(linger=0)
 
 
-def test_killed_peer_ends_the_run_naming_it_and_leaves_nothing(tmp_path):
-    scen = small_market(tmp_path / "small.yaml", 4, hours=3)
-    out = tmp_path / "out"
-    launcher = subprocess.Popen([PY, "-m", "common.cli", "run", str(scen), "--out", str(out), "--quiet",
-                                 "--tolerance", "1e-14", "--max-iterations", "1000000", "--timeout-s", "5"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _endless_run(scen: Path, out: Path, *extra) -> subprocess.Popen:
+    """A distributed run that does not converge (tolerance 1e-14): it goes on until stopped."""
+    return subprocess.Popen([*P2PM, "run", str(scen), "--out", str(out), "--quiet", "--no-report", "--tolerance", "1e-14",
+                             "--max-iterations", "1000000", *map(str, extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _clearing(launcher: subprocess.Popen, out: Path, hosts: int, deadline: float) -> list[int]:
+    """Once every peer process has registered and the ADMM rounds have begun: the pids of every
+    process of the run (fork server, coordinator, DSO, TSO and the peer processes)."""
+    coordinator_log = out / "logs" / "coordinator.log"
+    while True:
+        if launcher.poll() is not None:
+            pytest.fail(f"the run ended (code {launcher.returncode}) before clearing:\n{launcher.stderr.read()}")
+        assert time.monotonic() < deadline, "the peer processes did not all register within 60 s"
+        if coordinator_log.exists() and re.search(rf"peers in {hosts} processes ready", coordinator_log.read_text()):
+            pids = descendants(launcher.pid)
+            if len(pids) >= 4 + hosts:
+                return pids
+        time.sleep(0.02)
+
+
+def _all_gone(pids: list[int]) -> list[int]:
+    deadline = time.monotonic() + 5
+    while [p for p in pids if alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+def test_a_killed_peer_or_ctrl_c_ends_the_run_and_leaves_no_process(tmp_path):
+    """Two runs at once (so that their teardowns overlap): in one a peer process is killed outright
+    and the run ends naming its peer; the other is interrupted with Ctrl-C. After either, none of
+    the run's processes (fork server, coordinator, DSO, TSO, peer processes) is left."""
+    # three peers per process: grid..pv1, wind1..load1, load2 alone; four: grid..wind1, load0..load2
+    killed = _endless_run(small_market(tmp_path / "a.yaml", 4, hours=3), tmp_path / "killed", "--timeout-s", "5",
+                          "--peers-per-process", "3")
+    interrupted = _endless_run(small_market(tmp_path / "b.yaml", 6, hours=3), tmp_path / "interrupted",
+                               "--peers-per-process", "4")
     try:
-        victim_log = None
         deadline = time.monotonic() + 60
-        while victim_log is None:
-            assert time.monotonic() < deadline and launcher.poll() is None
-            for f in (out / "logs").glob("*load1.log") if (out / "logs").exists() else []:
-                if "pid" in f.read_text():
-                    victim_log = f
-            time.sleep(0.1)
-        coordinator_log = out / "logs" / "coordinator.log"
-        while "ready after" not in (coordinator_log.read_text() if coordinator_log.exists() else ""):
-            assert time.monotonic() < deadline and launcher.poll() is None
-            time.sleep(0.1)
-        time.sleep(0.5)
-        victim = int(re.search(r"pid (\d+)", victim_log.read_text()).group(1))
-        while len(pids_in_logs(out / "logs")) < 9:  # 6 peers, coordinator, dso, tso
-            assert time.monotonic() < deadline and launcher.poll() is None
-            time.sleep(0.1)
-        pids = pids_in_logs(out / "logs")
+        killed_pids = _clearing(killed, tmp_path / "killed", 3, deadline)
+        interrupted_pids = _clearing(interrupted, tmp_path / "interrupted", 2, deadline)
+        log = next((tmp_path / "killed" / "logs").glob("h*-load2.log")).read_text()
+        victim = int(re.search(r"pid (\d+)", log).group(1))
+        assert victim in killed_pids
         os.kill(victim, signal.SIGKILL)
-        stdout, stderr = launcher.communicate(timeout=60)
-        assert launcher.returncode == 1
-        assert "load1" in stderr and "Traceback" not in stderr
-        time.sleep(0.5)
-        assert [p for p in pids if alive(p)] == []
+        interrupted.send_signal(signal.SIGINT)
+        _, killed_err = killed.communicate(timeout=60)
+        _, interrupted_err = interrupted.communicate(timeout=60)
+        assert killed.returncode == 1, killed_err
+        assert "load2" in killed_err and "Traceback" not in killed_err, killed_err
+        assert interrupted.returncode == 1, interrupted_err
+        assert "interrupted" in interrupted_err and "Traceback" not in interrupted_err, interrupted_err
+        assert _all_gone(killed_pids) == [] and _all_gone(interrupted_pids) == []
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.communicate()
-
-
-def test_ctrl_c_stops_every_process(tmp_path):
-    scen = small_market(tmp_path / "small.yaml", 6, hours=3)
-    out = tmp_path / "out"
-    launcher = subprocess.Popen([PY, "-m", "common.cli", "run", str(scen), "--out", str(out), "--quiet",
-                                 "--tolerance", "1e-14", "--max-iterations", "1000000"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(pids_in_logs(out / "logs") if (out / "logs").exists() else []) < 9:
-            assert time.monotonic() < deadline and launcher.poll() is None
-            time.sleep(0.1)
-        pids = pids_in_logs(out / "logs")
-        launcher.send_signal(signal.SIGINT)
-        _, stderr = launcher.communicate(timeout=60)
-        assert launcher.returncode == 1
-        assert "interrupted" in stderr and "Traceback" not in stderr
-        time.sleep(0.5)
-        assert [p for p in pids if alive(p)] == []
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.communicate()
+        for launcher in (killed, interrupted):
+            if launcher.poll() is None:
+                launcher.kill()
+                launcher.communicate()

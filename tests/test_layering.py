@@ -5,6 +5,7 @@ Every import counts, also those inside function bodies."""
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("coordinator", "peer_node", "dso_service", "tso_service")
 
 
+@cache
 def _imports(folder: str) -> dict[str, set[str]]:
     out = {}
     for path in sorted((ROOT / folder).rglob("*.py")):

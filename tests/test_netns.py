@@ -1,6 +1,8 @@
 """Two hosts on one machine: the coordinator in one Linux network namespace, the DSO, the TSO and
-every peer in another, joined by a veth pair; mesh topology, so the peers also reach each other
-over the link. Skipped where network namespaces cannot be made (not root, no iproute2)."""
+the peer processes in another, joined by a veth pair; mesh topology, so the peers also reach each
+other over the link. The roles are started by hand from ``p2pm scenarios split``: the coordinator,
+DSO and TSO get the public part, each peer process only its own peers' private files. Skipped where
+network namespaces cannot be made (not root, no iproute2, no veth)."""
 
 from __future__ import annotations
 
@@ -8,15 +10,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_distributed import small_market  # noqa: E402
+from p2pm_support import P2PM, assert_no_private_data, small_market, split
 
-PY = sys.executable
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
 def _ip(*args: str) -> None:
@@ -30,19 +30,18 @@ def two_hosts():
     tag = uuid.uuid4().hex[:6]
     a, b = f"p2pa{tag}", f"p2pb{tag}"
     try:
-        _ip("netns", "add", a)
-        _ip("netns", "add", b)
-    except (subprocess.CalledProcessError, OSError):
-        subprocess.run(["ip", "netns", "del", a], capture_output=True)
-        pytest.skip("cannot create network namespaces here")
-    try:
-        _ip("link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}")
-        _ip("link", "set", f"va{tag}", "netns", a)
-        _ip("link", "set", f"vb{tag}", "netns", b)
-        for ns, dev, addr in ((a, f"va{tag}", "10.78.0.1/24"), (b, f"vb{tag}", "10.78.0.2/24")):
-            _ip("-n", ns, "addr", "add", addr, "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
+        try:
+            _ip("netns", "add", a)
+            _ip("netns", "add", b)
+            _ip("link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}")
+            _ip("link", "set", f"va{tag}", "netns", a)
+            _ip("link", "set", f"vb{tag}", "netns", b)
+            for ns, dev, addr in ((a, f"va{tag}", "10.78.0.1/24"), (b, f"vb{tag}", "10.78.0.2/24")):
+                _ip("-n", ns, "addr", "add", addr, "dev", dev)
+                _ip("-n", ns, "link", "set", dev, "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+            pytest.skip(f"cannot make two network namespaces joined by a veth pair here: {exc}")
         yield a, b
     finally:
         for ns in (a, b):
@@ -51,26 +50,34 @@ def two_hosts():
 
 def test_roles_on_two_hosts_clear_the_market(tmp_path, two_hosts):
     a, b = two_hosts
-    scen = small_market(tmp_path / "small.yaml", 2, hours=3)
+    scen = small_market(tmp_path / "small.yaml", 3, hours=3)
+    public, private = split(scen, tmp_path / "split")
     out = tmp_path / "out"
     coord = "tcp://10.78.0.1:5555"
-    cli = [PY, "-m", "common.cli"]
     procs = []
     try:
-        procs.append(subprocess.Popen(["ip", "netns", "exec", a, *cli, "coordinator", "--scenario", str(scen), "--bind", coord,
-                                       "--out", str(out), "--timeout-s", "60", "--topology", "mesh"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        # every role starts at once: the others connect (and retry) until the coordinator listens
+        procs.append(subprocess.Popen(["ip", "netns", "exec", a, *P2PM, "coordinator", "--scenario", str(public),
+                                       "--bind", coord, "--out", str(out), "--timeout-s", "60", "--topology", "mesh",
+                                       "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for role in ("dso", "tso"):
-            procs.append(subprocess.Popen(["ip", "netns", "exec", b, *cli, role, "--scenario", str(scen), "--coordinator", coord],
+            procs.append(subprocess.Popen(["ip", "netns", "exec", b, *P2PM, role, "--scenario", str(public),
+                                           "--coordinator", coord], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        # two peer processes (sellers, buyers), each with its own peers' private files only
+        groups = {"sellers": ["grid", "chp1", "pv1", "wind1"], "buyers": ["load0", "load1", "load2"]}
+        assert sorted(sum(groups.values(), [])) == sorted(private)
+        for host, ids in groups.items():
+            models = [x for pid in ids for x in ("--model", str(private[pid]))]
+            procs.append(subprocess.Popen(["ip", "netns", "exec", b, *P2PM, "peer", *models, "--host-id", host,
+                                           "--coordinator", coord, "--bind-host", "10.78.0.2",
+                                           "--advertise-host", "10.78.0.2", "--timeout-s", "60"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for pid in ("grid", "chp1", "pv1", "wind1", "load0", "load1", "load2"):
-            procs.append(subprocess.Popen(["ip", "netns", "exec", b, *cli, "peer", "--scenario", str(scen), "--peer-id", pid,
-                                           "--coordinator", coord, "--bind-host", "10.78.0.2", "--advertise-host", "10.78.0.2",
-                                           "--timeout-s", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        codes = [p.wait(timeout=240) for p in procs]
+        codes = [p.wait(timeout=90) for p in procs]
         assert codes == [0] * len(procs)
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["converged"] and summary["processes"] == 10 and summary["messages"] > 0
+        assert summary["converged"] and summary["processes"] == 2 + 3 and summary["peer_processes"] == 2
+        assert summary["topology"] == "mesh" and summary["messages"] > 0
+        assert_no_private_data(out, scen, tmp_path, logs=False)
     finally:
         for p in procs:
             if p.poll() is None:

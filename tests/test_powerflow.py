@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -134,38 +135,20 @@ def _mv37_with_a_collapsing_hour():
     return sc, dispatch_frame(models, p)
 
 
-def _dso_grid_report(ac):
-    """The arrays the DSO puts in GRID_REPORT (dso_service.service.grid_report), every hour kept."""
-    from common.protocol.grid import GridReport
-    from dso_service.report_codec import ac_to_tables
-
-    vm = ac.buses.pivot(index="bus", columns="hour", values="vm_pu").sort_index()
-    loading = ac.lines.pivot_table(index="line", columns="hour", values="loading_percent", aggfunc="max",
-                                   dropna=False).sort_index()
-    violations = tuple({"kind": str(r.kind), "element": str(r.element), "hour": int(r.hour) - 1,
-                        "value": float(np.nan_to_num(r.value)), "limit": float(np.nan_to_num(r.limit))}
-                       for r in ac.violations.itertuples())
-    return GridReport(
-        vm_pu=np.nan_to_num(vm.to_numpy(dtype=float)), loading_percent=np.nan_to_num(loading.to_numpy(dtype=float)),
-        losses_mw=np.nan_to_num(ac.hours["losses_mw"].to_numpy(dtype=float)), violations=violations,
-        converged=tuple(bool(c) for c in ac.hours["converged"]), bus_ids=tuple(int(b) for b in vm.index),
-        tables=ac_to_tables(ac),
-    )
-
-
 def test_not_converged_hour_travels_to_the_report(tmp_path):
     from common.codec import decode, encode
     from common.protocol.grid import GridReport
     from common.report import build_summary, format_summary, write_results
+    from common.report_codec import ac_from_tables
     from common.results import RunResult
-    from dso_service.report_codec import ac_from_tables
+    from dso_service.engine import grid_report
 
     sc, dispatch = _mv37_with_a_collapsing_hour()
     ac = run_ac(build_network(sc.network), dispatch, sc.network)
     assert ac.hours["converged"].tolist() == [True, False, True]
 
-    # DSO -> coordinator: GRID_REPORT on the wire, the AC report rebuilt from its tables
-    wire = encode(_dso_grid_report(ac).envelope(run_id="run1", sender="dso"))
+    # DSO -> coordinator: the DSO engine's GRID_REPORT on the wire, the AC report rebuilt from its tables
+    wire = encode(grid_report(ac).envelope(run_id="run1", sender="dso"))
     report = GridReport.from_envelope(decode(wire, expect_run="run1"))
     assert report.converged == (True, False, True) and report.loading_percent.shape[1] == 3
     back = ac_from_tables(report.tables)
@@ -322,7 +305,7 @@ def test_grid_model_of_case33bw(case33):
 
 
 def test_grid_model_rejects_a_meshed_network(case33):
-    net = build_network(NetworkSpec(name="case33bw"))
+    net = copy.deepcopy(case33)
     net.line.loc[net.line.index[-1], "in_service"] = True  # close a tie line
     with pytest.raises(ValueError, match="radial"):
         grid_model(net, NetworkSpec(name="case33bw"))

@@ -191,10 +191,30 @@ def _columns(path):
     return list(pd.read_csv(path, nrows=0).columns)
 
 
-def test_write_results_folder(tmp_path):
+@pytest.fixture(scope="module")
+def p2p_folder(tmp_path_factory):
+    """The results folder of ``_p2p_result()`` with its public scenario, written once (figures and
+    page included) for the tests that read it."""
+    from common.public import split_scenario
+    from common.scenario import parse_scenario
+
+    scenario = parse_scenario({
+        "name": "tiny", "network": {"name": "case33bw", "vm_min_pu": 0.9, "vm_max_pu": 1.1},
+        "market": {"kind": "p2p", "hours": 3, "tolerance": 1e-3},
+        "peers": [
+            {"id": "grid", "kind": "grid", "bus": 0, "p_import_max_mw": 5.0, "import_price_eur_per_mwh": [58, 60, 62]},
+            {"id": "L1", "kind": "load", "bus": 1, "p_base_mw": 1.5},
+            {"id": "PV1", "kind": "pv", "bus": 2, "p_forecast_mw": [0.5, 1.0, 2.0]},
+        ],
+    })
+    run = tmp_path_factory.mktemp("report") / "run"
+    return run, write_results(_p2p_result(), run, scenario=split_scenario(scenario)[0])
+
+
+def test_write_results_folder(p2p_folder):
     res = _p2p_result()
-    out = write_results(res, tmp_path / "run")
-    assert out == tmp_path / "run"
+    run, out = p2p_folder
+    assert out == run
     summary = json.loads((out / "summary.json").read_text())
     assert summary == build_summary(res)
     assert _columns(out / "dispatch.csv")[:6] == ["peer", "kind", "bus", "hour", "p_mw", "q_mvar"]
@@ -224,10 +244,10 @@ def test_write_results_folder(tmp_path):
     assert base64.b64decode(images[0])[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_page_gives_the_residuals_in_their_units(tmp_path):
+def test_report_page_gives_the_residuals_in_their_units(p2p_folder):
     # primal residual: power mismatch of the trades [MW]; dual residual: rho * change of the
     # trades [EUR/MWh] (common.admm)
-    page = (write_results(_p2p_result(), tmp_path / "run") / "report.html").read_text()
+    page = (p2p_folder[1] / "report.html").read_text()
     cell = {name: re.search(rf"<th>{name} residual</th><td[^>]*>([^<]*)</td>", page).group(1)
             for name in ("primal", "dual")}
     assert cell["primal"].endswith(" MW")
@@ -272,19 +292,12 @@ def test_format_summary_is_short_text():
     assert "no power-flow check" in format_summary(bare)
 
 
-def test_write_results_with_scenario_limits_and_copy(tmp_path):
-    from common.scenario import parse_scenario
-
-    scenario = parse_scenario({
-        "name": "tiny", "network": {"name": "case33bw", "vm_min_pu": 0.9, "vm_max_pu": 1.1},
-        "market": {"kind": "p2p", "hours": 3, "tolerance": 1e-3},
-        "peers": [
-            {"id": "grid", "kind": "grid", "bus": 0, "p_import_max_mw": 5.0, "import_price_eur_per_mwh": [58, 60, 62]},
-            {"id": "L1", "kind": "load", "bus": 1, "p_base_mw": 1.5},
-            {"id": "PV1", "kind": "pv", "bus": 2, "p_forecast_mw": [0.5, 1.0, 2.0]},
-        ],
-    })
-    out = write_results(_p2p_result(), tmp_path / "run", scenario=scenario)
-    assert json.loads((out / "scenario.json").read_text())["network"]["vm_min_pu"] == 0.9
+def test_write_results_with_scenario_limits_and_copy(p2p_folder):
+    out = p2p_folder[1]
+    saved = json.loads((out / "scenario.json").read_text())
+    assert saved["network"]["vm_min_pu"] == 0.9 and saved["schema"] == "p2pm.public/1"
+    # the public part only: the roster, no peer's private data
+    assert [p["id"] for p in saved["roster"]] == ["grid", "L1", "PV1"] and "peers" not in saved
+    assert "cost_a_eur_per_mw2h" not in (out / "scenario.json").read_text()
     page = (out / "report.html").read_text()
     assert "could not be drawn" not in page and page.count("data:image/png;base64,") >= 7

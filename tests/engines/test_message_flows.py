@@ -15,7 +15,7 @@ def _hosts(flow):
 
 
 def test_relay_two_hosts_exact_flow(flow, p2p_peers):
-    outcome, coordinator, driver = clear_market(p2p_peers, rho=1.0, tolerance=1e-6, peers_per_process=2, trace=flow)
+    outcome, coordinator, driver = clear_market(p2p_peers, rho=1.0, tolerance=1e-4, peers_per_process=2, trace=flow)
     rounds = outcome.clearings[-1].rounds
     assert outcome.clearings[-1].converged
     hosts = _hosts(flow)
@@ -43,7 +43,7 @@ def test_relay_two_hosts_exact_flow(flow, p2p_peers):
 
 def test_mesh_two_hosts_exact_flow(flow, p2p_peers):
     peers = p2p_peers
-    outcome, coordinator, driver = clear_market(peers, rho=1.0, tolerance=1e-6, peers_per_process=2, trace=flow,
+    outcome, coordinator, driver = clear_market(peers, rho=1.0, tolerance=1e-4, peers_per_process=2, trace=flow,
                                                 topology="mesh")
     assert outcome.clearings[-1].converged
     K = outcome.clearings[-1].rounds.iteration
@@ -60,7 +60,7 @@ def test_mesh_two_hosts_exact_flow(flow, p2p_peers):
         assert flow.n(type="result", sender=h) == 1
     assert not any(r[1] == "trades" and COORDINATOR in (r[2], r[3]) for r in flow.rows)
     # the same clearing as relay, to the last digit of the residual history
-    relay, _, _ = clear_market(list(peers), rho=1.0, tolerance=1e-6, peers_per_process=2)
+    relay, _, _ = clear_market(list(peers), rho=1.0, tolerance=1e-4, peers_per_process=2)
     h_mesh = [(s.primal_residual, s.dual_residual, s.rho) for s in outcome.clearings[-1].rounds.history]
     h_relay = [(s.primal_residual, s.dual_residual, s.rho) for s in relay.clearings[-1].rounds.history]
     np.testing.assert_allclose(h_mesh, h_relay, rtol=1e-9, atol=1e-12)
