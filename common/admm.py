@@ -192,3 +192,62 @@ class RhoPolicy:
 
 def converged(primal: float, dual: float, tolerance: float) -> bool:
     return primal <= tolerance and dual <= tolerance
+
+
+class Anderson:
+    """Anderson acceleration (type II, Walker & Ni 2011) of a fixed-point map z -> T(z), with a
+    safeguard: an accelerated point whose fixed-point residual grows by more than ``safeguard``
+    times the last accepted one is rejected, the memory cleared and the plain iterate from the
+    last accepted point taken instead.
+
+    ``step(z, t)``: given the point the map was applied to and its image T(z), the next point (``t``
+    itself when there is nothing to extrapolate from). The differences live in preallocated
+    columns and their Gram matrix is updated one column at a time.
+    """
+
+    def __init__(self, memory: int = 20, safeguard: float = 1.0, regularization: float = 1e-10):
+        self.memory, self.safeguard, self.reg = memory, safeguard, regularization
+        self.rejected = 0
+        self.accepted = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.DZ = self.DF = None
+        self.gram = np.zeros((self.memory, self.memory))
+        self.count = 0  # columns filled
+        self.head = 0  # next column to write
+        self.last: tuple[np.ndarray, np.ndarray] | None = None  # (z, f) of the last accepted point
+        self.fallback: np.ndarray | None = None  # T of the last accepted point (the plain iterate)
+        self.accelerated = False
+
+    def step(self, z: np.ndarray, t: np.ndarray) -> np.ndarray:
+        f = t - z
+        if self.accelerated and self.last is not None and \
+                np.linalg.norm(f) > self.safeguard * np.linalg.norm(self.last[1]):
+            self.rejected += 1
+            plain = self.fallback
+            self.reset()
+            return plain  # the plain step from the last accepted point
+        if self.last is not None:
+            if self.DZ is None:
+                self.DZ = np.empty((z.size, self.memory))
+                self.DF = np.empty((z.size, self.memory))
+            j = self.head
+            self.DZ[:, j] = z - self.last[0]
+            self.DF[:, j] = f - self.last[1]
+            self.count = min(self.count + 1, self.memory)
+            self.head = (j + 1) % self.memory
+            col = self.DF[:, :self.count].T @ self.DF[:, j]
+            self.gram[j, :self.count] = col
+            self.gram[:self.count, j] = col
+        self.last, self.fallback = (z, f), t
+        if self.count == 0:
+            self.accelerated = False
+            return t
+        m = self.count
+        G = self.gram[:m, :m]
+        gamma = np.linalg.lstsq(G + self.reg * (np.trace(G) / m + 1e-300) * np.eye(m), self.DF[:, :m].T @ f,
+                                rcond=None)[0]
+        self.accelerated = True
+        self.accepted += 1
+        return t - (self.DZ[:, :m] + self.DF[:, :m]) @ gamma

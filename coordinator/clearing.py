@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.admm import RhoPolicy, converged
+from common.admm import Anderson, RhoPolicy, converged
 from common.market import TradeGraph
 from common.protocol.grid import NetworkUpdate
 from common.protocol.market import Round, RoundPeer
@@ -43,6 +43,11 @@ class RoundSettings:
     every: int = 10
     until: int = 2000
     topology: str = "relay"
+    # Anderson acceleration of the P2P relay loop (rho frozen from ``aa_start`` on)
+    acceleration: bool = False
+    aa_memory: int = 20
+    aa_safeguard: float = 1.0
+    aa_start: int = 0
     price_init_eur_per_mwh: float = 0.0
 
 
@@ -74,6 +79,9 @@ class P2PRounds:
     # a clearing from a pool price starts from these trade prices (K, H), with ``warm_trades_mw``
     # the matching trades: the first ROUND hands every peer its start (both topologies)
     start_prices: np.ndarray | None = None
+    # the prices the peers hold when this clearing starts (K, H): the previous clearing's, or the
+    # public starting price; the coordinator mirrors them to accelerate (relay)
+    warm_prices: np.ndarray | None = None
 
     def __post_init__(self):
         index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
@@ -92,6 +100,14 @@ class P2PRounds:
         self._dual_sq = self._primal_sq = self._solve_max = self._solve_sum = 0.0
         self._t_sent = self.timer()
         self.statuses: dict[str, str] = {}
+        # the state the peers start the iteration from: their trades and their (updated) prices
+        self.x_state = self.flat.copy()
+        self.lam_eff = (self.start_prices.copy() if self.start_prices is not None
+                        else np.array(self.warm_prices, dtype=float) if self.warm_prices is not None
+                        else np.full(self.flat.shape, float(st.price_init_eur_per_mwh)))
+        self.anderson = (Anderson(st.aa_memory, st.aa_safeguard)
+                         if st.acceleration and st.topology == "relay" else None)
+        self._override = False
 
     # -- instructions ----------------------------------------------------------------------
     def start(self) -> list[tuple[str, Round]]:
@@ -108,6 +124,11 @@ class P2PRounds:
             for pid in self.hosts[host]:
                 peers[pid] = RoundPeer(p_in_mw=self.flat[self.peer_incoming[pid]],
                                        price_eur_per_mwh=self.start_prices[self.peer_trades[pid]])
+        elif self._override and not stop:  # an accelerated point: every peer's state is set
+            for pid in self.hosts[host]:
+                own = self.peer_trades[pid]
+                peers[pid] = RoundPeer(p_in_mw=self.flat[self.peer_incoming[pid]],
+                                       price_eur_per_mwh=self.lam_eff[own], p_own_mw=self.flat[own])
         elif self.settings.topology == "relay":
             for pid in self.hosts[host]:
                 peers[pid] = RoundPeer(p_in_mw=self.flat[self.peer_incoming[pid]])
@@ -150,6 +171,20 @@ class P2PRounds:
             self.flat[self.peer_trades[pid]] = rec.p_out_mw
         return self._maybe_complete()
 
+    def _accelerate(self, lam_new: np.ndarray) -> None:
+        """The next state from Anderson acceleration of (trades, prices) -> (trades, prices) at a
+        fixed rho, in the scaled variables (sqrt(rho) x, lam / sqrt(rho))."""
+        s = np.sqrt(self.rho)
+        pack = lambda x, lam: np.concatenate([s * x.ravel(), lam.ravel() / s])  # noqa: E731
+        z = pack(self.x_state, self.lam_eff)
+        t = pack(self.flat, lam_new)
+        nxt = self.anderson.step(z, t)
+        n = self.flat.size
+        x_next = nxt[:n].reshape(self.flat.shape) / s
+        lam_next = nxt[n:].reshape(self.flat.shape) * s
+        self._override = nxt is not t
+        self.flat, self.x_state, self.lam_eff = x_next, x_next.copy(), lam_next
+
     def on_residuals(self, host: str, residuals) -> list[tuple[str, Round]]:
         self._account(host, residuals.peers)
         return self._maybe_complete()
@@ -170,11 +205,18 @@ class P2PRounds:
             done = True  # a peer could not solve: stop and report
         local = self.iteration - self.start_iteration
         out_of_iterations = local >= self.settings.max_iterations
+        # the prices the peers will hold after this iteration's update
+        lam_new = self.lam_eff - 0.5 * rho_used * (self.flat + self.flat[self.graph.reverse])
+        accelerating = self.anderson is not None and local >= self.settings.aa_start
         if done or out_of_iterations:
             self.finished = True
             self.converged = done and not self.statuses
+            self.x_state, self.lam_eff, self._override = self.flat.copy(), lam_new, False
+        elif accelerating:
+            self._accelerate(lam_new)
         else:
             self.rho = self.policy.update(local, primal, dual)
+            self.x_state, self.lam_eff, self._override = self.flat.copy(), lam_new, False
         self.primal_residual, self.dual_residual = primal, dual
         self.history.append(IterationStats(self.iteration, primal, dual, rho_used, self._solve_max, self._solve_sum,
                                            self.timer() - t0, wall))

@@ -288,14 +288,17 @@ class CoordinatorEngine:
         m = self.market
         return RoundSettings(rho=m.rho if rho is None else rho, tolerance=m.tolerance, max_iterations=m.max_iterations,
                              residual_balancing=m.residual_balancing, mu=m.rb_mu, tau=m.rb_tau, every=m.rb_every,
-                             until=m.rb_until, topology=self.topology, price_init_eur_per_mwh=m.price_init_eur_per_mwh)
+                             until=m.rb_until, topology=self.topology, price_init_eur_per_mwh=m.price_init_eur_per_mwh,
+                             acceleration=m.acceleration, aa_memory=m.aa_memory, aa_safeguard=m.aa_safeguard,
+                             aa_start=m.aa_start)
 
     def _clear_p2p(self, previous: Cleared | None):
         """One clearing of the full P2P market; an outer loop re-clears warm from ``previous``."""
         if self.central is not None:
             return self.central.clear(self.graph)
         prev = previous.rounds if previous is not None else None
-        warm = {} if prev is None else dict(start_iteration=prev.iteration, warm_trades_mw=prev.flat)
+        warm = {} if prev is None else dict(start_iteration=prev.iteration, warm_trades_mw=prev.flat,
+                                            warm_prices=prev.lam_eff)
         if prev is None and self.market.pool_price_start:
             price, q = yield from self._pool_price()
             trades, prices = pool_start(q, price, self.graph)

@@ -114,6 +114,12 @@ TolOpt = Annotated[Optional[float], typer.Option(help="ADMM stopping tolerance o
 MaxItOpt = Annotated[Optional[int], typer.Option("--max-iterations", help="ADMM iteration limit.", min=1)]
 RbOpt = Annotated[Optional[bool], typer.Option("--residual-balancing/--no-residual-balancing",
                                                 help="Adapt rho by residual balancing (Boyd et al. 3.4.1).")]
+PoolOpt = Annotated[Optional[bool], typer.Option("--pool-price/--no-pool-price",
+                                                 help="Full P2P market: start each clearing from scratch at the pool price "
+                                                      "found by price rounds (overrides the scenario).")]
+AccelOpt = Annotated[Optional[bool], typer.Option("--acceleration/--no-acceleration",
+                                                  help="Full P2P market, relay: Anderson acceleration of the ADMM "
+                                                       "(overrides the scenario).")]
 
 
 @app.command()
@@ -127,6 +133,8 @@ def run(
     tolerance: TolOpt = None,
     max_iterations: MaxItOpt = None,
     residual_balancing: RbOpt = None,
+    pool_price: PoolOpt = None,
+    acceleration: AccelOpt = None,
     peers_per_process: Annotated[int, typer.Option(help="Peers hosted by one peer process.", min=1)] = 1,
     timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait (registration, a round, a service answer).", min=0.1)] = 30.0,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
@@ -135,7 +143,8 @@ def run(
     """Clear a market and write the results folder."""
     t0 = time.time()
     overrides = dict(model=model.value if model else None, rho=rho, tolerance=tolerance,
-                     max_iterations=max_iterations, residual_balancing=residual_balancing)
+                     max_iterations=max_iterations, residual_balancing=residual_balancing,
+                     pool_price_start=pool_price, acceleration=acceleration)
     sc = _load(scenario, **overrides)
     if sc.market.kind == "community" and topology is Topology.mesh and solver is Solver.admm:
         _fail("--topology mesh: the community market runs in the relay topology (the network agent couples every peer)",
@@ -272,6 +281,8 @@ def bench(
     tolerance: TolOpt = None,
     max_iterations: MaxItOpt = None,
     residual_balancing: RbOpt = None,
+    pool_price: PoolOpt = None,
+    acceleration: AccelOpt = None,
 ):
     """Benchmark the distributed clearing: start-up, iterations, time per iteration and where it
     goes, peak memory per process, messages, and the comparison with the centralized solve."""
@@ -282,7 +293,8 @@ def bench(
     from p2pm.launcher import LaunchError, run_distributed
     from common.models import peer_models
 
-    overrides = dict(rho=rho, tolerance=tolerance, max_iterations=max_iterations, residual_balancing=residual_balancing)
+    overrides = dict(rho=rho, tolerance=tolerance, max_iterations=max_iterations, residual_balancing=residual_balancing,
+                     pool_price_start=pool_price, acceleration=acceleration)
     sc = _load(scenario, **overrides)
     if sc.market.model != "benchmark":
         _fail(f"market.model: the benchmark compares one clearing with the centralized solve; {sc.market.model!r} runs "
@@ -307,7 +319,8 @@ def bench(
         f"benchmark {sc.name}: {len(sc.peers)} peers, {sc.market.hours} h, topology {topology.value}, "
         f"{s['peer_processes']} peer processes ({s['processes']} processes in all)",
         f"  start-up (launch to all peers ready)   {s['startup_s']:8.2f} s",
-        f"  ADMM iterations                        {s['iterations']:8d}   converged: {s['converged']}",
+        f"  rounds (price rounds + ADMM iterations) {s.get('rounds', s['iterations']):7d}   = {s.get('price_rounds', 0)} + "
+        f"{s['iterations']}   converged: {s['converged']}",
         f"  wall time (launch to results written)  {s['wall_s']:8.2f} s   ADMM loop {s['admm_s']:.2f} s",
         f"  time per iteration                     {s['time_per_iteration_ms']:8.2f} ms",
         f"    local solves (slowest process)       {s['local_solve_ms_per_iteration']:8.3f} ms   "

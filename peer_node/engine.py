@@ -152,17 +152,19 @@ class PeerEngine:
         return [Send(COORDINATOR, PoolQuantity(peers=q), k)]
 
     def _start_from(self, msg: Round) -> None:
-        """The first ROUND of a clearing from a pool price: the partners' starting trades towards
-        each peer and the starting prices of its trades; its own trades are the reciprocal ones."""
+        """A ROUND that sets the state to start from (a pool-price start, an accelerated point):
+        the partners' trades towards each peer, the prices of its trades, and its own trades (by
+        default the reciprocal ones); a pending price update is replaced by these prices."""
         for pid, loc in self.locals.items():
             rec = msg.peers.get(pid)
             if rec is None or rec.price_eur_per_mwh is None:
                 raise ProtocolError("body", f"a starting ROUND without the start of peer {pid}")
-            if rec.p_in_mw.shape != loc.x.shape or rec.price_eur_per_mwh.shape != loc.x.shape:
+            if rec.p_in_mw.shape != loc.x.shape:
                 raise ProtocolError("body", f"a start of shape {rec.p_in_mw.shape} for {pid}, expected {loc.x.shape}")
         for pid, loc in self.locals.items():
             rec = msg.peers[pid]
-            loc.y, loc.x, loc.lam = rec.p_in_mw.copy(), -rec.p_in_mw, rec.price_eur_per_mwh.copy()
+            own = -rec.p_in_mw if rec.p_own_mw is None else rec.p_own_mw.copy()
+            loc.y, loc.x, loc.lam = rec.p_in_mw.copy(), own, rec.price_eur_per_mwh.copy()
             self.solved_since_receive[pid] = False
 
     def _on_round(self, msg: Round, k: int) -> list:

@@ -23,11 +23,12 @@ def test_processes_and_in_process_driver_agree(tmp_path, scenario, topology, ite
     limit = ["--max-iterations", str(iterations)]
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "p2pm", "run", scenario, "--topology", topology, "--peers-per-process",
-                        "10", "--out", str(out), "--quiet", "--no-report", *limit], capture_output=True, text=True,
+                        "10", "--out", str(out), "--quiet", "--no-report", "--no-pool-price", *limit],
+                       capture_output=True, text=True,
                        timeout=300)
     assert r.returncode in (0, 1), r.stderr  # 1: stopped at the iteration limit, results written
     over_sockets = pd.read_csv(out / "admm_history.csv")
-    sc = load_scenario(scenario, max_iterations=iterations)
+    sc = load_scenario(scenario, max_iterations=iterations, pool_price_start=False)
     result, driver = run_in_process(sc, topology=topology, peers_per_process=10)
     in_process = result.admm_history
     assert len(over_sockets) == len(in_process) == iterations

@@ -179,7 +179,7 @@ def test_residual_balancing_in_the_loop():
     """rho only changes by the factor tau, only every 10th iteration (the default cadence), and only
     in the direction the residuals ask for."""
     history: list = []
-    _admm(_two_peers(H=1), rho=1000.0, tolerance=1e-8, history=history)
+    _admm(_two_peers(H=1), rho=1000.0, tolerance=1e-8, history=history, pool_price_start=False)
     for (it, r, s, rho), (_, _, _, rho_next) in zip(history, history[1:]):
         if it % 10:
             assert rho_next == rho
@@ -193,7 +193,8 @@ def test_residual_balancing_in_the_loop():
     assert history[-1][3] < 1000.0
     # without residual balancing rho stays put
     hist2: list = []
-    _admm(_two_peers(), rho=7.0, tolerance=1e-6, max_iterations=50, history=hist2, residual_balancing=False)
+    _admm(_two_peers(), rho=7.0, tolerance=1e-6, max_iterations=50, history=hist2, residual_balancing=False,
+          pool_price_start=False)
     assert {h[3] for h in hist2} == {7.0}
 
 

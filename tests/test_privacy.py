@@ -31,7 +31,7 @@ def coordinator_view(peers, max_iterations: int, **market):
             for pid, rec in message.peers.items():
                 X[index[pid]] = rec.p_out_mw
 
-    clear_market(peers, max_iterations=max_iterations, trace=record, wire=False, **market)
+    clear_market(peers, max_iterations=max_iterations, trace=record, wire=False, pool_price_start=False, **market)
     return graph, [(rho[k], trades[k]) for k in sorted(trades)]
 
 

@@ -11,8 +11,10 @@ Per-peer bodies are maps ``peers: {peer_id: record}`` so that one process can ho
 ROUND (coordinator -> peer host; relay topology)
     ``rho``: float, ADMM penalty [EUR/MW^2h]; ``stop``: bool, true to end the ADMM loop (the host then
     sends RESULT); ``peers``: {peer_id: {``p_in_mw``: (n_partners, hours), the partners' trades towards
-    this peer at the previous iteration; optional ``price_eur_per_mwh``: (n_partners, hours), prices
-    or duals the coordinator computed (community market)}}.
+    this peer at the previous iteration; optional ``price_eur_per_mwh``: (n_partners, hours), the
+    prices of the peer's trades to start this iteration from (a pool-price start, an accelerated
+    state), and then optional ``p_own_mw``: (n_partners, hours), its own trades to start from
+    (default: the reciprocal of ``p_in_mw``)}}.
 UPDATE (peer host -> coordinator; relay topology)
     ``peers``: {peer_id: {``p_out_mw``: (n_partners, hours), this peer's new trades; ``primal_sq``:
     float, local squared primal residual [MW^2]; ``dual_sq``: float, local squared dual residual
@@ -86,16 +88,19 @@ class RoundPeer:
 
     p_in_mw: np.ndarray
     price_eur_per_mwh: np.ndarray | None = None
+    p_own_mw: np.ndarray | None = None  # the peer's own trades to start from (an accelerated state)
 
     def to_body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"p_in_mw": f64(self.p_in_mw)}
         if self.price_eur_per_mwh is not None:
             out["price_eur_per_mwh"] = f64(self.price_eur_per_mwh)
+        if self.p_own_mw is not None:
+            out["p_own_mw"] = f64(self.p_own_mw)
         return out
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> RoundPeer:
-        return cls(body["p_in_mw"], body.get("price_eur_per_mwh"))
+        return cls(body["p_in_mw"], body.get("price_eur_per_mwh"), body.get("p_own_mw"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -418,9 +423,12 @@ def _check_result_peer(rec: dict[str, Any]) -> str | None:
 
 
 def _check_round_peer(rec: dict[str, Any]) -> str | None:
-    price = rec.get("price_eur_per_mwh")
-    if price is not None and price.shape != rec["p_in_mw"].shape:
-        return f"price_eur_per_mwh {price.shape} and p_in_mw {rec['p_in_mw'].shape} differ in shape"
+    for name in ("price_eur_per_mwh", "p_own_mw"):
+        a = rec.get(name)
+        if a is not None and a.shape != rec["p_in_mw"].shape:
+            return f"{name} {a.shape} and p_in_mw {rec['p_in_mw'].shape} differ in shape"
+    if rec.get("p_own_mw") is not None and rec.get("price_eur_per_mwh") is None:
+        return "p_own_mw without price_eur_per_mwh"
     return None
 
 
@@ -434,7 +442,7 @@ SCHEMAS: dict[MsgType, Record] = {
             "peers": MapOf(
                 Record(
                     required={"p_in_mw": float_array(2)},
-                    optional={"price_eur_per_mwh": float_array(2)},
+                    optional={"price_eur_per_mwh": float_array(2), "p_own_mw": float_array(2)},
                     check_fn=_check_round_peer,
                 )
             ),

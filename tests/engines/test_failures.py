@@ -30,7 +30,7 @@ class Silent:
 
 
 def test_a_silent_peer_host_ends_the_run_naming_it(p2p_peers):
-    public = market_public(p2p_peers, tolerance=1e-9)
+    public = market_public(p2p_peers, tolerance=1e-9, pool_price_start=False)
     hosts = [PeerEngine(p2p_peers[:2], "h0000-g0"), Silent(PeerEngine(p2p_peers[2:], "h0002-l0"), after=3)]
     driver = InProcessDriver([CoordinatorEngine(public), *hosts])
     with pytest.raises(RunFailed) as err:
@@ -45,7 +45,7 @@ def test_a_dso_that_cannot_check_the_dispatch_is_named_and_lives_on(monkeypatch)
         raise ValueError("the network has no bus 99")
 
     monkeypatch.setattr("dso_service.powerflow.run_ac", broken)
-    sc = load_scenario("mv37", max_iterations=3)
+    sc = load_scenario("mv37", max_iterations=3, pool_price_start=False)
     coordinator, engines = engines_for(sc, peers_per_process=25)
     driver = InProcessDriver(engines)
     with pytest.raises(RunFailed) as err:
@@ -58,7 +58,7 @@ def test_a_dso_that_cannot_check_the_dispatch_is_named_and_lives_on(monkeypatch)
 def test_stale_forged_and_malformed_answers_are_rejected_and_counted(p2p_peers):
     """A host answering for another host's peers, with the wrong shape or for another iteration is
     refused; the clearing goes on to the same result."""
-    reference, _, _ = clear_market(list(p2p_peers), tolerance=1e-6, peers_per_process=2)
+    reference, _, _ = clear_market(list(p2p_peers), tolerance=1e-6, peers_per_process=2, pool_price_start=False)
 
     class Noisy:
         def __init__(self, engine):
@@ -75,7 +75,7 @@ def test_stale_forged_and_malformed_answers_are_rejected_and_counted(p2p_peers):
                 out = [Send("coordinator", m, k) for m in forged] + [Send("coordinator", forged[0], k - 1)] + out
             return out
 
-    coordinator = CoordinatorEngine(market_public(p2p_peers, tolerance=1e-6))
+    coordinator = CoordinatorEngine(market_public(p2p_peers, tolerance=1e-6, pool_price_start=False))
     driver = InProcessDriver([coordinator, Noisy(PeerEngine(p2p_peers[:2], "h0000-g0")),
                               PeerEngine(p2p_peers[2:], "h0002-l0")])
     outcome = driver.run()

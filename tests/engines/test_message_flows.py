@@ -15,7 +15,8 @@ def _hosts(flow):
 
 
 def test_relay_two_hosts_exact_flow(flow, p2p_peers):
-    outcome, coordinator, driver = clear_market(p2p_peers, rho=1.0, tolerance=1e-4, peers_per_process=2, trace=flow)
+    outcome, coordinator, driver = clear_market(p2p_peers, rho=1.0, tolerance=1e-4, peers_per_process=2, trace=flow,
+                                                pool_price_start=False)
     rounds = outcome.clearings[-1].rounds
     assert outcome.clearings[-1].converged
     hosts = _hosts(flow)
@@ -44,7 +45,7 @@ def test_relay_two_hosts_exact_flow(flow, p2p_peers):
 def test_mesh_two_hosts_exact_flow(flow, p2p_peers):
     peers = p2p_peers
     outcome, coordinator, driver = clear_market(peers, rho=1.0, tolerance=1e-4, peers_per_process=2, trace=flow,
-                                                topology="mesh")
+                                                topology="mesh", pool_price_start=False)
     assert outcome.clearings[-1].converged
     K = outcome.clearings[-1].rounds.iteration
     hosts = _hosts(flow)
@@ -60,7 +61,7 @@ def test_mesh_two_hosts_exact_flow(flow, p2p_peers):
         assert flow.n(type="result", sender=h) == 1
     assert not any(r[1] == "trades" and COORDINATOR in (r[2], r[3]) for r in flow.rows)
     # the same clearing as relay, to the last digit of the residual history
-    relay, _, _ = clear_market(list(peers), rho=1.0, tolerance=1e-4, peers_per_process=2)
+    relay, _, _ = clear_market(list(peers), rho=1.0, tolerance=1e-4, peers_per_process=2, pool_price_start=False)
     h_mesh = [(s.primal_residual, s.dual_residual, s.rho) for s in outcome.clearings[-1].rounds.history]
     h_relay = [(s.primal_residual, s.dual_residual, s.rho) for s in relay.clearings[-1].rounds.history]
     np.testing.assert_allclose(h_mesh, h_relay, rtol=1e-9, atol=1e-12)
@@ -84,3 +85,20 @@ def test_community_exact_flow(flow, community_case):
         assert flow.n(iteration=k, type="network_update", to="dso") == 1
         assert flow.n(iteration=k, type="network_result", sender="dso") == 1
     assert flow.n(type="result") == 3 and flow.n(type="hello", sender="dso") == 1
+
+
+def test_pool_price_start_exact_flow(flow, p2p_peers):
+    """Price rounds (one PRICE_PROBE and one QUANTITY_SUM per host each), one POOL_PRICE and one
+    POOL_QUANTITY per host, then the ADMM from the pool price."""
+    outcome, coordinator, driver = clear_market(p2p_peers, rho=1.0, tolerance=1e-4, peers_per_process=2, trace=flow)
+    assert outcome.clearings[-1].converged
+    R = coordinator.price_rounds - 1  # the last round trip is POOL_PRICE / POOL_QUANTITY
+    assert R >= 1
+    for h in _hosts(flow):
+        assert flow.n(type="price_probe", to=h) == flow.n(type="quantity_sum", sender=h) == R
+        assert flow.n(type="pool_price", to=h) == flow.n(type="pool_quantity", sender=h) == 1
+    # the probes all come before the first ROUND, which carries every peer's start
+    first_round = next(i for i, r in enumerate(flow.rows) if r[1] == "round")
+    assert all(r[1] not in ("price_probe", "pool_price") for r in flow.rows[first_round:])
+    start = [m for s, to, k, m in flow.messages if type(m).__name__ == "Round"][0]
+    assert all(rec.price_eur_per_mwh is not None for rec in start.peers.values())
