@@ -43,7 +43,8 @@ def role_logger(role: str) -> logging.Logger:
     log = logging.getLogger(f"p2pm.{role}")
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"[%(asctime)s] {role} (pid %(process)d): %(message)s", "%H:%M:%S"))
+        handler.setFormatter(logging.Formatter(f"[%(asctime)s.%(msecs)03d] {role} (pid %(process)d): %(message)s",
+                                               "%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
@@ -94,6 +95,14 @@ class Shell:
                 self.poller.register(sock, zmq.POLLIN)
         self.finished = False
         self.outcome = None
+        self._shadows: dict = {}
+
+    def _sync(self, sock) -> zmq.Socket:
+        """A synchronous shadow of an asyncio socket (the same ZeroMQ socket)."""
+        shadow = self._shadows.get(sock)
+        if shadow is None:
+            shadow = self._shadows[sock] = zmq.Socket.shadow(sock.underlying)
+        return shadow
 
     @staticmethod
     def _print_note(note: Note) -> None:
@@ -131,8 +140,8 @@ class Shell:
         """Receive what is waiting on ``sock``; True when a valid message was delivered."""
         delivered = False
         while not self.finished:
-            try:
-                frames = await sock.recv_multipart(flags=zmq.NOBLOCK)
+            try:  # the socket's synchronous shadow: no future per message on the hot path
+                frames = self._sync(sock).recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             is_router = sock.socket_type == zmq.ROUTER
@@ -211,7 +220,10 @@ class Shell:
         else:
             sock, frames = self._mesh_socket(ins.to), [data]
         try:
-            await asyncio.wait_for(sock.send_multipart(frames, copy=False), self.transport.send_timeout_s)
+            try:  # the usual case: the message is queued at once (no future, no timer)
+                self._sync(sock).send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # not now (no connection yet, high-water mark): wait, up to the send timeout
+                await asyncio.wait_for(sock.send_multipart(frames, copy=False), self.transport.send_timeout_s)
         except asyncio.TimeoutError:
             raise ShellFailure(ins.to, f"could not send {env.type.value} to {ins.to} within "
                                        f"{self.transport.send_timeout_s:g} s") from None

@@ -197,6 +197,22 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
     launch = Launch()
     events: queue.Queue = queue.Queue()
     progress = _Progress(quiet)
+    # Ctrl-C (and SIGTERM) set a flag that the loops below check: an exception raised at an
+    # arbitrary point could leave a lock of the event queue held and hang the teardown
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    else:
+        previous = {}
+
+    def check_stop() -> None:
+        if stop.is_set():
+            raise LaunchError(f"interrupted; stopped all {len(launch.roles)} processes of the run")
+
     try:
         # the fork server starts first: its imports overlap with the coordinator's
         zygote = Role("peer fork server", logs / "zygote.log")
@@ -221,6 +237,7 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
                 raise LaunchError(f"the coordinator exited with code {coord.exitcode} before listening:\n{_tail(coord.log)}")
             if time.monotonic() > deadline:
                 raise LaunchError(f"the coordinator did not start listening within {timeout_s:g} s")
+            check_stop()
             time.sleep(0.01)
         address = ready_file.read_text().strip()
 
@@ -258,17 +275,18 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
                 code = r.poll()
                 if r is not coord and r is not zygote and code not in (None, 0):
                     raise LaunchError(f"{r.name} (pid {r.pid}) exited with code {code}; its log ends with:\n{_tail(r.log)}")
+            check_stop()
             time.sleep(0.02)
         # the coordinator has written the results; the others end on its SHUTDOWN
         end = time.monotonic() + timeout_s
-        while any(r.poll() is None for r in launch.roles) and time.monotonic() < end:
+        while any(r.poll() is None for r in launch.roles) and time.monotonic() < end and not stop.is_set():
             launch.absorb(events)
             time.sleep(0.02)
-    except KeyboardInterrupt:
-        raise LaunchError(f"interrupted; stopped all {len(launch.roles)} processes of the run") from None
     finally:
         progress.close()
         launch.stop_all(events)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text())
     summary.update(_memory(launch))
