@@ -62,6 +62,11 @@ def samples() -> dict[MsgType, Any]:
             }
         ),
         MsgType.PENALTY: market.Penalty({"p1": {"diff_eur_per_mwh": arr(2, H), "tan_phi": arr(H)}}),
+        MsgType.PRICE_PROBE: market.PriceProbe(arr(8, H)),
+        MsgType.QUANTITY_SUM: market.QuantitySum(np.arange(8 * H, dtype=np.int64).reshape(8, H) - 7,
+                                                 np.arange(8 * H, dtype=np.int64).reshape(8, H) * 3),
+        MsgType.POOL_PRICE: market.PoolPrice(arr(H), arr(H) + 1.0, np.full(H, 0.25)),
+        MsgType.POOL_QUANTITY: market.PoolQuantity({"p1": arr(H), "p2": -arr(H)}),
         MsgType.DISPATCH: grid.Dispatch(("p1", "p2", "p3"), ("pv", "load", "ev"), (3, 7, 12), arr(3, H), arr(3, H), arr(H)),
         MsgType.GRID_REPORT: grid.GridReport(
             1.0 + 0.01 * arr(33, H),

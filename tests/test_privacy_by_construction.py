@@ -84,7 +84,7 @@ def test_roles_started_by_hand_open_only_their_own_files(tmp_path):
             p.kill()
     assert code == 0, (tmp_path / "coordinator.log").read_text()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["iterations"] == 20 and not summary["converged"]  # stopped at the limit, results written
+    assert summary["converged"] and summary["social_welfare_eur"] > 0  # welfare from the masked costs
 
     def opened(name):
         files = set()
