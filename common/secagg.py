@@ -3,10 +3,10 @@
 Welfare needs the sum of the peers' costs per hour, never one peer's cost. Every peer makes an
 X25519 key pair and announces the public key in its HELLO; the coordinator only relays the public
 keys (WELCOME). Each pair (i, j) derives the same secret from its own private key and the other's
-public key; from it, a keyed BLAKE2b gives one 64-bit mask per hour and report. Peer i adds the
-masks of its pairs with j > i and subtracts those with j < i, on costs in fixed point (micro-euro,
-int64 arithmetic modulo 2^64), so that the masks cancel exactly in the sum over all peers and the
-coordinator learns the total only. Every report (each clearing of an outer loop) uses fresh masks:
+public key (hashed with BLAKE2b); from it, SHAKE-256 keyed by that secret gives one 64-bit mask per
+value and report. Peer i adds the masks of its pairs with j > i and subtracts those with j < i, on
+values in fixed point (costs in micro-euro, quantities in nano-MW; int64 arithmetic modulo 2^64), so
+that the masks cancel exactly in the sum over all peers and the coordinator learns the total only. Every report (each clearing of an outer loop) uses fresh masks:
 the label includes the run id and the iteration.
 
 Cost: one key agreement per pair (N-1 per peer) and one hash per pair and report.
@@ -43,11 +43,10 @@ class MaskKeys:
     def mask(self, label: str, size: int) -> np.ndarray:
         """This peer's total mask (int64, ``size`` values) for the report ``label``."""
         total = np.zeros(size, dtype=np.int64)
+        tag = label.encode()
         for other, secret in self._secrets.items():
-            digest = hashlib.blake2b(label.encode(), key=secret, digest_size=min(64, 8 * size)).digest()
-            while len(digest) < 8 * size:
-                digest += hashlib.blake2b(digest, key=secret, digest_size=64).digest()
-            m = np.frombuffer(digest[:8 * size], dtype="<i8").astype(np.int64)
+            # SHAKE-256 keyed by the pair's secret (a prefix key is a sound PRF for SHA-3), as long as needed
+            m = np.frombuffer(hashlib.shake_256(secret + tag).digest(8 * size), dtype="<i8").astype(np.int64)
             with np.errstate(over="ignore"):
                 total = total + m if self.peer_id < other else total - m
         return total

@@ -64,6 +64,10 @@ def test_distributed_clearing_matches_centralized(mesh_run):
     assert proc.returncode == 0, proc.stderr + proc.stdout
     summary = _assert_matches_centralized(scen, out, "mesh")
     assert summary["peer_processes"] == 3 and summary["processes"] == 3 + 3  # the peer processes, coordinator, DSO, TSO
+    # from the pool price: price rounds, then the ADMM; every round trip counted
+    assert summary["price_rounds"] >= 2 and summary["rounds"] == summary["price_rounds"] + summary["iterations"]
+    msgs = pd.read_csv(out / "messages.csv").groupby("type")["count"].sum()
+    assert msgs["price_probe"] == msgs["quantity_sum"] == 3 * (summary["price_rounds"] - 1)
     # --no-report: the tables and the summary, no figures and no page
     assert not (out / "report.html").exists() and not (out / "figures").exists()
     logs = sorted(p.name for p in out.glob("logs/*.log"))

@@ -11,7 +11,8 @@ from common.centralized import solve_p2p
 from common.models import HourlyPeer, load_utility_coefficients
 from common.protocol.market import QuantitySum
 from common.scenario import load_scenario
-from p2pm.local import clear_market, run_in_process
+from common.models import peer_models
+from p2pm.local import clear_market
 
 
 def degenerate_market(seed: int) -> list[HourlyPeer]:
@@ -36,7 +37,7 @@ def degenerate_market(seed: int) -> list[HourlyPeer]:
     return peers
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("topology", ["relay", "mesh"])
 def test_pool_start_reaches_the_centralized_optimum_on_degenerate_markets(seed, topology):
     peers = degenerate_market(seed)
@@ -57,11 +58,14 @@ def test_pool_start_reaches_the_centralized_optimum_on_degenerate_markets(seed, 
 
 
 def test_mv37_settles_in_a_few_price_rounds_and_one_admm_iteration():
-    result, driver = run_in_process(load_scenario("mv37"), peers_per_process=10)
-    coordinator = driver.engines["coordinator"]
-    assert result.converged and result.iterations <= 2
+    sc = load_scenario("mv37")
+    m = sc.market
+    outcome, coordinator, _ = clear_market(peer_models(sc), rho=m.rho, tolerance=m.tolerance, peers_per_process=10,
+                                           price_init_eur_per_mwh=m.price_init_eur_per_mwh, wire=False)
+    assert outcome.clearings[-1].converged and coordinator.iteration <= 2
     assert coordinator.price_rounds <= 12
-    assert result.extra["rounds"] == coordinator.price_rounds + result.iterations
+    ref = solve_p2p(peer_models(sc))
+    assert abs(outcome.clearings[-1].sw_eur.sum() - ref.social_welfare_eur.sum()) <= 1e-6 * ref.social_welfare_eur.sum()
 
 
 def test_the_coordinator_learns_only_aggregates_in_the_price_rounds():
