@@ -22,9 +22,12 @@ import clarabel  # noqa: F401
 import osqp  # noqa: F401
 
 import common.community  # noqa: F401
-import cryptography.hazmat.primitives.asymmetric.x25519  # noqa: F401
+import peer_node.engine  # noqa: F401
 from common.process import die_with_parent
+from common.secagg import MaskKeys
 from peer_node.main import child_main
+
+MaskKeys("warm-up")  # OpenSSL's lazy set-up (~30 ms) once here, not in every forked peer
 
 
 def _say(**event) -> None:
