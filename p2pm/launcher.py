@@ -21,6 +21,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -166,6 +167,12 @@ def _peer_groups(scenario, private_files: dict[str, Path], per_process: int) -> 
     return [files[i:i + per_process] for i in range(0, len(files), per_process)]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _reader(source: str, stream, q: queue.Queue) -> None:
     for line in iter(stream.readline, b""):
         q.put((source, line.decode(errors="replace").strip()))
@@ -222,14 +229,23 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
 
         ready_file = logs / "coordinator.address"
         ready_file.unlink(missing_ok=True)
+        # a free port chosen here, so that the DSO and TSO (the slowest to import) start at once and
+        # connect while the coordinator is still starting (ZeroMQ retries the connection)
+        address = f"tcp://127.0.0.1:{_free_port()}"
         coord = Role("coordinator", logs / "coordinator.log")
         coord.popen = _spawn("p2pm", ["coordinator",
-            "--scenario", str(public_path), "--bind", "tcp://127.0.0.1:*", "--ready-file", str(ready_file),
+            "--scenario", str(public_path), "--bind", address, "--ready-file", str(ready_file),
             "--run-id", run_id, "--topology", topology, "--out", str(out), "--timeout-s", str(timeout_s),
             "--t0", repr(t0), "--processes", str(n_processes), *([] if report else ["--no-report"])],
             coord.log, stdout=subprocess.PIPE)
         launch.roles.append(coord)
         threading.Thread(target=_reader, args=("coordinator", coord.popen.stdout, events), daemon=True).start()
+
+        for svc in ("dso", "tso"):
+            r = Role(svc, logs / f"{svc}.log")
+            r.popen = _spawn("p2pm", [svc, "--scenario", str(public_path), "--coordinator", address,
+                                   "--timeout-s", str(timeout_s)], r.log)
+            launch.roles.append(r)
 
         deadline = time.monotonic() + timeout_s
         while not ready_file.exists() or not ready_file.read_text():
@@ -239,7 +255,6 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
                 raise LaunchError(f"the coordinator did not start listening within {timeout_s:g} s")
             check_stop()
             time.sleep(0.01)
-        address = ready_file.read_text().strip()
 
         for i, group in enumerate(groups):
             name = f"peer {group[0][0]}" if len(group) == 1 else f"peers {group[0][0]}..{group[-1][0]}"
@@ -250,12 +265,6 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
                                                   "coordinator": address, "timeout_s": timeout_s,
                                                   "log": str(r.log)}) + "\n").encode())
         zygote.popen.stdin.close()
-
-        for svc in ("dso", "tso"):
-            r = Role(svc, logs / f"{svc}.log")
-            r.popen = _spawn("p2pm", [svc, "--scenario", str(public_path), "--coordinator", address,
-                                   "--timeout-s", str(timeout_s)], r.log)
-            launch.roles.append(r)
 
         done = False
         while True:
