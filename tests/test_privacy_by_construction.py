@@ -107,7 +107,7 @@ def test_a_peer_host_receives_nothing_of_another_peers():
     """Every message delivered to a peer host in a relay and a mesh run concerns its own peers only."""
     for topology in ("relay", "mesh"):
         # relay from the pool price (price rounds included), mesh from the plain start
-        sc = load_scenario("mv37", max_iterations=3, pool_price_start=topology == "relay")
+        sc = load_scenario("mv37", max_iterations=2, pool_price_start=topology == "relay")
         _, engines = engines_for(sc, topology=topology, peers_per_process=25)
         hosted = {e.name: set(e.peer_ids) for e in engines if hasattr(e, "peer_ids")}
         seen = []

@@ -61,7 +61,8 @@ def test_mesh_two_hosts_exact_flow(flow, p2p_peers):
         assert flow.n(type="result", sender=h) == 1
     assert not any(r[1] == "trades" and COORDINATOR in (r[2], r[3]) for r in flow.rows)
     # the same clearing as relay, to the last digit of the residual history
-    relay, _, _ = clear_market(list(peers), rho=1.0, tolerance=1e-4, peers_per_process=2, pool_price_start=False)
+    relay, _, _ = clear_market(list(peers), rho=1.0, tolerance=1e-4, peers_per_process=2, pool_price_start=False,
+                               wire=False)
     h_mesh = [(s.primal_residual, s.dual_residual, s.rho) for s in outcome.clearings[-1].rounds.history]
     h_relay = [(s.primal_residual, s.dual_residual, s.rho) for s in relay.clearings[-1].rounds.history]
     np.testing.assert_allclose(h_mesh, h_relay, rtol=1e-9, atol=1e-12)
