@@ -205,17 +205,18 @@ class P2PRounds:
             done = True  # a peer could not solve: stop and report
         local = self.iteration - self.start_iteration
         out_of_iterations = local >= self.settings.max_iterations
-        # the prices the peers will hold after this iteration's update
-        lam_new = self.lam_eff - 0.5 * rho_used * (self.flat + self.flat[self.graph.reverse])
-        accelerating = self.anderson is not None and local >= self.settings.aa_start
+        if self.anderson is not None:  # mirror the state the peers hold (only the acceleration needs it)
+            lam_new = self.lam_eff - 0.5 * rho_used * (self.flat + self.flat[self.graph.reverse])
+        accelerated = False
         if done or out_of_iterations:
             self.finished = True
             self.converged = done and not self.statuses
-            self.x_state, self.lam_eff, self._override = self.flat.copy(), lam_new, False
-        elif accelerating:
+        elif self.anderson is not None and local >= self.settings.aa_start:
             self._accelerate(lam_new)
+            accelerated = True
         else:
             self.rho = self.policy.update(local, primal, dual)
+        if self.anderson is not None and not accelerated:  # the plain step: the peers update themselves
             self.x_state, self.lam_eff, self._override = self.flat.copy(), lam_new, False
         self.primal_residual, self.dual_residual = primal, dual
         self.history.append(IterationStats(self.iteration, primal, dual, rho_used, self._solve_max, self._solve_sum,
