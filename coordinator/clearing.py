@@ -260,6 +260,8 @@ class CommunityRounds:
         self._solve_max = self._solve_sum = 0.0
         self.network_s = 0.0
         self.network = None  # last NetworkResult
+        # Anderson acceleration of the map (z, u) -> (z, u): the coordinator holds the whole state
+        self.anderson = Anderson(st.aa_memory, st.aa_safeguard) if st.acceleration else None
 
     def pending(self) -> set[str]:
         return set(self._waiting)
@@ -319,8 +321,9 @@ class CommunityRounds:
         self.network = result
         wall = t0 - self._t_sent
         dual = self.rho * float(np.linalg.norm(z_new - self.z))
+        z_old, u_old = self.z, self.u
         self.z = z_new
-        self.u += self.p - self.z
+        self.u = self.u + self.p - self.z
         primal = float(np.linalg.norm(self.p - self.z))
         rho_used = self.rho
         self.primal_residual, self.dual_residual = primal, dual
@@ -328,6 +331,13 @@ class CommunityRounds:
             self.finished = self.converged = True
         elif self.iteration >= self.settings.max_iterations:
             self.finished = True
+        elif self.anderson is not None and self.iteration > self.settings.aa_start:
+            # rho frozen: the next point extrapolated from the last (z, u) -> (z+, u+) steps; the
+            # peers and the network agent are memoryless, so the next ROUND's targets carry it
+            nxt = self.anderson.step(np.concatenate([z_old.ravel(), u_old.ravel()]),
+                                     np.concatenate([self.z.ravel(), self.u.ravel()]))
+            n = self.z.size
+            self.z, self.u = nxt[:n].reshape(self.z.shape), nxt[n:].reshape(self.u.shape)
         else:
             new_rho = self.policy.update(self.iteration, primal, dual)
             if new_rho != self.rho:

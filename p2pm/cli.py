@@ -118,7 +118,7 @@ PoolOpt = Annotated[Optional[bool], typer.Option("--pool-price/--no-pool-price",
                                                  help="Full P2P market: start each clearing from scratch at the pool price "
                                                       "found by price rounds (overrides the scenario).")]
 AccelOpt = Annotated[Optional[bool], typer.Option("--acceleration/--no-acceleration",
-                                                  help="Full P2P market, relay: Anderson acceleration of the ADMM "
+                                                  help="Anderson acceleration of the ADMM (full P2P market in relay, community market) "
                                                        "(overrides the scenario).")]
 
 
