@@ -212,42 +212,44 @@ class Anderson:
         self.reset()
 
     def reset(self) -> None:
-        self.DZ = self.DF = None
+        """Forget the differences (the buffers are kept: they are rewritten before being read)."""
+        if not hasattr(self, "DZ"):
+            self.DZ = self.DF = None
         self.gram = np.zeros((self.memory, self.memory))
         self.count = 0  # columns filled
         self.head = 0  # next column to write
-        self.last: tuple[np.ndarray, np.ndarray] | None = None  # (z, f) of the last accepted point
+        self.last: tuple[np.ndarray, np.ndarray, float] | None = None  # (z, f, |f|) of the last accepted point
         self.fallback: np.ndarray | None = None  # T of the last accepted point (the plain iterate)
         self.accelerated = False
 
     def step(self, z: np.ndarray, t: np.ndarray) -> np.ndarray:
         f = t - z
-        if self.accelerated and self.last is not None and \
-                np.linalg.norm(f) > self.safeguard * np.linalg.norm(self.last[1]):
+        f_norm = float(np.sqrt(f @ f))
+        if self.accelerated and self.last is not None and f_norm > self.safeguard * self.last[2]:
             self.rejected += 1
             plain = self.fallback
             self.reset()
             return plain  # the plain step from the last accepted point
         if self.last is not None:
-            if self.DZ is None:
-                self.DZ = np.empty((z.size, self.memory))
-                self.DF = np.empty((z.size, self.memory))
+            if self.DZ is None or self.DZ.shape[1] != z.size:  # one contiguous row per difference
+                self.DZ = np.empty((self.memory, z.size))
+                self.DF = np.empty((self.memory, z.size))
             j = self.head
-            self.DZ[:, j] = z - self.last[0]
-            self.DF[:, j] = f - self.last[1]
+            np.subtract(z, self.last[0], out=self.DZ[j])
+            np.subtract(f, self.last[1], out=self.DF[j])
             self.count = min(self.count + 1, self.memory)
             self.head = (j + 1) % self.memory
-            col = self.DF[:, :self.count].T @ self.DF[:, j]
+            col = self.DF[:self.count] @ self.DF[j]
             self.gram[j, :self.count] = col
             self.gram[:self.count, j] = col
-        self.last, self.fallback = (z, f), t
+        self.last, self.fallback = (z, f, f_norm), t
         if self.count == 0:
             self.accelerated = False
             return t
         m = self.count
         G = self.gram[:m, :m]
-        gamma = np.linalg.lstsq(G + self.reg * (np.trace(G) / m + 1e-300) * np.eye(m), self.DF[:, :m].T @ f,
+        gamma = np.linalg.lstsq(G + self.reg * (np.trace(G) / m + 1e-300) * np.eye(m), self.DF[:m] @ f,
                                 rcond=None)[0]
         self.accelerated = True
         self.accepted += 1
-        return t - (self.DZ[:, :m] + self.DF[:, :m]) @ gamma
+        return t - gamma @ self.DZ[:m] - gamma @ self.DF[:m]
