@@ -63,23 +63,40 @@ class LocalP2P:
             self.weights = np.asarray(weights, dtype=float).reshape(self.x.shape)
         self._set_problem(self.x.shape[1])
 
-    def step(self, rho: float) -> tuple[np.ndarray, float]:
-        """Local update; returns the new trades and the squared change (for the dual residual)."""
-        beta = 0.5 * rho * (self.x - self.y) + self.lam - self.weights  # rho tau - w
-        if self.sign > 0:
-            x_new = _solve_producer(beta, rho, *self._prod)
+    def step(self, rho: float, hours: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Local update of the given hours (all by default: the hours are independent problems);
+        returns the new trades of those hours (M, h) and the squared change per hour (h,) (for the
+        dual residual)."""
+        if hours is None:
+            beta = 0.5 * rho * (self.x - self.y) + self.lam - self.weights  # rho tau - w
+            prod = self._prod
         else:
-            x_new = -_solve_producer(-beta, rho, *self._prod)
-        dx = float(np.sum((x_new - self.x) ** 2))
-        self.x = x_new
+            beta = 0.5 * rho * (self.x[:, hours] - self.y[:, hours]) + self.lam[:, hours] - self.weights[:, hours]
+            prod = tuple(v[hours] for v in self._prod)
+        if self.sign > 0:
+            x_new = _solve_producer(beta, rho, *prod)
+        else:
+            x_new = -_solve_producer(-beta, rho, *prod)
+        if hours is None:
+            dx = np.sum((x_new - self.x) ** 2, axis=0)
+            self.x = x_new
+        else:
+            dx = np.sum((x_new - self.x[:, hours]) ** 2, axis=0)
+            self.x[:, hours] = x_new
         return x_new, dx
 
-    def receive(self, y: np.ndarray, rho: float) -> float:
-        """Partners' new trades arrive: price update; returns the squared primal mismatch."""
-        self.y = y
-        mismatch = self.x + y
-        self.lam = self.lam - 0.5 * rho * mismatch
-        return float(np.sum(mismatch**2))
+    def receive(self, y: np.ndarray, rho: float, hours: np.ndarray | None = None) -> np.ndarray:
+        """Partners' new trades of the given hours (all by default) arrive: price update; returns
+        the squared primal mismatch per hour."""
+        if hours is None:
+            self.y = y
+            mismatch = self.x + y
+            self.lam = self.lam - 0.5 * rho * mismatch
+        else:
+            self.y[:, hours] = y
+            mismatch = self.x[:, hours] + y
+            self.lam[:, hours] -= 0.5 * rho * mismatch
+        return np.sum(mismatch**2, axis=0)
 
     @property
     def p_mw(self) -> np.ndarray:

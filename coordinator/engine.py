@@ -290,7 +290,7 @@ class CoordinatorEngine:
                              residual_balancing=m.residual_balancing, mu=m.rb_mu, tau=m.rb_tau, every=m.rb_every,
                              until=m.rb_until, topology=self.topology, price_init_eur_per_mwh=m.price_init_eur_per_mwh,
                              acceleration=m.acceleration, aa_memory=m.aa_memory, aa_safeguard=m.aa_safeguard,
-                             aa_start=m.aa_start)
+                             aa_start=m.aa_start, hour_stopping=m.hour_stopping and not self.community)
 
     def _clear_p2p(self, previous: Cleared | None):
         """One clearing of the full P2P market; an outer loop re-clears warm from ``previous``."""

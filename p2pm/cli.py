@@ -117,6 +117,9 @@ RbOpt = Annotated[Optional[bool], typer.Option("--residual-balancing/--no-residu
 PoolOpt = Annotated[Optional[bool], typer.Option("--pool-price/--no-pool-price",
                                                  help="Full P2P market: start each clearing from scratch at the pool price "
                                                       "found by price rounds (overrides the scenario).")]
+HourStopOpt = Annotated[Optional[bool], typer.Option("--hour-stopping/--no-hour-stopping",
+                                                    help="Full P2P market: close each hour once its residuals are "
+                                                         "below tolerance (overrides the scenario).")]
 AccelOpt = Annotated[Optional[bool], typer.Option("--acceleration/--no-acceleration",
                                                   help="Anderson acceleration of the ADMM (full P2P market in relay, community market) "
                                                        "(overrides the scenario).")]
@@ -135,6 +138,7 @@ def run(
     residual_balancing: RbOpt = None,
     pool_price: PoolOpt = None,
     acceleration: AccelOpt = None,
+    hour_stopping: HourStopOpt = None,
     peers_per_process: Annotated[int, typer.Option(help="Peers hosted by one peer process.", min=1)] = 1,
     timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait (registration, a round, a service answer).", min=0.1)] = 30.0,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
@@ -144,7 +148,8 @@ def run(
     t0 = time.time()
     overrides = dict(model=model.value if model else None, rho=rho, tolerance=tolerance,
                      max_iterations=max_iterations, residual_balancing=residual_balancing,
-                     pool_price_start=pool_price, acceleration=acceleration)
+                     pool_price_start=pool_price, acceleration=acceleration,
+                     hour_stopping=hour_stopping)
     sc = _load(scenario, **overrides)
     if sc.market.kind == "community" and topology is Topology.mesh and solver is Solver.admm:
         _fail("--topology mesh: the community market runs in the relay topology (the network agent couples every peer)",
@@ -283,6 +288,7 @@ def bench(
     residual_balancing: RbOpt = None,
     pool_price: PoolOpt = None,
     acceleration: AccelOpt = None,
+    hour_stopping: HourStopOpt = None,
 ):
     """Benchmark the distributed clearing: start-up, iterations, time per iteration and where it
     goes, peak memory per process, messages, and the comparison with the centralized solve."""
@@ -294,7 +300,8 @@ def bench(
     from common.models import peer_models
 
     overrides = dict(rho=rho, tolerance=tolerance, max_iterations=max_iterations, residual_balancing=residual_balancing,
-                     pool_price_start=pool_price, acceleration=acceleration)
+                     pool_price_start=pool_price, acceleration=acceleration,
+                     hour_stopping=hour_stopping)
     sc = _load(scenario, **overrides)
     out = out or Path(tempfile.mkdtemp(prefix="p2pm-bench-"))
     if sc.market.model != "benchmark":
