@@ -270,3 +270,75 @@ class Anderson:
         self.accelerated = True
         self.accepted += 1
         return t - gamma @ self.DZ[:m] - gamma @ self.DF[:m]
+
+
+class BlockAnderson:
+    """Anderson acceleration of independent blocks at once (the hours of the full P2P market are
+    independent problems): each block extrapolates with its own coefficients from its own last
+    ``memory`` differences, and the safeguard rejects and resets one block without touching the
+    others. ``step(z, t)`` with arrays (blocks, n); ``keep(mask)`` drops blocks (closed hours)."""
+
+    def __init__(self, memory: int = 20, safeguard: float = 1.0, regularization: float = 1e-10):
+        self.memory, self.safeguard, self.reg = memory, safeguard, regularization
+        self.rejected = 0
+        self.accepted = 0
+        self.DZ = self.DF = None
+
+    def _allocate(self, B: int, n: int) -> None:
+        m = self.memory
+        self.DZ = np.zeros((B, m, n))
+        self.DF = np.zeros((B, m, n))
+        self.gram = np.zeros((B, m, m))
+        self.valid = np.zeros((B, m), dtype=bool)  # columns written since the block's last reset
+        self.has_last = np.zeros(B, dtype=bool)
+        self.accelerated = np.zeros(B, dtype=bool)
+        self.last_z = np.zeros((B, n))
+        self.last_f = np.zeros((B, n))
+        self.last_norm = np.zeros(B)
+        self.fallback = np.zeros((B, n))
+        self.head = 0
+
+    def keep(self, mask: np.ndarray) -> None:
+        """Keep only the blocks where ``mask`` is true (in order)."""
+        if self.DZ is None:
+            return
+        for name in ("DZ", "DF", "gram", "valid", "has_last", "accelerated", "last_z", "last_f", "last_norm", "fallback"):
+            setattr(self, name, getattr(self, name)[mask])
+
+    def step(self, z: np.ndarray, t: np.ndarray) -> np.ndarray:
+        B, n = z.shape
+        if self.DZ is None or self.DZ.shape[0] != B or self.DZ.shape[2] != n:
+            self._allocate(B, n)
+        f = t - z
+        norm = np.sqrt(np.einsum("bn,bn->b", f, f))
+        reject = self.accelerated & self.has_last & (norm > self.safeguard * self.last_norm)
+        j = self.head
+        write = self.has_last & ~reject
+        self.DZ[:, j] = z - self.last_z
+        self.DF[:, j] = f - self.last_f
+        self.valid[:, j] = write
+        self.head = (j + 1) % self.memory
+        col = np.einsum("bmn,bn->bm", self.DF, self.DF[:, j])
+        self.gram[:, j, :] = col
+        self.gram[:, :, j] = col
+        # blocks whose accelerated point was rejected forget their differences
+        self.valid[reject] = False
+        pair = self.valid[:, :, None] & self.valid[:, None, :]
+        G = np.where(pair, self.gram, 0.0)
+        count = self.valid.sum(axis=1)
+        scale = np.einsum("bii->b", G) / np.maximum(count, 1) + 1e-300
+        eye = np.eye(self.memory)[None]
+        G = G + eye * np.where(self.valid, self.reg * scale[:, None], 1.0)[:, :, None]
+        rhs = np.where(self.valid, np.einsum("bmn,bn->bm", self.DF, f), 0.0)
+        gamma = np.linalg.solve(G, rhs[:, :, None])[:, :, 0]
+        out = t - np.einsum("bm,bmn->bn", gamma, self.DZ) - np.einsum("bm,bmn->bn", gamma, self.DF)
+        out[reject] = self.fallback[reject]  # the plain step from the block's last accepted point
+        self.rejected += int(reject.sum())
+        accepted = ~reject
+        self.accepted += int((accepted & (count > 0)).sum())
+        self.last_z[accepted], self.last_f[accepted] = z[accepted], f[accepted]
+        self.last_norm[accepted] = norm[accepted]
+        self.fallback[accepted] = t[accepted]
+        self.has_last = accepted.copy()
+        self.accelerated = accepted & (count > 0)
+        return out

@@ -94,7 +94,7 @@ class MarketSpec(_Strict):
                                 "grows by more than this factor")
     aa_start: int = Field(0, ge=0, description="iterations of the plain ADMM (rho balancing allowed) before the "
                           "acceleration starts with rho frozen")
-    hour_stopping: bool = Field(False, description="full P2P market: an hour whose residuals are below tolerance / "
+    hour_stopping: bool = Field(True, description="full P2P market: an hour whose residuals are below tolerance / "
                                 "sqrt(hours) closes; rounds and answers carry the open hours only (every clearing "
                                 "opens every hour again)")
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.admm import Anderson, RhoPolicy, converged
+from common.admm import Anderson, BlockAnderson, RhoPolicy, converged
 from common.market import TradeGraph
 from common.protocol.grid import NetworkUpdate
 from common.protocol.market import Round, RoundPeer
@@ -109,7 +109,8 @@ class P2PRounds:
         self.lam_eff = (self.start_prices.copy() if self.start_prices is not None
                         else np.array(self.warm_prices, dtype=float) if self.warm_prices is not None
                         else np.full(self.flat.shape, float(st.price_init_eur_per_mwh)))
-        self.anderson = (Anderson(st.aa_memory, st.aa_safeguard)
+        # the hours are independent problems: each extrapolates with its own coefficients
+        self.anderson = (BlockAnderson(st.aa_memory, st.aa_safeguard)
                          if st.acceleration and st.topology == "relay" else None)
         self._override = False
         # per-hour stopping: the hours still open, the ones being solved (None: every hour) and the
@@ -206,23 +207,22 @@ class P2PRounds:
 
     def _accelerate(self, lam_new: np.ndarray) -> None:
         """The next state from Anderson acceleration of (trades, prices) -> (trades, prices) at a
-        fixed rho, in the scaled variables (sqrt(rho) x, lam / sqrt(rho)), over the open hours (an
-        hour that has just closed keeps the plain step; a change of the open hours restarts the
-        memory)."""
+        fixed rho, hour by hour, in the scaled variables (sqrt(rho) x, lam / sqrt(rho)), over the
+        open hours (an hour that has just closed keeps the plain step and leaves the memory)."""
         cols = np.flatnonzero(self.open)
-        if self._aa_cols is None or not np.array_equal(cols, self._aa_cols):
-            self.anderson.reset()
-            self._aa_cols = cols
+        if self._aa_cols is not None and len(cols) != len(self._aa_cols):
+            self.anderson.keep(np.isin(self._aa_cols, cols))
+        self._aa_cols = cols
         s = np.sqrt(self.rho)
-        pack = lambda x, lam: np.concatenate([s * x[:, cols].ravel(), lam[:, cols].ravel() / s])  # noqa: E731
+        pack = lambda x, lam: np.concatenate([s * x[:, cols].T, lam[:, cols].T / s], axis=1)  # noqa: E731
         z = pack(self.x_state, self.lam_eff)
         t = pack(self.flat, lam_new)
         nxt = self.anderson.step(z, t)
-        n = len(self.flat) * len(cols)
+        K = len(self.flat)
         x_next, lam_next = self.flat.copy(), lam_new.copy()
-        x_next[:, cols] = nxt[:n].reshape(len(self.flat), len(cols)) / s
-        lam_next[:, cols] = nxt[n:].reshape(len(self.flat), len(cols)) * s
-        self._override = nxt is not t
+        x_next[:, cols] = nxt[:, :K].T / s
+        lam_next[:, cols] = nxt[:, K:].T * s
+        self._override = not np.array_equal(nxt, t)  # else the peers' own plain step is the same state
         self.flat, self.x_state, self.lam_eff = x_next, x_next.copy(), lam_next
 
     def on_residuals(self, host: str, residuals) -> list[tuple[str, Round]]:

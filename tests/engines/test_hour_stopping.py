@@ -24,7 +24,7 @@ def _clear(peers, trace=None, **kw):
 def test_hours_close_one_by_one_and_the_optimum_is_the_same(flow):
     peers = small_p2p(H, seed=5)
     ref = solve_p2p(peers)
-    plain, r_plain, d_plain = _clear(peers)
+    plain, r_plain, d_plain = _clear(peers, hour_stopping=False)
     fast, r_fast, d_fast = _clear(peers, trace=flow, hour_stopping=True)
     assert plain.converged and fast.converged
     np.testing.assert_allclose(fast.p_mw, ref.p_mw, atol=1e-3)
