@@ -77,6 +77,12 @@ def solve_p2p(peers: list[HourlyPeer], weights_eur_per_mwh: np.ndarray | None = 
     reciprocity = R @ X == 0
     cons = [reciprocity, P >= p_min, P <= p_max, cp.multiply(graph.sign[:, None], X) >= 0]
     obj = 0.5 * cp.sum(cp.multiply(a, cp.square(P))) + cp.sum(cp.multiply(b, P)) + cp.sum(cp.multiply(w, X))
+    # a two-slope cost (an external supplier that imports at b and exports at b_neg <= b):
+    # b max(P, 0) + b_neg min(P, 0) = b P + (b - b_neg) max(-P, 0), convex
+    kinked = [n for n, p in enumerate(peers) if p.cost_b_neg_eur_per_mwh is not None]
+    for n in kinked:
+        gap = np.asarray(peers[n].cost_b_eur_per_mwh, float) - np.asarray(peers[n].cost_b_neg_eur_per_mwh, float)
+        obj = obj + cp.sum(cp.multiply(gap, cp.pos(-P[n, :])))
     prob = cp.Problem(cp.Minimize(obj), cons)
     _solve(prob, solver)
     _check(prob, "full P2P market")

@@ -36,6 +36,7 @@ class RosterEntry(_Strict):
     bus: int = Field(ge=0)
     tan_phi: float = 0.0  # connection data: the peer's contracted power factor (q = p tan phi)
     flex_fraction: float = Field(0.0, ge=0)  # connection data: a load's contracted flexibility
+    two_way: bool = False  # trades both ways (a prosumer, a supplier that may export): who trades with whom is public
 
 
 class Tariff(_Strict):
@@ -69,7 +70,8 @@ def _roster_entry(model) -> RosterEntry:
         return RosterEntry(id=model.id, kind="ev", bus=int(model.bus))
     tan = float(np.asarray(model.tan_phi).reshape(-1)[0])
     flex = float(np.max(load_baseline_mw(model)[1])) if model.kind == "load" else 0.0
-    return RosterEntry(id=model.id, kind=model.kind, bus=int(model.bus), tan_phi=tan, flex_fraction=flex)
+    return RosterEntry(id=model.id, kind=model.kind, bus=int(model.bus), tan_phi=tan, flex_fraction=flex,
+                       two_way=model.two_way)
 
 
 def split_scenario(scenario) -> tuple[PublicScenario, dict[str, dict]]:

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.models import CONSUMER_KINDS, PRODUCER_KINDS
+from common.models import CONSUMER_KINDS, PRODUCER_KINDS, PROSUMER_KINDS
 
 BUILTIN_DIR = Path(__file__).parent / "scenarios"
 
@@ -138,11 +138,17 @@ class _PeerBase(_Strict):
 
 class LoadPeer(_PeerBase):
     """Flexible load: consumption between (1-flex) and (1+flex) times the baseline; utility line
-    through A(d_min, price_at_min) and B(d_max, price_at_max) (thesis 4.1.2-4.1.3)."""
+    through A(d_min, price_at_min) and B(d_max, price_at_max) (thesis 4.1.2-4.1.3).
+
+    Open demand: ``flex_fraction`` 1 gives a minimum consumption of zero (the load may buy
+    nothing); or give the range directly with ``d_min_mw`` and ``d_max_mw`` (both, per hour; then
+    ``p_base_mw`` may be left out and ``flex_fraction`` is not used)."""
 
     kind: Literal["load"]
-    p_base_mw: Hourly
-    flex_fraction: float = Field(0.3, ge=0, lt=1)
+    p_base_mw: Hourly | None = None
+    flex_fraction: float = Field(0.3, ge=0, le=1)
+    d_min_mw: Hourly | None = None
+    d_max_mw: Hourly | None = None
     price_at_min_eur_per_mwh: float = 58.0
     price_at_max_eur_per_mwh: float = 4.0
     tan_phi: float = 0.3
@@ -151,6 +157,10 @@ class LoadPeer(_PeerBase):
     def _prices(self):
         if self.price_at_max_eur_per_mwh > self.price_at_min_eur_per_mwh:
             raise ValueError("price_at_max_eur_per_mwh must not exceed price_at_min_eur_per_mwh (utility is concave)")
+        if (self.d_min_mw is None) != (self.d_max_mw is None):
+            raise ValueError("d_min_mw and d_max_mw: give both or neither")
+        if self.d_min_mw is None and self.p_base_mw is None:
+            raise ValueError("p_base_mw: missing (or give d_min_mw and d_max_mw)")
         return self
 
 
@@ -179,9 +189,26 @@ class CHPPeer(_PeerBase):
         return self
 
 
+class ProsumerPeer(_PeerBase):
+    """A prosumer: net injection between ``p_min_mw`` (< 0: it buys) and ``p_max_mw`` (> 0: it
+    sells) under one cost curve a/2 p^2 + b p (for p < 0 the curve is the utility of what it
+    consumes). In the full P2P market it trades both ways with every partner; in the community
+    market it is one more injection at its bus (unity power factor by default)."""
+
+    kind: Literal["prosumer"]
+    p_min_mw: Hourly
+    p_max_mw: Hourly
+    cost_a_eur_per_mw2h: float = Field(0.0, ge=0)
+    cost_b_eur_per_mwh: float = 0.0
+    tan_phi: float = 0.0
+
+
 class GridPeer(_PeerBase):
     """External supplier at the substation: imports up to p_import_max_mw at the import price,
-    exports up to p_export_max_mw at the export price."""
+    exports up to p_export_max_mw at the export price. In the full P2P market a supplier with
+    ``p_export_max_mw`` > 0 also buys (up to that power, paying the export price): it trades both
+    ways, its cost being import price x import - export price x export; the export price must not
+    exceed the import price (else buying to re-sell would pay)."""
 
     kind: Literal["grid"]
     p_import_max_mw: float = Field(gt=0)
@@ -230,7 +257,8 @@ class VirtualLoadPeer(_PeerBase):
     kind: Literal["virtual_load"]
 
 
-Peer = Annotated[Union[LoadPeer, RESPeer, CHPPeer, GridPeer, EVPeer, VirtualLoadPeer], Field(discriminator="kind")]
+Peer = Annotated[Union[LoadPeer, RESPeer, CHPPeer, GridPeer, EVPeer, VirtualLoadPeer, ProsumerPeer],
+                 Field(discriminator="kind")]
 
 
 class Scenario(_Strict):
@@ -292,14 +320,39 @@ class Scenario(_Strict):
             for i, peer in enumerate(self.peers):
                 if peer.kind == "ev":
                     raise _field_error(f"peers[{i}] ({peer.id}).kind", "EVs couple the hours; use market.kind 'community'")
-            # the full P2P market trades producers with consumers only (common.market.trade_graph)
+            # the full P2P market trades producers with consumers, and prosumers (and a supplier
+            # that may export) with everybody (common.market.trade_graph)
+            two_way = sum(p.kind in PROSUMER_KINDS or (p.kind == "grid" and p.p_export_max_mw > 0) for p in self.peers)
             producers = sum(p.kind in PRODUCER_KINDS for p in self.peers)
-            if producers == 0:
+            if producers == 0 and two_way == 0:
                 raise _field_error("peers", f"the full P2P market (market.kind 'p2p') has no producer (kind "
-                                            f"{', '.join(PRODUCER_KINDS)}): the consumers have no one to trade with")
-            if producers == len(self.peers):
+                                            f"{', '.join(PRODUCER_KINDS + PROSUMER_KINDS)}): the consumers have no one "
+                                            "to trade with")
+            if producers == len(self.peers) and two_way == 0:
                 raise _field_error("peers", f"the full P2P market (market.kind 'p2p') has no consumer (kind "
-                                            f"{', '.join(CONSUMER_KINDS)}): the producers have no one to trade with")
+                                            f"{', '.join(CONSUMER_KINDS + PROSUMER_KINDS)}): the producers have no one "
+                                            "to trade with")
+        for i, peer in enumerate(self.peers):
+            where = f"peers[{i}] ({peer.id})"
+            if peer.kind == "prosumer":
+                lo, hi = self.hourly(peer, "p_min_mw"), self.hourly(peer, "p_max_mw")
+                bad = np.flatnonzero(lo > hi)
+                if len(bad):
+                    raise _field_error(f"{where}.p_min_mw", f"exceeds p_max_mw in hour {int(bad[0]) + 1}")
+            if peer.kind == "load" and peer.d_min_mw is not None:
+                lo, hi = self.hourly(peer, "d_min_mw"), self.hourly(peer, "d_max_mw")
+                if np.any(lo < 0):
+                    raise _field_error(f"{where}.d_min_mw", f"is negative in hour {int(np.argmax(lo < 0)) + 1}")
+                bad = np.flatnonzero(lo > hi)
+                if len(bad):
+                    raise _field_error(f"{where}.d_min_mw", f"exceeds d_max_mw in hour {int(bad[0]) + 1}")
+            if peer.kind == "grid" and peer.p_export_max_mw > 0 and self.market.kind == "p2p":
+                imp, exp_ = self.hourly(peer, "import_price_eur_per_mwh"), self.hourly(peer, "export_price_eur_per_mwh")
+                bad = np.flatnonzero(exp_ > imp)
+                if len(bad):
+                    raise _field_error(f"{where}.export_price_eur_per_mwh",
+                                       f"exceeds the import price in hour {int(bad[0]) + 1} (buying to re-sell would pay)")
+        check_balance(self)
         return self
 
     # -- hourly values -------------------------------------------------------------------
@@ -335,6 +388,60 @@ def _field_error(field: str, reason: str) -> ValueError:
     return ValueError(f"{field}: {reason}")
 
 
+def hourly_balance_bounds(scenario) -> tuple[np.ndarray, np.ndarray]:
+    """Per hour, the least and the most that the peers' net injections can add up to [MW],
+    with the external supplier (its import and export limits) and the TSO's virtual load
+    (its largest request) included: a market can balance only if lo <= 0 <= hi."""
+    from common.models import peer_models
+
+    H = scenario.market.hours
+    lo, hi = np.zeros(H), np.zeros(H)
+    vl = (np.zeros(H) if scenario.tso is None
+          else np.broadcast_to(scenario._resolve(scenario.tso.virtual_load_mw, "tso.virtual_load_mw"), (H,)))
+    for peer, model in zip(scenario.peers, peer_models(scenario)):
+        if peer.kind == "ev":
+            plugged = model.plugged.astype(float)
+            lo -= model.p_charge_max_mw * plugged
+            hi += model.p_discharge_max_mw * plugged
+        elif peer.kind == "grid":
+            lo -= peer.p_export_max_mw
+            hi += peer.p_import_max_mw
+        elif peer.kind == "virtual_load":
+            lo -= vl
+            hi -= vl
+        else:
+            lo += model.p_min_mw
+            hi += model.p_max_mw
+    return lo, hi
+
+
+def check_balance(scenario, tol_mw: float = 1e-9) -> None:
+    """Refuse a market that cannot balance in some hour (SPEC 5: infeasible bounds are refused
+    before any process starts), naming the hours: the minimum demand above the maximum supply,
+    or the minimum supply above the maximum demand. Network limits and losses are not part of
+    this check (the ADMM finds those: ``common.admm.InfeasibilityWatch``)."""
+    lo, hi = hourly_balance_bounds(scenario)
+    short = np.flatnonzero(hi < -tol_mw)
+    excess = np.flatnonzero(lo > tol_mw)
+    if len(short) == 0 and len(excess) == 0:
+        return
+    parts = []
+    if len(short):
+        t = short[0]
+        parts.append(f"hour(s) {_hours(short)}: minimum consumption exceeds the maximum supply (by {-hi[t]:.4g} MW "
+                     f"in hour {t + 1})")
+    if len(excess):
+        t = excess[0]
+        parts.append(f"hour(s) {_hours(excess)}: minimum supply exceeds the maximum consumption (by {lo[t]:.4g} MW "
+                     f"in hour {t + 1})")
+    raise _field_error("peers", "the market cannot balance in " + "; ".join(parts))
+
+
+def _hours(idx) -> str:
+    idx = [int(i) + 1 for i in idx]
+    return ", ".join(str(h) for h in idx[:12]) + (f" ... ({len(idx)} hours)" if len(idx) > 12 else "")
+
+
 def check_ev_feasible(ev: EVPeer, where: str) -> None:
     """Refuse an EV whose departure energy cannot be reached while it is plugged in."""
     if ev.arrival_hour > ev.departure_hour:  # home overnight: charges in hours 1..departure-1
@@ -361,7 +468,7 @@ def _format_validation_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     if first["type"] == "union_tag_invalid":
-        msg = f"unknown peer kind {first.get('input', {}).get('kind') if isinstance(first.get('input'), dict) else ''!r}; known: load, pv, wind, chp, grid, ev, virtual_load"
+        msg = f"unknown peer kind {first.get('input', {}).get('kind') if isinstance(first.get('input'), dict) else ''!r}; known: load, pv, wind, chp, grid, ev, virtual_load, prosumer"
     if first["type"] == "missing":
         msg = "missing"
     return f"{loc}: {msg}" if loc else msg

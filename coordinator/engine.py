@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.engine import COORDINATOR, Deadline, Fail, Finish, Log, Note, Received, Send, Started
-from common.market import trade_graph_from_roster
-from common.models import PRODUCER_KINDS
+from common.market import roster_graph
 from common.protocol.control import Hello, Ready, Shutdown, Welcome
 from common.protocol.frequency import FreqQuery, FreqRequest
 from common.protocol.grid import Dispatch, GridReport, NetworkResult
@@ -127,7 +126,7 @@ class CoordinatorEngine:
         # exchange of the network agent, not a peer
         self.roster = [p for p in roster if not (self.community and p.kind == "grid")]
         self.roster_ids = [p.id for p in self.roster]
-        self.graph = trade_graph_from_roster([p.id for p in roster], [p.kind in PRODUCER_KINDS for p in roster])
+        self.graph = roster_graph(roster)
         self.hosts: dict[str, list[str]] = {}
         self.host_info: dict[str, Hello] = {}
         self.services: dict[str, Hello] = {}

@@ -95,7 +95,7 @@ class DSOEngine:
         return OuterPlanner(grid, list(msg.peer_ids), list(msg.kinds), list(msg.buses), pub.market.model, pub.dso,
                             branch_lengths_km(self.net, grid), [e.tan_phi for e in entries],
                             [e.flex_fraction if e.kind == "load" else 0.0 for e in entries], pub.market.hours,
-                            pub.network.max_loading_percent)
+                            pub.network.max_loading_percent, two_way=[e.two_way for e in entries])
 
     def handle(self, event) -> list:
         if isinstance(event, Started):

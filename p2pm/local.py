@@ -69,7 +69,7 @@ def market_public(models: list, **market):
 
     spec = MarketSpec(**{"kind": "p2p", "hours": len(models[0].p_min_mw), **market})
     return SimpleNamespace(name="market", market=spec, dso=DSOSpec(), network=None, tariff=None,
-                           roster=[RosterEntry(id=m.id, kind=m.kind, bus=m.bus) for m in models])
+                           roster=[RosterEntry(id=m.id, kind=m.kind, bus=m.bus, two_way=getattr(m, "two_way", False)) for m in models])
 
 
 def clear_market(models: list, *, rho: float = 1.0, tolerance: float = 1e-4, max_iterations: int = 5000,
@@ -112,7 +112,7 @@ def clear_community(models: list, agent, import_price, export_price, p_import_ma
                     export_price_eur_per_mwh=list(np.broadcast_to(export_price, (H,))),
                     p_import_max_mw=p_import_max_mw, p_export_max_mw=p_export_max_mw)
     public = SimpleNamespace(name="community", market=spec, dso=DSOSpec(), network=None, tariff=tariff,
-                             roster=[RosterEntry(id=m.id, kind=m.kind, bus=m.bus) for m in models])
+                             roster=[RosterEntry(id=m.id, kind=m.kind, bus=m.bus, two_way=getattr(m, "two_way", False)) for m in models])
     coordinator = CoordinatorEngine(public, progress_every_s=np.inf)
     dso = DSOEngine(public, agent=agent)
     peers = [PeerEngine([m], f"h{i:04d}-{m.id}") for i, m in enumerate(models)]

@@ -113,8 +113,8 @@ class PeerEngine:
             partners = list(cfg["partners"][pid])
             self.partners[pid] = partners
             self.locals[pid] = LocalP2P(m.p_min_mw, m.p_max_mw, m.cost_a_eur_per_mw2h, m.cost_b_eur_per_mwh,
-                                        1.0 if m.is_producer else -1.0, np.zeros((len(partners), self.hours)),
-                                        lam=np.full((len(partners), self.hours), lam0))
+                                        m.trade_sign, np.zeros((len(partners), self.hours)),
+                                        lam=np.full((len(partners), self.hours), lam0), cost_b_neg=m.cost_b_neg_eur_per_mwh)
         self.partner_slot = {pid: {q: j for j, q in enumerate(self.partners[pid])} for pid in self.peer_ids}
         self.partner_host = dict(cfg.get("hosts") or {})
         return [Send(COORDINATOR, Ready())]
@@ -124,7 +124,8 @@ class PeerEngine:
         out = {}
         for pid in self.peer_ids:
             m = self.models[pid]
-            out[pid] = best_response(m.cost_a_eur_per_mw2h, m.cost_b_eur_per_mwh, m.p_min_mw, m.p_max_mw, price)
+            out[pid] = best_response(m.cost_a_eur_per_mw2h, m.cost_b_eur_per_mwh, m.p_min_mw, m.p_max_mw, price,
+                                     m.cost_b_neg_eur_per_mwh)
         return out
 
     def _on_probe(self, msg: PriceProbe, k: int) -> list:
