@@ -231,6 +231,55 @@ class RhoPolicy:
         return self.rho
 
 
+class InfeasibilityWatch:
+    """Tells an infeasible market from a slow one while the ADMM runs (Boyd et al. 2011, sec.
+    3.3: on an infeasible problem the primal residual converges to a nonzero vector, the gap
+    between the two constraint sets, while the iterates settle and the duals, the prices, grow
+    without bound).
+
+    ``observe(primal, move)`` once per iteration, with the primal residual [MW] and how far the
+    iterates moved [MW] (the dual residual divided by rho). It fires when, over the last
+    ``window`` iterations (and not before ``min_iterations``), the primal residual stayed above
+    ``floor`` times the tolerance and within ``flat`` of its last value, while the iterates moved
+    less than ``settled`` times the primal residual per iteration: reciprocity (or the network's
+    copy) is missed by a steady amount that no further iteration changes. A feasible market that
+    converges slowly still moves its iterates, or shrinks its residual.
+    """
+
+    def __init__(self, tolerance: float, window: int = 50, min_iterations: int = 100, flat: float = 0.01,
+                 settled: float = 0.01, floor: float = 100.0):
+        self.tolerance, self.window, self.min_iterations = tolerance, window, min_iterations
+        self.flat, self.settled, self.floor = flat, settled, floor
+        self._primal: list[float] = []
+        self._move: list[float] = []
+        self.seen = 0
+        self.fired = False
+
+    def observe(self, primal: float, move_mw: float) -> bool:
+        if self.window <= 0:
+            return False
+        self._primal.append(float(primal))
+        self._move.append(float(move_mw))
+        if len(self._primal) > self.window + 1:
+            del self._primal[0], self._move[0]
+        self.seen += 1
+        if self.seen < max(self.min_iterations, self.window + 1):
+            return False
+        r = self._primal[-1]
+        if not np.isfinite(r) or r <= self.floor * self.tolerance:
+            return False
+        if max(self._primal) - min(self._primal) > self.flat * r or max(self._move) > self.settled * r:
+            return False
+        self.fired = True
+        return True
+
+
+def infeasible_hours(residual_by_hour: np.ndarray, tolerance: float) -> list[int]:
+    """The hours (1-based) whose own primal residual stays above ten times the tolerance."""
+    r = np.asarray(residual_by_hour, dtype=float)
+    return [int(t) + 1 for t in np.flatnonzero(r > 10.0 * tolerance)]
+
+
 def converged(primal: float, dual: float, tolerance: float) -> bool:
     return primal <= tolerance and dual <= tolerance
 

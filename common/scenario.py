@@ -94,6 +94,9 @@ class MarketSpec(_Strict):
                                 "grows by more than this factor")
     aa_start: int = Field(0, ge=0, description="iterations of the plain ADMM (rho balancing allowed) before the "
                           "acceleration starts with rho frozen")
+    infeasibility_window: int = Field(50, ge=0, description="stop as infeasible when the primal residual stays flat "
+                                      "(and far above the tolerance) for this many iterations while the iterates have "
+                                      "settled (common.admm.InfeasibilityWatch); 0: never")
 
 
 class TSOSpec(_Strict):

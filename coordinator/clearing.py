@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.admm import Anderson, RhoPolicy, converged
+from common.admm import Anderson, InfeasibilityWatch, RhoPolicy, converged, infeasible_hours
 from common.market import TradeGraph
 from common.protocol.grid import NetworkUpdate
 from common.protocol.market import Round, RoundPeer
@@ -49,6 +49,7 @@ class RoundSettings:
     aa_safeguard: float = 1.0
     aa_start: int = 0
     price_init_eur_per_mwh: float = 0.0
+    infeasibility_window: int = 50  # common.admm.InfeasibilityWatch; 0: off
 
 
 @dataclass
@@ -108,6 +109,9 @@ class P2PRounds:
         self.anderson = (Anderson(st.aa_memory, st.aa_safeguard)
                          if st.acceleration and st.topology == "relay" else None)
         self._override = False
+        self.watch = InfeasibilityWatch(st.tolerance, st.infeasibility_window)
+        self.infeasible = False
+        self.infeasible_hours: list[int] | None = None  # relay: named here; mesh: from the peers' results
 
     # -- instructions ----------------------------------------------------------------------
     def start(self) -> list[tuple[str, Round]]:
@@ -205,6 +209,11 @@ class P2PRounds:
             done = True  # a peer could not solve: stop and report
         local = self.iteration - self.start_iteration
         out_of_iterations = local >= self.settings.max_iterations
+        if not done and self.watch.observe(primal, dual / rho_used):
+            self.infeasible = out_of_iterations = True
+            if self.settings.topology == "relay":
+                self.infeasible_hours = infeasible_hours(
+                    np.sqrt(np.sum((self.flat + self.flat[self.graph.reverse]) ** 2, axis=0)), self.settings.tolerance)
         if self.anderson is not None:  # mirror the state the peers hold (only the acceleration needs it)
             lam_new = self.lam_eff - 0.5 * rho_used * (self.flat + self.flat[self.graph.reverse])
         accelerated = False
@@ -260,6 +269,9 @@ class CommunityRounds:
         self._solve_max = self._solve_sum = 0.0
         self.network_s = 0.0
         self.network = None  # last NetworkResult
+        self.watch = InfeasibilityWatch(st.tolerance, st.infeasibility_window)
+        self.infeasible = False
+        self.infeasible_hours: list[int] | None = None
 
     def pending(self) -> set[str]:
         return set(self._waiting)
@@ -328,6 +340,9 @@ class CommunityRounds:
             self.finished = self.converged = True
         elif self.iteration >= self.settings.max_iterations:
             self.finished = True
+        elif self.watch.observe(primal, dual / rho_used):
+            self.finished = self.infeasible = True
+            self.infeasible_hours = infeasible_hours(np.linalg.norm(self.p - self.z, axis=0), self.settings.tolerance)
         else:
             new_rho = self.policy.update(self.iteration, primal, dual)
             if new_rho != self.rho:

@@ -289,7 +289,7 @@ class CoordinatorEngine:
                              residual_balancing=m.residual_balancing, mu=m.rb_mu, tau=m.rb_tau, every=m.rb_every,
                              until=m.rb_until, topology=self.topology, price_init_eur_per_mwh=m.price_init_eur_per_mwh,
                              acceleration=m.acceleration, aa_memory=m.aa_memory, aa_safeguard=m.aa_safeguard,
-                             aa_start=m.aa_start)
+                             aa_start=m.aa_start, infeasibility_window=m.infeasibility_window)
 
     def _clear_p2p(self, previous: Cleared | None):
         """One clearing of the full P2P market; an outer loop re-clears warm from ``previous``."""
@@ -309,7 +309,24 @@ class CoordinatorEngine:
         else:
             handlers = {Residuals: lambda ev: rounds.on_residuals(ev.sender, ev.message)}
         yield from self._drive(rounds, handlers)
-        return (yield from self._collect_p2p(rounds))
+        cleared = yield from self._collect_p2p(rounds)
+        if rounds.infeasible:
+            hours = rounds.infeasible_hours
+            if hours is None:  # mesh: the reciprocity mismatch of the peers' last trades, per hour
+                from common.admm import infeasible_hours
+
+                mismatch = cleared.trades_mw + cleared.trades_mw[self.graph.reverse]
+                hours = infeasible_hours(np.sqrt(np.sum(mismatch**2, axis=0)), self.market.tolerance)
+            self._infeasible(rounds, hours)
+        return cleared
+
+    def _infeasible(self, rounds, hours: list[int]) -> None:
+        what = "trades cannot be matched" if not self.community else "the peers' injections do not fit the network"
+        raise RunFailure(COORDINATOR, f"the market is infeasible in hour(s) {', '.join(map(str, hours)) or '(none named)'}: "
+                                      f"after {rounds.iteration} ADMM iterations the primal residual has stalled at "
+                                      f"{rounds.primal_residual:.4g} MW (tolerance {self.market.tolerance:g}) while the "
+                                      f"iterates no longer move and the prices keep drifting ({what}; Boyd et al. 2011, "
+                                      f"sec. 3.3)")
 
     def _pool_price(self, tol_mw: float = 1e-9, width_eur_per_mwh: float = 1e-9):
         """Price rounds before the ADMM. Each round sends every host ``pool_price_points`` candidate
@@ -369,6 +386,16 @@ class CoordinatorEngine:
             cand[:, done] = price_a[done]
             step = np.where(both, step, step * 2.0 ** K)
         rest = ~done  # hours the rounds did not settle start in the middle of what is known
+        # an hour still short (or in excess) of supply at every price up to astronomically high (low)
+        # ones has no balancing price at all: the aggregate of the peers' bounds cannot balance
+        one_sided = rest & (np.isfinite(lo) != np.isfinite(hi)) & (np.abs(np.where(np.isfinite(lo), lo, hi)) > 1e6)
+        if one_sided.any():
+            hours = np.flatnonzero(one_sided) + 1
+            short = np.isfinite(lo[hours[0] - 1])
+            raise RunFailure(COORDINATOR, f"the market is infeasible in hour(s) {', '.join(map(str, hours))}: the price "
+                                          f"rounds found no balancing price (at {abs(np.where(short, lo, hi)[hours[0] - 1]):.3g} "
+                                          f"EUR/MWh the {'demand still exceeds the supply' if short else 'supply still exceeds the demand'}"
+                                          f" in hour {hours[0]})")
         with np.errstate(invalid="ignore"):
             mid = np.where(np.isfinite(lo) & np.isfinite(hi), 0.5 * (lo + hi), np.where(np.isfinite(lo), lo, hi))
         price_a, price_b, share = np.where(rest, mid, price_a), np.where(rest, mid, price_b), np.where(rest, 0.5, share)
@@ -426,6 +453,8 @@ class CoordinatorEngine:
 
         handlers = {Update: lambda ev: rounds.on_update(ev.sender, ev.message), NetworkResult: on_network}
         yield from self._drive(rounds, handlers)
+        if rounds.infeasible:
+            self._infeasible(rounds, rounds.infeasible_hours or [])
         return rounds
 
     def _drive(self, rounds, handlers: dict):
