@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from common.grid import GridModel
-from common.market import TradeGraph, peer_arrays, social_welfare_eur, trade_graph
+from common.market import TradeGraph, fee_weights, peer_arrays, social_welfare_eur, trade_graph
 from common.models import EVModel, HourlyPeer
 
 
@@ -65,6 +65,8 @@ def solve_p2p(peers: list[HourlyPeer], weights_eur_per_mwh: np.ndarray | None = 
     K, N = graph.n_pairs, len(peers)
     p_min, p_max, a, b = peer_arrays(peers)
     H = p_min.shape[1]
+    if weights_eur_per_mwh is None:  # the peers' own fees (product differentiation as data), if any
+        weights_eur_per_mwh = fee_weights(graph, peers)
     w = np.zeros((K, H)) if weights_eur_per_mwh is None else np.broadcast_to(
         np.asarray(weights_eur_per_mwh, float).reshape(K, -1), (K, H))
 

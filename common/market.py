@@ -69,6 +69,18 @@ def roster_graph(roster) -> TradeGraph:
                                    two_way)
 
 
+def fee_weights(graph: TradeGraph, peers: list[HourlyPeer]) -> np.ndarray | None:
+    """(K,) the product-differentiation weight of every trade from the peers' own fees
+    (``HourlyPeer.trade_weights``); None when no peer has any."""
+    if not any(getattr(p, "trade_weights", None) for p in peers):
+        return None
+    w = np.zeros(graph.n_pairs)
+    for k in range(graph.n_pairs):
+        own = peers[int(graph.owner[k])].trade_weights or {}
+        w[k] = own.get(graph.peer_ids[int(graph.partner[k])], 0.0)
+    return w
+
+
 def peer_arrays(peers: list[HourlyPeer]):
     """Stack bounds and costs: (N, H) arrays p_min, p_max, a, b."""
     return (

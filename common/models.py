@@ -34,6 +34,9 @@ class HourlyPeer:
     # slope of the linear term where p < 0 (an external supplier's export price: what it pays for the
     # energy it takes); None: the same as cost_b (one smooth curve). Must not exceed cost_b (convex).
     cost_b_neg_eur_per_mwh: np.ndarray | None = None
+    # product differentiation as data: {partner id: w} with w p_nm the fee this peer pays on its
+    # trade with that partner [EUR] (common.differentiation); None: no fees
+    trade_weights: dict | None = None
 
     @property
     def is_producer(self) -> bool:
@@ -166,9 +169,16 @@ def ev_model(scenario, peer) -> EVModel:
     )
 
 
-def peer_models(scenario) -> list:
-    """One model per peer, in scenario order: HourlyPeer, or EVModel for EVs."""
-    return [ev_model(scenario, p) if p.kind == "ev" else hourly_peer(scenario, p) for p in scenario.peers]
+def peer_models(scenario, fees: bool = True) -> list:
+    """One model per peer, in scenario order: HourlyPeer, or EVModel for EVs. With ``fees`` (and a
+    ``differentiation`` section) every peer carries the fees of its own trades (``trade_weights``)."""
+    models = [ev_model(scenario, p) if p.kind == "ev" else hourly_peer(scenario, p) for p in scenario.peers]
+    if fees and getattr(scenario, "differentiation", None) is not None:
+        from common.differentiation import trade_fees
+
+        weights = trade_fees(scenario, models)
+        models = [replace(m, trade_weights=weights.get(m.id, {})) if isinstance(m, HourlyPeer) else m for m in models]
+    return models
 
 
 def hourly_peer_to_dict(peer: HourlyPeer) -> dict:
@@ -179,6 +189,8 @@ def hourly_peer_to_dict(peer: HourlyPeer) -> dict:
         "cost_a_eur_per_mw2h": peer.cost_a_eur_per_mw2h.tolist(), "cost_b_eur_per_mwh": peer.cost_b_eur_per_mwh.tolist(),
         **({} if peer.cost_b_neg_eur_per_mwh is None else
            {"cost_b_neg_eur_per_mwh": np.asarray(peer.cost_b_neg_eur_per_mwh, dtype=float).tolist()}),
+        **({} if peer.trade_weights is None else
+           {"trade_weights_eur_per_mwh": {str(k): float(v) for k, v in peer.trade_weights.items()}}),
     }
 
 
@@ -198,8 +210,13 @@ def hourly_peer_from_dict(data: dict) -> HourlyPeer:
                 or np.any(b_neg > arrays["cost_b_eur_per_mwh"] + 1e-12):
             raise ValueError(f"peer model {data.get('id')!r}: cost_b_neg_eur_per_mwh must have one finite value per "
                              "hour, not above cost_b_eur_per_mwh")
+    weights = data.get("trade_weights_eur_per_mwh")
+    if weights is not None:
+        if not isinstance(weights, dict) or not all(np.isfinite(float(v)) for v in weights.values()):
+            raise ValueError(f"peer model {data.get('id')!r}: trade_weights_eur_per_mwh must map partner ids to finite fees")
+        weights = {str(k): float(v) for k, v in weights.items()}
     return HourlyPeer(str(data["id"]), str(data["kind"]), int(data["bus"]), tan_phi=tan_phi,
-                      cost_b_neg_eur_per_mwh=b_neg, **arrays)
+                      cost_b_neg_eur_per_mwh=b_neg, trade_weights=weights, **arrays)
 
 
 _EV_FIELDS = ("capacity_mwh", "soc_initial_mwh", "soc_min_mwh", "soc_departure_mwh", "soc_final_mwh", "trip_energy_mwh",

@@ -134,6 +134,45 @@ class DSOSpec(_Strict):
     max_outer_iterations: int = Field(60, ge=1)
 
 
+class GammaPair(_Strict):
+    peers: tuple[str, str]
+    gamma: float = Field(ge=0)
+
+
+class ZoneGamma(_Strict):
+    zones: tuple[str, str]
+    gamma: float = Field(ge=0)
+
+
+class DifferentiationSpec(_Strict):
+    """Product differentiation as data (full P2P market): a fee c_n gamma_nm EUR/MWh on each trade,
+    paid by the buyer, the seller or both halves (``common.differentiation`` has the recipes).
+    Used from the first clearing; the DSO's congestion and voltage weights come on top."""
+
+    method: Literal["given", "distance", "network_distance", "zonal", "unique", "network_usage"]
+    c_eur_per_mwh: float = Field(1.0, ge=0, description="c_n: the fee per unit of gamma [EUR/MWh per gamma unit]")
+    c_by_peer_eur_per_mwh: dict[str, float] = Field(default_factory=dict, description="a peer's own c_n")
+    side: Literal["buyer", "seller", "shared"] = "buyer"
+    gamma: dict[str, dict[str, float]] | list[GammaPair] | None = None
+    bus_coordinates_km: dict[int, tuple[float, float]] | None = None
+    zones: dict[str, str] | None = None
+    zone_gamma: list[ZoneGamma] = Field(default_factory=list)
+    intra_zone_gamma: float = Field(0.0, ge=0)
+    ptdf_weight: Literal["none", "reactance_ohm", "length_km"] = "none"
+
+    @model_validator(mode="after")
+    def _fits_method(self):
+        if self.method == "given" and self.gamma is None:
+            raise ValueError("gamma: missing (method 'given')")
+        if self.method == "zonal" and not self.zone_gamma and self.intra_zone_gamma == 0:
+            raise ValueError("zone_gamma: missing (method 'zonal')")
+        if any(v < 0 for v in self.c_by_peer_eur_per_mwh.values()):
+            raise ValueError("c_by_peer_eur_per_mwh: a fee must not be negative")
+        if isinstance(self.gamma, dict) and any(v < 0 for row in self.gamma.values() for v in row.values()):
+            raise ValueError("gamma: a value must not be negative")
+        return self
+
+
 class _PeerBase(_Strict):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     bus: int = Field(ge=0)
@@ -273,6 +312,7 @@ class Scenario(_Strict):
     peers: list[Peer] = Field(min_length=2)
     tso: TSOSpec | None = None
     dso: DSOSpec = Field(default_factory=DSOSpec)
+    differentiation: DifferentiationSpec | None = None
 
     @field_validator("series")
     @classmethod
@@ -355,6 +395,16 @@ class Scenario(_Strict):
                 if len(bad):
                     raise _field_error(f"{where}.export_price_eur_per_mwh",
                                        f"exceeds the import price in hour {int(bad[0]) + 1} (buying to re-sell would pay)")
+        if self.differentiation is not None:
+            d = self.differentiation
+            if self.market.kind != "p2p":
+                raise _field_error("differentiation", "product differentiation is a feature of the full P2P market (kind 'p2p')")
+            named = set(d.c_by_peer_eur_per_mwh) | set(d.zones or {})
+            named |= (set(d.gamma) | {m for row in d.gamma.values() for m in row}) if isinstance(d.gamma, dict) else \
+                {p for pair in (d.gamma or []) for p in pair.peers}
+            unknown = sorted(named - ids)
+            if unknown:
+                raise _field_error("differentiation", f"unknown peer(s) {', '.join(unknown[:5])}")
         check_balance(self)
         return self
 
@@ -401,7 +451,7 @@ def hourly_balance_bounds(scenario) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = np.zeros(H), np.zeros(H)
     vl = (np.zeros(H) if scenario.tso is None
           else np.broadcast_to(scenario._resolve(scenario.tso.virtual_load_mw, "tso.virtual_load_mw"), (H,)))
-    for peer, model in zip(scenario.peers, peer_models(scenario)):
+    for peer, model in zip(scenario.peers, peer_models(scenario, fees=False)):
         if peer.kind == "ev":
             plugged = model.plugged.astype(float)
             lo -= model.p_charge_max_mw * plugged
@@ -523,6 +573,14 @@ def parse_scenario(raw: dict, source: str = "scenario") -> Scenario:
     for i, peer in enumerate(scenario.peers):
         if peer.bus >= nbus:
             raise ScenarioError(f"{source}: peers[{i}] ({peer.id}).bus: unknown bus {peer.bus}; the network has buses 0..{nbus - 1}")
+    if scenario.differentiation is not None:  # the fees must be computable before any process starts
+        from common.differentiation import gamma_matrix
+        from common.models import peer_models
+
+        try:
+            gamma_matrix(scenario, peer_models(scenario, fees=False))
+        except (ValueError, KeyError) as exc:
+            raise ScenarioError(f"{source}: {exc}") from None
     return scenario
 
 

@@ -62,6 +62,7 @@ class Cleared:
     trades_mw: np.ndarray | None = None  # (K, H) full P2P market
     prices_eur_per_mwh: np.ndarray | None = None  # (K, H)
     results: dict = field(default_factory=dict)  # peer id -> ResultPeer (community: SOC)
+    fees_eur: np.ndarray | None = None  # (K, H) the differentiation fee paid by each trade's owner
 
 
 @dataclass
@@ -95,18 +96,24 @@ class CentralizedClearing:
         from common import centralized
         from common.models import apply_parameters, flex_penalty_eur, reactive_mvar
 
+        from common.market import fee_weights
+
         ids = graph.peer_ids
         models = [apply_parameters(self.base[i], self.params[i]) for i in ids]
         weights = np.zeros((graph.n_pairs, models[0].p_min_mw.shape[0]))
+        base = fee_weights(graph, [self.base[i] for i in ids])  # the peers' own fees (differentiation as data)
+        if base is not None:
+            weights += base[:, None]
         for n, pid in enumerate(ids):
             if "diff_eur_per_mwh" in self.params[pid]:
-                weights[graph.partners_of(n)] = self.params[pid]["diff_eur_per_mwh"]
+                weights[graph.partners_of(n)] += self.params[pid]["diff_eur_per_mwh"]
         sol = centralized.solve_p2p(models, weights)
         sw = -np.sum([self.base[i].cost_eur(sol.p_mw[n]) for n, i in enumerate(ids)], axis=0)
-        diff = np.sum(np.where(sol.graph.sign[:, None] < 0, weights * sol.trades_mw, 0.0), axis=0)
+        diff = np.sum(weights * sol.trades_mw, axis=0)
         flex = np.sum([flex_penalty_eur(self.base[i], self.params[i]) for i in ids], axis=0)
         q = np.vstack([reactive_mvar(models[n], sol.p_mw[n]) for n in range(len(ids))])
-        return Cleared(sol.p_mw, q, sw, diff, flex, True, None, sol.trades_mw, sol.prices_eur_per_mwh)
+        return Cleared(sol.p_mw, q, sw, diff, flex, True, None, sol.trades_mw, sol.prices_eur_per_mwh,
+                       fees_eur=weights * sol.trades_mw)
 
 
 class CoordinatorEngine:
@@ -525,17 +532,20 @@ class CoordinatorEngine:
     def _collect_p2p(self, rounds: P2PRounds):
         results = yield from self._collect(rounds.iteration)
         ids, H, g = self.graph.peer_ids, self.H, self.graph
-        trades, prices = np.zeros((g.n_pairs, H)), np.zeros((g.n_pairs, H))
+        trades, prices, fees = np.zeros((g.n_pairs, H)), np.zeros((g.n_pairs, H)), np.zeros((g.n_pairs, H))
         for n, pid in enumerate(ids):
             kk = g.partners_of(n)
             if results[pid].trades_mw.shape != (len(kk), H):
                 raise RunFailure(pid, f"RESULT of peer {pid} has trades of shape {results[pid].trades_mw.shape}")
             trades[kk], prices[kk] = results[pid].trades_mw, results[pid].price_eur_per_mwh
+            if results[pid].trade_fee_eur is not None and results[pid].trade_fee_eur.shape == (len(kk), H):
+                fees[kk] = results[pid].trade_fee_eur
         zero = np.zeros(H)
         diff = np.sum([r.diff_cost_eur if r.diff_cost_eur is not None else zero for r in results.values()], axis=0)
         flex = np.sum([r.flex_penalty_eur if r.flex_penalty_eur is not None else zero for r in results.values()], axis=0)
         return Cleared(np.vstack([results[i].p_mw for i in ids]), np.vstack([results[i].q_mvar for i in ids]),
-                       self._welfare(results), diff, flex, rounds.converged, rounds, trades, prices, results)
+                       self._welfare(results), diff, flex, rounds.converged, rounds, trades, prices, results,
+                       fees_eur=fees if fees.any() else None)
 
     def _collect_community(self, rounds: CommunityRounds):
         results = yield from self._collect(rounds.iteration)

@@ -136,9 +136,13 @@ def run_centralized(scenario):
     net = build_network(scenario.network)
     if scenario.market.kind == "p2p":
         peers = peer_models(scenario)
+        from common.market import fee_weights
+
         sol = centralized.solve_p2p(peers)
+        w = fee_weights(sol.graph, peers)
         result = p2p_result(public, sol.graph, dispatch_frame(peers, sol.p_mw), sol.trades_mw, sol.prices_eur_per_mwh,
-                            sol.social_welfare_eur, sol.differentiation_cost_eur, "centralized")
+                            sol.social_welfare_eur, sol.differentiation_cost_eur, "centralized",
+                            fees_eur=None if w is None else w[:, None] * sol.trades_mw)
         result.ac = run_ac(net, result.dispatch, scenario.network)
         return result
     models = [m for m in peer_models(scenario) if m.kind != "grid"]
