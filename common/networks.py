@@ -5,6 +5,9 @@ branch data for the branch-flow model (``common.grid.GridModel``).
 
 - ``case33bw``: ``pandapower.networks.case33bw()`` (Baran & Wu 1989, 12.66 kV). It ships without
   thermal ratings (max_i_ka = 99999 kA, i.e. unrated): ``spec.line_max_i_ka`` gives every line one.
+- ``case39``: ``pandapower.networks.case39()`` (IEEE 39-bus New England system, 345 kV, meshed;
+  MATPOWER's line ratings). Meshed: the full P2P market's benchmark and its AC check only (the
+  branch-flow model and the DSO's outer loops need a radial network).
 - ``mv37``: ``build_mv37()``, the thesis's 37-bus 11 kV network rebuilt from its description
   (see below and ``common/scenarios/mv37-network.md``).
 - ``spec.file``: a pandapower JSON file (``pandapower.from_json``).
@@ -269,6 +272,10 @@ def build_network(spec: NetworkSpec) -> pp.pandapowerNet:
     """A fresh pandapower net for the scenario's network section, stress factors applied."""
     if spec.name == "case33bw":
         net = pn.case33bw()
+        if spec.line_max_i_ka is not None:
+            net.line["max_i_ka"] = float(spec.line_max_i_ka)
+    elif spec.name == "case39":  # IEEE 39-bus New England system (meshed, 345 kV): the full P2P market's AC check
+        net = pn.case39()
         if spec.line_max_i_ka is not None:
             net.line["max_i_ka"] = float(spec.line_max_i_ka)
     elif spec.name == "mv37":

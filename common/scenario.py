@@ -27,7 +27,7 @@ from common.models import CONSUMER_KINDS, PRODUCER_KINDS, PROSUMER_KINDS
 BUILTIN_DIR = Path(__file__).parent / "scenarios"
 
 # Number of buses of the built-in networks, so that a scenario can be checked without pandapower.
-BUILTIN_NETWORK_BUSES = {"case33bw": 33, "mv37": 38}
+BUILTIN_NETWORK_BUSES = {"case33bw": 33, "mv37": 38, "case39": 39}
 
 
 class ScenarioError(ValueError):
@@ -178,6 +178,11 @@ class _PeerBase(_Strict):
     bus: int = Field(ge=0)
 
 
+class _VoltageControlled(_Strict):
+    vm_pu: float | None = Field(None, gt=0.5, lt=1.5, description="AC check: a voltage-controlled generator (PV "
+                                "bus, pandapower gen) holding this voltage; its reactive power is free")
+
+
 class LoadPeer(_PeerBase):
     """Flexible load: consumption between (1-flex) and (1+flex) times the baseline; utility line
     through A(d_min, price_at_min) and B(d_max, price_at_max) (thesis 4.1.2-4.1.3).
@@ -206,7 +211,7 @@ class LoadPeer(_PeerBase):
         return self
 
 
-class RESPeer(_PeerBase):
+class RESPeer(_PeerBase, _VoltageControlled):
     """PV or wind: 0 <= p <= forecast, cost a/2 p^2 + b p."""
 
     kind: Literal["pv", "wind"]
@@ -216,7 +221,7 @@ class RESPeer(_PeerBase):
     tan_phi: float = 0.4
 
 
-class CHPPeer(_PeerBase):
+class CHPPeer(_PeerBase, _VoltageControlled):
     kind: Literal["chp"]
     p_min_mw: float = Field(ge=0)
     p_max_mw: float = Field(gt=0)
@@ -231,7 +236,7 @@ class CHPPeer(_PeerBase):
         return self
 
 
-class ProsumerPeer(_PeerBase):
+class ProsumerPeer(_PeerBase, _VoltageControlled):
     """A prosumer: net injection between ``p_min_mw`` (< 0: it buys) and ``p_max_mw`` (> 0: it
     sells) under one cost curve a/2 p^2 + b p (for p < 0 the curve is the utility of what it
     consumes). In the full P2P market it trades both ways with every partner; in the community

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from common.public import voltage_setpoints
 from common.engine import COORDINATOR, Finish, Log, Received, Send, Started
 from common.protocol.control import Hello, Shutdown, Welcome
 from common.protocol.grid import Dispatch, GridReport, NetworkResult, NetworkUpdate
@@ -133,7 +134,7 @@ class DSOEngine:
 
         t = self.timer()
         try:
-            ac = run_ac(self.net, dispatch_to_frame(msg), self.public.network)
+            ac = run_ac(self.net, dispatch_to_frame(msg), self.public.network, voltage_setpoints(self.public.roster))
             report = grid_report(ac)
             out = [Log(f"AC power flow of {ac.hours.shape[0]} hours in {self.timer() - t:.2f} s, "
                        f"{len(ac.violations)} violation(s)")]

@@ -126,6 +126,7 @@ def run_centralized(scenario):
     from common.clearing import community_result, dispatch_frame, p2p_result, relaxation_frame
     from common.models import peer_models
     from dso_service.networks import build_network, grid_model
+    from common.public import voltage_setpoints
     from dso_service.powerflow import run_ac
 
     if scenario.market.kind == "p2p" and scenario.market.model != "benchmark":
@@ -143,14 +144,14 @@ def run_centralized(scenario):
         result = p2p_result(public, sol.graph, dispatch_frame(peers, sol.p_mw), sol.trades_mw, sol.prices_eur_per_mwh,
                             sol.social_welfare_eur, sol.differentiation_cost_eur, "centralized",
                             fees_eur=None if w is None else w[:, None] * sol.trades_mw)
-        result.ac = run_ac(net, result.dispatch, scenario.network)
+        result.ac = run_ac(net, result.dispatch, scenario.network, voltage_setpoints(public.roster))
         return result
     models = [m for m in peer_models(scenario) if m.kind != "grid"]
     t = public.tariff
     sol = centralized.solve_community(models, grid_model(net, scenario.network), np.asarray(t.import_price_eur_per_mwh),
                                       np.asarray(t.export_price_eur_per_mwh), t.p_import_max_mw, t.p_export_max_mw)
     result = community_result(public, models, sol, "centralized")
-    result.ac = run_ac(net, result.dispatch, scenario.network)
+    result.ac = run_ac(net, result.dispatch, scenario.network, voltage_setpoints(public.roster))
     result.relaxation = relaxation_frame(sol, result.ac)
     result.extra["socp_losses_mwh"] = float(np.sum(sol.losses_mw))
     result.extra["relaxation_max_vm_gap_pu"] = float(result.relaxation["max_vm_gap_pu"].max())
