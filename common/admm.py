@@ -237,25 +237,29 @@ class InfeasibilityWatch:
     between the two constraint sets, while the iterates settle and the duals, the prices, grow
     without bound).
 
-    ``observe(primal, move)`` once per iteration, with the primal residual [MW] and how far the
-    iterates moved [MW] (the dual residual divided by rho). It fires when, over the last
-    ``window`` iterations (and not before ``min_iterations``), the primal residual stayed above
-    ``floor`` times the tolerance and within ``flat`` of its last value, while the iterates moved
-    less than ``settled`` times the primal residual per iteration: reciprocity (or the network's
-    copy) is missed by a steady amount that no further iteration changes. A feasible market that
-    converges slowly still moves its iterates, or shrinks its residual.
+    ``observe(primal, move, rho)`` once per iteration, with the primal residual [MW], how far the
+    iterates moved [MW] (the dual residual divided by rho) and rho. The market is stalled when,
+    over the last ``window`` iterations (and not before ``min_iterations``), the primal residual
+    stayed above ``floor`` times the tolerance and within ``flat`` of its last value while the
+    iterates moved less than ``settled`` times the primal residual per iteration: reciprocity (or
+    the network's copy) is missed by a steady amount. A feasible market can sit on such a plateau
+    for a while (until a price crosses some peer's kink), so the watch fires only once the prices
+    have moved by ``price_span_eur_per_mwh`` in total during the stall (each iteration moves them
+    by about rho times the primal residual) with no response: no cost curve of a market reaches
+    that far.
     """
 
     def __init__(self, tolerance: float, window: int = 50, min_iterations: int = 100, flat: float = 0.01,
-                 settled: float = 0.01, floor: float = 100.0):
+                 settled: float = 0.01, floor: float = 100.0, price_span_eur_per_mwh: float = 1000.0):
         self.tolerance, self.window, self.min_iterations = tolerance, window, min_iterations
-        self.flat, self.settled, self.floor = flat, settled, floor
+        self.flat, self.settled, self.floor, self.span = flat, settled, floor, price_span_eur_per_mwh
         self._primal: list[float] = []
         self._move: list[float] = []
         self.seen = 0
+        self.drift = 0.0  # how far the prices moved during the current stall [EUR/MWh]
         self.fired = False
 
-    def observe(self, primal: float, move_mw: float) -> bool:
+    def observe(self, primal: float, move_mw: float, rho: float = 1.0) -> bool:
         if self.window <= 0:
             return False
         self._primal.append(float(primal))
@@ -263,15 +267,14 @@ class InfeasibilityWatch:
         if len(self._primal) > self.window + 1:
             del self._primal[0], self._move[0]
         self.seen += 1
-        if self.seen < max(self.min_iterations, self.window + 1):
-            return False
         r = self._primal[-1]
-        if not np.isfinite(r) or r <= self.floor * self.tolerance:
-            return False
-        if max(self._primal) - min(self._primal) > self.flat * r or max(self._move) > self.settled * r:
-            return False
-        self.fired = True
-        return True
+        stalled = (self.seen >= max(self.min_iterations, self.window + 1) and np.isfinite(r)
+                   and r > self.floor * self.tolerance
+                   and max(self._primal) - min(self._primal) <= self.flat * r and max(self._move) <= self.settled * r)
+        self.drift = self.drift + rho * r if stalled else 0.0
+        if stalled and self.drift >= self.span:
+            self.fired = True
+        return self.fired
 
 
 def infeasible_hours(residual_by_hour: np.ndarray, tolerance: float) -> list[int]:

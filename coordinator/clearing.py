@@ -209,7 +209,7 @@ class P2PRounds:
             done = True  # a peer could not solve: stop and report
         local = self.iteration - self.start_iteration
         out_of_iterations = local >= self.settings.max_iterations
-        if not done and self.watch.observe(primal, dual / rho_used):
+        if not done and self.watch.observe(primal, dual / rho_used, rho_used):
             self.infeasible = out_of_iterations = True
             if self.settings.topology == "relay":
                 self.infeasible_hours = infeasible_hours(
@@ -340,7 +340,7 @@ class CommunityRounds:
             self.finished = self.converged = True
         elif self.iteration >= self.settings.max_iterations:
             self.finished = True
-        elif self.watch.observe(primal, dual / rho_used):
+        elif self.watch.observe(primal, dual / rho_used, rho_used):
             self.finished = self.infeasible = True
             self.infeasible_hours = infeasible_hours(np.linalg.norm(self.p - self.z, axis=0), self.settings.tolerance)
         else:

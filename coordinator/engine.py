@@ -332,8 +332,8 @@ class CoordinatorEngine:
         raise RunFailure(COORDINATOR, f"the market is infeasible in hour(s) {', '.join(map(str, hours)) or '(none named)'}: "
                                       f"after {rounds.iteration} ADMM iterations the primal residual has stalled at "
                                       f"{rounds.primal_residual:.4g} MW (tolerance {self.market.tolerance:g}) while the "
-                                      f"iterates no longer move and the prices keep drifting ({what}; Boyd et al. 2011, "
-                                      f"sec. 3.3)")
+                                      f"iterates no longer move and the prices moved by {rounds.watch.drift:.3g} EUR/MWh "
+                                      f"without a response ({what}; Boyd et al. 2011, sec. 3.3)")
 
     def _pool_price(self, tol_mw: float = 1e-9, width_eur_per_mwh: float = 1e-9):
         """Price rounds before the ADMM. Each round sends every host ``pool_price_points`` candidate
