@@ -146,7 +146,7 @@ def community14() -> dict:
                            "consumption under one cost curve), 3 loads, a PV plant and 2 V2G EVs; ieee33-ev's series, "
                            "grid tariff and line rating.",
             "network": base["network"],
-            "market": dict(base["market"]),
+            "market": {**base["market"], "tolerance": 1e-5},
             "series": series, "peers": peers}
 
 
