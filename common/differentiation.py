@@ -170,7 +170,18 @@ def ptdf_matrix(net) -> tuple[np.ndarray, np.ndarray]:
     from pandapower.pypower.idx_brch import BR_X
     from pandapower.pypower.makePTDF import makePTDF
 
-    pp.rundcpp(net, numba=False)
+    import logging
+    import warnings
+
+    quiet = logging.getLogger("pandapower")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the DC power flow warns about numba even with numba=False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pp.rundcpp(net, numba=False)
+    finally:
+        quiet.setLevel(level)
     ppc = net._ppc
     lookup = net._pd2ppc_lookups["bus"]
     ptdf = makePTDF(ppc["baseMVA"], ppc["bus"], ppc["branch"])

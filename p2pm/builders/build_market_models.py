@@ -176,7 +176,7 @@ def case39_p2p() -> dict:
                            "voltage-controlled, the slack's as external supplier), 21 flexible loads on a daily shape, "
                            "network-usage fees from PTDFs (Baroche et al. 2019), shared by buyer and seller.",
             "network": {"name": "case39", "vm_min_pu": 0.94, "vm_max_pu": 1.1},
-            "market": {"kind": "p2p", "rho": 0.05, "tolerance": 1e-4, "max_iterations": 20000},
+            "market": {"kind": "p2p", "rho": 0.05, "tolerance": 1e-5, "max_iterations": 20000},
             "series": {"load_shape_pu": shape},
             "differentiation": {"method": "network_usage", "c_eur_per_mwh": 1.0, "side": "shared",
                                 "ptdf_weight": "none"},
