@@ -68,25 +68,42 @@ class LocalP2P:
             self.weights = np.asarray(weights, dtype=float).reshape(self.x.shape)
         self._set_problem(self.x.shape[1])
 
-    def step(self, rho: float) -> tuple[np.ndarray, float]:
-        """Local update; returns the new trades and the squared change (for the dual residual)."""
-        beta = 0.5 * rho * (self.x - self.y) + self.lam - self.weights  # rho tau - w
-        if self.sign > 0:
-            x_new = _solve_producer(beta, rho, *self._prod)
-        elif self.sign == 0:
-            x_new = _solve_free(beta, rho, *self._prod)
+    def step(self, rho: float, hours: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Local update of the given hours (all by default: the hours are independent problems);
+        returns the new trades of those hours (M, h) and the squared change per hour (h,) (for the
+        dual residual)."""
+        if hours is None:
+            beta = 0.5 * rho * (self.x - self.y) + self.lam - self.weights  # rho tau - w
+            prod = self._prod
         else:
-            x_new = -_solve_producer(-beta, rho, *self._prod)
-        dx = float(np.sum((x_new - self.x) ** 2))
-        self.x = x_new
+            beta = 0.5 * rho * (self.x[:, hours] - self.y[:, hours]) + self.lam[:, hours] - self.weights[:, hours]
+            prod = tuple(v[hours] for v in self._prod)
+        if self.sign > 0:
+            x_new = _solve_producer(beta, rho, *prod)
+        elif self.sign == 0:
+            x_new = _solve_free(beta, rho, *prod)
+        else:
+            x_new = -_solve_producer(-beta, rho, *prod)
+        if hours is None:
+            dx = np.sum((x_new - self.x) ** 2, axis=0)
+            self.x = x_new
+        else:
+            dx = np.sum((x_new - self.x[:, hours]) ** 2, axis=0)
+            self.x[:, hours] = x_new
         return x_new, dx
 
-    def receive(self, y: np.ndarray, rho: float) -> float:
-        """Partners' new trades arrive: price update; returns the squared primal mismatch."""
-        self.y = y
-        mismatch = self.x + y
-        self.lam = self.lam - 0.5 * rho * mismatch
-        return float(np.sum(mismatch**2))
+    def receive(self, y: np.ndarray, rho: float, hours: np.ndarray | None = None) -> np.ndarray:
+        """Partners' new trades of the given hours (all by default) arrive: price update; returns
+        the squared primal mismatch per hour."""
+        if hours is None:
+            self.y = y
+            mismatch = self.x + y
+            self.lam = self.lam - 0.5 * rho * mismatch
+        else:
+            self.y[:, hours] = y
+            mismatch = self.x[:, hours] + y
+            self.lam[:, hours] -= 0.5 * rho * mismatch
+        return np.sum(mismatch**2, axis=0)
 
     @property
     def p_mw(self) -> np.ndarray:
@@ -305,42 +322,44 @@ class Anderson:
         self.reset()
 
     def reset(self) -> None:
-        self.DZ = self.DF = None
+        """Forget the differences (the buffers are kept: they are rewritten before being read)."""
+        if not hasattr(self, "DZ"):
+            self.DZ = self.DF = None
         self.gram = np.zeros((self.memory, self.memory))
         self.count = 0  # columns filled
         self.head = 0  # next column to write
-        self.last: tuple[np.ndarray, np.ndarray] | None = None  # (z, f) of the last accepted point
+        self.last: tuple[np.ndarray, np.ndarray, float] | None = None  # (z, f, |f|) of the last accepted point
         self.fallback: np.ndarray | None = None  # T of the last accepted point (the plain iterate)
         self.accelerated = False
 
     def step(self, z: np.ndarray, t: np.ndarray) -> np.ndarray:
         f = t - z
-        if self.accelerated and self.last is not None and \
-                np.linalg.norm(f) > self.safeguard * np.linalg.norm(self.last[1]):
+        f_norm = float(np.sqrt(f @ f))
+        if self.accelerated and self.last is not None and f_norm > self.safeguard * self.last[2]:
             self.rejected += 1
             plain = self.fallback
             self.reset()
             return plain  # the plain step from the last accepted point
         if self.last is not None:
-            if self.DZ is None:
-                self.DZ = np.empty((z.size, self.memory))
-                self.DF = np.empty((z.size, self.memory))
+            if self.DZ is None or self.DZ.shape[1] != z.size:  # one contiguous row per difference
+                self.DZ = np.empty((self.memory, z.size))
+                self.DF = np.empty((self.memory, z.size))
             j = self.head
-            self.DZ[:, j] = z - self.last[0]
-            self.DF[:, j] = f - self.last[1]
+            np.subtract(z, self.last[0], out=self.DZ[j])
+            np.subtract(f, self.last[1], out=self.DF[j])
             self.count = min(self.count + 1, self.memory)
             self.head = (j + 1) % self.memory
-            col = self.DF[:, :self.count].T @ self.DF[:, j]
+            col = self.DF[:self.count] @ self.DF[j]
             self.gram[j, :self.count] = col
             self.gram[:self.count, j] = col
-        self.last, self.fallback = (z, f), t
+        self.last, self.fallback = (z, f, f_norm), t
         if self.count == 0:
             self.accelerated = False
             return t
         m = self.count
         G = self.gram[:m, :m]
-        gamma = np.linalg.lstsq(G + self.reg * (np.trace(G) / m + 1e-300) * np.eye(m), self.DF[:, :m].T @ f,
+        gamma = np.linalg.lstsq(G + self.reg * (np.trace(G) / m + 1e-300) * np.eye(m), self.DF[:m] @ f,
                                 rcond=None)[0]
         self.accelerated = True
         self.accepted += 1
-        return t - (self.DZ[:, :m] + self.DF[:, :m]) @ gamma
+        return t - gamma @ self.DZ[:m] - gamma @ self.DF[:m]

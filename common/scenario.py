@@ -88,7 +88,7 @@ class MarketSpec(_Strict):
                                    "uniform (pool) price found by price rounds (probed prices, aggregate answers)")
     pool_price_rounds: int = Field(30, ge=1, description="most price rounds of a pool-price start")
     pool_price_points: int = Field(8, ge=2, le=64, description="candidate prices per hour in one price round")
-    acceleration: bool = Field(False, description="Anderson acceleration of the full P2P market's ADMM (relay)")
+    acceleration: bool = Field(False, description="Anderson acceleration of the ADMM (full P2P market in relay; community market)")
     aa_memory: int = Field(20, ge=1, le=200, description="Anderson memory (iterations)")
     aa_safeguard: float = Field(1.0, gt=0, description="reject an accelerated point whose fixed-point residual "
                                 "grows by more than this factor")
@@ -97,6 +97,9 @@ class MarketSpec(_Strict):
     infeasibility_window: int = Field(50, ge=0, description="stop as infeasible when the primal residual stays flat "
                                       "(and far above the tolerance) for this many iterations while the iterates have "
                                       "settled (common.admm.InfeasibilityWatch); 0: never")
+    hour_stopping: bool = Field(False, description="full P2P market: an hour whose residuals are below tolerance / "
+                                "sqrt(hours) closes; rounds and answers carry the open hours only (every clearing "
+                                "opens every hour again)")
 
 
 class TSOSpec(_Strict):

@@ -296,7 +296,8 @@ class CoordinatorEngine:
                              residual_balancing=m.residual_balancing, mu=m.rb_mu, tau=m.rb_tau, every=m.rb_every,
                              until=m.rb_until, topology=self.topology, price_init_eur_per_mwh=m.price_init_eur_per_mwh,
                              acceleration=m.acceleration, aa_memory=m.aa_memory, aa_safeguard=m.aa_safeguard,
-                             aa_start=m.aa_start, infeasibility_window=m.infeasibility_window)
+                             aa_start=m.aa_start, hour_stopping=m.hour_stopping and not self.community,
+                             infeasibility_window=m.infeasibility_window)
 
     def _clear_p2p(self, previous: Cleared | None):
         """One clearing of the full P2P market; an outer loop re-clears warm from ``previous``."""
@@ -318,13 +319,7 @@ class CoordinatorEngine:
         yield from self._drive(rounds, handlers)
         cleared = yield from self._collect_p2p(rounds)
         if rounds.infeasible:
-            hours = rounds.infeasible_hours
-            if hours is None:  # mesh: the reciprocity mismatch of the peers' last trades, per hour
-                from common.admm import infeasible_hours
-
-                mismatch = cleared.trades_mw + cleared.trades_mw[self.graph.reverse]
-                hours = infeasible_hours(np.sqrt(np.sum(mismatch**2, axis=0)), self.market.tolerance)
-            self._infeasible(rounds, hours)
+            self._infeasible(rounds, rounds.infeasible_hours or [])
         return cleared
 
     def _infeasible(self, rounds, hours: list[int]) -> None:

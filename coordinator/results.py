@@ -50,9 +50,12 @@ def build_result(outcome: RunOutcome, engine: CoordinatorEngine, traffic: list[t
     result.primal_residual = rounds[-1].primal_residual if rounds else 0.0
     result.dual_residual = rounds[-1].dual_residual if rounds else 0.0
     result.processes = processes or (len(outcome.hosts) + 1 + len(outcome.services))
-    result.admm_history = pd.DataFrame([(o, s.iteration, s.primal_residual, s.dual_residual, s.rho)
+    result.admm_history = pd.DataFrame([(o, s.iteration, s.primal_residual, s.dual_residual, s.rho, s.open_hours)
                                         for o, r in enumerate(rounds, start=1) for s in r.history],
-                                       columns=["outer", "iteration", "primal_residual", "dual_residual", "rho"])
+                                       columns=["outer", "iteration", "primal_residual", "dual_residual", "rho",
+                                                "open_hours"])
+    if rounds:  # hour-iterations: the local problems solved, per peer (per-hour stopping cuts them)
+        result.extra["hour_iterations"] = int(result.admm_history["open_hours"].sum())
     msgs = pd.DataFrame(traffic, columns=["iteration", "type", "count", "bytes"])
     result.messages = msgs.groupby(["iteration", "type"], as_index=False)[["count", "bytes"]].sum()
     if outcome.solver == "admm":

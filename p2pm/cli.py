@@ -117,8 +117,11 @@ RbOpt = Annotated[Optional[bool], typer.Option("--residual-balancing/--no-residu
 PoolOpt = Annotated[Optional[bool], typer.Option("--pool-price/--no-pool-price",
                                                  help="Full P2P market: start each clearing from scratch at the pool price "
                                                       "found by price rounds (overrides the scenario).")]
+HourStopOpt = Annotated[Optional[bool], typer.Option("--hour-stopping/--no-hour-stopping",
+                                                    help="Full P2P market: close each hour once its residuals are "
+                                                         "below tolerance (overrides the scenario).")]
 AccelOpt = Annotated[Optional[bool], typer.Option("--acceleration/--no-acceleration",
-                                                  help="Full P2P market, relay: Anderson acceleration of the ADMM "
+                                                  help="Anderson acceleration of the ADMM (full P2P market in relay, community market) "
                                                        "(overrides the scenario).")]
 
 
@@ -135,6 +138,7 @@ def run(
     residual_balancing: RbOpt = None,
     pool_price: PoolOpt = None,
     acceleration: AccelOpt = None,
+    hour_stopping: HourStopOpt = None,
     peers_per_process: Annotated[int, typer.Option(help="Peers hosted by one peer process.", min=1)] = 1,
     timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait (registration, a round, a service answer).", min=0.1)] = 30.0,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
@@ -144,7 +148,8 @@ def run(
     t0 = time.time()
     overrides = dict(model=model.value if model else None, rho=rho, tolerance=tolerance,
                      max_iterations=max_iterations, residual_balancing=residual_balancing,
-                     pool_price_start=pool_price, acceleration=acceleration)
+                     pool_price_start=pool_price, acceleration=acceleration,
+                     hour_stopping=hour_stopping)
     sc = _load(scenario, **overrides)
     if sc.market.kind == "community" and topology is Topology.mesh and solver is Solver.admm:
         _fail("--topology mesh: the community market runs in the relay topology (the network agent couples every peer)",
@@ -283,6 +288,7 @@ def bench(
     residual_balancing: RbOpt = None,
     pool_price: PoolOpt = None,
     acceleration: AccelOpt = None,
+    hour_stopping: HourStopOpt = None,
 ):
     """Benchmark the distributed clearing: start-up, iterations, time per iteration and where it
     goes, peak memory per process, messages, and the comparison with the centralized solve."""
@@ -294,13 +300,13 @@ def bench(
     from common.models import peer_models
 
     overrides = dict(rho=rho, tolerance=tolerance, max_iterations=max_iterations, residual_balancing=residual_balancing,
-                     pool_price_start=pool_price, acceleration=acceleration)
+                     pool_price_start=pool_price, acceleration=acceleration,
+                     hour_stopping=hour_stopping)
     sc = _load(scenario, **overrides)
-    if sc.market.model != "benchmark":
-        _fail(f"market.model: the benchmark compares one clearing with the centralized solve; {sc.market.model!r} runs "
-              "an outer loop: use 'p2pm run --model ...' (with --solver centralized for the reference)", EXIT_BAD_INPUT)
-    community = sc.market.kind == "community"
     out = out or Path(tempfile.mkdtemp(prefix="p2pm-bench-"))
+    if sc.market.model != "benchmark":
+        return _bench_outer(sc, out, topology.value, peers_per_process, timeout_s)
+    community = sc.market.kind == "community"
     t = time.perf_counter()
     try:
         ref = solve_community_reference(sc) if community else solve_p2p(peer_models(sc))
@@ -314,27 +320,10 @@ def bench(
     except LaunchError as exc:
         _fail(str(exc), EXIT_FAILED)
     cmp = compare_community(out, sc, ref) if community else compare_p2p(out, sc, ref)
-    it = max(s["iterations"], 1)
     lines = [
         f"benchmark {sc.name}: {len(sc.peers)} peers, {sc.market.hours} h, topology {topology.value}, "
         f"{s['peer_processes']} peer processes ({s['processes']} processes in all)",
-        f"  start-up (launch to all peers ready)   {s['startup_s']:8.2f} s",
-        f"  rounds (price rounds + ADMM iterations) {s.get('rounds', s['iterations']):7d}   = {s.get('price_rounds', 0)} + "
-        f"{s['iterations']}   converged: {s['converged']}",
-        f"  wall time (launch to results written)  {s['wall_s']:8.2f} s   ADMM loop {s['admm_s']:.2f} s",
-        f"  time per iteration                     {s['time_per_iteration_ms']:8.2f} ms",
-        f"    local solves (slowest process)       {s['local_solve_ms_per_iteration']:8.3f} ms   "
-        f"(all peers' CPU {s['local_solve_cpu_ms_per_iteration']:.3f} ms)",
-        *([f"    network agent (DSO, SOCP)            {s['network_agent_ms_per_iteration']:8.3f} ms"] if community else []),
-        f"    coordinator (residuals, rho)         {s['coordinator_ms_per_iteration']:8.3f} ms",
-        f"    messages, price updates and waiting  {s['messaging_ms_per_iteration']:8.3f} ms",
-        f"  AC validation (DSO service)            {s['dso_s']:8.2f} s",
-        f"  messages {s['messages']:,} ({s['messages'] / it:.1f} per iteration), bytes {s['bytes']:,} "
-        f"({s['bytes'] / it / 1024:.1f} KiB per iteration)",
-        f"  peak memory per peer process           max {s.get('peak_rss_mib_peer_max', float('nan')):.1f} MiB, "
-        f"median {s.get('peak_rss_mib_peer_median', float('nan')):.1f} MiB",
-        f"  peak memory coordinator / dso / tso    {s.get('peak_rss_mib_coordinator', float('nan')):.1f} / "
-        f"{s.get('peak_rss_mib_dso', float('nan')):.1f} / {s.get('peak_rss_mib_tso', float('nan')):.1f} MiB",
+        *_bench_lines_common(s),
         f"  centralized solve ({'SOCP' if community else 'QP'}, cvxpy + Clarabel) {central_s:6.2f} s   -> distributed wall / centralized = "
         f"{s['wall_s'] / central_s:.1f}",
         f"  agreement: dispatch max |diff| {cmp['dispatch_max_abs_diff_mw']:.2e} MW, social welfare rel. diff "
@@ -348,6 +337,68 @@ def bench(
     typer.echo("\n".join(lines))
     import json
 
+    (out / "bench.json").write_text(json.dumps({"summary": s, "comparison": cmp, "centralized_s": central_s}, indent=2))
+
+
+def _bench_lines_common(s: dict) -> list[str]:
+    it = max(s["iterations"], 1)
+    return [
+        f"  start-up (launch to all peers ready)   {s['startup_s']:8.2f} s",
+        f"  rounds (price rounds + ADMM iterations) {s.get('rounds', s['iterations']):7d}   = {s.get('price_rounds', 0)} + "
+        f"{s['iterations']}   converged: {s['converged']}",
+        f"  wall time (launch to results written)  {s['wall_s']:8.2f} s   ADMM loop {s['admm_s']:.2f} s",
+        f"  time per iteration                     {s['time_per_iteration_ms']:8.2f} ms",
+        f"    local solves (slowest process)       {s['local_solve_ms_per_iteration']:8.3f} ms   "
+        f"(all peers' CPU {s['local_solve_cpu_ms_per_iteration']:.3f} ms)",
+        *([f"    network agent (DSO, SOCP)            {s['network_agent_ms_per_iteration']:8.3f} ms"]
+          if s.get("network_agent_ms_per_iteration") else []),
+        f"    coordinator (residuals, rho)         {s['coordinator_ms_per_iteration']:8.3f} ms",
+        f"    messages, price updates and waiting  {s['messaging_ms_per_iteration']:8.3f} ms",
+        f"  AC validation (DSO service)            {s['dso_s']:8.2f} s",
+        f"  messages {s['messages']:,} ({s['messages'] / it:.1f} per iteration), bytes {s['bytes']:,} "
+        f"({s['bytes'] / it / 1024:.1f} KiB per iteration)",
+        f"  peak memory per peer process           max {s.get('peak_rss_mib_peer_max', float('nan')):.1f} MiB, "
+        f"median {s.get('peak_rss_mib_peer_median', float('nan')):.1f} MiB",
+        f"  peak memory coordinator / dso / tso    {s.get('peak_rss_mib_coordinator', float('nan')):.1f} / "
+        f"{s.get('peak_rss_mib_dso', float('nan')):.1f} / {s.get('peak_rss_mib_tso', float('nan')):.1f} MiB",
+    ]
+
+
+def _bench_outer(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float) -> None:
+    """``p2pm bench`` of an outer-loop scenario: the distributed outer loop against the centralized
+    one (same outer steps, violations, final dispatch and welfare) and the cost of its re-clears."""
+    import json
+
+    from p2pm.compare import compare_outer
+    from p2pm.launcher import LaunchError, run_distributed
+    from p2pm.local import run_centralized
+
+    t = time.perf_counter()
+    ref = run_centralized(sc)
+    central_s = time.perf_counter() - t
+    try:
+        s = run_distributed(sc, out, topology=topology, peers_per_process=peers_per_process, timeout_s=timeout_s,
+                            t0=time.time(), quiet=True)
+    except LaunchError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    cmp = compare_outer(out, ref)
+    clearings = max(cmp["outer_iterations"], 1)
+    lines = [
+        f"benchmark {sc.name} (model {sc.market.model}): {len(sc.peers)} peers, {sc.market.hours} h, topology {topology}, "
+        f"{s['peer_processes']} peer processes ({s['processes']} processes in all)",
+        *_bench_lines_common(s),
+        f"  outer iterations                       {cmp['outer_iterations']:8d}   (centralized loop: "
+        f"{cmp['outer_iterations_ref']}; same steps: {cmp['same_outer_steps']}, same violations: {cmp['same_violations']})",
+        f"  ADMM iterations: first clearing {cmp['first_clearing_iterations']}, re-clears median "
+        f"{cmp['reclear_iterations_median']:.0f}, max {cmp['reclear_iterations_max']}",
+        f"  bytes per clearing                     {s['bytes'] / clearings / 1e6:8.2f} MB",
+        f"  centralized outer loop (in process)    {central_s:8.2f} s   -> distributed wall / centralized = "
+        f"{s['wall_s'] / central_s:.1f}",
+        f"  agreement: final dispatch max |diff| {cmp['dispatch_max_abs_diff_mw']:.2e} MW, social welfare rel. diff "
+        f"{cmp['social_welfare_rel_diff']:.2e}; violations {s['violations']} (initial {s['violations_initial']})",
+        f"  results: {out}",
+    ]
+    typer.echo("\n".join(lines))
     (out / "bench.json").write_text(json.dumps({"summary": s, "comparison": cmp, "centralized_s": central_s}, indent=2))
 
 

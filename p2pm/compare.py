@@ -4,6 +4,7 @@ where an hour's dual is not unique, against the interval of supporting prices)."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -90,4 +91,33 @@ def compare_community(run_dir: Path, scenario, ref=None) -> dict:
         "social_welfare_ref_eur": sw_ref,
         "social_welfare_rel_diff": float(abs(sw - sw_ref) / max(abs(sw_ref), 1e-9)),
         "bus_price_max_abs_diff_eur_per_mwh": float(np.abs(prices.sort_index().to_numpy() - sol.prices_eur_per_mwh).max()),
+    }
+
+
+def compare_outer(run_dir: Path, ref) -> dict:
+    """An outer-loop run (models cong, volt, freq, full) against the centralized outer loop's
+    RunResult ``ref``: the same outer steps (step and actions of every outer iteration), the same
+    violations, the final dispatch and welfare, and the ADMM iterations of each re-clear."""
+    run_dir = Path(run_dir)
+    hist = pd.read_csv(run_dir / "outer_history.csv").fillna("")
+    ref_hist = ref.outer_history.fillna("")
+    steps = list(zip(hist["step"], hist["actions"]))
+    ref_steps = list(zip(ref_hist["step"], ref_hist["actions"]))
+    disp = pd.read_csv(run_dir / "dispatch.csv").pivot(index="peer", columns="hour", values="p_mw")
+    ref_disp = ref.dispatch.pivot(index="peer", columns="hour", values="p_mw").loc[disp.index]
+    sw = float(json.loads((run_dir / "summary.json").read_text())["social_welfare_eur"])
+    sw_ref = float(ref.economics["social_welfare_eur"].sum())
+    reclears = hist["admm_iterations"].to_numpy()[1:]
+    return {
+        "outer_iterations": int(len(hist)),
+        "outer_iterations_ref": int(len(ref_hist)),
+        "same_outer_steps": steps == ref_steps,
+        "same_violations": list(hist["violations"]) == list(ref_hist["violations"]),
+        "dispatch_max_abs_diff_mw": float(np.abs(disp.to_numpy() - ref_disp.to_numpy()).max()),
+        "social_welfare_eur": sw,
+        "social_welfare_ref_eur": sw_ref,
+        "social_welfare_rel_diff": abs(sw - sw_ref) / max(abs(sw_ref), 1e-9),
+        "first_clearing_iterations": int(hist["admm_iterations"].iloc[0]),
+        "reclear_iterations_median": float(np.median(reclears)) if len(reclears) else 0.0,
+        "reclear_iterations_max": int(reclears.max()) if len(reclears) else 0,
     }

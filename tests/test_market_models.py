@@ -161,11 +161,13 @@ def _two_way_market() -> list[HourlyPeer]:
     ]
 
 
-@pytest.mark.parametrize("topology, pool", [("relay", False), ("relay", True), ("mesh", False)])
-def test_prosumers_buy_in_some_hours_and_sell_in_others(topology, pool):
+@pytest.mark.parametrize("topology, pool, hour_stopping", [("relay", False, False), ("relay", True, False),
+                                                           ("mesh", False, False), ("mesh", False, True)])
+def test_prosumers_buy_in_some_hours_and_sell_in_others(topology, pool, hour_stopping):
     peers = _two_way_market()
     ref = solve_p2p(peers)
-    out, coordinator, _ = clear_market(peers, pool_price_start=pool, topology=topology, tolerance=1e-6)
+    out, coordinator, _ = clear_market(peers, pool_price_start=pool, topology=topology, tolerance=1e-6,
+                                       hour_stopping=hour_stopping)
     cleared = out.clearings[-1]
     assert cleared.converged
     assert np.abs(cleared.p_mw - ref.p_mw).max() < 1e-3
@@ -276,13 +278,13 @@ def _short_market() -> list[HourlyPeer]:
             HourlyPeer("l1", "load", 1, -np.full(H, 3.0), -np.array([1.0, 0.5, 1.0, 0.3]), a, b, 0.3)]
 
 
-@pytest.mark.parametrize("topology", ["relay", "mesh"])
-def test_admm_names_the_infeasible_hours(topology):
+@pytest.mark.parametrize("topology, hour_stopping", [("relay", False), ("mesh", False), ("mesh", True)])
+def test_admm_names_the_infeasible_hours(topology, hour_stopping):
     from common.engine import RunFailed
 
     # hours 2 and 4: the loads' minimum exceeds the producers' maximum (no scenario check here)
     with pytest.raises(RunFailed, match=r"infeasible in hour\(s\) 2, 4: after \d+ ADMM iterations"):
-        clear_market(_short_market(), pool_price_start=False, topology=topology)
+        clear_market(_short_market(), pool_price_start=False, topology=topology, hour_stopping=hour_stopping)
     # the price rounds see it too: no price balances those hours
     with pytest.raises(RunFailed, match=r"infeasible in hour\(s\) 2, 4: the price rounds found no balancing price"):
         clear_market(_short_market(), pool_price_start=True, topology=topology)
