@@ -15,10 +15,10 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from common.public import voltage_setpoints
 from common.engine import COORDINATOR, Finish, Log, Received, Send, Started
 from common.protocol.control import Hello, Shutdown, Welcome
 from common.protocol.grid import Dispatch, GridReport, NetworkResult, NetworkUpdate
+from common.public import voltage_setpoints
 from common.report_codec import ac_to_tables, frames_to_tables
 
 
