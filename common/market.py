@@ -37,25 +37,48 @@ class TradeGraph:
 
 
 def trade_graph(peers: list[HourlyPeer]) -> TradeGraph:
-    """Full P2P trading graph: producers <-> consumers, ordered by owner then partner."""
-    return trade_graph_from_roster([p.id for p in peers], [p.is_producer for p in peers])
+    """Full P2P trading graph: producers <-> consumers, and every two-way peer (prosumer, a
+    supplier that may export) <-> everybody; ordered by owner then partner."""
+    return trade_graph_from_roster([p.id for p in peers], [p.is_producer for p in peers], [p.two_way for p in peers])
 
 
-def trade_graph_from_roster(ids: list[str], producer: list[bool]) -> TradeGraph:
-    """The same graph from public facts only (ids and whether each peer sells): what the
-    coordinator knows."""
+def trade_graph_from_roster(ids: list[str], producer: list[bool], two_way: list[bool] | None = None) -> TradeGraph:
+    """The same graph from public facts only (ids, whether each peer sells, and whether it trades
+    both ways): what the coordinator knows. ``sign`` is 0 for a two-way peer's trades (free sign)."""
+    two_way = [False] * len(ids) if two_way is None else list(two_way)
     owner, partner, sign = [], [], []
     for n in range(len(ids)):
         for m in range(len(ids)):
-            if n != m and producer[n] != producer[m]:
+            if n != m and (two_way[n] or two_way[m] or producer[n] != producer[m]):
                 owner.append(n)
                 partner.append(m)
-                sign.append(1.0 if producer[n] else -1.0)
+                sign.append(0.0 if two_way[n] else 1.0 if producer[n] else -1.0)
     owner = np.array(owner, dtype=np.int64)
     partner = np.array(partner, dtype=np.int64)
     lookup = {(n, m): k for k, (n, m) in enumerate(zip(owner, partner))}
     reverse = np.array([lookup[(m, n)] for n, m in zip(owner, partner)], dtype=np.int64)
     return TradeGraph(tuple(ids), owner, partner, reverse, np.array(sign))
+
+
+def roster_graph(roster) -> TradeGraph:
+    """The trade graph of a public roster (``common.public.RosterEntry``)."""
+    from common.models import PRODUCER_KINDS
+
+    two_way = [bool(getattr(p, "two_way", False)) for p in roster]
+    return trade_graph_from_roster([p.id for p in roster], [p.kind in PRODUCER_KINDS and not w for p, w in zip(roster, two_way)],
+                                   two_way)
+
+
+def fee_weights(graph: TradeGraph, peers: list[HourlyPeer]) -> np.ndarray | None:
+    """(K,) the product-differentiation weight of every trade from the peers' own fees
+    (``HourlyPeer.trade_weights``); None when no peer has any."""
+    if not any(getattr(p, "trade_weights", None) for p in peers):
+        return None
+    w = np.zeros(graph.n_pairs)
+    for k in range(graph.n_pairs):
+        own = peers[int(graph.owner[k])].trade_weights or {}
+        w[k] = own.get(graph.peer_ids[int(graph.partner[k])], 0.0)
+    return w
 
 
 def peer_arrays(peers: list[HourlyPeer]):
@@ -90,6 +113,11 @@ def uniform_price_interval(peers: list[HourlyPeer], p_mw: np.ndarray, tol_mw: fl
         fixed = at_max & at_min
         lo = np.where(at_max & ~fixed, np.maximum(lo, mc), lo)
         hi = np.where(at_min & ~fixed, np.minimum(hi, mc), hi)
+        if peer.cost_b_neg_eur_per_mwh is not None:  # at the kink of a two-slope cost: any price between the slopes
+            kink = ~at_max & ~at_min & (np.abs(p_mw[i]) <= tol_mw)
+            lo = np.where(kink, np.maximum(lo, peer.cost_b_neg_eur_per_mwh), lo)
+            hi = np.where(kink, np.minimum(hi, peer.cost_b_eur_per_mwh), hi)
+            at_max, at_min = at_max | kink, at_min | kink
         inner = ~at_max & ~at_min
         lo = np.where(inner, np.maximum(lo, mc), lo)
         hi = np.where(inner, np.minimum(hi, mc), hi)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.admm import Anderson, BlockAnderson, RhoPolicy, converged
+from common.admm import Anderson, BlockAnderson, InfeasibilityWatch, RhoPolicy, converged, infeasible_hours
 from common.market import TradeGraph
 from common.protocol.grid import NetworkUpdate
 from common.protocol.market import Round, RoundPeer
@@ -52,6 +52,7 @@ class RoundSettings:
     # per-hour stopping (full P2P market): an hour whose residuals are below tolerance / sqrt(hours)
     # closes (its trades and prices are final); rounds and answers carry the open hours only
     hour_stopping: bool = False
+    infeasibility_window: int = 50  # common.admm.InfeasibilityWatch; 0: off
 
 
 @dataclass
@@ -122,6 +123,9 @@ class P2PRounds:
         self.primal_h = np.zeros(H)
         self.dual_h = np.zeros(H)
         self._aa_cols: np.ndarray | None = None
+        self.watch = InfeasibilityWatch(st.tolerance, st.infeasibility_window)
+        self.infeasible = False
+        self.infeasible_hours: list[int] | None = None  # named from the per-hour primal residuals
 
     # -- instructions ----------------------------------------------------------------------
     def start(self) -> list[tuple[str, Round]]:
@@ -256,6 +260,9 @@ class P2PRounds:
             done = True  # a peer could not solve: stop and report
         local = self.iteration - self.start_iteration
         out_of_iterations = local >= st.max_iterations
+        if not done and self.watch.observe(primal, dual / rho_used, rho_used):
+            self.infeasible = out_of_iterations = True
+            self.infeasible_hours = infeasible_hours(self.primal_h, st.tolerance)
         if self.anderson is not None:  # mirror the state the peers hold (only the acceleration needs it)
             lam_new = self.lam_eff.copy()
             lam_new[:, c] -= 0.5 * rho_used * (self.flat[:, c] + self.flat[self.graph.reverse][:, c])
@@ -314,6 +321,9 @@ class CommunityRounds:
         self.network = None  # last NetworkResult
         # Anderson acceleration of the map (z, u) -> (z, u): the coordinator holds the whole state
         self.anderson = Anderson(st.aa_memory, st.aa_safeguard) if st.acceleration else None
+        self.watch = InfeasibilityWatch(st.tolerance, st.infeasibility_window)
+        self.infeasible = False
+        self.infeasible_hours: list[int] | None = None
 
     def pending(self) -> set[str]:
         return set(self._waiting)
@@ -383,6 +393,9 @@ class CommunityRounds:
             self.finished = self.converged = True
         elif self.iteration >= self.settings.max_iterations:
             self.finished = True
+        elif self.watch.observe(primal, dual / rho_used, rho_used):
+            self.finished = self.infeasible = True
+            self.infeasible_hours = infeasible_hours(np.linalg.norm(self.p - self.z, axis=0), self.settings.tolerance)
         elif self.anderson is not None and self.iteration > self.settings.aa_start:
             # rho frozen: the next point extrapolated from the last (z, u) -> (z+, u+) steps; the
             # peers and the network agent are memoryless, so the next ROUND's targets carry it

@@ -26,7 +26,8 @@ def build_result(outcome: RunOutcome, engine: CoordinatorEngine, traffic: list[t
         result, sol = _community(engine, last, outcome)
     else:
         result = p2p_result(public, engine.graph, dispatch_frame(public.roster, last.p_mw, last.q_mvar), last.trades_mw,
-                            last.prices_eur_per_mwh, last.sw_eur, last.diff_eur, outcome.solver, converged=last.converged)
+                            last.prices_eur_per_mwh, last.sw_eur, last.diff_eur, outcome.solver, converged=last.converged,
+                            fees_eur=last.fees_eur)
         result.economics["flex_penalty_eur"] = last.flex_eur
     result.ac = ac_from_tables(outcome.report.tables)
     result.iterations = engine.iteration

@@ -18,6 +18,7 @@ import pandas as pd
 from common.engine import COORDINATOR, Finish, Log, Received, Send, Started
 from common.protocol.control import Hello, Shutdown, Welcome
 from common.protocol.grid import Dispatch, GridReport, NetworkResult, NetworkUpdate
+from common.public import voltage_setpoints
 from common.report_codec import ac_to_tables, frames_to_tables
 
 
@@ -95,7 +96,7 @@ class DSOEngine:
         return OuterPlanner(grid, list(msg.peer_ids), list(msg.kinds), list(msg.buses), pub.market.model, pub.dso,
                             branch_lengths_km(self.net, grid), [e.tan_phi for e in entries],
                             [e.flex_fraction if e.kind == "load" else 0.0 for e in entries], pub.market.hours,
-                            pub.network.max_loading_percent)
+                            pub.network.max_loading_percent, two_way=[e.two_way for e in entries])
 
     def handle(self, event) -> list:
         if isinstance(event, Started):
@@ -133,7 +134,7 @@ class DSOEngine:
 
         t = self.timer()
         try:
-            ac = run_ac(self.net, dispatch_to_frame(msg), self.public.network)
+            ac = run_ac(self.net, dispatch_to_frame(msg), self.public.network, voltage_setpoints(self.public.roster))
             report = grid_report(ac)
             out = [Log(f"AC power flow of {ac.hours.shape[0]} hours in {self.timer() - t:.2f} s, "
                        f"{len(ac.violations)} violation(s)")]

@@ -38,6 +38,7 @@ class PeerEngine:
         self.models = {m.id: m for m in models}  # the market model now (after the DSO's/TSO's parameters)
         self.base_models = dict(self.models)  # the peer's own model: its true costs, for welfare
         self.params: dict[str, dict[str, np.ndarray]] = {m.id: {} for m in models}
+        self.base_weights: dict[str, np.ndarray] = {}  # (partners, hours) fees from the peer's own data
         self.peer_ids = list(self.models)
         self.address, self.pid, self.host = address, pid, host
         self.timer = timer
@@ -113,9 +114,12 @@ class PeerEngine:
             m = self.models[pid]
             partners = list(cfg["partners"][pid])
             self.partners[pid] = partners
+            fees = m.trade_weights or {}  # product differentiation as data: this peer's own fees
+            self.base_weights[pid] = np.repeat(np.array([[fees.get(q, 0.0)] for q in partners]).reshape(-1, 1),
+                                               self.hours, axis=1)
             self.locals[pid] = LocalP2P(m.p_min_mw, m.p_max_mw, m.cost_a_eur_per_mw2h, m.cost_b_eur_per_mwh,
-                                        1.0 if m.is_producer else -1.0, np.zeros((len(partners), self.hours)),
-                                        lam=np.full((len(partners), self.hours), lam0))
+                                        m.trade_sign, self.base_weights[pid].copy(),
+                                        lam=np.full((len(partners), self.hours), lam0), cost_b_neg=m.cost_b_neg_eur_per_mwh)
         self.partner_slot = {pid: {q: j for j, q in enumerate(self.partners[pid])} for pid in self.peer_ids}
         self.partner_host = dict(cfg.get("hosts") or {})
         return [Send(COORDINATOR, Ready())]
@@ -125,7 +129,8 @@ class PeerEngine:
         out = {}
         for pid in self.peer_ids:
             m = self.models[pid]
-            out[pid] = best_response(m.cost_a_eur_per_mw2h, m.cost_b_eur_per_mwh, m.p_min_mw, m.p_max_mw, price)
+            out[pid] = best_response(m.cost_a_eur_per_mw2h, m.cost_b_eur_per_mwh, m.p_min_mw, m.p_max_mw, price,
+                                     m.cost_b_neg_eur_per_mwh)
         return out
 
     def _on_probe(self, msg: PriceProbe, k: int) -> list:
@@ -308,8 +313,9 @@ class PeerEngine:
             self.params[pid].update(params)
             model = apply_parameters(self.base_models[pid], self.params[pid])
             self.models[pid] = model
+            diff = params.get("diff_eur_per_mwh")
             self.locals[pid].retune(model.p_min_mw, model.p_max_mw, model.cost_a_eur_per_mw2h, model.cost_b_eur_per_mwh,
-                                    params.get("diff_eur_per_mwh"))
+                                    None if diff is None else self.base_weights[pid] + diff)
             out.append(Log(f"{pid}: new {', '.join(sorted(params))} (iteration {k})"))
         return out
 
@@ -323,10 +329,12 @@ class PeerEngine:
             model, base = self.models[pid], self.base_models[pid]
             p = loc.p_mw
             outer = bool(self.params[pid])
+            fees = bool(self.models[pid].trade_weights) or outer
             peers[pid] = ResultPeer(p_mw=p, trades_mw=loc.x, price_eur_per_mwh=loc.lam, partner_ids=tuple(self.partners[pid]),
                                     q_mvar=reactive_mvar(model, p), cost_masked_ueur=self._masked_cost(pid, base.cost_eur(p), k),
-                                    diff_cost_eur=np.sum(loc.weights * loc.x, axis=0) if outer else None,
-                                    flex_penalty_eur=flex_penalty_eur(base, self.params[pid]) if outer else None)
+                                    diff_cost_eur=np.sum(loc.weights * loc.x, axis=0) if fees else None,
+                                    flex_penalty_eur=flex_penalty_eur(base, self.params[pid]) if outer else None,
+                                    trade_fee_eur=loc.weights * loc.x if fees else None)
         return Send(COORDINATOR, Result(peers=peers), k)
 
     def _community_result(self, k: int) -> Send:

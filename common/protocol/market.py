@@ -264,6 +264,7 @@ class ResultPeer:
     cost_masked_ueur: np.ndarray | None = None
     diff_cost_eur: np.ndarray | None = None  # (hours,) product-differentiation cost it paid (outer loop)
     flex_penalty_eur: np.ndarray | None = None  # (hours,) beta times the extra flexibility it offered (outer loop)
+    trade_fee_eur: np.ndarray | None = None  # (partners, hours) the differentiation fee it paid on each trade
 
     def to_body(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -280,7 +281,7 @@ class ResultPeer:
             out["soc_mwh"] = f64(self.soc_mwh)
         if self.cost_masked_ueur is not None:
             out["cost_masked_ueur"] = np.ascontiguousarray(self.cost_masked_ueur, dtype=np.int64)
-        for name in ("diff_cost_eur", "flex_penalty_eur"):
+        for name in ("diff_cost_eur", "flex_penalty_eur", "trade_fee_eur"):
             if getattr(self, name) is not None:
                 out[name] = f64(getattr(self, name))
         return out
@@ -299,6 +300,7 @@ class ResultPeer:
             body.get("cost_masked_ueur"),
             body.get("diff_cost_eur"),
             body.get("flex_penalty_eur"),
+            body.get("trade_fee_eur"),
         )
 
 
@@ -509,6 +511,7 @@ SCHEMAS: dict[MsgType, Record] = {
                         "cost_masked_ueur": Array("int64", (1,)),
                         "diff_cost_eur": float_array(1),
                         "flex_penalty_eur": float_array(1),
+                        "trade_fee_eur": float_array(2),
                         "status": Str(max_len=256),
                     },
                     check_fn=_check_result_peer,
