@@ -351,6 +351,27 @@ def bench(
     (out / "bench.json").write_text(json.dumps({"summary": s, "comparison": cmp, "centralized_s": central_s}, indent=2))
 
 
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="Results folder A (e.g. the centralized reference).")],
+    run_b: Annotated[Path, typer.Argument(help="Results folder B (e.g. the distributed run); differences are B - A.")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for compare.json and the compare_*.csv tables "
+                                                     "(default: RUN_B/compare-with-<name of RUN_A>).")] = None,
+):
+    """Side by side of two results folders: welfare, energy, grid figures, iterations, dispatch per
+    peer and hour, prices and messages per type. Prints it and writes it as JSON and CSV."""
+    from p2pm.compare import CompareError, compare_runs, format_comparison, write_comparison
+
+    try:
+        cmp = compare_runs(run_a, run_b)
+    except CompareError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    out = out or Path(run_b) / f"compare-with-{Path(run_a).resolve().name}"
+    write_comparison(cmp, out)
+    typer.echo(format_comparison(cmp))
+    typer.echo(f"comparison: {out}")
+
+
 def write_results_summary_only(result, out: Path) -> dict:
     import json
 
