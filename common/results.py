@@ -8,9 +8,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 SCHEMA = "p2pm.run/1"
+
+
+def entity_hour_frame(entity: str, ids, values: dict, *, first_hour: int = 1, **per_entity) -> pd.DataFrame:
+    """A long table (one row per entity and hour, entity-major) from (entity x hour) arrays.
+
+    ``values``: column name -> array of shape (len(ids), hours); ``per_entity``: column name ->
+    one value per entity (repeated over the hours), placed between the entity and the hour.
+    """
+    ids = list(ids)
+    arrays = {k: np.asarray(v) for k, v in values.items()}
+    hours = next(iter(arrays.values())).shape[1] if arrays else 0
+    n = len(ids)
+    cols = {entity: np.repeat(np.asarray(ids, dtype=object), hours)}
+    for k, v in per_entity.items():
+        cols[k] = np.repeat(np.asarray(list(v)), hours)
+    cols["hour"] = np.tile(np.arange(first_hour, first_hour + hours), n)
+    for k, v in arrays.items():
+        if v.shape != (n, hours):
+            raise ValueError(f"{k}: shape {v.shape}, expected ({n}, {hours}) (entity x hour)")
+        cols[k] = v.reshape(-1)
+    return pd.DataFrame(cols)
 
 
 @dataclass
