@@ -46,12 +46,17 @@ class ACReport:
            max_line_loading_pct, max_trafo_loading_pct, violations
     violations: hour, element ("bus" | "line" | "trafo" | "powerflow"), index, value, limit, kind
                 ("undervoltage" | "overvoltage" | "overload" | "not_converged")
+    network_buses / network_branches: the network's drawing (sent with the DSO's first report only)
     """
 
     buses: pd.DataFrame
     lines: pd.DataFrame
     hours: pd.DataFrame
     violations: pd.DataFrame
+    # where to draw the network (dso_service.layout): bus, x, y, vn_kv, source ("geodata" | "tree layout")
+    network_buses: pd.DataFrame | None = None
+    # line (as in ``lines``), element, kind, from_bus, to_bus
+    network_branches: pd.DataFrame | None = None
 
 
 @dataclass

@@ -83,6 +83,8 @@ def write_results(result: RunResult, out_dir: Path, scenario=None, figures: bool
     table(ac.lines if ac is not None else None, "lines", always=True)
     table(hours_table(result), "hours", always=True)
     table(ac.violations if ac is not None else None, "violations", always=True)
+    table(ac.network_buses if ac is not None else None, "network_buses")
+    table(ac.network_branches if ac is not None else None, "network_branches")
     if result.ac_initial is not None:
         table(result.ac_initial.violations, "violations_initial", always=True)
     table(result.admm_history, "admm_history", always=True)

@@ -3,6 +3,7 @@ imported only when figures are drawn, so roles that only build summaries stay li
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,7 @@ def _fig_load(result: RunResult, energy: pd.DataFrame):
     if ac is not None and _has_rows(ac.hours) and {"hour", "losses_mw"} <= set(ac.hours.columns):
         losses = ac.hours.groupby("hour")["losses_mw"].sum().reindex(hours).fillna(0.0).to_numpy(dtype=float)
         if np.any(np.abs(losses) > 1e-9):
-            ax.bar(hours, losses, 0.8, bottom=bottom, color=_COLORS["losses"], label="AC losses", hatch="..",
+            ax.bar(hours, losses, 0.8, bottom=bottom, color=_COLORS["losses"], label="AC losses",
                    edgecolor="white", linewidth=0.4)
     ax.set_ylabel("power [MW]")
     ax.set_title("Load per hour")
@@ -466,17 +467,255 @@ def _fig_outer(result: RunResult, limits: dict):
     return fig
 
 
-def render_figures(result: RunResult, fig_dir: Path, scenario=None) -> list[dict]:
-    """Draw every figure that has data, save each as PNG in ``fig_dir``.
+# ---------------------------------------------------------------------------------------------------------------
+# maps: the network in its worst hour, the trades of one hour, injections per peer and hour
+# ---------------------------------------------------------------------------------------------------------------
+KIND_ORDER = ("grid", "chp", "wind", "pv", "ev", "load", "virtual_load")
+
+
+def _natural(text) -> tuple:
+    """pv3 before pv26."""
+    import re
+
+    return tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", str(text)))
+
+
+def worst_hour(ac: ACReport, limits: dict) -> tuple[int, float] | None:
+    """(hour, score) of the hour closest to (or furthest beyond) a limit: the largest of max
+    loading / loading limit and each voltage's distance from 1 pu / the limit's (1 at a limit)."""
+    h = ac.hours
+    if not _has_rows(h) or "hour" not in h.columns:
+        return None
+    h = h.set_index("hour")
+    cols = []
+    for col in ("max_line_loading_pct", "max_trafo_loading_pct"):
+        if col in h.columns:
+            cols.append(pd.to_numeric(h[col], errors="coerce") / limits["max_loading_percent"])
+    if "vmin_pu" in h.columns:
+        cols.append((1.0 - pd.to_numeric(h["vmin_pu"], errors="coerce")) / max(1.0 - limits["vm_min_pu"], 1e-6))
+    if "vmax_pu" in h.columns:
+        cols.append((pd.to_numeric(h["vmax_pu"], errors="coerce") - 1.0) / max(limits["vm_max_pu"] - 1.0, 1e-6))
+    if not cols:
+        return None
+    score = pd.concat(cols, axis=1).max(axis=1)
+    if not score.notna().any():
+        return None
+    return int(score.idxmax()), float(score.max())
+
+
+def _fig_network_map(result: RunResult, limits: dict):
+    ac = result.ac
+    if ac is None or not _has_rows(ac.network_buses) or not _has_rows(ac.network_branches):
+        return None
+    worst = worst_hour(ac, limits)
+    if worst is None:
+        return None
+    hour = worst[0]
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+
+    nb, br = ac.network_buses, ac.network_branches
+    xy = nb.set_index("bus")[["x", "y"]]
+    lines_h = ac.lines[ac.lines["hour"] == hour]
+    element = lines_h["element"] if "element" in lines_h.columns else pd.Series("line", index=lines_h.index)
+    loading = pd.Series(pd.to_numeric(lines_h["loading_percent"], errors="coerce").to_numpy(),
+                        index=pd.MultiIndex.from_arrays([element.astype(str).to_numpy(), lines_h["line"].to_numpy()]))
+    load_br = loading.reindex(pd.MultiIndex.from_arrays([br["element"].astype(str).to_numpy(),
+                                                         br["line"].to_numpy()])).to_numpy(dtype=float)
+    vm = ac.buses[ac.buses["hour"] == hour].set_index("bus")["vm_pu"].reindex(nb["bus"]).to_numpy(dtype=float)
+    a = xy.reindex(br["from_bus"]).to_numpy(dtype=float)
+    b = xy.reindex(br["to_bus"]).to_numpy(dtype=float)
+    segments = np.stack([a, b], axis=1)
+    lim = limits["max_loading_percent"]
+    top = max(lim, float(np.nanmax(load_br)) if np.isfinite(load_br).any() else lim)
+    fig, ax = _new_figure(6.8, width=10.0, right_in=0.3, bottom_in=1.0, left_in=0.3, top_in=0.55)
+    lnorm = Normalize(0.0, top)
+    cmap_l = _cmap("YlOrRd")
+    is_trafo = br["kind"].astype(str).eq("trafo").to_numpy()
+    colors = [cmap_l(lnorm(v)) if np.isfinite(v) else (0.6, 0.6, 0.6, 1.0) for v in load_br]
+    widths = 1.2 + 4.0 * np.clip(np.nan_to_num(load_br) / lim, 0, 1.5)
+    lc = LineCollection(segments, colors=colors, linewidths=widths, linestyles=np.where(is_trafo, "--", "-").tolist(),
+                        zorder=1, capstyle="round")
+    ax.add_collection(lc)
+    vnorm = TwoSlopeNorm(vmin=min(limits["vm_min_pu"], float(np.nanmin(vm)) if np.isfinite(vm).any() else 1.0) - 1e-3,
+                         vcenter=1.0,
+                         vmax=max(limits["vm_max_pu"], float(np.nanmax(vm)) if np.isfinite(vm).any() else 1.0) + 1e-3)
+    sc = ax.scatter(nb["x"], nb["y"], c=vm, cmap="coolwarm", norm=vnorm, s=38, edgecolors="black", linewidths=0.5,
+                    zorder=2)
+    if "slack" in nb.columns and nb["slack"].astype(bool).any():
+        sl = nb[nb["slack"].astype(bool)]
+        ax.scatter(sl["x"], sl["y"], marker="s", s=110, facecolors="none", edgecolors="black", linewidths=1.4, zorder=3)
+        for r in sl.itertuples():
+            ax.annotate("slack", (r.x, r.y), xytext=(0, 9), textcoords="offset points", ha="center", fontsize=9)
+    ax.margins(0.05)
+    ax.autoscale_view()
+    if np.isfinite(load_br).any():
+        k = int(np.nanargmax(load_br))
+        mid = segments[k].mean(axis=0)
+        ax.annotate(f"{load_br[k]:.0f} %", mid, xytext=(6, 6), textcoords="offset points", fontsize=9,
+                    color="#7f0000", zorder=3)
+    if np.isfinite(vm).any():
+        dev = np.abs(vm - 1.0)
+        k = int(np.nanargmax(dev))
+        right = nb["x"].iat[k] > nb["x"].mean()
+        ax.annotate(f"bus {int(nb['bus'].iat[k])}: {vm[k]:.3f} pu", (nb["x"].iat[k], nb["y"].iat[k]),
+                    xytext=(-6 if right else 6, -13), textcoords="offset points", fontsize=9, color="#08306b", zorder=3,
+                    ha="right" if right else "left")
+    source = str(nb["source"].iat[0]) if "source" in nb.columns else "coordinates"
+    if source == "geodata":
+        ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for side in ("left", "bottom"):
+        ax.spines[side].set_visible(False)
+    cb1 = fig.colorbar(lc, cax=ax.inset_axes((0.0, -0.06, 0.42, 0.025)), orientation="horizontal")
+    lc.set_array(np.nan_to_num(load_br))
+    lc.set_cmap(cmap_l)
+    lc.set_norm(lnorm)
+    cb1.set_label(f"branch loading [%] (limit {lim:.0f} %)", fontsize=9)
+    cb2 = fig.colorbar(sc, cax=ax.inset_axes((0.56, -0.06, 0.42, 0.025)), orientation="horizontal")
+    cb2.set_label(f"bus voltage [pu] (limits {limits['vm_min_pu']:.2f}-{limits['vm_max_pu']:.2f})", fontsize=9)
+    for cb in (cb1, cb2):
+        cb.ax.tick_params(labelsize=8)
+    h = ac.hours.set_index("hour").loc[hour]
+    ax.set_title(f"Network in hour {hour}, the hour nearest a limit: max loading {np.nanmax(load_br):.0f} %, "
+                 f"voltage {np.nanmin(vm):.3f}-{np.nanmax(vm):.3f} pu"
+                 + (f", {int(h['violations'])} violation(s)" if "violations" in h and h["violations"] else "")
+                 + ("" if source == "geodata" else "\n(no coordinates in the network: tree layout from the slack, "
+                    "transformers dashed)"), fontsize=11)
+    return fig
+
+
+def trade_hour(result: RunResult) -> int | None:
+    """The hour with the most traded energy (the trade network figure's default)."""
+    t = result.trades
+    if not _has_rows(t):
+        return None
+    per_hour = pd.to_numeric(t["p_mw"], errors="coerce").abs().groupby(t["hour"]).sum()
+    return int(per_hour.idxmax()) if len(per_hour) and per_hour.max() > 0 else None
+
+
+def _fig_trade_network(result: RunResult, hour: int | None = None):
+    t = result.trades
+    hour = hour if hour is not None else trade_hour(result)
+    if not _has_rows(t) or hour is None:
+        return None
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import Normalize
+
+    t = t[(t["hour"] == hour) & (pd.to_numeric(t["p_mw"], errors="coerce") > 1e-6)]
+    if t.empty:
+        return None
+    kind = result.dispatch.drop_duplicates("peer").set_index("peer")["kind"].astype(str) if _has_rows(
+        result.dispatch) else pd.Series(dtype=str)
+    rank = {k: i for i, k in enumerate(KIND_ORDER)}
+
+    def order(ids, energy):
+        return sorted(ids, key=lambda p: (rank.get(kind.get(p, ""), 99), -round(energy[p], 6), _natural(p)))
+
+    sold = t.groupby("seller")["p_mw"].sum()
+    bought = t.groupby("buyer")["p_mw"].sum()
+    sellers, buyers = order(sold.index, sold), order(bought.index, bought)
+    n = max(len(sellers), len(buyers))
+    height = float(np.clip(1.4 + 0.16 * n, 4.0, 12.0))
+    fig, ax = _new_figure(height, width=10.0, right_in=1.1, left_in=0.3, bottom_in=0.2, top_in=0.75)
+
+    def ys(ids):
+        return {p: (1.0 - (i + 0.5) / len(ids)) for i, p in enumerate(ids)}
+
+    ys_s, ys_b = ys(sellers), ys(buyers)
+    t = t.sort_values("p_mw")  # the largest trades drawn last, on top
+    seg = np.stack([np.column_stack([np.zeros(len(t)), t["seller"].map(ys_s).to_numpy(dtype=float)]),
+                    np.column_stack([np.ones(len(t)), t["buyer"].map(ys_b).to_numpy(dtype=float)])], axis=1)
+    p = t["p_mw"].to_numpy(dtype=float)
+    price = pd.to_numeric(t["price_eur_per_mwh"], errors="coerce").to_numpy(dtype=float)
+    one_price = np.isfinite(price).any() and float(np.nanmax(price) - np.nanmin(price)) < 0.01
+    lc = LineCollection(seg, linewidths=0.15 + 4.5 * p / p.max(), alpha=0.45, zorder=1)
+    if one_price:  # every trade at one price: the colour tells the seller's kind instead
+        lc.set_color([_COLORS.get(kind.get(x, ""), "#777777") for x in t["seller"]])
+    else:
+        lc.set_array(price)
+        lc.set_cmap("viridis")
+        lc.set_norm(Normalize(float(np.nanmin(price)), float(np.nanmax(price))))
+    ax.add_collection(lc)
+    size = 8 if n <= 40 else (6.5 if n <= 70 else 5)
+    for ids, x, energy, ha, dx, where in ((sellers, 0.0, sold, "right", -0.03, ys_s), (buyers, 1.0, bought, "left", 0.03,
+                                                                                        ys_b)):
+        y = [where[i] for i in ids]
+        colors = [_COLORS.get(kind.get(i, ""), "#777777") for i in ids]
+        ax.scatter(np.full(len(ids), x), y, s=15 + 120 * energy.reindex(ids).to_numpy() / max(energy.max(), 1e-9),
+                   c=colors, edgecolors="black", linewidths=0.4, zorder=2)
+        for i, yy in zip(ids, y):
+            ax.text(x + dx, yy, f"{i} {energy[i]:.2f}", ha=ha, va="center", fontsize=size)
+    ax.set_xlim(-0.3, 1.3)
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    ax.text(-0.03, 1.0, "sellers [MW sold]", ha="right", va="bottom", fontsize=10)
+    ax.text(1.03, 1.0, "buyers [MW bought]", ha="left", va="bottom", fontsize=10)
+    if one_price:
+        how = f"every trade at {np.nanmean(price):.2f} EUR/MWh; colour: the seller's kind"
+    else:
+        how = "colour: trade price"
+        cb = fig.colorbar(lc, cax=ax.inset_axes((1.04, 0.25, 0.02, 0.5)))
+        cb.set_label("trade price [EUR/MWh]")
+    ax.set_title(f"Trades in hour {hour}, the hour with the most traded energy: {p.sum():.2f} MW in {len(t)} trades\n"
+                 f"(line width by energy; {how})", fontsize=11, pad=16)
+    return fig
+
+
+def _fig_dispatch_heatmap(result: RunResult):
+    d = result.dispatch
+    if not _has_rows(d):
+        return None
+    from matplotlib.colors import TwoSlopeNorm
+
+    table = d.pivot_table(index="peer", columns="hour", values="p_mw", aggfunc="sum")
+    kinds = d.drop_duplicates("peer").set_index("peer")["kind"].astype(str).reindex(table.index)
+    rank = {k: i for i, k in enumerate(KIND_ORDER)}
+    order = sorted(table.index, key=lambda p: (rank.get(kinds[p], 99), _natural(p)))
+    table, kinds = table.loc[order], kinds.loc[order]
+    values = table.to_numpy(dtype=float)
+    hours = table.columns.to_numpy()
+    span = float(np.nanpercentile(np.abs(values), 98)) if np.isfinite(values).any() else 1.0
+    span = span if span > 1e-9 else 1.0
+    n = len(order)
+    height = float(np.clip(1.3 + 0.13 * n, 3.5, 12.0))
+    fig, ax = _new_figure(height, width=10.0, right_in=1.6, left_in=1.1, bottom_in=0.55, top_in=0.45)
+    im = ax.imshow(values, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vmin=-span, vcenter=0.0, vmax=span),
+                   interpolation="nearest", extent=(hours.min() - 0.5, hours.max() + 0.5, n - 0.5, -0.5))
+    step = 1 if n <= 70 else int(np.ceil(n / 60))
+    ax.set_yticks(range(0, n, step))
+    ax.set_yticklabels([str(p) for p in order[::step]], fontsize=7 if n > 30 else 9)
+    _hour_axis(ax, hours)
+    bounds = np.flatnonzero(kinds.to_numpy()[1:] != kinds.to_numpy()[:-1]) + 0.5
+    for yb in bounds:
+        ax.axhline(yb, color="black", linewidth=0.8)
+    starts = np.r_[0, np.ceil(bounds).astype(int)]
+    ends = np.r_[np.floor(bounds).astype(int), n - 1]
+    for s0, e0 in zip(starts, ends):
+        ax.text(hours.max() + 0.7, (s0 + e0) / 2, _LABELS.get(kinds.iat[s0], kinds.iat[s0]), va="center", fontsize=8,
+                clip_on=False)
+    cb = fig.colorbar(im, cax=ax.inset_axes((1.12, 0.0, 0.02, 1.0)), extend="both")
+    cb.set_label("net injection [MW]")
+    ax.set_title("Net injection per peer and hour (producers > 0, consumers < 0)")
+    return fig
+
+
+def render_figures(result: RunResult, fig_dir: Path, scenario=None, hour: int | None = None,
+                   workers: int | None = None) -> list[dict]:
+    """Draw every figure that has data, save each as PNG in ``fig_dir``. ``hour``: the hour of the
+    trade network (default: the hour with the most traded energy).
 
     Returns one dict per figure: name, title, path, png (bytes) or error (a figure that fails to draw is
-    reported in the page, it does not stop the results from being written).
+    reported in the page, it does not stop the results from being written). ``workers``: processes
+    that draw (default: 2 where there are two cores or more, the second one forked).
     """
     import matplotlib
 
     matplotlib.use("Agg")
 
     fig_dir.mkdir(parents=True, exist_ok=True)
+    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     energy = hourly_energy(result)
     limits = _limits(scenario)
     builders = [
@@ -489,20 +728,77 @@ def render_figures(result: RunResult, fig_dir: Path, scenario=None) -> list[dict
         ("outer_before_after", "Outer loop: grid before and after", lambda: _fig_outer(result, limits)),
         ("admm_residuals", "ADMM residuals per iteration", lambda: _fig_admm(result, limits)),
         ("messages", "Messages and bytes per iteration", lambda: _fig_messages(result)),
+        ("network_map", "Network map: line loading and bus voltage in the hour nearest a limit",
+         lambda: _fig_network_map(result, limits)),
+        ("trade_network", "Trade network: who sells to whom", lambda: _fig_trade_network(result, hour)),
+        ("dispatch_heatmap", "Net injection per peer and hour", lambda: _fig_dispatch_heatmap(result)),
     ]
-    out = []
     style = {"font.size": 11, "axes.titlesize": 13, "axes.labelsize": 11, "legend.fontsize": 9,
              "xtick.labelsize": 10, "ytick.labelsize": 10, "axes.spines.top": False, "axes.spines.right": False}
-    with matplotlib.rc_context(style):
-        for name, title, build in builders:
-            try:
-                fig = build()
-                if fig is None:
-                    continue
-                path = fig_dir / f"{name}.png"
-                fig.savefig(path, format="png")
-                out.append({"name": name, "title": title, "path": path, "png": path.read_bytes()})
-            except Exception as exc:  # noqa: BLE001 - failures are data: reported in the page
-                out.append({"name": name, "title": title, "error": f"{type(exc).__name__}: {exc}"})
+
+    def draw(part) -> list[dict]:
+        done = []
+        with matplotlib.rc_context(style):
+            for name, title, build in part:
+                try:
+                    fig = build()
+                    if fig is None:
+                        continue
+                    fig.savefig(fig_dir / f"{name}.png", format="png")
+                    done.append({"name": name, "title": title})
+                except Exception as exc:  # noqa: BLE001 - failures are data: reported in the page
+                    done.append({"name": name, "title": title, "error": f"{type(exc).__name__}: {exc}"})
+        return done
+
+    # two processes draw half the figures each where there are two cores (fork: the child has the data)
+    ours, theirs = builders[0::2], builders[1::2]
+    if not (workers > 1 and hasattr(os, "fork")):
+        ours, theirs = builders, []
+    done = _draw_forked(draw, theirs) if theirs else None
+    drawn = {f["name"]: f for f in draw(ours)}
+    if done is not None:
+        drawn.update({f["name"]: f for f in done()})
+    out = []
+    for name, title, _ in builders:  # the page's order
+        f = drawn.get(name)
+        if f is not None and "error" not in f:
+            path = fig_dir / f"{name}.png"
+            f = {**f, "path": path, "png": path.read_bytes()}
+        if f is not None:
+            out.append(f)
     return out
+
+
+def _draw_forked(draw, part):
+    """Run ``draw(part)`` in a forked child; returns a function that waits for it and returns its
+    list (a child that dies reports every figure of its part as an error)."""
+    import json
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: draw, report, leave without running the parent's exit handlers
+        code = 0
+        try:
+            os.close(read_fd)
+            data = json.dumps(draw(part)).encode()
+            with os.fdopen(write_fd, "wb") as pipe:
+                pipe.write(data)
+        except BaseException:  # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+
+    def wait() -> list[dict]:
+        with os.fdopen(read_fd, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        try:
+            return json.loads(data) if data else []
+        except ValueError:
+            pass
+        return [{"name": name, "title": title, "error": f"the drawing process ended with status {status}"}
+                for name, title, _ in part]
+
+    return wait
 

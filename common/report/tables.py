@@ -24,6 +24,8 @@ TABLE_COLUMNS = {
     "payments": ["peer", "payment_eur"],
     "relaxation": ["hour", "losses_socp_mw", "losses_ac_mw", "max_vm_gap_pu"],
     "grid_exchange": ["hour", "import_mw", "export_mw"],
+    "network_buses": ["bus", "x", "y", "vn_kv", "slack", "source"],
+    "network_branches": ["line", "element", "kind", "from_bus", "to_bus"],
 }
 
 
@@ -112,6 +114,10 @@ def table_schemas() -> dict:
         "relaxation": schema({"hour": hour, "losses_socp_mw": finite(), "losses_ac_mw": finite(nullable=True)}),
         "grid_exchange": schema({"hour": hour, "import_mw": finite(ge=-1e-6), "export_mw": finite(ge=-1e-6)}),
     }
+    _SCHEMAS["network_buses"] = schema({"bus": Column(int, Check.ge(0)), "x": finite(), "y": finite(),
+                                        "vn_kv": finite(gt=0.0)}, unique=["bus"])
+    _SCHEMAS["network_branches"] = schema({"line": Column(int, Check.ge(0)), "element": Column(str, Check.isin(
+        ("line", "trafo"))), "from_bus": Column(int, Check.ge(0)), "to_bus": Column(int, Check.ge(0))})
     _SCHEMAS["violations_initial"] = _SCHEMAS["violations"]
     return _SCHEMAS
 
@@ -132,14 +138,19 @@ def check_table(df: pd.DataFrame, name: str) -> list[str]:
     try:
         schema.validate(df, lazy=True)
     except pandera.errors.SchemaErrors as exc:
-        return _describe(name, exc.failure_cases)
+        return _describe(name, exc.failure_cases, df)
     return []
 
 
-def _describe(name: str, cases: pd.DataFrame) -> list[str]:
+def _describe(name: str, cases: pd.DataFrame, df: pd.DataFrame) -> list[str]:
     out = []
     for (column, check), group in cases.groupby([cases["column"].astype(str), cases["check"].astype(str)], sort=False):
-        shown = ", ".join(f"row {i}: {v!r}" if pd.notna(i) else repr(v)
+        def value(i, v):
+            if column in df.columns and pd.notna(i) and i in df.index:
+                v = df.at[i, column]
+            return v.item() if hasattr(v, "item") else v
+
+        shown = ", ".join(f"row {i}: {value(i, v)!r}" if pd.notna(i) else repr(v)
                           for i, v in zip(group["index"].head(3), group["failure_case"].head(3)))
         where = f"column '{column}'" if column not in ("None", "nan") else "table"
         out.append(f"{name}.csv: {where} fails {check} in {len(group)} row(s) ({shown})")
