@@ -319,3 +319,33 @@ def test_freq_model_without_a_virtual_load_is_refused_before_anything_runs():
     assert result.exit_code == 2
     assert "tso" in result.output and "virtual_load" in result.output and "Traceback" not in result.output
 
+
+
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):  # a sub-app
+            yield from _commands(cmd, prefix + (name,))
+        yield prefix + (name,), cmd
+
+
+def test_every_option_has_help_text_and_the_launchers_own_are_hidden():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    missing, hidden = [], set()
+    for path, cmd in _commands(group):
+        for p in cmd.params:
+            if getattr(p, "hidden", False):
+                hidden.add(p.name)
+            elif p.param_type_name == "option" and not (p.help or "").strip():
+                missing.append(f"{' '.join(path)} {p.opts[0]}")
+    assert missing == []
+    assert {"ready_file", "t0", "processes"} <= hidden  # set by the launcher, not by a user
+
+
+@pytest.mark.parametrize("option,value", [("--rho", "0"), ("--rho", "-1"), ("--tolerance", "0"),
+                                          ("--max-iterations", "0"), ("--log-level", "chatty")])
+def test_option_bounds_are_the_scenarios(runner, option, value):
+    """--rho and --tolerance > 0 and --max-iterations >= 1, as the scenario's market section."""
+    r = runner.invoke(app, ["run", "mv37", "--solver", "centralized", option, value])
+    assert r.exit_code == 2 and option in r.output
