@@ -28,7 +28,10 @@ def write_run(outcome: RunOutcome, engine: CoordinatorEngine, out_dir: Path, tra
 
     result = build_result(outcome, engine, traffic, processes=processes, rejected=rejected)
     result.wall_s = time.time() - t0
+    t = time.perf_counter()
     write_results(result, out_dir, engine.public, figures=report)
+    log.info(f"results written to {out_dir} in {time.perf_counter() - t:.2f} s"
+             + (" (tables, figures and report)" if report else " (tables)"))
     result.wall_s = time.time() - t0
     summary = build_summary(result)
     (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))

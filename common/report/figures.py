@@ -680,7 +680,7 @@ def _fig_dispatch_heatmap(result: RunResult):
     span = span if span > 1e-9 else 1.0
     n = len(order)
     height = float(np.clip(1.3 + 0.13 * n, 3.5, 12.0))
-    fig, ax = _new_figure(height, width=10.0, right_in=1.6, left_in=1.1, bottom_in=0.55, top_in=0.45)
+    fig, ax = _new_figure(height, width=10.0, right_in=2.1, left_in=1.1, bottom_in=0.55, top_in=0.45)
     im = ax.imshow(values, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vmin=-span, vcenter=0.0, vmax=span),
                    interpolation="nearest", extent=(hours.min() - 0.5, hours.max() + 0.5, n - 0.5, -0.5))
     step = 1 if n <= 70 else int(np.ceil(n / 60))
@@ -695,7 +695,7 @@ def _fig_dispatch_heatmap(result: RunResult):
     for s0, e0 in zip(starts, ends):
         ax.text(hours.max() + 0.7, (s0 + e0) / 2, _LABELS.get(kinds.iat[s0], kinds.iat[s0]), va="center", fontsize=8,
                 clip_on=False)
-    cb = fig.colorbar(im, cax=ax.inset_axes((1.12, 0.0, 0.02, 1.0)), extend="both")
+    cb = fig.colorbar(im, cax=ax.inset_axes((1.11, 0.0, 0.02, 1.0)), extend="both")
     cb.set_label("net injection [MW]")
     ax.set_title("Net injection per peer and hour (producers > 0, consumers < 0)")
     return fig
@@ -744,7 +744,7 @@ def render_figures(result: RunResult, fig_dir: Path, scenario=None, hour: int | 
                     fig = build()
                     if fig is None:
                         continue
-                    fig.savefig(fig_dir / f"{name}.png", format="png")
+                    fig.savefig(fig_dir / f"{name}.png", format="png", pil_kwargs={"compress_level": 3})
                     done.append({"name": name, "title": title})
                 except Exception as exc:  # noqa: BLE001 - failures are data: reported in the page
                     done.append({"name": name, "title": title, "error": f"{type(exc).__name__}: {exc}"})
