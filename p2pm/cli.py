@@ -444,7 +444,7 @@ def schema_summary(
 @schema_app.command("tables")
 def schema_tables():
     """List the CSV tables of a results folder with their checked columns (pandera contracts)."""
-    from common.report.tables import TABLE_COLUMNS, table_schemas
+    from common.report.tables import table_schemas
 
     for name, schema in table_schemas().items():
         cols = []

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.report.values import _has_rows
 from common.results import RunResult
 
 TABLE_COLUMNS = {
