@@ -5,6 +5,7 @@ the log goes to stderr."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,12 @@ def write_run(outcome: RunOutcome, engine: CoordinatorEngine, out_dir: Path, tra
     return summary
 
 
+def _preload_results(figures: bool) -> None:
+    from common.report import preload
+
+    preload(figures)
+
+
 def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s: float, t0: float,
          ready_file: str | None, processes: int = 0, report: bool = True) -> int:
     setup_logging("coordinator")
@@ -52,11 +59,10 @@ def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s:
 
     shell = Shell(engine, bind=bind, run_id=run_id, timeout_s=timeout_s, t0=t0, notes=note)
     log.info(f"listening on {shell.address}, run {run_id}")
-    from common.report import preload
-
-    preload(figures=report)  # the results libraries load while the peers start
     if ready_file:
         Path(ready_file).write_text(shell.address)
+    # the results libraries (pandera, matplotlib, Jinja2) load while the peers start
+    threading.Thread(target=_preload_results, args=(report,), name="results-preload", daemon=True).start()
     try:
         outcome = shell.run()
         traffic = shell.transport.traffic_rows() + list(engine.extra_traffic)

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 from common.report.summary import (ENERGY_KEYS, SUMMARY_KEYS, Summary, SummaryContractError, build_summary,
@@ -28,28 +27,22 @@ __all__ = ["ENERGY_KEYS", "SUMMARY_KEYS", "TABLE_COLUMNS", "ResultsContractError
            "summary_json_schema", "write_results"]
 
 
-def preload(figures: bool = True) -> threading.Thread:
-    """Import the results libraries (pandera; matplotlib and Jinja2 with ``figures``) in a background
-    thread, so that a process that will write a results folder does it while it waits for something
+def preload(figures: bool = True) -> None:
+    """Import the results libraries (pandera; matplotlib and Jinja2 with ``figures``) now, e.g. in a
+    background thread of a process that will write a results folder while it waits for something
     else (the coordinator, while the peers start)."""
+    from common.report.tables import table_schemas
 
-    def load():
-        from common.report.tables import table_schemas
+    table_schemas()
+    if figures:
+        import matplotlib
 
-        table_schemas()
-        if figures:
-            import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.figure  # noqa: F401
 
-            matplotlib.use("Agg")
-            import matplotlib.figure  # noqa: F401
+        from common.report.page import _template
 
-            from common.report.page import _template
-
-            _template()
-
-    thread = threading.Thread(target=load, name="results-preload", daemon=True)
-    thread.start()
-    return thread
+        _template()
 
 
 def write_results(result: RunResult, out_dir: Path, scenario=None, figures: bool = True) -> Path:
