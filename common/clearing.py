@@ -9,19 +9,17 @@ import pandas as pd
 
 from common.market import TradeGraph
 from common.models import reactive_mvar
-from common.results import RunResult
+from common.results import RunResult, entity_hour_frame
 
 TRADE_EPS_MW = 1e-6
 
 
 def dispatch_frame(models: list, p_mw: np.ndarray, q_mvar: np.ndarray | None = None) -> pd.DataFrame:
-    H = p_mw.shape[1]
-    rows = []
-    for i, m in enumerate(models):
-        q = reactive_mvar(m, p_mw[i]) if q_mvar is None else q_mvar[i]
-        for t in range(H):
-            rows.append((m.id, m.kind, m.bus, t + 1, float(p_mw[i, t]), float(q[t])))
-    return pd.DataFrame(rows, columns=["peer", "kind", "bus", "hour", "p_mw", "q_mvar"])
+    p_mw = np.asarray(p_mw, dtype=float)
+    if q_mvar is None:
+        q_mvar = np.array([reactive_mvar(m, p_mw[i]) for i, m in enumerate(models)], dtype=float).reshape(p_mw.shape)
+    return entity_hour_frame("peer", [m.id for m in models], {"p_mw": p_mw, "q_mvar": np.asarray(q_mvar, dtype=float)},
+                             kind=[m.kind for m in models], bus=[int(m.bus) for m in models])
 
 
 def trades_frame(graph: TradeGraph, trades_mw: np.ndarray, prices: np.ndarray, threshold_mw: float = TRADE_EPS_MW,
@@ -92,13 +90,14 @@ def trade_threshold_mw(tolerance: float) -> float:
 def community_result(scenario, models, sol, solver: str, converged: bool = True) -> RunResult:
     H = scenario.market.hours
     dispatch = dispatch_frame(models, sol.p_mw, sol.q_mvar)
-    prices = pd.DataFrame([(b, t + 1, float(sol.prices_eur_per_mwh[b, t]))
-                           for b in range(sol.prices_eur_per_mwh.shape[0]) for t in range(H)],
-                          columns=["bus", "hour", "price_eur_per_mwh"])
+    bus_prices = np.asarray(sol.prices_eur_per_mwh, dtype=float)[:, :H]
+    prices = entity_hour_frame("bus", range(bus_prices.shape[0]), {"price_eur_per_mwh": bus_prices})
+    prices["bus"] = prices["bus"].astype("int64")
     bus_price = sol.prices_eur_per_mwh[[m.bus for m in models]]
     payments = pd.DataFrame({"peer": [m.id for m in models], "payment_eur": -np.sum(bus_price * sol.p_mw, axis=1)})
-    ev_soc = pd.DataFrame([(k, t + 1, float(v[t])) for k, v in sol.ev_soc_mwh.items() for t in range(H)],
-                          columns=["peer", "hour", "soc_mwh"])
+    ev_soc = entity_hour_frame("peer", list(sol.ev_soc_mwh),
+                               {"soc_mwh": np.array([np.asarray(v, dtype=float)[:H] for v in sol.ev_soc_mwh.values()],
+                                                    dtype=float).reshape(len(sol.ev_soc_mwh), H)})
     exchange = pd.DataFrame({"hour": np.arange(1, H + 1), "import_mw": sol.import_mw, "export_mw": sol.export_mw})
     result = RunResult(
         scenario=scenario.name, market="community", model=scenario.market.model, solver=solver, converged=converged,

@@ -29,7 +29,8 @@ def build_result(outcome: RunOutcome, engine: CoordinatorEngine, traffic: list[t
                             last.prices_eur_per_mwh, last.sw_eur, last.diff_eur, outcome.solver, converged=last.converged,
                             fees_eur=last.fees_eur)
         result.economics["flex_penalty_eur"] = last.flex_eur
-    result.ac = ac_from_tables(outcome.report.tables)
+    first = outcome.report_initial.tables if outcome.report_initial is not None else None
+    result.ac = ac_from_tables(outcome.report.tables, network=first)
     result.iterations = engine.iteration
     result.extra["price_rounds"] = engine.price_rounds
     result.extra["rounds"] = engine.price_rounds + engine.iteration  # every round trip of the clearings

@@ -240,7 +240,11 @@ def run_ac(net: pp.pandapowerNet, dispatch: pd.DataFrame, spec: NetworkSpec,
     }, columns=LINE_COLUMNS)
     hours_df = pd.DataFrame(hour_rows, columns=HOUR_COLUMNS).astype({"hour": int, "converged": bool, "violations": int})
     violations = pd.DataFrame(viol_rows, columns=VIOLATION_COLUMNS).astype({"hour": int, "index": int})
-    return ACReport(buses=buses, lines=lines, hours=hours_df, violations=violations)
+    from dso_service.layout import network_tables
+
+    net_buses, net_branches = network_tables(net, branches, li, ti)
+    return ACReport(buses=buses, lines=lines, hours=hours_df, violations=violations, network_buses=net_buses,
+                    network_branches=net_branches)
 
 
 def base_case(net: pp.pandapowerNet) -> tuple[float, float, int]:

@@ -94,7 +94,7 @@ class PeerEngine:
             raise ProtocolError("type", f"unexpected {msg.TYPE.value} from the coordinator")
         except ProtocolError as exc:  # refused and counted; the peer goes on
             self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
-            return [Log(f"rejected a {msg.TYPE.value} from {event.sender}: {exc}")]
+            return [Log(f"rejected a {msg.TYPE.value} from {event.sender}: {exc}", "warning")]
 
     # -- setup ----------------------------------------------------------------------------------
     def _on_welcome(self, cfg: dict) -> list:
