@@ -172,25 +172,23 @@ def _dns(name: str) -> str:
 
 # ------------------------------------------------------------------------------------ kubernetes
 
-def _container(name: str, image: str, command: list[str], env: dict, mounts: list[dict], cpu: str, mem: str,
-               ports: list[dict] | None = None) -> dict:
-    c = {"name": name, "image": image, "imagePullPolicy": "IfNotPresent", "command": command,
-         "env": [{"name": k, "value": v} for k, v in env.items()],
-         "resources": {"requests": {"cpu": cpu, "memory": mem}},
-         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                             "capabilities": {"drop": ["ALL"]}},
-         "volumeMounts": mounts + [{"name": "tmp", "mountPath": "/tmp"}]}
-    if ports:
-        c["ports"] = ports
-    return c
+def _container(name: str, image: str, command: list[str], env: dict, mounts: list[dict], cpu: str, mem: str) -> dict:
+    # no containerPort: the Service names the port (podman kube play would publish a containerPort on the host)
+    return {"name": name, "image": image, "imagePullPolicy": "IfNotPresent", "command": command,
+            "env": [{"name": k, "value": v} for k, v in env.items()],
+            "resources": {"requests": {"cpu": cpu, "memory": mem}},
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+            "volumeMounts": mounts}
 
 
 def _pod(name: str, role: str, container: dict, volumes: list[dict], labels: dict | None = None) -> dict:
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "labels": {LABEL: "p2pm", "p2pm/role": role, **(labels or {})}},
-            "spec": {"restartPolicy": "Never", "hostname": name,
+            # a shared process namespace: the pod's pause process is PID 1 and the role gets SIGTERM's default
+            # action (a Python process as PID 1 would ignore it)
+            "spec": {"restartPolicy": "Never", "hostname": name, "shareProcessNamespace": True,
                      "securityContext": {"runAsUser": UID, "runAsGroup": UID, "fsGroup": UID, "runAsNonRoot": True},
-                     "containers": [container], "volumes": volumes + [{"name": "tmp", "emptyDir": {}}]}}
+                     "containers": [container], "volumes": volumes}}
 
 
 def kube_documents(scenario, public_text: str, hosts: list[tuple[str, list[tuple[str, bytes]]]], *, image: str,
@@ -209,8 +207,7 @@ def kube_documents(scenario, public_text: str, hosts: list[tuple[str, list[tuple
                   "ports": [{"name": "zmq", "port": PORT, "targetPort": PORT, "protocol": "TCP"}]}},
         _pod(COORDINATOR, "coordinator",
              _container("coordinator", image, [P2PM, "coordinator"], _coordinator_env(topology, timeout_s),
-                        [public_mount, {"name": "results", "mountPath": RESULTS_DIR}], *REQUESTS["coordinator"],
-                        ports=[{"name": "zmq", "containerPort": PORT, "protocol": "TCP"}]),
+                        [public_mount, {"name": "results", "mountPath": RESULTS_DIR}], *REQUESTS["coordinator"]),
              [public_vol, {"name": "results", "persistentVolumeClaim": {"claimName": "p2pm-results"}}]),
     ]
     for svc in ("dso", "tso"):
@@ -224,7 +221,7 @@ def kube_documents(scenario, public_text: str, hosts: list[tuple[str, list[tuple
                          _container("peer", image, _peer_command(group), _peer_env(host, topology, timeout_s),
                                     [{"name": "private", "mountPath": PRIVATE_DIR, "readOnly": True}],
                                     *peer_requests(len(group))),
-                         [{"name": "private", "secret": {"secretName": host, "defaultMode": 0o440}}],
+                         [{"name": "private", "secret": {"secretName": host, "defaultMode": 0o440, "optional": False}}],
                          labels={"p2pm/host": host}))
         if topology == "mesh":  # a stable name for the address the peer host advertises to its partners
             docs.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": host, "labels": {LABEL: "p2pm"}},
