@@ -88,8 +88,13 @@ def source_files(root: Path) -> list[Path]:
 
 
 def hashes(root: Path) -> tuple[str, str]:
-    """(dependencies hash: pyproject.toml, source hash: everything that goes into the image)."""
-    return _hash([root / "pyproject.toml"], root), _hash(source_files(root), root)
+    """(dependencies hash: the project's dependencies and Python, source hash: everything that goes
+    into the image)."""
+    import tomllib
+
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    deps = json.dumps([project.get("requires-python"), sorted(project.get("dependencies", []))])
+    return hashlib.sha256(deps.encode()).hexdigest()[:12], _hash(source_files(root), root)
 
 
 def build_wheelhouse(root: Path, wheelhouse: Path | None = None, log=print) -> Path:
@@ -189,6 +194,7 @@ def run_podman(scenario, out: Path, *, topology: str = "relay", peers_per_proces
                 host_dirs.append(d)
             _give_to_image_user([d for d in host_dirs] + [f for d in host_dirs for f in d.iterdir()])
             podman("network", "create", "--label", f"p2pm.run={run_id}", network, timeout=60)
+            progress_log(f"run {run_id}: containers {prefix}-* on network {network}, image {image}")
 
             coordinator = f"tcp://{prefix}-coordinator:{PORT}"
             n_processes = len(groups) + 3
