@@ -163,6 +163,8 @@ def run(
     if sc.market.kind == "community" and topology is Topology.mesh and solver is Solver.admm:
         _fail("--topology mesh: the community market runs in the relay topology (the network agent couples every peer)",
               EXIT_BAD_INPUT)
+    if launch is Launch.podman and solver is Solver.centralized:
+        _fail("--launch podman: the centralized reference runs in this process (use --solver admm)", EXIT_BAD_INPUT)
     out = out or Path("results") / f"{sc.name}-{solver.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     from common.report import format_summary, write_results
 

@@ -134,6 +134,11 @@ def ensure_image(image: str | None = None, base: str | None = None, log=print) -
            "--build-arg", f"SOURCE_HASH={src}", "-t", tag, "-t", f"{IMAGE_REPO}:latest",
            "-f", str(root / "deploy" / "Containerfile"), str(root), timeout=1800)
     log(f"image {tag}: built in {time.monotonic() - t:.0f} s")
+    # the images of earlier sources go (an image still in use by a container stays)
+    listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}", IMAGE_REPO, check=False).stdout.split()
+    old = [t for t in listed if t not in (tag, f"{IMAGE_REPO}:latest") and t.startswith(IMAGE_REPO + ":")]
+    if old:
+        podman("rmi", *old, check=False)
     return tag
 
 
