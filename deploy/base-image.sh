@@ -13,8 +13,8 @@ CACHE=${2:-/var/cache/p2pm}
 if podman image exists "$TAG"; then echo "base image $TAG: present"; exit 0; fi
 TAR="$CACHE/debian-py-bookworm.tar"
 if [ ! -s "$TAR" ]; then
-  MIRROR=${DEBIAN_MIRROR:-$(grep -hoE '^(URIs:|deb) +https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list.d/*.sources \
-            /etc/apt/sources.list 2>/dev/null | head -1 | awk '{print $2}')}
+  MIRROR=${DEBIAN_MIRROR:-$( { cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null || true; } \
+            | awk '($1 == "URIs:" || $1 == "deb") && $2 ~ /\/debian\/?$/ {print $2; exit}')}
   MIRROR=${MIRROR:-http://deb.debian.org/debian}
   mkdir -p "$CACHE"
   ROOTFS=$(mktemp -d "$CACHE/rootfs.XXXXXX")
