@@ -153,11 +153,11 @@ def _give_to_image_user(paths: list[Path]) -> None:
         podman("unshare", "chown", f"{UID}:{UID}", *map(str, paths))
 
 
-def cleanup(run_label: str, network: str | None = None) -> None:
-    """Remove every container of the run (by label) and its network."""
+def cleanup(run_label: str, network: str | None = None, names: list[str] = ()) -> None:
+    """Remove every container of the run (by name and by label) and its network."""
     ids = podman("ps", "-aq", "--filter", f"label=p2pm.run={run_label}", check=False).stdout.split()
-    if ids:
-        podman("rm", "-f", "-t", "0", *ids, check=False, timeout=120)
+    if ids or names:
+        podman("rm", "-f", "--ignore", "-t", "0", *names, *ids, check=False, timeout=120)
     if network:
         podman("network", "rm", "-f", network, check=False, timeout=60)
 
@@ -179,6 +179,7 @@ def run_podman(scenario, out: Path, *, topology: str = "relay", peers_per_proces
     network = prefix
     inputs = Path(tempfile.mkdtemp(prefix="p2pm-inputs-"))  # 0700
     launch = Launch()
+    names: list[str] = []
     events: queue.Queue = queue.Queue()
     progress = _Progress(quiet)
     with interruptible() as stop:
@@ -214,6 +215,7 @@ def run_podman(scenario, out: Path, *, topology: str = "relay", peers_per_proces
                 for k, v in env.items():
                     cmd += ["-e", f"{k}={v}"]
                 cmd += [image, "/opt/p2pm/venv/bin/p2pm", *args]
+                names.append(cname)
                 with open(role.log, "ab") as logf:
                     role.popen = subprocess.Popen(cmd, stdout=stdout or logf, stderr=logf, stdin=subprocess.DEVNULL,
                                                   start_new_session=True)
@@ -249,8 +251,10 @@ def run_podman(scenario, out: Path, *, topology: str = "relay", peers_per_proces
             podman("cp", f"{prefix}-coordinator:/results/.", str(out), timeout=120)
         finally:
             progress.close()
-            cleanup(run_id, network)
+            # the podman clients first (SIGTERM reaches the role through the container's init), so that
+            # none is still creating its container; then whatever is left, and the network
             launch.stop_all(events, grace_s=2.0)
+            cleanup(run_id, network, names)
             shutil.rmtree(inputs, ignore_errors=True)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text())

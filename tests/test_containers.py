@@ -293,3 +293,34 @@ def test_launch_podman_names_a_killed_peer_container_and_cleans_up(image, tmp_pa
     assert proc.returncode == 1, err
     assert f"(container {victim}) exited with code" in err and "its log ends with" in err, err
     assert_run_gone(run_id)
+
+
+# ------------------------------------------------------------------------------------------- compose
+
+def test_mv37_from_the_compose_folder_under_podman_compose(image, local_mv37, tmp_path):
+    if shutil.which("podman-compose") is None:
+        pytest.skip("podman-compose is not installed (Debian: apt-get install podman-compose; .ci/run does)")
+    out = tmp_path / "compose"
+    r = run_cli("deploy", "compose", "mv37", "--out", out, "--image", image, "--peers-per-process", PPP,
+                "--timeout-s", "60")
+    assert r.returncode == 0, r.stderr + r.stdout
+    project = f"p2pm-test-{uuid.uuid4().hex[:8]}"
+    compose = ["podman-compose", "-p", project, "-f", str(out / "compose.yaml")]
+    label = f"label=io.podman.compose.project={project}"
+    try:
+        up = subprocess.run([*compose, "up", "-d"], capture_output=True, text=True, timeout=600, cwd=out)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        coordinator = next(n for n in podman("ps", "-a", "--filter", label, "--format", "{{.Names}}").stdout.split()
+                           if "p2pm-coordinator" in n)
+        code = podman("wait", coordinator, timeout=600).stdout.strip()
+        assert code == "0", podman("logs", coordinator, check=False).stderr[-3000:]
+        summary = assert_same_results(out / "results", local_mv37)  # the coordinator's volume
+        assert summary["peer_processes"] == 5
+    finally:
+        subprocess.run([*compose, "down", "-t", "2"], capture_output=True, text=True, timeout=300, cwd=out)
+        ids = podman("ps", "-aq", "--filter", label, check=False).stdout.split()
+        if ids:
+            podman("rm", "-f", *ids, check=False)
+        podman("network", "rm", "-f", f"{project}_market", check=False)
+    assert podman("ps", "-aq", "--filter", label).stdout.strip() == ""
+    assert podman("network", "exists", f"{project}_market", check=False).returncode != 0
