@@ -182,10 +182,10 @@ def test_mv37_from_the_kubernetes_manifests_under_podman_kube_play(image, local_
 
 
 def test_a_peer_pod_holds_no_other_peers_private_file(image, tmp_path):
-    """Only the Secrets and the peer pods are played: with no coordinator the peers wait for it (a
-    long deadline) and are looked into meanwhile."""
+    """Played without the DSO: the market clears, then the coordinator waits for the DSO's AC check
+    (a long deadline) and the peer pods stay up to be looked into."""
     path, docs = generate_kube(tmp_path, image, "--timeout-s", "900")
-    subset = [d for d in docs if d["kind"] == "Secret" or (d["kind"] == "Pod" and d["metadata"]["labels"]["p2pm/role"] == "peer")]
+    subset = [d for d in docs if d["metadata"]["name"] not in ("p2pm-dso", "p2pm-tso")]
     play = tmp_path / "peers.yaml"
     play.write_text(yaml.safe_dump_all(subset))
     own = {d["metadata"]["name"]: sorted(d["data"]) for d in subset if d["kind"] == "Secret"}
@@ -197,6 +197,7 @@ def test_a_peer_pod_holds_no_other_peers_private_file(image, tmp_path):
     try:
         kube_down(play, subset)
         podman("kube", "play", "--network", network, play)
+        wait_running("p2pm-coordinator-coordinator")
         for host, files in own.items():
             head, readable, found, public = podman("exec", f"{host}-peer", "sh", "-c", look).stdout.split("---")
             uid, *listing = head.split()
