@@ -2,8 +2,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the container image: the base as a build argument (`make base-image` makes localhost/debian-py:bookworm
+# without a registry), tagged IMAGE
+BASE ?= python:3.11-slim
+IMAGE ?= localhost/p2pm:latest
 
-.PHONY: demo test install clean bench lock lowest
+.PHONY: demo test test-quick install clean bench lock lowest wheelhouse base-image image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/p2pm run mv37 --out results/demo-mv37
 
+# every test, the container tests included (tests/test_containers.py; they skip, saying why, without podman)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# without the container tests
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not containers"
 
 bench: $(STAMP)
 	$(BIN)/p2pm bench mv37
@@ -30,6 +39,16 @@ lock: $(BIN)/python  # requirements.lock: the versions install uses (pyproject.t
 
 lowest:  # the lowest versions pyproject.toml allows, in a fresh virtualenv, against the fast tests
 	.ci/lowest-versions
+
+# p2pm and every dependency as wheels: what the image installs from (no package index in the build)
+wheelhouse: $(BIN)/python
+	$(BIN)/python -m pip wheel --quiet --wheel-dir build/wheelhouse .
+
+base-image:
+	deploy/base-image.sh localhost/debian-py:bookworm
+
+image: wheelhouse
+	podman build --build-arg BASE=$(BASE) -t $(IMAGE) -f deploy/Containerfile .
 
 clean:
 	rm -rf $(VENV) results build *.egg-info

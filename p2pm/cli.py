@@ -39,6 +39,11 @@ class Topology(str, Enum):
     mesh = "mesh"
 
 
+class Launch(str, Enum):
+    local = "local"
+    podman = "podman"
+
+
 def _fail(message: str, code: int) -> None:
     typer.secho(("bad input: " if code == EXIT_BAD_INPUT else "run failed: ") + message, err=True, fg="red")
     raise typer.Exit(code)
@@ -173,6 +178,10 @@ def run(
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Render the figures and report.html (tables are always written).")] = True,
     log_level: LogLevelOpt = None,
+    launch: Annotated[Launch, typer.Option(help="local: one OS process per role on this machine; podman: one container per "
+                                                "role (peers grouped by --peers-per-process) on a podman network.")] = Launch.local,
+    image: Annotated[Optional[str], typer.Option(help="--launch podman: the p2pm image to run (default: built from this "
+                                                      "source tree, or reused when built already).", envvar="P2PM_IMAGE")] = None,
 ):
     """Clear a market and write the results folder."""
     t0 = time.time()
@@ -184,6 +193,8 @@ def run(
     if sc.market.kind == "community" and topology is Topology.mesh and solver is Solver.admm:
         _fail("--topology mesh: the community market runs in the relay topology (the network agent couples every peer)",
               EXIT_BAD_INPUT)
+    if launch is Launch.podman and solver is Solver.centralized:
+        _fail("--launch podman: the centralized reference runs in this process (use --solver admm)", EXIT_BAD_INPUT)
     out = out or Path("results") / f"{sc.name}-{solver.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     from common.report import format_summary, write_results
 
@@ -212,8 +223,14 @@ def run(
         from p2pm.launcher import LaunchError, run_distributed
 
         try:
-            summary = run_distributed(sc, out, topology=topology.value, peers_per_process=peers_per_process,
-                                      timeout_s=timeout_s, t0=t0, quiet=quiet, report=report)
+            if launch is Launch.podman:
+                from p2pm.containers import run_podman
+
+                summary = run_podman(sc, out, topology=topology.value, peers_per_process=peers_per_process,
+                                     timeout_s=timeout_s, t0=t0, quiet=quiet, report=report, image=image)
+            else:
+                summary = run_distributed(sc, out, topology=topology.value, peers_per_process=peers_per_process,
+                                          timeout_s=timeout_s, t0=t0, quiet=quiet, report=report)
         except LaunchError as exc:
             _fail(str(exc), EXIT_FAILED)
     typer.echo(format_summary(summary))
@@ -236,14 +253,14 @@ PublicOpt = Annotated[str, typer.Option(
 def coordinator(
     scenario: PublicOpt,
     bind: Annotated[str, typer.Option(help="Address to listen on (use tcp://0.0.0.0:PORT in containers).", envvar="P2PM_BIND")] = "tcp://127.0.0.1:5555",
-    run_id: Annotated[Optional[str], typer.Option(help="Run id carried by every message (default: random).")] = None,
+    run_id: Annotated[Optional[str], typer.Option(help="Run id carried by every message (default: random).", envvar="P2PM_RUN_ID")] = None,
     topology: Annotated[Topology, typer.Option(help="relay: trades go through the coordinator; mesh: peer to peer.", envvar="P2PM_TOPOLOGY")] = Topology.relay,
     out: Annotated[Path, typer.Option(help="Results folder.", envvar="P2PM_OUT")] = Path("results/run"),
-    timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait.", min=0.1)] = 30.0,
+    timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait.", min=0.1, envvar="P2PM_TIMEOUT_S")] = 30.0,
     ready_file: Annotated[Optional[Path], typer.Option(help="Write the bound address here once listening.", hidden=True)] = None,
     t0: Annotated[Optional[float], typer.Option(help="Launch time (epoch s) for the run's wall time.", hidden=True)] = None,
     processes: Annotated[int, typer.Option(help="Processes of the run, for the summary (0: count the registered roles).", hidden=True)] = 0,
-    report: Annotated[bool, typer.Option("--report/--no-report", help="Render the figures and report.html.")] = True,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Render the figures and report.html.", envvar="P2PM_REPORT")] = True,
     model: Annotated[Optional[Model], typer.Option(help="Market model (overrides the scenario).")] = None,
     rho: RhoOpt = None,
     tolerance: TolOpt = None,
@@ -271,7 +288,7 @@ def peer(
     coordinator: Annotated[str, typer.Option(help="Coordinator address, e.g. tcp://10.0.0.1:5555.", envvar="P2PM_COORDINATOR")],
     model_file: Annotated[list[Path], typer.Option("--model", help="A hosted peer's private file (peers/<id>.json from 'p2pm scenarios split'); repeat to host several.", envvar="P2PM_MODELS")],
     host_id: Annotated[Optional[str], typer.Option(help="This process's identity (default: host-<first peer>).", envvar="P2PM_HOST_ID")] = None,
-    timeout_s: Annotated[float, typer.Option(help="The coordinator's deadline (a peer waits twice as long for a round).", min=0.1)] = 30.0,
+    timeout_s: Annotated[float, typer.Option(help="The coordinator's deadline (a peer waits twice as long for a round).", min=0.1, envvar="P2PM_TIMEOUT_S")] = 30.0,
     bind_host: Annotated[str, typer.Option(help="Interface for the mesh socket.", envvar="P2PM_BIND_HOST")] = "127.0.0.1",
     advertise_host: Annotated[Optional[str], typer.Option(help="Address the partners use to reach this peer (mesh).", envvar="P2PM_ADVERTISE_HOST")] = None,
     log_level: LogLevelOpt = None,
@@ -288,7 +305,7 @@ def peer(
 
 
 CoordinatorAddr = Annotated[str, typer.Option(help="Coordinator address.", envvar="P2PM_COORDINATOR")]
-ServiceTimeout = Annotated[float, typer.Option(help="Deadline for a single send.", min=0.1)]
+ServiceTimeout = Annotated[float, typer.Option(help="Deadline for a single send.", min=0.1, envvar="P2PM_TIMEOUT_S")]
 IdleTimeout = Annotated[float, typer.Option(help="Longest wait for the next request.", min=1.0)]
 
 
@@ -515,6 +532,10 @@ def write_results_summary_only(result, out: Path) -> dict:
     (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     return summary
 
+
+from p2pm.deploy import deploy_app  # noqa: E402
+
+app.add_typer(deploy_app, name="deploy")
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

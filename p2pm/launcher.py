@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,10 @@ class Role:
     exitcode: int | None = None
     peak_rss_kib: int | None = None
     is_peer: bool = False
+    container: str | None = None  # --launch podman: the role's container (popen is its ``podman run``)
+
+    def describe(self) -> str:
+        return f"{self.name} (container {self.container})" if self.container else f"{self.name} (pid {self.pid})"
 
     @property
     def pid(self) -> int | None:
@@ -205,8 +210,68 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
     launch = Launch()
     events: queue.Queue = queue.Queue()
     progress = _Progress(quiet)
-    # Ctrl-C (and SIGTERM) set a flag that the loops below check: an exception raised at an
-    # arbitrary point could leave a lock of the event queue held and hang the teardown
+    with interruptible() as stop:
+        try:
+            # the fork server starts first: its imports overlap with the coordinator's
+            zygote = Role("peer fork server", logs / "zygote.log")
+            zygote.popen = _spawn("peer_node.zygote", [], zygote.log, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+            launch.roles.append(zygote)
+            threading.Thread(target=_reader, args=("zygote", zygote.popen.stdout, events), daemon=True).start()
+
+            ready_file = logs / "coordinator.address"
+            ready_file.unlink(missing_ok=True)
+            # a free port chosen here, so that the DSO and TSO (the slowest to import) start at once and
+            # connect while the coordinator is still starting (ZeroMQ retries the connection)
+            address = f"tcp://127.0.0.1:{_free_port()}"
+            coord = Role("coordinator", logs / "coordinator.log")
+            coord.popen = _spawn("p2pm", ["coordinator",
+                "--scenario", str(public_path), "--bind", address, "--ready-file", str(ready_file),
+                "--run-id", run_id, "--topology", topology, "--out", str(out), "--timeout-s", str(timeout_s),
+                "--t0", repr(t0), "--processes", str(n_processes), *([] if report else ["--no-report"])],
+                coord.log, stdout=subprocess.PIPE)
+            launch.roles.append(coord)
+            threading.Thread(target=_reader, args=("coordinator", coord.popen.stdout, events), daemon=True).start()
+
+            for svc in ("dso", "tso"):
+                r = Role(svc, logs / f"{svc}.log")
+                r.popen = _spawn("p2pm", [svc, "--scenario", str(public_path), "--coordinator", address,
+                                       "--timeout-s", str(timeout_s)], r.log)
+                launch.roles.append(r)
+
+            deadline = time.monotonic() + timeout_s
+            while not ready_file.exists() or not ready_file.read_text():
+                if coord.poll() is not None:
+                    raise LaunchError(f"the coordinator exited with code {coord.exitcode} before listening:\n{_tail(coord.log)}")
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"the coordinator did not start listening within {timeout_s:g} s")
+                if stop.is_set():
+                    raise LaunchError(f"interrupted; stopped all {len(launch.roles)} processes of the run")
+                time.sleep(0.01)
+
+            for i, group in enumerate(groups):
+                name = f"peer {group[0][0]}" if len(group) == 1 else f"peers {group[0][0]}..{group[-1][0]}"
+                host_id = f"h{i:04d}-{group[0][0]}"
+                r = Role(name, logs / f"{host_id}.log", is_peer=True)
+                launch.roles.append(r)
+                zygote.popen.stdin.write((json.dumps({"host_id": host_id, "model_files": [str(f) for _, f in group],
+                                                      "coordinator": address, "timeout_s": timeout_s,
+                                                      "log": str(r.log)}) + "\n").encode())
+            zygote.popen.stdin.close()
+            supervise(launch, coord, events, progress, stop, timeout_s)
+        finally:
+            progress.close()
+            launch.stop_all(events)
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary.update(_memory(launch))
+    summary_path.write_text(json.dumps(summary, indent=2, allow_nan=False))
+    return summary
+
+
+@contextmanager
+def interruptible():
+    """Ctrl-C (and SIGTERM) set the yielded flag, which the launch loops check: an exception raised
+    at an arbitrary point could leave a lock of the event queue held and hang the teardown."""
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -216,99 +281,50 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     else:
         previous = {}
-
-    def check_stop() -> None:
-        if stop.is_set():
-            raise LaunchError(f"interrupted; stopped all {len(launch.roles)} processes of the run")
-
     try:
-        # the fork server starts first: its imports overlap with the coordinator's
-        zygote = Role("peer fork server", logs / "zygote.log")
-        zygote.popen = _spawn("peer_node.zygote", [], zygote.log, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
-        launch.roles.append(zygote)
-        threading.Thread(target=_reader, args=("zygote", zygote.popen.stdout, events), daemon=True).start()
-
-        ready_file = logs / "coordinator.address"
-        ready_file.unlink(missing_ok=True)
-        # a free port chosen here, so that the DSO and TSO (the slowest to import) start at once and
-        # connect while the coordinator is still starting (ZeroMQ retries the connection)
-        address = f"tcp://127.0.0.1:{_free_port()}"
-        coord = Role("coordinator", logs / "coordinator.log")
-        coord.popen = _spawn("p2pm", ["coordinator",
-            "--scenario", str(public_path), "--bind", address, "--ready-file", str(ready_file),
-            "--run-id", run_id, "--topology", topology, "--out", str(out), "--timeout-s", str(timeout_s),
-            "--t0", repr(t0), "--processes", str(n_processes), *([] if report else ["--no-report"])],
-            coord.log, stdout=subprocess.PIPE)
-        launch.roles.append(coord)
-        threading.Thread(target=_reader, args=("coordinator", coord.popen.stdout, events), daemon=True).start()
-
-        for svc in ("dso", "tso"):
-            r = Role(svc, logs / f"{svc}.log")
-            r.popen = _spawn("p2pm", [svc, "--scenario", str(public_path), "--coordinator", address,
-                                   "--timeout-s", str(timeout_s)], r.log)
-            launch.roles.append(r)
-
-        deadline = time.monotonic() + timeout_s
-        while not ready_file.exists() or not ready_file.read_text():
-            if coord.poll() is not None:
-                raise LaunchError(f"the coordinator exited with code {coord.exitcode} before listening:\n{_tail(coord.log)}")
-            if time.monotonic() > deadline:
-                raise LaunchError(f"the coordinator did not start listening within {timeout_s:g} s")
-            check_stop()
-            time.sleep(0.01)
-
-        for i, group in enumerate(groups):
-            name = f"peer {group[0][0]}" if len(group) == 1 else f"peers {group[0][0]}..{group[-1][0]}"
-            host_id = f"h{i:04d}-{group[0][0]}"
-            r = Role(name, logs / f"{host_id}.log", is_peer=True)
-            launch.roles.append(r)
-            zygote.popen.stdin.write((json.dumps({"host_id": host_id, "model_files": [str(f) for _, f in group],
-                                                  "coordinator": address, "timeout_s": timeout_s,
-                                                  "log": str(r.log)}) + "\n").encode())
-        zygote.popen.stdin.close()
-
-        done = False
-        while True:
-            for ev in launch.absorb(events):
-                progress.update(ev)
-                if ev.get("event") == "done":
-                    done = True
-                elif ev.get("event") == "failed":
-                    raise LaunchError(f"the coordinator stopped the run: {ev.get('reason')}{_culprit(launch, coord)}")
-            if coord.poll() is not None:
-                time.sleep(0.05)
-                done = done or any(ev.get("event") == "done" for ev in launch.absorb(events))
-                if coord.exitcode == 0 and done:
-                    break
-                raise LaunchError(f"the coordinator exited with code {coord.exitcode}:\n{_tail(coord.log)}{_culprit(launch, coord)}")
-            for r in launch.roles:
-                code = r.poll()
-                if r is not coord and r is not zygote and code not in (None, 0):
-                    raise LaunchError(f"{r.name} (pid {r.pid}) exited with code {code}; its log ends with:\n{_tail(r.log)}")
-            check_stop()
-            time.sleep(0.02)
-        # the coordinator has written the results; the others end on its SHUTDOWN
-        end = time.monotonic() + timeout_s
-        while any(r.poll() is None for r in launch.roles) and time.monotonic() < end and not stop.is_set():
-            launch.absorb(events)
-            time.sleep(0.02)
+        yield stop
     finally:
-        progress.close()
-        launch.stop_all(events)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text())
-    summary.update(_memory(launch))
-    summary_path.write_text(json.dumps(summary, indent=2, allow_nan=False))
-    return summary
+
+
+def supervise(launch: Launch, coord: Role, events: "queue.Queue", progress: "_Progress", stop: threading.Event,
+              timeout_s: float, what: str = "processes") -> None:
+    """Show the coordinator's progress until it has written the results, then wait for the other
+    roles to end on its SHUTDOWN. LaunchError naming the role when one fails, and on Ctrl-C."""
+    done = False
+    while True:
+        for ev in launch.absorb(events):
+            progress.update(ev)
+            if ev.get("event") == "done":
+                done = True
+            elif ev.get("event") == "failed":
+                raise LaunchError(f"the coordinator stopped the run: {ev.get('reason')}{_culprit(launch, coord)}")
+        if coord.poll() is not None:
+            time.sleep(0.05)
+            done = done or any(ev.get("event") == "done" for ev in launch.absorb(events))
+            if coord.exitcode == 0 and done:
+                break
+            raise LaunchError(f"the coordinator exited with code {coord.exitcode}:\n{_tail(coord.log)}{_culprit(launch, coord)}")
+        for r in launch.roles:
+            code = r.poll()
+            if r is not coord and r.name != "peer fork server" and code not in (None, 0):
+                raise LaunchError(f"{r.describe()} exited with code {code}; its log ends with:\n{_tail(r.log)}")
+        if stop.is_set():
+            raise LaunchError(f"interrupted; stopped all {len(launch.roles)} {what} of the run")
+        time.sleep(0.02)
+    # the coordinator has written the results; the others end on its SHUTDOWN
+    end = time.monotonic() + timeout_s
+    while any(r.poll() is None for r in launch.roles) and time.monotonic() < end and not stop.is_set():
+        launch.absorb(events)
+        time.sleep(0.02)
 
 
 def _culprit(launch: Launch, coord: Role) -> str:
     """The first other role that died, with its log tail (often the root cause)."""
     for r in launch.roles:
         if r is not coord and r.name != "peer fork server" and r.poll() not in (None, 0):
-            return f"\n{r.name} (pid {r.pid}) exited with code {r.exitcode}; its log ends with:\n{_tail(r.log)}"
+            return f"\n{r.describe()} exited with code {r.exitcode}; its log ends with:\n{_tail(r.log)}"
     return ""
 
 

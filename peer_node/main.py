@@ -20,7 +20,22 @@ def load_models(model_files: list[str]) -> list:
     """The hosted peers' private models, one JSON file each (``p2pm scenarios split`` writes them)."""
     if not model_files:
         raise ValueError("no peer to host: give --model FILE (one private model file per hosted peer)")
-    return [peer_model_from_dict(json.loads(Path(f).read_text())) for f in model_files]
+    return [peer_model_from_dict(json.loads(_private_bytes(Path(f)))) for f in model_files]
+
+
+def _private_bytes(path: Path) -> bytes:
+    """A private file's JSON; also accepted base64-encoded, as some container engines (podman 4.3's
+    ``kube play``) write a Kubernetes Secret's data into its volume without decoding it."""
+    raw = path.read_bytes()
+    if raw.lstrip()[:1] not in (b"{", b""):
+        import base64
+        import binascii
+
+        try:
+            return base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            return raw  # not base64 either: let the JSON parser name the problem
+    return raw
 
 
 def main(models: list, coordinator: str, host_id: str | None, timeout_s: float, bind_host: str = "127.0.0.1",
