@@ -42,7 +42,7 @@ lowest:  # the lowest versions pyproject.toml allows, in a fresh virtualenv, aga
 
 # p2pm and every dependency as wheels: what the image installs from (no package index in the build)
 wheelhouse: $(BIN)/python
-	$(BIN)/python -m pip wheel --quiet --wheel-dir build/wheelhouse .
+	$(BIN)/python -m pip wheel --quiet -c requirements.lock --wheel-dir build/wheelhouse .
 
 base-image:
 	deploy/base-image.sh localhost/debian-py:bookworm

@@ -93,7 +93,9 @@ def hashes(root: Path) -> tuple[str, str]:
     import tomllib
 
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    deps = json.dumps([project.get("requires-python"), sorted(project.get("dependencies", []))])
+    lock = root / "requirements.lock"
+    deps = json.dumps([project.get("requires-python"), sorted(project.get("dependencies", [])),
+                       lock.read_text() if lock.is_file() else ""])
     return hashlib.sha256(deps.encode()).hexdigest()[:12], _hash(source_files(root), root)
 
 
@@ -109,7 +111,10 @@ def build_wheelhouse(root: Path, wheelhouse: Path | None = None, log=print) -> P
     marker = wheelhouse / f".dependencies-{deps}"
     only_p2pm = ["--no-deps"] if marker.exists() else []
     log(f"wheelhouse: pip wheel {root} -> {wheelhouse}{' (p2pm only)' if only_p2pm else ''}")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", *only_p2pm, "--find-links", str(wheelhouse),
+    lock = root / "requirements.lock"  # the versions the lock file names, as for make install
+    constraints = ["-c", str(lock)] if lock.is_file() else []
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", *only_p2pm, *constraints,
+                           "--find-links", str(wheelhouse),
                            "--wheel-dir", str(wheelhouse), str(root)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise LaunchError(f"pip wheel failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
