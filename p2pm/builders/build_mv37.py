@@ -33,7 +33,7 @@ import pandas as pd
 
 from p2pm.builders.writer import scenario_yaml
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2] / "common" / "scenarios"  # where the built-in scenarios live
 DATA = HERE.parent / "data"
 OUT = HERE / "mv37.yaml"
 H = 24
