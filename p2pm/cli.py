@@ -375,6 +375,39 @@ def bench(
     (out / "bench.json").write_text(json.dumps({"summary": s, "comparison": cmp, "centralized_s": central_s}, indent=2))
 
 
+@app.command()
+def experiment(
+    file: Annotated[str, typer.Argument(help="Experiment file (YAML) or a built-in experiment: scaling, latency, smoke.")],
+    out: Annotated[Optional[Path], typer.Option(help="Results folder (default results/experiment-<name>); an existing "
+                                                     "one is resumed: finished cells are skipped.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Render the figures and report.html.")] = True,
+    dry_run: Annotated[bool, typer.Option(help="Validate the file and list the cells; run nothing.")] = False,
+):
+    """Run a communication-overhead experiment: a grid of scenario sizes, topologies, variants, peers per
+    process and network settings (latency, jitter, bandwidth), with repetitions; one table, one folder per
+    cell, an HTML report with figures."""
+    from p2pm.experiment import ExperimentError, cells, load_experiment, run_experiment
+
+    try:
+        exp = load_experiment(file)
+    except ExperimentError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    grid = cells(exp)
+    if dry_run:
+        for c in grid:
+            typer.echo(f"{c.id}" + (f"  (skipped: {c.skip})" if c.skip else ""))
+        typer.echo(f"{len(grid)} cells x {exp.repetitions} repetitions, driver {exp.driver}")
+        return
+    out = out or Path("results") / f"experiment-{exp.name}"
+    rows, counts = run_experiment(exp, out, quiet=quiet, report=report)
+    typer.echo(f"{counts['cells']} cell repetitions: {counts['ran']} run, {counts['resumed']} already done, "
+               f"{counts['skipped']} skipped, {counts['failed']} failed")
+    typer.echo(f"results: {out / 'results.csv'}" + (f", {out / 'report.html'}" if report else ""))
+    if counts["failed"]:
+        raise typer.Exit(EXIT_FAILED)
+
+
 def write_results_summary_only(result, out: Path) -> dict:
     import json
 
