@@ -44,18 +44,18 @@ def trade_graph(peers: list[HourlyPeer]) -> TradeGraph:
 def trade_graph_from_roster(ids: list[str], producer: list[bool]) -> TradeGraph:
     """The same graph from public facts only (ids and whether each peer sells): what the
     coordinator knows."""
-    owner, partner, sign = [], [], []
-    for n in range(len(ids)):
-        for m in range(len(ids)):
-            if n != m and producer[n] != producer[m]:
-                owner.append(n)
-                partner.append(m)
-                sign.append(1.0 if producer[n] else -1.0)
-    owner = np.array(owner, dtype=np.int64)
-    partner = np.array(partner, dtype=np.int64)
-    lookup = {(n, m): k for k, (n, m) in enumerate(zip(owner, partner))}
-    reverse = np.array([lookup[(m, n)] for n, m in zip(owner, partner)], dtype=np.int64)
-    return TradeGraph(tuple(ids), owner, partner, reverse, np.array(sign))
+    prod = np.asarray(producer, dtype=bool).reshape(-1)
+    owner, partner = np.nonzero(prod[:, None] != prod[None, :])  # row-major: by owner, then partner
+    owner, partner = owner.astype(np.int64), partner.astype(np.int64)
+    # the index of (m, n): m's first trade plus n's rank among m's partners (the other side before n)
+    degree = np.where(prod, np.count_nonzero(~prod), np.count_nonzero(prod))
+    first = np.concatenate(([0], np.cumsum(degree)[:-1])).astype(np.int64)
+    producers_before = np.concatenate(([0], np.cumsum(prod)[:-1])).astype(np.int64)
+    consumers_before = np.arange(len(prod), dtype=np.int64) - producers_before
+    rank = np.where(prod[partner], consumers_before[owner], producers_before[owner])
+    reverse = first[partner] + rank
+    sign = np.where(prod[owner], 1.0, -1.0)
+    return TradeGraph(tuple(ids), owner, partner, reverse, sign)
 
 
 def peer_arrays(peers: list[HourlyPeer]):

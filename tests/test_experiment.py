@@ -1,0 +1,151 @@
+"""Experiments (p2pm.experiment): the file is refused naming the field before anything runs, an
+interrupted experiment resumes and skips finished cells, the in-process grid gives the same
+message counts every time, and (e2e) the same message counts, bytes and iterations as real
+processes."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from p2pm.cli import app
+from p2pm.experiment import ExperimentError, cells, load_experiment, run_experiment
+
+TINY = """\
+name: tiny
+description: three hours of a small P2P market on the IEEE 33-bus feeder
+network: {name: case33bw, line_max_i_ka: 0.5}
+market: {kind: p2p, hours: 3, rho: 30.0, tolerance: 1.0e-4, max_iterations: 1000, price_init_eur_per_mwh: 30.0}
+peers:
+  - {id: grid, kind: grid, bus: 0, p_import_max_mw: 5.0, import_price_eur_per_mwh: 58.0}
+  - {id: chp1, kind: chp, bus: 5, p_min_mw: 0.0, p_max_mw: 0.4, cost_a_eur_per_mw2h: 20.0, cost_b_eur_per_mwh: 40.0}
+  - {id: pv1, kind: pv, bus: 10, p_forecast_mw: [0.0, 0.3, 0.5], cost_a_eur_per_mw2h: 1.0, cost_b_eur_per_mwh: 4.0}
+  - {id: load1, kind: load, bus: 3, p_base_mw: 0.4}
+  - {id: load2, kind: load, bus: 20, p_base_mw: [0.3, 0.5, 0.6], flex_fraction: 0.2}
+"""
+
+
+def _files(tmp_path, driver="in-process", extra=""):
+    sc = tmp_path / "tiny.yaml"
+    sc.write_text(TINY)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"""\
+name: tiny-grid
+driver: {driver}
+scenarios:
+  - file: {sc}
+topologies: [relay, mesh]
+variants: [plain, pool-price]
+peers_per_process: [2]
+{extra}""")
+    return exp
+
+
+@pytest.mark.parametrize("change, field", [
+    ("topologies: [relay, ring]", "topologies.1"),
+    ("variants: [fast]", "variants.0"),
+    ("repetitions: 0", "repetitions"),
+    ("peers_per_process: [0]", "peers_per_process"),
+    ("network: [{latency_ms: -1}]", "network.0.latency_ms"),
+    ("network: [{jitter: 2}]", "network.0.jitter"),
+    ("network: [{links: {peer-to-peer: {latency_ms: 5}}}]", "network.0.links"),
+    ("colour: blue", "colour: unknown field"),
+    ("scenarios: [{family: nowhere, peers: [10]}]", "family: unknown feeder 'nowhere'"),
+    ("scenarios: [{family: mv37}]", "peers: a family needs at least one size"),
+])
+def test_a_bad_experiment_file_is_refused_naming_the_field(tmp_path, change, field):
+    path = tmp_path / "bad.yaml"
+    base = {"name": "x", "scenarios": "[{family: mv37, peers: [10]}]"}
+    key = change.split(":")[0]
+    lines = [f"{k}: {v}" for k, v in base.items() if k != key] + [change]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ExperimentError, match=field.replace("[", r"\[").replace(".", r"\.")):
+        load_experiment(path)
+    result = CliRunner().invoke(app, ["experiment", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert field.split(":")[0] in result.output
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_the_builtin_experiments_are_valid_and_acceleration_on_mesh_is_skipped():
+    for name in ("scaling", "latency", "smoke"):
+        exp = load_experiment(name)
+        assert cells(exp)
+    exp = load_experiment("scaling")
+    assert len(cells(exp)) == 16
+    grid = cells(exp.model_copy(update={"variants": ["accelerated"]}))
+    assert {c.topology for c in grid if c.skip} == {"mesh"}
+    assert all(c.skip is None for c in grid if c.topology == "relay")
+
+
+def test_resume_after_interruption_skips_finished_cells(tmp_path, networks_built_once):
+    exp = load_experiment(_files(tmp_path))
+    out = tmp_path / "out"
+    rows, counts = run_experiment(exp, out, quiet=True, report=False, only=2)  # interrupted after two cells
+    assert counts["ran"] == 2 and len(rows) == 2
+    finished = sorted(p.parent.parent.name for p in out.glob("cells/*/rep0/row.json"))
+    assert len(finished) == 2
+    # a cell that was interrupted halfway (folder without row.json) is run again
+    half = out / "cells" / cells(exp)[2].id / "rep0"
+    half.mkdir(parents=True)
+    (half / "junk.txt").write_text("partial")
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/rep0/row.json")}
+    rows, counts = run_experiment(exp, out, quiet=True, report=True)
+    assert counts == {"cells": 4, "resumed": 2, "ran": 2, "skipped": 0, "failed": 0}
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # finished cells untouched
+    assert not (half / "junk.txt").exists()
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 4 and set(table["status"]) == {"ok"}
+    assert table["converged"].all()
+    assert (table["welfare_rel_error"] < 1e-4).all()
+    for col in ("messages_round", "bytes_round", "messages_peer-coordinator", "bytes_coordinator-peer"):
+        assert (table[col] > 0).all(), col
+    mesh = table[table["topology"] == "mesh"]
+    assert (mesh["messages_peer-peer"] > 0).all() and (table[table["topology"] == "relay"]["messages_peer-peer"] == 0).all()
+    assert (out / "report.html").exists() and (out / "figures" / "scaling.png").exists()
+    # a third run does nothing
+    _, counts = run_experiment(exp, out, quiet=True, report=False)
+    assert counts["ran"] == 0 and counts["resumed"] == 4
+
+
+def test_in_process_message_counts_are_exact_and_latency_only_moves_the_clock(tmp_path, networks_built_once):
+    """The synchronous rounds send the same messages whatever the latency; the simulated clock
+    grows with it, and two runs with the same seed give the same clock to the last bit."""
+    exp = load_experiment(_files(tmp_path, extra="variants: [plain]\nnetwork: [{latency_ms: 0}, "
+                                                  "{latency_ms: 20, jitter: 0.2}]\n"))
+    rows, _ = run_experiment(exp, tmp_path / "a", quiet=True, report=False)
+    again, _ = run_experiment(exp, tmp_path / "b", quiet=True, report=False)
+    df = pd.DataFrame(rows).set_index(["topology", "network"])
+    df2 = pd.DataFrame(again).set_index(["topology", "network"])
+    for topo in ("relay", "mesh"):
+        zero, lat = df.loc[(topo, "0ms")], df.loc[(topo, "20ms-j0.2")]
+        assert zero["messages"] == lat["messages"] and zero["iterations"] == lat["iterations"]
+        assert zero["sim_time_s"] == 0.0
+        # at least two 20 ms (x 0.8) hops per iteration
+        assert lat["sim_time_s"] >= 2 * 0.016 * lat["iterations"]
+        assert lat["sim_time_s"] == df2.loc[(topo, "20ms-j0.2")]["sim_time_s"]
+    assert df.loc[("relay", "0ms")]["iterations"] == df.loc[("mesh", "0ms")]["iterations"]
+
+
+@pytest.mark.e2e
+def test_in_process_and_real_processes_send_the_same_messages(tmp_path):
+    """The same small grid with real processes and on the in-process driver: the same iterations,
+    the same message count of every type, and the same bytes of every ADMM message."""
+    exp = load_experiment(_files(tmp_path, driver="processes"))
+    real, _ = run_experiment(exp, tmp_path / "real", quiet=True, report=False)
+    inproc, _ = run_experiment(exp.model_copy(update={"driver": "in-process"}), tmp_path / "inproc", quiet=True,
+                               report=False)
+    assert [r["status"] for r in real] == ["ok"] * 4, [r["reason"] for r in real]
+    for a, b in zip(real, inproc):
+        assert a["cell"] == b["cell"]
+        assert a["iterations"] == b["iterations"] and a["rounds"] == b["rounds"]
+        assert a["messages"] == b["messages"], a["cell"]
+        for key in a:
+            if key.startswith("messages_"):
+                assert a[key] == b.get(key, 0), (a["cell"], key)
+        for t in ("round", "update", "trades", "residuals", "price_probe", "quantity_sum", "pool_price",
+                  "pool_quantity", "dispatch"):
+            assert a.get(f"bytes_{t}") == b.get(f"bytes_{t}"), (a["cell"], t)
