@@ -28,7 +28,7 @@ peers:
 """
 
 
-def _files(tmp_path, driver="in-process", extra=""):
+def _files(tmp_path, driver="in-process", extra="", variants="[plain, pool-price]", ppp="[2]"):
     sc = tmp_path / "tiny.yaml"
     sc.write_text(TINY)
     exp = tmp_path / "exp.yaml"
@@ -38,8 +38,8 @@ driver: {driver}
 scenarios:
   - file: {sc}
 topologies: [relay, mesh]
-variants: [plain, pool-price]
-peers_per_process: [2]
+variants: {variants}
+peers_per_process: {ppp}
 {extra}""")
     return exp
 
@@ -82,7 +82,7 @@ def test_the_builtin_experiments_are_valid_and_acceleration_on_mesh_is_skipped()
 
 
 def test_resume_after_interruption_skips_finished_cells(tmp_path, networks_built_once):
-    exp = load_experiment(_files(tmp_path))
+    exp = load_experiment(_files(tmp_path, variants="[pool-price]", ppp="[1, 2]"))
     out = tmp_path / "out"
     rows, counts = run_experiment(exp, out, quiet=True, report=False, only=2)  # interrupted after two cells
     assert counts["ran"] == 2 and len(rows) == 2
@@ -114,20 +114,20 @@ def test_resume_after_interruption_skips_finished_cells(tmp_path, networks_built
 def test_in_process_message_counts_are_exact_and_latency_only_moves_the_clock(tmp_path, networks_built_once):
     """The synchronous rounds send the same messages whatever the latency; the simulated clock
     grows with it, and two runs with the same seed give the same clock to the last bit."""
-    exp = load_experiment(_files(tmp_path, extra="variants: [plain]\nnetwork: [{latency_ms: 0}, "
-                                                  "{latency_ms: 20, jitter: 0.2}]\n"))
+    exp = load_experiment(_files(tmp_path, variants="[pool-price]", extra="network: [{latency_ms: 0}, "
+                                                                          "{latency_ms: 20, jitter: 0.2}]\n"))
     rows, _ = run_experiment(exp, tmp_path / "a", quiet=True, report=False)
     again, _ = run_experiment(exp, tmp_path / "b", quiet=True, report=False)
     df = pd.DataFrame(rows).set_index(["topology", "network"])
     df2 = pd.DataFrame(again).set_index(["topology", "network"])
     for topo in ("relay", "mesh"):
         zero, lat = df.loc[(topo, "0ms")], df.loc[(topo, "20ms-j0.2")]
-        assert zero["messages"] == lat["messages"] and zero["iterations"] == lat["iterations"]
+        assert zero["messages"] == lat["messages"] and zero["rounds"] == lat["rounds"]
         assert zero["sim_time_s"] == 0.0
-        # at least two 20 ms (x 0.8) hops per iteration
-        assert lat["sim_time_s"] >= 2 * 0.016 * lat["iterations"]
+        # at least two 20 ms (x 0.8) hops per round (price rounds and ADMM iterations)
+        assert lat["sim_time_s"] >= 2 * 0.016 * lat["rounds"]
         assert lat["sim_time_s"] == df2.loc[(topo, "20ms-j0.2")]["sim_time_s"]
-    assert df.loc[("relay", "0ms")]["iterations"] == df.loc[("mesh", "0ms")]["iterations"]
+    assert df.loc[("relay", "0ms")]["rounds"] == df.loc[("mesh", "0ms")]["rounds"]
 
 
 @pytest.mark.e2e
