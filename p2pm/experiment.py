@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from common.network import LINK_KINDS, LinkNetwork, LinkSpec
 
 BUILTIN_DIR = Path(__file__).parent / "experiments"
+IN_PROCESS_RUN_ID = "inprocess000"  # as long as the launcher's run ids (uuid hex, 12 characters)
 VARIANTS = {
     "plain": dict(pool_price_start=False, acceleration=False),
     "accelerated": dict(pool_price_start=False, acceleration=True),
@@ -375,9 +376,11 @@ def _in_process_child(sc, topology: str, ppp: int, network: LinkNetwork, folder:
     """Runs in a forked child: the cell on the in-process driver; sends progress and the summary."""
     import resource
 
+    from common.engine import InProcessDriver
     from common.public import split_scenario
     from common.report import write_results
-    from p2pm.local import run_in_process
+    from coordinator.results import build_result
+    from p2pm.local import engines_for
 
     try:
         last = [0, time.monotonic()]
@@ -388,7 +391,13 @@ def _in_process_child(sc, topology: str, ppp: int, network: LinkNetwork, folder:
                 conn.send(("iteration", iteration))
 
         t0 = time.perf_counter()
-        result, driver = run_in_process(sc, topology=topology, peers_per_process=ppp, network=network, trace=trace)
+        coordinator, engines = engines_for(sc, topology=topology, peers_per_process=ppp)
+        # a run id as long as the launcher's (12 characters), so that every message has the same size
+        coordinator.run_id = IN_PROCESS_RUN_ID
+        driver = InProcessDriver(engines, network=network, trace=trace, run_id=IN_PROCESS_RUN_ID)
+        outcome = driver.run()
+        result = build_result(outcome, coordinator, driver.traffic.rows(), processes=1,
+                              rejected=sum(driver.rejected.values()))
         wall = time.perf_counter() - t0
         result.wall_s = wall
         write_results(result, Path(folder), split_scenario(sc)[0], figures=False)
