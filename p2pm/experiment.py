@@ -163,7 +163,8 @@ class Experiment(_Strict):
     network: list[NetworkSettings] = Field(default_factory=lambda: [NetworkSettings()], min_length=1)
     repetitions: int = Field(1, ge=1, le=100)
     seed: int = 0
-    max_iterations: int | None = Field(None, ge=1)
+    max_iterations: int | dict[int, int] | None = Field(None, description="cap on the ADMM iterations: one "
+                                                         "number, or one per size (peers: cap)")
     tolerance: float | None = Field(None, gt=0)
     timeout_s: float = Field(60.0, gt=0)
     cell_timeout_s: float = Field(1800.0, gt=0, description="longest a cell may run (in-process driver)")
@@ -176,6 +177,19 @@ class Experiment(_Strict):
             if isinstance(x, int) and x < 1:
                 raise ValueError("every value must be 'auto' or at least 1")
         return v
+
+    @field_validator("max_iterations")
+    @classmethod
+    def _caps(cls, v):
+        caps = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        if any(c < 1 for c in caps):
+            raise ValueError("every cap must be at least 1")
+        return v
+
+    def cap(self, peers: int | None) -> int | None:
+        if isinstance(self.max_iterations, dict):
+            return self.max_iterations.get(peers) if peers is not None else None
+        return self.max_iterations
 
     @model_validator(mode="after")
     def _network_names(self):
@@ -280,8 +294,8 @@ def _scenario(exp: Experiment, cell: Cell, seed: int, folder: Path):
     from p2pm.builders.make_scenario import make_scenario, write
 
     overrides = dict(VARIANTS[cell.variant])
-    if exp.max_iterations is not None:
-        overrides["max_iterations"] = exp.max_iterations
+    if exp.cap(cell.peers) is not None:
+        overrides["max_iterations"] = exp.cap(cell.peers)
     if exp.tolerance is not None:
         overrides["tolerance"] = exp.tolerance
     if cell.family == "file":
@@ -512,6 +526,8 @@ def run_cell(exp: Experiment, cell: Cell, rep: int, out: Path, on_iteration=lamb
             row["welfare_rel_error"] = abs(row["welfare_eur"] - ref_sw) / max(abs(ref_sw), 1e-9)
         row.update(_traffic_columns(folder / "messages.csv"))
     except Exception as exc:  # noqa: BLE001 - a failed cell is a row, the experiment goes on
+        if str(exc).startswith("interrupted"):  # Ctrl-C or SIGTERM during a run: not finished, resume runs it
+            raise KeyboardInterrupt(str(exc)) from None
         row.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:2000])
         (folder / "error.txt").write_text(traceback.format_exc())
     (folder / "row.json").write_text(json.dumps(row, indent=1, default=float))
