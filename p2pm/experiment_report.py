@@ -4,7 +4,7 @@
   topology and variant (repetitions averaged), converged points filled, others hollow;
 - ``residuals_vs_bytes.png``: primal residual of every iteration against the cumulative bytes sent
   up to it (repetition 0 of each cell);
-- ``traffic_by_role.png``: bytes per cell split by link (coordinator -> peers, peers -> coordinator,
+- ``traffic_by_role.png``: the share of each cell's bytes per link (total on top), split by link (coordinator -> peers, peers -> coordinator,
   peer <-> peer, DSO, TSO, control);
 - ``latency.png``: time to converge against the injected latency (wall time with real processes,
   the simulated network clock in process), one line per topology and variant (only when the grid
@@ -81,7 +81,7 @@ def _residuals(out: Path, df: pd.DataFrame, path: Path) -> bool:
         per_it = msgs.groupby("iteration")["bytes"].sum().sort_index().cumsum()
         hist = hist[hist["outer"] == hist["outer"].min()] if "outer" in hist else hist
         x = per_it.reindex(hist["iteration"], method="ffill").to_numpy()
-        ax.plot(x, hist["primal_residual"].to_numpy(), label=f"{r['peers']} peers, {r['topology']}, {r['variant']}, "
+        ax.plot(x, hist["primal_residual"].to_numpy(), "o-" if len(hist) <= 3 else "-", label=f"{r['peers']} peers, {r['topology']}, {r['variant']}, "
                                                                f"{r['network']}")
         drawn += 1
     if not drawn:
@@ -112,17 +112,21 @@ def _traffic(df: pd.DataFrame, path: Path) -> bool:
     ok = ok.sort_values(["peers", "topology", "variant"])
     labels = [f"{r['peers']} {r['topology'][:5]} {r['variant']} {r['network']}" for _, r in ok.iterrows()]
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(ok) + 3), 5.5))
+    values = ok[cols].fillna(0).to_numpy(dtype=float)
+    total = values.sum(axis=1)
+    share = 100 * values / np.maximum(total, 1)[:, None]
     bottom = np.zeros(len(ok))
-    for c in cols:
-        v = ok[c].fillna(0).to_numpy(dtype=float) / 2**20
-        if v.sum() == 0:
+    for j, c in enumerate(cols):
+        if values[:, j].sum() == 0:
             continue
-        ax.bar(range(len(ok)), v, bottom=bottom, label=c.removeprefix("bytes_"))
-        bottom += v
+        ax.bar(range(len(ok)), share[:, j], bottom=bottom, label=c.removeprefix("bytes_"))
+        bottom += share[:, j]
+    for i, t in enumerate(total):
+        ax.text(i, 101, f"{t / 2**20:.3g}", ha="center", va="bottom", fontsize=6, rotation=90)
     ax.set_xticks(range(len(ok)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("MiB per clearing")
-    ax.set_yscale("log") if bottom.max() / max(bottom.min(), 1e-9) > 100 else None
-    ax.legend(fontsize=7)
+    ax.set_ylabel("share of the bytes [%] (total MiB on top)")
+    ax.set_ylim(0, 118)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("traffic by link (sender -> receiver)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
