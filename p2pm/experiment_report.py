@@ -2,6 +2,8 @@
 
 - ``scaling.png``: messages, bytes, iterations and wall time against peers (log-log), one line per
   topology and variant (repetitions averaged), converged points filled, others hollow;
+- ``per_iteration.png``: messages, bytes and time per ADMM iteration against peers (log-log), which
+  compare runs capped at different iteration counts;
 - ``residuals_vs_bytes.png``: primal residual of every iteration against the cumulative bytes sent
   up to it (repetition 0 of each cell);
 - ``traffic_by_role.png``: the share of each cell's bytes per link (total on top), split by link (coordinator -> peers, peers -> coordinator,
@@ -54,6 +56,36 @@ def _scaling(df: pd.DataFrame, path: Path) -> bool:
         ax.grid(True, which="both", alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("scaling (filled: converged; hollow: not)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _per_iteration(df: pd.DataFrame, path: Path) -> bool:
+    """Messages, bytes and time per ADMM iteration against peers: comparable across runs capped at
+    different iteration counts."""
+    ok = df[df["status"] == "ok"]
+    if ok.empty:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
+    for ax, col, title in zip(axes, ["messages_per_iteration", "bytes_per_iteration", "time_per_iteration_ms"],
+                              ["messages per iteration", "bytes per iteration",
+                               "time per iteration [ms] (ADMM loop / iterations)"]):
+        for key, g in ok.groupby(["topology", "variant", "network"]):
+            m = g.groupby("peers")[col].mean().reset_index()
+            ax.plot(m["peers"], m[col].clip(lower=1e-3), "o-", label=" / ".join(map(str, key)))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("peers")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -177,6 +209,7 @@ def write_report(out: Path, exp, rows: list[dict]) -> Path:
     df = pd.DataFrame(rows)
     made = []
     for name, fn in (("scaling.png", lambda p: _scaling(df, p)),
+                     ("per_iteration.png", lambda p: _per_iteration(df, p)),
                      ("residuals_vs_bytes.png", lambda p: _residuals(out, df, p)),
                      ("traffic_by_role.png", lambda p: _traffic(df, p)),
                      ("latency.png", lambda p: _latency(df, p))):
