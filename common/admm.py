@@ -33,11 +33,12 @@ class LocalP2P:
     p_max_mw: np.ndarray
     cost_a: np.ndarray
     cost_b: np.ndarray
-    sign: float  # +1 producer, -1 consumer
+    sign: float  # +1 producer, -1 consumer, 0 both ways (prosumer: trades of either sign)
     weights: np.ndarray  # (M, H) differentiation cost per MWh of each trade
     x: np.ndarray = field(default=None)  # own trades p_nm (M, H)
     y: np.ndarray = field(default=None)  # partners' trades p_mn (M, H)
     lam: np.ndarray = field(default=None)  # prices lambda_nm (M, H)
+    cost_b_neg: np.ndarray | None = None  # slope where the injection is negative (two-slope cost), two-way peers
 
     def __post_init__(self):
         shape = self.weights.shape
@@ -53,6 +54,10 @@ class LocalP2P:
         """The local problem in producer form (consumers mirrored), arrays of shape (H,)."""
         a, b, lo, hi = (np.broadcast_to(np.asarray(v, dtype=float), (H,)).copy()
                         for v in (self.cost_a, self.cost_b, self.p_min_mw, self.p_max_mw))
+        if self.sign == 0:
+            b_neg = b if self.cost_b_neg is None else np.broadcast_to(np.asarray(self.cost_b_neg, dtype=float), (H,)).copy()
+            self._prod = (a, b, b_neg, lo, hi)
+            return
         self._prod = (a, b, lo, hi) if self.sign > 0 else (a, -b, -hi, -lo)
 
     def retune(self, p_min_mw, p_max_mw, cost_a, cost_b, weights=None) -> None:
@@ -63,33 +68,56 @@ class LocalP2P:
             self.weights = np.asarray(weights, dtype=float).reshape(self.x.shape)
         self._set_problem(self.x.shape[1])
 
-    def step(self, rho: float) -> tuple[np.ndarray, float]:
-        """Local update; returns the new trades and the squared change (for the dual residual)."""
-        beta = 0.5 * rho * (self.x - self.y) + self.lam - self.weights  # rho tau - w
-        if self.sign > 0:
-            x_new = _solve_producer(beta, rho, *self._prod)
+    def step(self, rho: float, hours: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Local update of the given hours (all by default: the hours are independent problems);
+        returns the new trades of those hours (M, h) and the squared change per hour (h,) (for the
+        dual residual)."""
+        if hours is None:
+            beta = 0.5 * rho * (self.x - self.y) + self.lam - self.weights  # rho tau - w
+            prod = self._prod
         else:
-            x_new = -_solve_producer(-beta, rho, *self._prod)
-        dx = float(np.sum((x_new - self.x) ** 2))
-        self.x = x_new
+            beta = 0.5 * rho * (self.x[:, hours] - self.y[:, hours]) + self.lam[:, hours] - self.weights[:, hours]
+            prod = tuple(v[hours] for v in self._prod)
+        if self.sign > 0:
+            x_new = _solve_producer(beta, rho, *prod)
+        elif self.sign == 0:
+            x_new = _solve_free(beta, rho, *prod)
+        else:
+            x_new = -_solve_producer(-beta, rho, *prod)
+        if hours is None:
+            dx = np.sum((x_new - self.x) ** 2, axis=0)
+            self.x = x_new
+        else:
+            dx = np.sum((x_new - self.x[:, hours]) ** 2, axis=0)
+            self.x[:, hours] = x_new
         return x_new, dx
 
-    def receive(self, y: np.ndarray, rho: float) -> float:
-        """Partners' new trades arrive: price update; returns the squared primal mismatch."""
-        self.y = y
-        mismatch = self.x + y
-        self.lam = self.lam - 0.5 * rho * mismatch
-        return float(np.sum(mismatch**2))
+    def receive(self, y: np.ndarray, rho: float, hours: np.ndarray | None = None) -> np.ndarray:
+        """Partners' new trades of the given hours (all by default) arrive: price update; returns
+        the squared primal mismatch per hour."""
+        if hours is None:
+            self.y = y
+            mismatch = self.x + y
+            self.lam = self.lam - 0.5 * rho * mismatch
+        else:
+            self.y[:, hours] = y
+            mismatch = self.x[:, hours] + y
+            self.lam[:, hours] -= 0.5 * rho * mismatch
+        return np.sum(mismatch**2, axis=0)
 
     @property
     def p_mw(self) -> np.ndarray:
         return self.x.sum(axis=0)
 
 
-def best_response(a, b, lo, hi, price) -> tuple[np.ndarray, np.ndarray]:
+def best_response(a, b, lo, hi, price, b_neg=None) -> tuple[np.ndarray, np.ndarray]:
     """The net injections p in [lo, hi] that maximise price p - (a p^2/2 + b p), per hour, as an
     interval (q_low, q_high): one point where a > 0, the whole [lo, hi] where a = 0 and the price
-    equals b (a linear cost is indifferent there). The answer to a pool-price probe."""
+    equals b (a linear cost is indifferent there). The answer to a pool-price probe.
+    ``b_neg``: the slope where p < 0 of a two-slope cost (not above b); between the two slopes
+    the answer is p = 0 (clipped to the bounds)."""
+    if b_neg is not None:
+        return _best_response_kinked(*(np.asarray(v, dtype=float) for v in (a, b, b_neg, lo, hi, price)))
     a, b, lo, hi, price = (np.asarray(v, dtype=float) for v in (a, b, lo, hi, price))
     with np.errstate(divide="ignore", invalid="ignore"):
         interior = np.clip((price - b) / np.where(a > 0, a, 1.0), lo, hi)
@@ -97,6 +125,17 @@ def best_response(a, b, lo, hi, price) -> tuple[np.ndarray, np.ndarray]:
     q_low = np.where(a > 0, interior, flat)
     q_high = np.where(a > 0, interior, np.where(price >= b, hi, lo))
     return q_low, q_high
+
+
+def _best_response_kinked(a, b, b_neg, lo, hi, price):
+    zero = np.clip(0.0, lo, hi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        safe = np.where(a > 0, a, 1.0)
+        interior = np.clip(np.where(price > b, (price - b) / safe, np.where(price < b_neg, (price - b_neg) / safe, 0.0)),
+                           lo, hi)
+    q_high = np.where(price >= b, hi, np.where(price >= b_neg, zero, lo))
+    q_low = np.where(price <= b_neg, lo, np.where(price <= b, zero, hi))
+    return np.where(a > 0, interior, q_low), np.where(a > 0, interior, q_high)
 
 
 def pool_start(q_mw: np.ndarray, price_eur_per_mwh: np.ndarray, graph) -> tuple[np.ndarray, np.ndarray]:
@@ -110,10 +149,13 @@ def pool_start(q_mw: np.ndarray, price_eur_per_mwh: np.ndarray, graph) -> tuple[
     total = 0.5 * (supply.sum(axis=0) + demand.sum(axis=0))
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(total > 0, 1.0 / total, 0.0)
-    seller = np.where(graph.sign > 0, graph.owner, graph.partner)
-    buyer = np.where(graph.sign > 0, graph.partner, graph.owner)
-    volume = supply[seller] * demand[buyer] * share  # (K, H) what the seller sells to the buyer
-    trades = graph.sign[:, None] * volume
+    if np.all(graph.sign != 0):
+        seller = np.where(graph.sign > 0, graph.owner, graph.partner)
+        buyer = np.where(graph.sign > 0, graph.partner, graph.owner)
+        volume = supply[seller] * demand[buyer] * share  # (K, H) what the seller sells to the buyer
+        trades = graph.sign[:, None] * volume
+    else:  # two-way peers: who sells is decided per hour by the sign of the injection
+        trades = (supply[graph.owner] * demand[graph.partner] - demand[graph.owner] * supply[graph.partner]) * share
     prices = np.broadcast_to(np.asarray(price_eur_per_mwh, dtype=float), trades.shape).copy()
     return trades, prices
 
@@ -132,6 +174,8 @@ def solve_local(tau, w, rho, a, b, lo, hi, sign):
     H = tau.shape[1]
     a, b, lo, hi = (np.broadcast_to(np.asarray(v, dtype=float), (H,)) for v in (a, b, lo, hi))
     beta = rho * tau - w
+    if sign == 0:
+        return _solve_free(beta, rho, a, b, b, lo, hi)
     if sign < 0:
         return -_solve_producer(-beta, rho, a, -b, -hi, -lo)
     return _solve_producer(beta, rho, a, b, lo, hi)
@@ -159,6 +203,20 @@ def _solve_producer(beta, rho, a, b, lo, hi):
 
 
 _K = np.arange(1, 257, dtype=float)[:, None]
+
+
+def _solve_free(beta, rho, a, b, b_neg, lo, hi):
+    """``solve_local`` for a two-way peer (no sign constraint on its trades), with a cost whose
+    linear slope is b for s > 0 and b_neg (<= b) for s < 0. With the sum s fixed, x_m = beta_m/rho
+    + (s - S/rho)/M (S = sum beta); the one-dimensional problem min C(s) + rho/(2M) (s - S/rho)^2
+    has the closed form below (the kink at 0 keeps s = 0 for S/M between b_neg and b)."""
+    M = beta.shape[0]
+    S = beta.sum(axis=0)
+    c = rho / M
+    pos = (S / M - b) / (a + c)
+    neg = (S / M - b_neg) / (a + c)
+    s = np.clip(np.where(pos > 0, pos, np.where(neg < 0, neg, 0.0)), lo, hi)
+    return beta / rho + (s - S / rho) / M
 
 
 def residual_balance(rho: float, primal: float, dual: float, mu: float = 10.0, tau: float = 2.0) -> float:
@@ -190,6 +248,58 @@ class RhoPolicy:
         return self.rho
 
 
+class InfeasibilityWatch:
+    """Tells an infeasible market from a slow one while the ADMM runs (Boyd et al. 2011, sec.
+    3.3: on an infeasible problem the primal residual converges to a nonzero vector, the gap
+    between the two constraint sets, while the iterates settle and the duals, the prices, grow
+    without bound).
+
+    ``observe(primal, move, rho)`` once per iteration, with the primal residual [MW], how far the
+    iterates moved [MW] (the dual residual divided by rho) and rho. The market is stalled when,
+    over the last ``window`` iterations (and not before ``min_iterations``), the primal residual
+    stayed above ``floor`` times the tolerance and within ``flat`` of its last value while the
+    iterates moved less than ``settled`` times the primal residual per iteration: reciprocity (or
+    the network's copy) is missed by a steady amount. A feasible market can sit on such a plateau
+    for a while (until a price crosses some peer's kink), so the watch fires only once the prices
+    have moved by ``price_span_eur_per_mwh`` in total during the stall (each iteration moves them
+    by about rho times the primal residual) with no response: no cost curve of a market reaches
+    that far.
+    """
+
+    def __init__(self, tolerance: float, window: int = 50, min_iterations: int = 100, flat: float = 0.01,
+                 settled: float = 0.01, floor: float = 100.0, price_span_eur_per_mwh: float = 1000.0):
+        self.tolerance, self.window, self.min_iterations = tolerance, window, min_iterations
+        self.flat, self.settled, self.floor, self.span = flat, settled, floor, price_span_eur_per_mwh
+        self._primal: list[float] = []
+        self._move: list[float] = []
+        self.seen = 0
+        self.drift = 0.0  # how far the prices moved during the current stall [EUR/MWh]
+        self.fired = False
+
+    def observe(self, primal: float, move_mw: float, rho: float = 1.0) -> bool:
+        if self.window <= 0:
+            return False
+        self._primal.append(float(primal))
+        self._move.append(float(move_mw))
+        if len(self._primal) > self.window + 1:
+            del self._primal[0], self._move[0]
+        self.seen += 1
+        r = self._primal[-1]
+        stalled = (self.seen >= max(self.min_iterations, self.window + 1) and np.isfinite(r)
+                   and r > self.floor * self.tolerance
+                   and max(self._primal) - min(self._primal) <= self.flat * r and max(self._move) <= self.settled * r)
+        self.drift = self.drift + rho * r if stalled else 0.0
+        if stalled and self.drift >= self.span:
+            self.fired = True
+        return self.fired
+
+
+def infeasible_hours(residual_by_hour: np.ndarray, tolerance: float) -> list[int]:
+    """The hours (1-based) whose own primal residual stays above ten times the tolerance."""
+    r = np.asarray(residual_by_hour, dtype=float)
+    return [int(t) + 1 for t in np.flatnonzero(r > 10.0 * tolerance)]
+
+
 def converged(primal: float, dual: float, tolerance: float) -> bool:
     return primal <= tolerance and dual <= tolerance
 
@@ -212,42 +322,116 @@ class Anderson:
         self.reset()
 
     def reset(self) -> None:
-        self.DZ = self.DF = None
+        """Forget the differences (the buffers are kept: they are rewritten before being read)."""
+        if not hasattr(self, "DZ"):
+            self.DZ = self.DF = None
         self.gram = np.zeros((self.memory, self.memory))
         self.count = 0  # columns filled
         self.head = 0  # next column to write
-        self.last: tuple[np.ndarray, np.ndarray] | None = None  # (z, f) of the last accepted point
+        self.last: tuple[np.ndarray, np.ndarray, float] | None = None  # (z, f, |f|) of the last accepted point
         self.fallback: np.ndarray | None = None  # T of the last accepted point (the plain iterate)
         self.accelerated = False
 
     def step(self, z: np.ndarray, t: np.ndarray) -> np.ndarray:
         f = t - z
-        if self.accelerated and self.last is not None and \
-                np.linalg.norm(f) > self.safeguard * np.linalg.norm(self.last[1]):
+        f_norm = float(np.sqrt(f @ f))
+        if self.accelerated and self.last is not None and f_norm > self.safeguard * self.last[2]:
             self.rejected += 1
             plain = self.fallback
             self.reset()
             return plain  # the plain step from the last accepted point
         if self.last is not None:
-            if self.DZ is None:
-                self.DZ = np.empty((z.size, self.memory))
-                self.DF = np.empty((z.size, self.memory))
+            if self.DZ is None or self.DZ.shape[1] != z.size:  # one contiguous row per difference
+                self.DZ = np.empty((self.memory, z.size))
+                self.DF = np.empty((self.memory, z.size))
             j = self.head
-            self.DZ[:, j] = z - self.last[0]
-            self.DF[:, j] = f - self.last[1]
+            np.subtract(z, self.last[0], out=self.DZ[j])
+            np.subtract(f, self.last[1], out=self.DF[j])
             self.count = min(self.count + 1, self.memory)
             self.head = (j + 1) % self.memory
-            col = self.DF[:, :self.count].T @ self.DF[:, j]
+            col = self.DF[:self.count] @ self.DF[j]
             self.gram[j, :self.count] = col
             self.gram[:self.count, j] = col
-        self.last, self.fallback = (z, f), t
+        self.last, self.fallback = (z, f, f_norm), t
         if self.count == 0:
             self.accelerated = False
             return t
         m = self.count
         G = self.gram[:m, :m]
-        gamma = np.linalg.lstsq(G + self.reg * (np.trace(G) / m + 1e-300) * np.eye(m), self.DF[:, :m].T @ f,
+        gamma = np.linalg.lstsq(G + self.reg * (np.trace(G) / m + 1e-300) * np.eye(m), self.DF[:m] @ f,
                                 rcond=None)[0]
         self.accelerated = True
         self.accepted += 1
-        return t - (self.DZ[:, :m] + self.DF[:, :m]) @ gamma
+        return t - gamma @ self.DZ[:m] - gamma @ self.DF[:m]
+
+
+class BlockAnderson:
+    """Anderson acceleration of independent blocks at once (the hours of the full P2P market are
+    independent problems): each block extrapolates with its own coefficients from its own last
+    ``memory`` differences, and the safeguard rejects and resets one block without touching the
+    others. ``step(z, t)`` with arrays (blocks, n); ``keep(mask)`` drops blocks (closed hours)."""
+
+    def __init__(self, memory: int = 20, safeguard: float = 1.0, regularization: float = 1e-10):
+        self.memory, self.safeguard, self.reg = memory, safeguard, regularization
+        self.rejected = 0
+        self.accepted = 0
+        self.DZ = self.DF = None
+
+    def _allocate(self, B: int, n: int) -> None:
+        m = self.memory
+        self.DZ = np.zeros((B, m, n))
+        self.DF = np.zeros((B, m, n))
+        self.gram = np.zeros((B, m, m))
+        self.valid = np.zeros((B, m), dtype=bool)  # columns written since the block's last reset
+        self.has_last = np.zeros(B, dtype=bool)
+        self.accelerated = np.zeros(B, dtype=bool)
+        self.last_z = np.zeros((B, n))
+        self.last_f = np.zeros((B, n))
+        self.last_norm = np.zeros(B)
+        self.fallback = np.zeros((B, n))
+        self.head = 0
+
+    def keep(self, mask: np.ndarray) -> None:
+        """Keep only the blocks where ``mask`` is true (in order)."""
+        if self.DZ is None:
+            return
+        for name in ("DZ", "DF", "gram", "valid", "has_last", "accelerated", "last_z", "last_f", "last_norm", "fallback"):
+            setattr(self, name, getattr(self, name)[mask])
+
+    def step(self, z: np.ndarray, t: np.ndarray) -> np.ndarray:
+        B, n = z.shape
+        if self.DZ is None or self.DZ.shape[0] != B or self.DZ.shape[2] != n:
+            self._allocate(B, n)
+        f = t - z
+        norm = np.sqrt(np.einsum("bn,bn->b", f, f))
+        reject = self.accelerated & self.has_last & (norm > self.safeguard * self.last_norm)
+        j = self.head
+        write = self.has_last & ~reject
+        self.DZ[:, j] = z - self.last_z
+        self.DF[:, j] = f - self.last_f
+        self.valid[:, j] = write
+        self.head = (j + 1) % self.memory
+        col = np.einsum("bmn,bn->bm", self.DF, self.DF[:, j])
+        self.gram[:, j, :] = col
+        self.gram[:, :, j] = col
+        # blocks whose accelerated point was rejected forget their differences
+        self.valid[reject] = False
+        pair = self.valid[:, :, None] & self.valid[:, None, :]
+        G = np.where(pair, self.gram, 0.0)
+        count = self.valid.sum(axis=1)
+        scale = np.einsum("bii->b", G) / np.maximum(count, 1) + 1e-300
+        eye = np.eye(self.memory)[None]
+        G = G + eye * np.where(self.valid, self.reg * scale[:, None], 1.0)[:, :, None]
+        rhs = np.where(self.valid, np.einsum("bmn,bn->bm", self.DF, f), 0.0)
+        gamma = np.linalg.solve(G, rhs[:, :, None])[:, :, 0]
+        out = t - np.einsum("bm,bmn->bn", gamma, self.DZ) - np.einsum("bm,bmn->bn", gamma, self.DF)
+        out[reject] = self.fallback[reject]  # the plain step from the block's last accepted point
+        self.rejected += int(reject.sum())
+        accepted = ~reject
+        self.accepted += int((accepted & (count > 0)).sum())
+        self.last_z[accepted], self.last_f[accepted] = z[accepted], f[accepted]
+        self.last_norm[accepted] = norm[accepted]
+        self.fallback[accepted] = t[accepted]
+        self.has_last = accepted.copy()
+        self.accelerated = accepted & (count > 0)
+        return out

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from common.grid import GridModel
-from common.market import TradeGraph, peer_arrays, social_welfare_eur, trade_graph
+from common.market import TradeGraph, fee_weights, peer_arrays, social_welfare_eur, trade_graph
 from common.models import EVModel, HourlyPeer
 
 
@@ -65,6 +65,8 @@ def solve_p2p(peers: list[HourlyPeer], weights_eur_per_mwh: np.ndarray | None = 
     K, N = graph.n_pairs, len(peers)
     p_min, p_max, a, b = peer_arrays(peers)
     H = p_min.shape[1]
+    if weights_eur_per_mwh is None:  # the peers' own fees (product differentiation as data), if any
+        weights_eur_per_mwh = fee_weights(graph, peers)
     w = np.zeros((K, H)) if weights_eur_per_mwh is None else np.broadcast_to(
         np.asarray(weights_eur_per_mwh, float).reshape(K, -1), (K, H))
 
@@ -77,6 +79,12 @@ def solve_p2p(peers: list[HourlyPeer], weights_eur_per_mwh: np.ndarray | None = 
     reciprocity = R @ X == 0
     cons = [reciprocity, P >= p_min, P <= p_max, cp.multiply(graph.sign[:, None], X) >= 0]
     obj = 0.5 * cp.sum(cp.multiply(a, cp.square(P))) + cp.sum(cp.multiply(b, P)) + cp.sum(cp.multiply(w, X))
+    # a two-slope cost (an external supplier that imports at b and exports at b_neg <= b):
+    # b max(P, 0) + b_neg min(P, 0) = b P + (b - b_neg) max(-P, 0), convex
+    kinked = [n for n, p in enumerate(peers) if p.cost_b_neg_eur_per_mwh is not None]
+    for n in kinked:
+        gap = np.asarray(peers[n].cost_b_eur_per_mwh, float) - np.asarray(peers[n].cost_b_neg_eur_per_mwh, float)
+        obj = obj + cp.sum(cp.multiply(gap, cp.pos(-P[n, :])))
     prob = cp.Problem(cp.Minimize(obj), cons)
     _solve(prob, solver)
     _check(prob, "full P2P market")

@@ -103,9 +103,10 @@ class Note:
 
 @dataclass(frozen=True)
 class Log:
-    """A line for the role's log."""
+    """A line for the role's log; ``level``: "debug" | "info" | "warning" | "error"."""
 
     text: str
+    level: str = "info"
 
 
 Instruction = Send | Finish | Fail | Note | Log

@@ -37,25 +37,47 @@ class TradeGraph:
 
 
 def trade_graph(peers: list[HourlyPeer]) -> TradeGraph:
-    """Full P2P trading graph: producers <-> consumers, ordered by owner then partner."""
-    return trade_graph_from_roster([p.id for p in peers], [p.is_producer for p in peers])
+    """Full P2P trading graph: producers <-> consumers, and every two-way peer (prosumer, a
+    supplier that may export) <-> everybody; ordered by owner then partner."""
+    return trade_graph_from_roster([p.id for p in peers], [p.is_producer for p in peers], [p.two_way for p in peers])
 
 
-def trade_graph_from_roster(ids: list[str], producer: list[bool]) -> TradeGraph:
-    """The same graph from public facts only (ids and whether each peer sells): what the
-    coordinator knows."""
+def trade_graph_from_roster(ids: list[str], producer: list[bool], two_way: list[bool] | None = None) -> TradeGraph:
+    """The same graph from public facts only (ids, whether each peer sells, and whether it trades
+    both ways): what the coordinator knows. ``sign`` is 0 for a two-way peer's trades (free sign).
+    Built with numpy (1 000 peers in well under a second)."""
     prod = np.asarray(producer, dtype=bool).reshape(-1)
-    owner, partner = np.nonzero(prod[:, None] != prod[None, :])  # row-major: by owner, then partner
+    n = len(prod)
+    tw = np.zeros(n, dtype=bool) if two_way is None else np.asarray(two_way, dtype=bool).reshape(-1)
+    pairs = (tw[:, None] | tw[None, :] | (prod[:, None] != prod[None, :])) & ~np.eye(n, dtype=bool)
+    owner, partner = np.nonzero(pairs)  # row-major: by owner, then partner
     owner, partner = owner.astype(np.int64), partner.astype(np.int64)
-    # the index of (m, n): m's first trade plus n's rank among m's partners (the other side before n)
-    degree = np.where(prod, np.count_nonzero(~prod), np.count_nonzero(prod))
-    first = np.concatenate(([0], np.cumsum(degree)[:-1])).astype(np.int64)
-    producers_before = np.concatenate(([0], np.cumsum(prod)[:-1])).astype(np.int64)
-    consumers_before = np.arange(len(prod), dtype=np.int64) - producers_before
-    rank = np.where(prod[partner], consumers_before[owner], producers_before[owner])
-    reverse = first[partner] + rank
-    sign = np.where(prod[owner], 1.0, -1.0)
+    index = np.full((n, n), -1, dtype=np.int64)
+    index[owner, partner] = np.arange(len(owner), dtype=np.int64)
+    reverse = index[partner, owner]
+    sign = np.where(tw[owner], 0.0, np.where(prod[owner], 1.0, -1.0))
     return TradeGraph(tuple(ids), owner, partner, reverse, sign)
+
+
+def roster_graph(roster) -> TradeGraph:
+    """The trade graph of a public roster (``common.public.RosterEntry``)."""
+    from common.models import PRODUCER_KINDS
+
+    two_way = [bool(getattr(p, "two_way", False)) for p in roster]
+    return trade_graph_from_roster([p.id for p in roster], [p.kind in PRODUCER_KINDS and not w for p, w in zip(roster, two_way)],
+                                   two_way)
+
+
+def fee_weights(graph: TradeGraph, peers: list[HourlyPeer]) -> np.ndarray | None:
+    """(K,) the product-differentiation weight of every trade from the peers' own fees
+    (``HourlyPeer.trade_weights``); None when no peer has any."""
+    if not any(getattr(p, "trade_weights", None) for p in peers):
+        return None
+    w = np.zeros(graph.n_pairs)
+    for k in range(graph.n_pairs):
+        own = peers[int(graph.owner[k])].trade_weights or {}
+        w[k] = own.get(graph.peer_ids[int(graph.partner[k])], 0.0)
+    return w
 
 
 def peer_arrays(peers: list[HourlyPeer]):
@@ -90,6 +112,11 @@ def uniform_price_interval(peers: list[HourlyPeer], p_mw: np.ndarray, tol_mw: fl
         fixed = at_max & at_min
         lo = np.where(at_max & ~fixed, np.maximum(lo, mc), lo)
         hi = np.where(at_min & ~fixed, np.minimum(hi, mc), hi)
+        if peer.cost_b_neg_eur_per_mwh is not None:  # at the kink of a two-slope cost: any price between the slopes
+            kink = ~at_max & ~at_min & (np.abs(p_mw[i]) <= tol_mw)
+            lo = np.where(kink, np.maximum(lo, peer.cost_b_neg_eur_per_mwh), lo)
+            hi = np.where(kink, np.minimum(hi, peer.cost_b_eur_per_mwh), hi)
+            at_max, at_min = at_max | kink, at_min | kink
         inner = ~at_max & ~at_min
         lo = np.where(inner, np.maximum(lo, mc), lo)
         hi = np.where(inner, np.minimum(hi, mc), hi)

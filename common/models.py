@@ -14,6 +14,9 @@ import numpy as np
 
 PRODUCER_KINDS = ("pv", "wind", "chp", "grid")
 CONSUMER_KINDS = ("load", "virtual_load")
+# peers whose net injection may take either sign in the full P2P market (they trade both ways with
+# every partner); an external supplier that may also export is one too (``HourlyPeer.two_way``)
+PROSUMER_KINDS = ("prosumer",)
 
 
 @dataclass(frozen=True)
@@ -28,16 +31,40 @@ class HourlyPeer:
     cost_a_eur_per_mw2h: np.ndarray
     cost_b_eur_per_mwh: np.ndarray
     tan_phi: float | np.ndarray  # a float, or one value per hour once the DSO changed it
+    # slope of the linear term where p < 0 (an external supplier's export price: what it pays for the
+    # energy it takes); None: the same as cost_b (one smooth curve). Must not exceed cost_b (convex).
+    cost_b_neg_eur_per_mwh: np.ndarray | None = None
+    # product differentiation as data: {partner id: w} with w p_nm the fee this peer pays on its
+    # trade with that partner [EUR] (common.differentiation); None: no fees
+    trade_weights: dict | None = None
 
     @property
     def is_producer(self) -> bool:
-        return self.kind in PRODUCER_KINDS
+        return self.kind in PRODUCER_KINDS and not self.two_way
+
+    @property
+    def two_way(self) -> bool:
+        """Trades in both directions (its injection may be negative or positive)."""
+        return self.kind in PROSUMER_KINDS or (self.kind == "grid" and bool(np.any(self.p_min_mw < 0)))
+
+    @property
+    def trade_sign(self) -> float:
+        """+1 sells only, -1 buys only, 0 both ways (the sign constraint of its trades)."""
+        return 0.0 if self.two_way else (1.0 if self.is_producer else -1.0)
+
+    def b_neg(self) -> np.ndarray:
+        return self.cost_b_eur_per_mwh if self.cost_b_neg_eur_per_mwh is None else self.cost_b_neg_eur_per_mwh
 
     def cost_eur(self, p_mw: np.ndarray) -> np.ndarray:
-        return 0.5 * self.cost_a_eur_per_mw2h * p_mw**2 + self.cost_b_eur_per_mwh * p_mw
+        if self.cost_b_neg_eur_per_mwh is None:
+            return 0.5 * self.cost_a_eur_per_mw2h * p_mw**2 + self.cost_b_eur_per_mwh * p_mw
+        b = np.where(p_mw < 0, self.cost_b_neg_eur_per_mwh, self.cost_b_eur_per_mwh)
+        return 0.5 * self.cost_a_eur_per_mw2h * p_mw**2 + b * p_mw
 
     def marginal_cost_eur_per_mwh(self, p_mw: np.ndarray) -> np.ndarray:
-        return self.cost_a_eur_per_mw2h * p_mw + self.cost_b_eur_per_mwh
+        b = self.cost_b_eur_per_mwh if self.cost_b_neg_eur_per_mwh is None else \
+            np.where(p_mw < 0, self.cost_b_neg_eur_per_mwh, self.cost_b_eur_per_mwh)
+        return self.cost_a_eur_per_mw2h * p_mw + b
 
 
 @dataclass(frozen=True)
@@ -97,9 +124,12 @@ def hourly_peer(scenario, peer) -> HourlyPeer:
     H = scenario.market.hours
     kind = peer.kind
     if kind == "load":
-        base = scenario.hourly(peer, "p_base_mw")
-        d_min = base * (1 - peer.flex_fraction)
-        d_max = base * (1 + peer.flex_fraction)
+        if peer.d_min_mw is not None:  # the range given directly (open demand: d_min 0)
+            d_min, d_max = scenario.hourly(peer, "d_min_mw"), scenario.hourly(peer, "d_max_mw")
+        else:
+            base = scenario.hourly(peer, "p_base_mw")
+            d_min = base * (1 - peer.flex_fraction)
+            d_max = base * (1 + peer.flex_fraction)
         a, b = load_utility_coefficients(d_min, d_max, peer.price_at_min_eur_per_mwh, peer.price_at_max_eur_per_mwh)
         return HourlyPeer(peer.id, kind, peer.bus, -d_max, -d_min, a, b, peer.tan_phi)
     if kind in ("pv", "wind"):
@@ -114,8 +144,15 @@ def hourly_peer(scenario, peer) -> HourlyPeer:
         return HourlyPeer(peer.id, kind, peer.bus, zero, zero.copy(), zero.copy(), zero.copy(), 0.0)
     if kind == "grid":
         price = scenario.hourly(peer, "import_price_eur_per_mwh")
+        if peer.p_export_max_mw > 0 and scenario.market.kind == "p2p":  # imports and exports: trades both ways
+            return HourlyPeer(peer.id, kind, peer.bus, np.full(H, -peer.p_export_max_mw), np.full(H, peer.p_import_max_mw),
+                              np.full(H, peer.cost_a_eur_per_mw2h), price, 0.0,
+                              cost_b_neg_eur_per_mwh=scenario.hourly(peer, "export_price_eur_per_mwh"))
         return HourlyPeer(peer.id, kind, peer.bus, np.zeros(H), np.full(H, peer.p_import_max_mw),
                           np.full(H, peer.cost_a_eur_per_mw2h), price, 0.0)
+    if kind == "prosumer":
+        return HourlyPeer(peer.id, kind, peer.bus, scenario.hourly(peer, "p_min_mw"), scenario.hourly(peer, "p_max_mw"),
+                          np.full(H, peer.cost_a_eur_per_mw2h), np.full(H, peer.cost_b_eur_per_mwh), peer.tan_phi)
     raise ValueError(f"peer {peer.id}: kind {kind!r} has no hourly model")
 
 
@@ -132,9 +169,16 @@ def ev_model(scenario, peer) -> EVModel:
     )
 
 
-def peer_models(scenario) -> list:
-    """One model per peer, in scenario order: HourlyPeer, or EVModel for EVs."""
-    return [ev_model(scenario, p) if p.kind == "ev" else hourly_peer(scenario, p) for p in scenario.peers]
+def peer_models(scenario, fees: bool = True) -> list:
+    """One model per peer, in scenario order: HourlyPeer, or EVModel for EVs. With ``fees`` (and a
+    ``differentiation`` section) every peer carries the fees of its own trades (``trade_weights``)."""
+    models = [ev_model(scenario, p) if p.kind == "ev" else hourly_peer(scenario, p) for p in scenario.peers]
+    if fees and getattr(scenario, "differentiation", None) is not None:
+        from common.differentiation import trade_fees
+
+        weights = trade_fees(scenario, models)
+        models = [replace(m, trade_weights=weights.get(m.id, {})) if isinstance(m, HourlyPeer) else m for m in models]
+    return models
 
 
 def hourly_peer_to_dict(peer: HourlyPeer) -> dict:
@@ -143,6 +187,10 @@ def hourly_peer_to_dict(peer: HourlyPeer) -> dict:
         "id": peer.id, "kind": peer.kind, "bus": int(peer.bus), "tan_phi": np.asarray(peer.tan_phi, dtype=float).tolist(),
         "p_min_mw": peer.p_min_mw.tolist(), "p_max_mw": peer.p_max_mw.tolist(),
         "cost_a_eur_per_mw2h": peer.cost_a_eur_per_mw2h.tolist(), "cost_b_eur_per_mwh": peer.cost_b_eur_per_mwh.tolist(),
+        **({} if peer.cost_b_neg_eur_per_mwh is None else
+           {"cost_b_neg_eur_per_mwh": np.asarray(peer.cost_b_neg_eur_per_mwh, dtype=float).tolist()}),
+        **({} if peer.trade_weights is None else
+           {"trade_weights_eur_per_mwh": {str(k): float(v) for k, v in peer.trade_weights.items()}}),
     }
 
 
@@ -155,7 +203,20 @@ def hourly_peer_from_dict(data: dict) -> HourlyPeer:
         raise ValueError(f"peer model {data.get('id')!r}: p_min_mw exceeds p_max_mw")
     tan_phi = data["tan_phi"]
     tan_phi = float(tan_phi) if np.ndim(tan_phi) == 0 else np.asarray(tan_phi, dtype=float)
-    return HourlyPeer(str(data["id"]), str(data["kind"]), int(data["bus"]), tan_phi=tan_phi, **arrays)
+    b_neg = None
+    if data.get("cost_b_neg_eur_per_mwh") is not None:
+        b_neg = np.asarray(data["cost_b_neg_eur_per_mwh"], dtype=float)
+        if b_neg.shape != arrays["cost_b_eur_per_mwh"].shape or not np.all(np.isfinite(b_neg)) \
+                or np.any(b_neg > arrays["cost_b_eur_per_mwh"] + 1e-12):
+            raise ValueError(f"peer model {data.get('id')!r}: cost_b_neg_eur_per_mwh must have one finite value per "
+                             "hour, not above cost_b_eur_per_mwh")
+    weights = data.get("trade_weights_eur_per_mwh")
+    if weights is not None:
+        if not isinstance(weights, dict) or not all(np.isfinite(float(v)) for v in weights.values()):
+            raise ValueError(f"peer model {data.get('id')!r}: trade_weights_eur_per_mwh must map partner ids to finite fees")
+        weights = {str(k): float(v) for k, v in weights.items()}
+    return HourlyPeer(str(data["id"]), str(data["kind"]), int(data["bus"]), tan_phi=tan_phi,
+                      cost_b_neg_eur_per_mwh=b_neg, trade_weights=weights, **arrays)
 
 
 _EV_FIELDS = ("capacity_mwh", "soc_initial_mwh", "soc_min_mwh", "soc_departure_mwh", "soc_final_mwh", "trip_energy_mwh",

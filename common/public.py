@@ -36,6 +36,8 @@ class RosterEntry(_Strict):
     bus: int = Field(ge=0)
     tan_phi: float = 0.0  # connection data: the peer's contracted power factor (q = p tan phi)
     flex_fraction: float = Field(0.0, ge=0)  # connection data: a load's contracted flexibility
+    two_way: bool = False  # trades both ways (a prosumer, a supplier that may export): who trades with whom is public
+    vm_pu: float | None = None  # connection data: a voltage-controlled generator's set point (PV bus in the AC check)
 
 
 class Tariff(_Strict):
@@ -64,12 +66,18 @@ class PublicScenario(_Strict):
         return self.model_dump(mode="json", by_alias=True)
 
 
-def _roster_entry(model) -> RosterEntry:
+def _roster_entry(model, vm_pu: float | None = None) -> RosterEntry:
     if isinstance(model, EVModel):
         return RosterEntry(id=model.id, kind="ev", bus=int(model.bus))
     tan = float(np.asarray(model.tan_phi).reshape(-1)[0])
     flex = float(np.max(load_baseline_mw(model)[1])) if model.kind == "load" else 0.0
-    return RosterEntry(id=model.id, kind=model.kind, bus=int(model.bus), tan_phi=tan, flex_fraction=flex)
+    return RosterEntry(id=model.id, kind=model.kind, bus=int(model.bus), tan_phi=tan, flex_fraction=flex,
+                       two_way=model.two_way, vm_pu=vm_pu)
+
+
+def voltage_setpoints(roster) -> dict[str, float]:
+    """{peer id: vm_pu} of the voltage-controlled generators of a roster (PV buses in the AC check)."""
+    return {p.id: float(p.vm_pu) for p in roster if getattr(p, "vm_pu", None) is not None}
 
 
 def split_scenario(scenario) -> tuple[PublicScenario, dict[str, dict]]:
@@ -86,7 +94,8 @@ def split_scenario(scenario) -> tuple[PublicScenario, dict[str, dict]]:
           else np.broadcast_to(scenario._resolve(scenario.tso.virtual_load_mw, "tso.virtual_load_mw"), (H,)))
     public = PublicScenario(name=scenario.name, description=scenario.description or "", network=scenario.network,
                             market=scenario.market, dso=scenario.dso, tso_virtual_load_mw=[float(v) for v in vl],
-                            roster=[_roster_entry(m) for m in models], tariff=tariff)
+                            roster=[_roster_entry(m, getattr(p, "vm_pu", None)) for m, p in zip(models, scenario.peers)],
+                            tariff=tariff)
     private = {m.id: peer_model_to_dict(m) for m in models}
     return public, private
 

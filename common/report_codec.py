@@ -9,6 +9,7 @@ import pandas as pd
 from common.results import ACReport
 
 TABLES = ("buses", "lines", "hours", "violations")
+NETWORK_TABLES = ("network_buses", "network_branches")  # optional: the DSO sends them with its first report
 
 
 def _column(series: pd.Series):
@@ -22,8 +23,9 @@ def _column(series: pd.Series):
     return [str(v) for v in series]
 
 
-def ac_to_tables(ac: ACReport) -> dict:
-    return frames_to_tables({name: getattr(ac, name) for name in TABLES})
+def ac_to_tables(ac: ACReport, network: bool = True) -> dict:
+    names = TABLES + (NETWORK_TABLES if network else ())
+    return frames_to_tables({name: getattr(ac, name) for name in names if getattr(ac, name) is not None})
 
 
 def frames_to_tables(frames: dict[str, pd.DataFrame]) -> dict:
@@ -41,8 +43,14 @@ def frames_to_tables(frames: dict[str, pd.DataFrame]) -> dict:
     return out
 
 
-def ac_from_tables(tables: dict) -> ACReport:
-    return ACReport(**frames_from_tables(tables, TABLES))
+def ac_from_tables(tables: dict, network: dict | None = None) -> ACReport:
+    """``network``: the tables of the report that carried the network's drawing, when ``tables``
+    does not."""
+    frames = frames_from_tables(tables, TABLES)
+    source = tables if all(n in tables for n in NETWORK_TABLES) else (network or {})
+    if all(n in source for n in NETWORK_TABLES):
+        frames.update(frames_from_tables(source, NETWORK_TABLES))
+    return ACReport(**frames)
 
 
 def frames_from_tables(tables: dict, names) -> dict[str, pd.DataFrame]:

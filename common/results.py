@@ -8,9 +8,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 SCHEMA = "p2pm.run/1"
+
+
+def entity_hour_frame(entity: str, ids, values: dict, *, first_hour: int = 1, **per_entity) -> pd.DataFrame:
+    """A long table (one row per entity and hour, entity-major) from (entity x hour) arrays.
+
+    ``values``: column name -> array of shape (len(ids), hours); ``per_entity``: column name ->
+    one value per entity (repeated over the hours), placed between the entity and the hour.
+    """
+    ids = list(ids)
+    arrays = {k: np.asarray(v) for k, v in values.items()}
+    hours = next(iter(arrays.values())).shape[1] if arrays else 0
+    n = len(ids)
+    cols = {entity: np.repeat(np.asarray(ids, dtype=object), hours)}
+    for k, v in per_entity.items():
+        cols[k] = np.repeat(np.asarray(list(v)), hours)
+    cols["hour"] = np.tile(np.arange(first_hour, first_hour + hours), n)
+    for k, v in arrays.items():
+        if v.shape != (n, hours):
+            raise ValueError(f"{k}: shape {v.shape}, expected ({n}, {hours}) (entity x hour)")
+        cols[k] = v.reshape(-1)
+    return pd.DataFrame(cols)
 
 
 @dataclass
@@ -24,12 +46,17 @@ class ACReport:
            max_line_loading_pct, max_trafo_loading_pct, violations
     violations: hour, element ("bus" | "line" | "trafo" | "powerflow"), index, value, limit, kind
                 ("undervoltage" | "overvoltage" | "overload" | "not_converged")
+    network_buses / network_branches: the network's drawing (sent with the DSO's first report only)
     """
 
     buses: pd.DataFrame
     lines: pd.DataFrame
     hours: pd.DataFrame
     violations: pd.DataFrame
+    # where to draw the network (dso_service.layout): bus, x, y, vn_kv, source ("geodata" | "tree layout")
+    network_buses: pd.DataFrame | None = None
+    # line (as in ``lines``), element, kind, from_bus, to_bus
+    network_branches: pd.DataFrame | None = None
 
 
 @dataclass

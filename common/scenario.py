@@ -22,14 +22,14 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.models import CONSUMER_KINDS, PRODUCER_KINDS
+from common.models import CONSUMER_KINDS, PRODUCER_KINDS, PROSUMER_KINDS
 
 BUILTIN_DIR = Path(__file__).parent / "scenarios"
 
 # Number of buses of the built-in networks, so that a scenario can be checked without pandapower.
-# the real LV feeders of the scenario families (dso_service.feeders)
+# the real LV feeders of the scenario families (common.feeders)
 FEEDER_BUSES = {"kerber-dorf": 116, "kerber-vorstadt": 294, "ieee-eu-lv": 907}
-BUILTIN_NETWORK_BUSES = {"case33bw": 33, "mv37": 38, **FEEDER_BUSES}
+BUILTIN_NETWORK_BUSES = {"case33bw": 33, "mv37": 38, "case39": 39, **FEEDER_BUSES}
 
 
 class ScenarioError(ValueError):
@@ -90,12 +90,18 @@ class MarketSpec(_Strict):
                                    "uniform (pool) price found by price rounds (probed prices, aggregate answers)")
     pool_price_rounds: int = Field(30, ge=1, description="most price rounds of a pool-price start")
     pool_price_points: int = Field(8, ge=2, le=64, description="candidate prices per hour in one price round")
-    acceleration: bool = Field(False, description="Anderson acceleration of the full P2P market's ADMM (relay)")
+    acceleration: bool = Field(False, description="Anderson acceleration of the ADMM (full P2P market in relay; community market)")
     aa_memory: int = Field(20, ge=1, le=200, description="Anderson memory (iterations)")
     aa_safeguard: float = Field(1.0, gt=0, description="reject an accelerated point whose fixed-point residual "
                                 "grows by more than this factor")
     aa_start: int = Field(0, ge=0, description="iterations of the plain ADMM (rho balancing allowed) before the "
                           "acceleration starts with rho frozen")
+    infeasibility_window: int = Field(50, ge=0, description="stop as infeasible when the primal residual stays flat "
+                                      "(and far above the tolerance) for this many iterations while the iterates have "
+                                      "settled (common.admm.InfeasibilityWatch); 0: never")
+    hour_stopping: bool = Field(True, description="full P2P market: an hour whose residuals are below tolerance / "
+                                "sqrt(hours) closes; rounds and answers carry the open hours only (every clearing "
+                                "opens every hour again)")
 
 
 class TSOSpec(_Strict):
@@ -133,18 +139,68 @@ class DSOSpec(_Strict):
     max_outer_iterations: int = Field(60, ge=1)
 
 
+class GammaPair(_Strict):
+    peers: tuple[str, str]
+    gamma: float = Field(ge=0)
+
+
+class ZoneGamma(_Strict):
+    zones: tuple[str, str]
+    gamma: float = Field(ge=0)
+
+
+class DifferentiationSpec(_Strict):
+    """Product differentiation as data (full P2P market): a fee c_n gamma_nm EUR/MWh on each trade,
+    paid by the buyer, the seller or both halves (``common.differentiation`` has the recipes).
+    Used from the first clearing; the DSO's congestion and voltage weights come on top."""
+
+    method: Literal["given", "distance", "network_distance", "zonal", "unique", "network_usage"]
+    c_eur_per_mwh: float = Field(1.0, ge=0, description="c_n: the fee per unit of gamma [EUR/MWh per gamma unit]")
+    c_by_peer_eur_per_mwh: dict[str, float] = Field(default_factory=dict, description="a peer's own c_n")
+    side: Literal["buyer", "seller", "shared"] = "buyer"
+    gamma: dict[str, dict[str, float]] | list[GammaPair] | None = None
+    bus_coordinates_km: dict[int, tuple[float, float]] | None = None
+    zones: dict[str, str] | None = None
+    zone_gamma: list[ZoneGamma] = Field(default_factory=list)
+    intra_zone_gamma: float = Field(0.0, ge=0)
+    ptdf_weight: Literal["none", "reactance_ohm", "length_km"] = "none"
+
+    @model_validator(mode="after")
+    def _fits_method(self):
+        if self.method == "given" and self.gamma is None:
+            raise ValueError("gamma: missing (method 'given')")
+        if self.method == "zonal" and not self.zone_gamma and self.intra_zone_gamma == 0:
+            raise ValueError("zone_gamma: missing (method 'zonal')")
+        if any(v < 0 for v in self.c_by_peer_eur_per_mwh.values()):
+            raise ValueError("c_by_peer_eur_per_mwh: a fee must not be negative")
+        if isinstance(self.gamma, dict) and any(v < 0 for row in self.gamma.values() for v in row.values()):
+            raise ValueError("gamma: a value must not be negative")
+        return self
+
+
 class _PeerBase(_Strict):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     bus: int = Field(ge=0)
 
 
+class _VoltageControlled(_Strict):
+    vm_pu: float | None = Field(None, gt=0.5, lt=1.5, description="AC check: a voltage-controlled generator (PV "
+                                "bus, pandapower gen) holding this voltage; its reactive power is free")
+
+
 class LoadPeer(_PeerBase):
     """Flexible load: consumption between (1-flex) and (1+flex) times the baseline; utility line
-    through A(d_min, price_at_min) and B(d_max, price_at_max) (thesis 4.1.2-4.1.3)."""
+    through A(d_min, price_at_min) and B(d_max, price_at_max) (thesis 4.1.2-4.1.3).
+
+    Open demand: ``flex_fraction`` 1 gives a minimum consumption of zero (the load may buy
+    nothing); or give the range directly with ``d_min_mw`` and ``d_max_mw`` (both, per hour; then
+    ``p_base_mw`` may be left out and ``flex_fraction`` is not used)."""
 
     kind: Literal["load"]
-    p_base_mw: Hourly
-    flex_fraction: float = Field(0.3, ge=0, lt=1)
+    p_base_mw: Hourly | None = None
+    flex_fraction: float = Field(0.3, ge=0, le=1)
+    d_min_mw: Hourly | None = None
+    d_max_mw: Hourly | None = None
     price_at_min_eur_per_mwh: float = 58.0
     price_at_max_eur_per_mwh: float = 4.0
     tan_phi: float = 0.3
@@ -153,10 +209,14 @@ class LoadPeer(_PeerBase):
     def _prices(self):
         if self.price_at_max_eur_per_mwh > self.price_at_min_eur_per_mwh:
             raise ValueError("price_at_max_eur_per_mwh must not exceed price_at_min_eur_per_mwh (utility is concave)")
+        if (self.d_min_mw is None) != (self.d_max_mw is None):
+            raise ValueError("d_min_mw and d_max_mw: give both or neither")
+        if self.d_min_mw is None and self.p_base_mw is None:
+            raise ValueError("p_base_mw: missing (or give d_min_mw and d_max_mw)")
         return self
 
 
-class RESPeer(_PeerBase):
+class RESPeer(_PeerBase, _VoltageControlled):
     """PV or wind: 0 <= p <= forecast, cost a/2 p^2 + b p."""
 
     kind: Literal["pv", "wind"]
@@ -166,7 +226,7 @@ class RESPeer(_PeerBase):
     tan_phi: float = 0.4
 
 
-class CHPPeer(_PeerBase):
+class CHPPeer(_PeerBase, _VoltageControlled):
     kind: Literal["chp"]
     p_min_mw: float = Field(ge=0)
     p_max_mw: float = Field(gt=0)
@@ -181,9 +241,26 @@ class CHPPeer(_PeerBase):
         return self
 
 
+class ProsumerPeer(_PeerBase, _VoltageControlled):
+    """A prosumer: net injection between ``p_min_mw`` (< 0: it buys) and ``p_max_mw`` (> 0: it
+    sells) under one cost curve a/2 p^2 + b p (for p < 0 the curve is the utility of what it
+    consumes). In the full P2P market it trades both ways with every partner; in the community
+    market it is one more injection at its bus (unity power factor by default)."""
+
+    kind: Literal["prosumer"]
+    p_min_mw: Hourly
+    p_max_mw: Hourly
+    cost_a_eur_per_mw2h: float = Field(0.0, ge=0)
+    cost_b_eur_per_mwh: float = 0.0
+    tan_phi: float = 0.0
+
+
 class GridPeer(_PeerBase):
     """External supplier at the substation: imports up to p_import_max_mw at the import price,
-    exports up to p_export_max_mw at the export price."""
+    exports up to p_export_max_mw at the export price. In the full P2P market a supplier with
+    ``p_export_max_mw`` > 0 also buys (up to that power, paying the export price): it trades both
+    ways, its cost being import price x import - export price x export; the export price must not
+    exceed the import price (else buying to re-sell would pay)."""
 
     kind: Literal["grid"]
     p_import_max_mw: float = Field(gt=0)
@@ -232,7 +309,8 @@ class VirtualLoadPeer(_PeerBase):
     kind: Literal["virtual_load"]
 
 
-Peer = Annotated[Union[LoadPeer, RESPeer, CHPPeer, GridPeer, EVPeer, VirtualLoadPeer], Field(discriminator="kind")]
+Peer = Annotated[Union[LoadPeer, RESPeer, CHPPeer, GridPeer, EVPeer, VirtualLoadPeer, ProsumerPeer],
+                 Field(discriminator="kind")]
 
 
 class Scenario(_Strict):
@@ -244,6 +322,7 @@ class Scenario(_Strict):
     peers: list[Peer] = Field(min_length=2)
     tso: TSOSpec | None = None
     dso: DSOSpec = Field(default_factory=DSOSpec)
+    differentiation: DifferentiationSpec | None = None
 
     @field_validator("series")
     @classmethod
@@ -294,14 +373,49 @@ class Scenario(_Strict):
             for i, peer in enumerate(self.peers):
                 if peer.kind == "ev":
                     raise _field_error(f"peers[{i}] ({peer.id}).kind", "EVs couple the hours; use market.kind 'community'")
-            # the full P2P market trades producers with consumers only (common.market.trade_graph)
+            # the full P2P market trades producers with consumers, and prosumers (and a supplier
+            # that may export) with everybody (common.market.trade_graph)
+            two_way = sum(p.kind in PROSUMER_KINDS or (p.kind == "grid" and p.p_export_max_mw > 0) for p in self.peers)
             producers = sum(p.kind in PRODUCER_KINDS for p in self.peers)
-            if producers == 0:
+            if producers == 0 and two_way == 0:
                 raise _field_error("peers", f"the full P2P market (market.kind 'p2p') has no producer (kind "
-                                            f"{', '.join(PRODUCER_KINDS)}): the consumers have no one to trade with")
-            if producers == len(self.peers):
+                                            f"{', '.join(PRODUCER_KINDS + PROSUMER_KINDS)}): the consumers have no one "
+                                            "to trade with")
+            if producers == len(self.peers) and two_way == 0:
                 raise _field_error("peers", f"the full P2P market (market.kind 'p2p') has no consumer (kind "
-                                            f"{', '.join(CONSUMER_KINDS)}): the producers have no one to trade with")
+                                            f"{', '.join(CONSUMER_KINDS + PROSUMER_KINDS)}): the producers have no one "
+                                            "to trade with")
+        for i, peer in enumerate(self.peers):
+            where = f"peers[{i}] ({peer.id})"
+            if peer.kind == "prosumer":
+                lo, hi = self.hourly(peer, "p_min_mw"), self.hourly(peer, "p_max_mw")
+                bad = np.flatnonzero(lo > hi)
+                if len(bad):
+                    raise _field_error(f"{where}.p_min_mw", f"exceeds p_max_mw in hour {int(bad[0]) + 1}")
+            if peer.kind == "load" and peer.d_min_mw is not None:
+                lo, hi = self.hourly(peer, "d_min_mw"), self.hourly(peer, "d_max_mw")
+                if np.any(lo < 0):
+                    raise _field_error(f"{where}.d_min_mw", f"is negative in hour {int(np.argmax(lo < 0)) + 1}")
+                bad = np.flatnonzero(lo > hi)
+                if len(bad):
+                    raise _field_error(f"{where}.d_min_mw", f"exceeds d_max_mw in hour {int(bad[0]) + 1}")
+            if peer.kind == "grid" and peer.p_export_max_mw > 0 and self.market.kind == "p2p":
+                imp, exp_ = self.hourly(peer, "import_price_eur_per_mwh"), self.hourly(peer, "export_price_eur_per_mwh")
+                bad = np.flatnonzero(exp_ > imp)
+                if len(bad):
+                    raise _field_error(f"{where}.export_price_eur_per_mwh",
+                                       f"exceeds the import price in hour {int(bad[0]) + 1} (buying to re-sell would pay)")
+        if self.differentiation is not None:
+            d = self.differentiation
+            if self.market.kind != "p2p":
+                raise _field_error("differentiation", "product differentiation is a feature of the full P2P market (kind 'p2p')")
+            named = set(d.c_by_peer_eur_per_mwh) | set(d.zones or {})
+            named |= (set(d.gamma) | {m for row in d.gamma.values() for m in row}) if isinstance(d.gamma, dict) else \
+                {p for pair in (d.gamma or []) for p in pair.peers}
+            unknown = sorted(named - ids)
+            if unknown:
+                raise _field_error("differentiation", f"unknown peer(s) {', '.join(unknown[:5])}")
+        check_balance(self)
         return self
 
     # -- hourly values -------------------------------------------------------------------
@@ -337,6 +451,60 @@ def _field_error(field: str, reason: str) -> ValueError:
     return ValueError(f"{field}: {reason}")
 
 
+def hourly_balance_bounds(scenario) -> tuple[np.ndarray, np.ndarray]:
+    """Per hour, the least and the most that the peers' net injections can add up to [MW],
+    with the external supplier (its import and export limits) and the TSO's virtual load
+    (its largest request) included: a market can balance only if lo <= 0 <= hi."""
+    from common.models import peer_models
+
+    H = scenario.market.hours
+    lo, hi = np.zeros(H), np.zeros(H)
+    vl = (np.zeros(H) if scenario.tso is None
+          else np.broadcast_to(scenario._resolve(scenario.tso.virtual_load_mw, "tso.virtual_load_mw"), (H,)))
+    for peer, model in zip(scenario.peers, peer_models(scenario, fees=False)):
+        if peer.kind == "ev":
+            plugged = model.plugged.astype(float)
+            lo -= model.p_charge_max_mw * plugged
+            hi += model.p_discharge_max_mw * plugged
+        elif peer.kind == "grid":
+            lo -= peer.p_export_max_mw
+            hi += peer.p_import_max_mw
+        elif peer.kind == "virtual_load":
+            lo -= vl
+            hi -= vl
+        else:
+            lo += model.p_min_mw
+            hi += model.p_max_mw
+    return lo, hi
+
+
+def check_balance(scenario, tol_mw: float = 1e-9) -> None:
+    """Refuse a market that cannot balance in some hour (SPEC 5: infeasible bounds are refused
+    before any process starts), naming the hours: the minimum demand above the maximum supply,
+    or the minimum supply above the maximum demand. Network limits and losses are not part of
+    this check (the ADMM finds those: ``common.admm.InfeasibilityWatch``)."""
+    lo, hi = hourly_balance_bounds(scenario)
+    short = np.flatnonzero(hi < -tol_mw)
+    excess = np.flatnonzero(lo > tol_mw)
+    if len(short) == 0 and len(excess) == 0:
+        return
+    parts = []
+    if len(short):
+        t = short[0]
+        parts.append(f"hour(s) {_hours(short)}: minimum consumption exceeds the maximum supply (by {-hi[t]:.4g} MW "
+                     f"in hour {t + 1})")
+    if len(excess):
+        t = excess[0]
+        parts.append(f"hour(s) {_hours(excess)}: minimum supply exceeds the maximum consumption (by {lo[t]:.4g} MW "
+                     f"in hour {t + 1})")
+    raise _field_error("peers", "the market cannot balance in " + "; ".join(parts))
+
+
+def _hours(idx) -> str:
+    idx = [int(i) + 1 for i in idx]
+    return ", ".join(str(h) for h in idx[:12]) + (f" ... ({len(idx)} hours)" if len(idx) > 12 else "")
+
+
 def check_ev_feasible(ev: EVPeer, where: str) -> None:
     """Refuse an EV whose departure energy cannot be reached while it is plugged in."""
     if ev.arrival_hour > ev.departure_hour:  # home overnight: charges in hours 1..departure-1
@@ -363,7 +531,7 @@ def _format_validation_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     if first["type"] == "union_tag_invalid":
-        msg = f"unknown peer kind {first.get('input', {}).get('kind') if isinstance(first.get('input'), dict) else ''!r}; known: load, pv, wind, chp, grid, ev, virtual_load"
+        msg = f"unknown peer kind {first.get('input', {}).get('kind') if isinstance(first.get('input'), dict) else ''!r}; known: load, pv, wind, chp, grid, ev, virtual_load, prosumer"
     if first["type"] == "missing":
         msg = "missing"
     return f"{loc}: {msg}" if loc else msg
@@ -415,6 +583,14 @@ def parse_scenario(raw: dict, source: str = "scenario") -> Scenario:
     for i, peer in enumerate(scenario.peers):
         if peer.bus >= nbus:
             raise ScenarioError(f"{source}: peers[{i}] ({peer.id}).bus: unknown bus {peer.bus}; the network has buses 0..{nbus - 1}")
+    if scenario.differentiation is not None:  # the fees must be computable before any process starts
+        from common.differentiation import gamma_matrix
+        from common.models import peer_models
+
+        try:
+            gamma_matrix(scenario, peer_models(scenario, fees=False))
+        except (ValueError, KeyError) as exc:
+            raise ScenarioError(f"{source}: {exc}") from None
     return scenario
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 import time
 import traceback
 from dataclasses import replace
@@ -28,6 +27,7 @@ import zmq.asyncio
 
 from common.codec import decode, encode
 from common.engine import COORDINATOR, Deadline, Fail, Finish, Log, Note, Received, Send, Started
+from common.logs import role_logger
 from common.protocol import ANY_RUN, MsgType, ProtocolError, parse
 from common.protocol.market import Result
 from common.network import LinkNetwork
@@ -40,16 +40,7 @@ class ShellFailure(RuntimeError):
         self.role, self.reason, self.outcome = role, reason, outcome
 
 
-def role_logger(role: str) -> logging.Logger:
-    log = logging.getLogger(f"p2pm.{role}")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"[%(asctime)s.%(msecs)03d] {role} (pid %(process)d): %(message)s",
-                                               "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    return log
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 class Shell:
@@ -66,6 +57,7 @@ class Shell:
         self.engine = engine
         self.role = engine.name
         self.log = role_logger(self.role if len(self.role) < 40 else self.role[:40])
+        self.trace = self.log.isEnabledFor(logging.DEBUG)  # every message sent and received
         self.timeout_s = timeout_s
         self.t0 = time.time() if t0 is None else t0
         self.notes = notes if notes is not None else self._print_note
@@ -164,11 +156,16 @@ class Shell:
                 continue
             except ProtocolError as exc:
                 self.transport._reject(exc.reason, nbytes, exc)
+                if self.trace:
+                    self.log.debug("rejected %d B (%s): %s", nbytes, exc.reason, exc)
                 continue
             except (KeyError, TypeError, ValueError) as exc:
                 self.transport._reject("body", nbytes, ProtocolError("body", str(exc)[:200]))
                 continue
             self.transport.received.add(env.iteration, env.type.value, nbytes)
+            if self.trace:
+                self.log.debug("received %s iteration %d from %s, %d B", env.type.value, env.iteration, env.sender,
+                               nbytes)
             if env.type == MsgType.WELCOME and not self.is_coordinator:
                 self._on_welcome(message.config)
             await self._deliver(Received(sender, message, env.iteration, self.now_s()))
@@ -195,7 +192,7 @@ class Shell:
             if isinstance(ins, Send):
                 await self._send(ins)
             elif isinstance(ins, Log):
-                self.log.info(ins.text)
+                self.log.log(_LOG_LEVELS.get(ins.level, logging.INFO), ins.text)
             elif isinstance(ins, Note):
                 self.notes(ins)
             elif isinstance(ins, Finish):
@@ -240,6 +237,8 @@ class Shell:
                 return
             raise
         self.transport.sent.add(env.iteration, env.type.value, len(data))
+        if self.trace:
+            self.log.debug("sent %s iteration %d to %s, %d B", env.type.value, env.iteration, ins.to, len(data))
 
     def _hold(self, sock, frames, env, to: str, nbytes: int) -> None:
         """Hand the message to ZeroMQ at its arrival time under the network model (the link's
@@ -286,7 +285,7 @@ class Shell:
 
     def close(self) -> None:
         if self.transport.rejected:
-            self.log.info("rejected messages: %s", dict(self.transport.rejected))
+            self.log.warning("rejected messages: %s", dict(self.transport.rejected))
         self.transport.close(linger_ms=1000)
 
 
@@ -298,7 +297,7 @@ def run_role(engine, coordinator: str, idle_timeout_s: float, **kw) -> int:
         shell.run()
         return 0
     except ShellFailure as exc:
-        shell.log.info(f"stopped: {exc}")
+        shell.log.error(f"stopped: {exc}")
         return 1
     finally:
         shell.close()

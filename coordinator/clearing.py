@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.admm import Anderson, RhoPolicy, converged
+from common.admm import Anderson, BlockAnderson, InfeasibilityWatch, RhoPolicy, converged, infeasible_hours
 from common.market import TradeGraph
 from common.protocol.grid import NetworkUpdate
 from common.protocol.market import Round, RoundPeer
@@ -49,6 +49,10 @@ class RoundSettings:
     aa_safeguard: float = 1.0
     aa_start: int = 0
     price_init_eur_per_mwh: float = 0.0
+    # per-hour stopping (full P2P market): an hour whose residuals are below tolerance / sqrt(hours)
+    # closes (its trades and prices are final); rounds and answers carry the open hours only
+    hour_stopping: bool = False
+    infeasibility_window: int = 50  # common.admm.InfeasibilityWatch; 0: off
 
 
 @dataclass
@@ -62,6 +66,7 @@ class IterationStats:
     coordinator_s: float
     wall_s: float
     network_s: float = 0.0  # the network agent's update (community market), on the critical path
+    open_hours: int = 0  # hours solved in this iteration (per-hour stopping)
 
 
 @dataclass
@@ -105,9 +110,22 @@ class P2PRounds:
         self.lam_eff = (self.start_prices.copy() if self.start_prices is not None
                         else np.array(self.warm_prices, dtype=float) if self.warm_prices is not None
                         else np.full(self.flat.shape, float(st.price_init_eur_per_mwh)))
-        self.anderson = (Anderson(st.aa_memory, st.aa_safeguard)
+        # the hours are independent problems: each extrapolates with its own coefficients
+        self.anderson = (BlockAnderson(st.aa_memory, st.aa_safeguard)
                          if st.acceleration and st.topology == "relay" else None)
         self._override = False
+        # per-hour stopping: the hours still open, the ones being solved (None: every hour) and the
+        # ones the ROUND's arrays cover (solved in the previous iteration); per-hour residuals
+        H = self.hours
+        self.open = np.ones(H, dtype=bool)
+        self.solving: np.ndarray | None = None
+        self.prev: np.ndarray | None = None
+        self.primal_h = np.zeros(H)
+        self.dual_h = np.zeros(H)
+        self._aa_cols: np.ndarray | None = None
+        self.watch = InfeasibilityWatch(st.tolerance, st.infeasibility_window)
+        self.infeasible = False
+        self.infeasible_hours: list[int] | None = None  # named from the per-hour primal residuals
 
     # -- instructions ----------------------------------------------------------------------
     def start(self) -> list[tuple[str, Round]]:
@@ -117,8 +135,15 @@ class P2PRounds:
         """Hosts that have not answered the current iteration."""
         return set(self._waiting)
 
+    @staticmethod
+    def _cols(hours: np.ndarray | None):
+        return slice(None) if hours is None else hours
+
     def _round_for(self, host: str, stop: bool) -> Round:
+        """The ROUND of one host: its peers' arrays in the hours solved in the previous iteration
+        (every hour at the start), and the hours to solve now."""
         peers = {}
+        c = self._cols(self.prev)
         first = self.start_prices is not None and self.iteration == self.start_iteration + 1 and not stop
         if first:
             for pid in self.hosts[host]:
@@ -127,18 +152,23 @@ class P2PRounds:
         elif self._override and not stop:  # an accelerated point: every peer's state is set
             for pid in self.hosts[host]:
                 own = self.peer_trades[pid]
-                peers[pid] = RoundPeer(p_in_mw=self.flat[self.peer_incoming[pid]],
-                                       price_eur_per_mwh=self.lam_eff[own], p_own_mw=self.flat[own])
+                peers[pid] = RoundPeer(p_in_mw=self.flat[self.peer_incoming[pid]][:, c],
+                                       price_eur_per_mwh=self.lam_eff[own][:, c], p_own_mw=self.flat[own][:, c])
         elif self.settings.topology == "relay":
             for pid in self.hosts[host]:
-                peers[pid] = RoundPeer(p_in_mw=self.flat[self.peer_incoming[pid]])
-        return Round(rho=self.rho, stop=stop, peers=peers)
+                peers[pid] = RoundPeer(p_in_mw=self.flat[self.peer_incoming[pid]][:, c])
+        return Round(rho=self.rho, stop=stop, peers=peers, hours=None if stop else self.solving)
 
     def _next_round(self, stop: bool) -> list[tuple[str, Round]]:
+        self.prev = self.solving
         if not stop:
             self.iteration += 1
+            self.solving = None if self.open.all() else np.flatnonzero(self.open)
+        n = self.hours if self.solving is None else len(self.solving)
         self._waiting = set(self.hosts) if not stop else set()
-        self._dual_sq = self._primal_sq = self._solve_max = self._solve_sum = 0.0
+        self._dual_sq = np.zeros(n)
+        self._primal_sq = np.zeros(n)
+        self._solve_max = self._solve_sum = 0.0
         out = [(host, self._round_for(host, stop)) for host in self.hosts]
         self._t_sent = self.timer()
         return out
@@ -150,6 +180,10 @@ class P2PRounds:
         unknown = set(records) - set(self.hosts[host])
         if unknown or len(records) != len(self.hosts[host]):
             raise ValueError(f"host {host} answered for peers {sorted(records)}, expected {self.hosts[host]}")
+        n = len(self._dual_sq)
+        for pid, rec in records.items():  # refuse a bad answer whole, before anything is counted
+            if rec.dual_sq.shape != (n,):
+                raise ValueError(f"peer {pid} sent residuals of {rec.dual_sq.shape[0]} hours, expected {n}")
         self._waiting.discard(host)
         host_solve = 0.0
         for pid, rec in records.items():
@@ -162,27 +196,37 @@ class P2PRounds:
         self._solve_sum += host_solve
 
     def on_update(self, host: str, update) -> list[tuple[str, Round]]:
+        n = self.hours if self.solving is None else len(self.solving)
         for pid, rec in update.peers.items():  # refuse a bad answer whole, before anything is counted
             k = self.peer_trades.get(pid)
-            if k is not None and rec.p_out_mw.shape != (len(k), self.hours):
-                raise ValueError(f"peer {pid} sent trades of shape {rec.p_out_mw.shape}, expected {(len(k), self.hours)}")
+            if k is not None and rec.p_out_mw.shape != (len(k), n):
+                raise ValueError(f"peer {pid} sent trades of shape {rec.p_out_mw.shape}, expected {(len(k), n)}")
         self._account(host, update.peers)
         for pid, rec in update.peers.items():
-            self.flat[self.peer_trades[pid]] = rec.p_out_mw
+            if self.solving is None:
+                self.flat[self.peer_trades[pid]] = rec.p_out_mw
+            else:
+                self.flat[np.ix_(self.peer_trades[pid], self.solving)] = rec.p_out_mw
         return self._maybe_complete()
 
     def _accelerate(self, lam_new: np.ndarray) -> None:
         """The next state from Anderson acceleration of (trades, prices) -> (trades, prices) at a
-        fixed rho, in the scaled variables (sqrt(rho) x, lam / sqrt(rho))."""
+        fixed rho, hour by hour, in the scaled variables (sqrt(rho) x, lam / sqrt(rho)), over the
+        open hours (an hour that has just closed keeps the plain step and leaves the memory)."""
+        cols = np.flatnonzero(self.open)
+        if self._aa_cols is not None and len(cols) != len(self._aa_cols):
+            self.anderson.keep(np.isin(self._aa_cols, cols))
+        self._aa_cols = cols
         s = np.sqrt(self.rho)
-        pack = lambda x, lam: np.concatenate([s * x.ravel(), lam.ravel() / s])  # noqa: E731
+        pack = lambda x, lam: np.concatenate([s * x[:, cols].T, lam[:, cols].T / s], axis=1)  # noqa: E731
         z = pack(self.x_state, self.lam_eff)
         t = pack(self.flat, lam_new)
         nxt = self.anderson.step(z, t)
-        n = self.flat.size
-        x_next = nxt[:n].reshape(self.flat.shape) / s
-        lam_next = nxt[n:].reshape(self.flat.shape) * s
-        self._override = nxt is not t
+        K = len(self.flat)
+        x_next, lam_next = self.flat.copy(), lam_new.copy()
+        x_next[:, cols] = nxt[:, :K].T / s
+        lam_next[:, cols] = nxt[:, K:].T * s
+        self._override = not np.array_equal(nxt, t)  # else the peers' own plain step is the same state
         self.flat, self.x_state, self.lam_eff = x_next, x_next.copy(), lam_next
 
     def on_residuals(self, host: str, residuals) -> list[tuple[str, Round]]:
@@ -194,24 +238,39 @@ class P2PRounds:
             return []
         t0 = self.timer()
         wall = t0 - self._t_sent
+        c = self._cols(self.solving)
         if self.settings.topology == "relay":
-            primal = float(np.sqrt(np.sum((self.flat + self.flat[self.graph.reverse]) ** 2)))
+            mismatch = self.flat[:, c] + self.flat[self.graph.reverse][:, c]
+            self.primal_h[c] = np.sqrt(np.sum(mismatch**2, axis=0))
         else:
-            primal = float(np.sqrt(self._primal_sq))
-        dual = self.rho * float(np.sqrt(self._dual_sq))
+            self.primal_h[c] = np.sqrt(self._primal_sq)
+        # a closed hour's state is frozen: its primal residual stays, its dual residual is zero
+        self.dual_h[~self.open] = 0.0
+        self.dual_h[c] = self.rho * np.sqrt(self._dual_sq)
+        primal = float(np.sqrt(np.sum(self.primal_h**2)))
+        dual = float(np.sqrt(np.sum(self.dual_h**2)))
         rho_used = self.rho
-        done = converged(primal, dual, self.settings.tolerance)
+        n_solved = self.hours if self.solving is None else len(self.solving)
+        st = self.settings
+        if st.hour_stopping:
+            tol_h = st.tolerance / np.sqrt(self.hours)  # all hours closed: the day within tolerance
+            self.open &= ~((self.primal_h <= tol_h) & (self.dual_h <= tol_h))
+        done = converged(primal, dual, st.tolerance) or not self.open.any()
         if self.statuses:
             done = True  # a peer could not solve: stop and report
         local = self.iteration - self.start_iteration
-        out_of_iterations = local >= self.settings.max_iterations
+        out_of_iterations = local >= st.max_iterations
+        if not done and self.watch.observe(primal, dual / rho_used, rho_used):
+            self.infeasible = out_of_iterations = True
+            self.infeasible_hours = infeasible_hours(self.primal_h, st.tolerance)
         if self.anderson is not None:  # mirror the state the peers hold (only the acceleration needs it)
-            lam_new = self.lam_eff - 0.5 * rho_used * (self.flat + self.flat[self.graph.reverse])
+            lam_new = self.lam_eff.copy()
+            lam_new[:, c] -= 0.5 * rho_used * (self.flat[:, c] + self.flat[self.graph.reverse][:, c])
         accelerated = False
         if done or out_of_iterations:
             self.finished = True
             self.converged = done and not self.statuses
-        elif self.anderson is not None and local >= self.settings.aa_start:
+        elif self.anderson is not None and local >= st.aa_start:
             self._accelerate(lam_new)
             accelerated = True
         else:
@@ -220,7 +279,7 @@ class P2PRounds:
             self.x_state, self.lam_eff, self._override = self.flat.copy(), lam_new, False
         self.primal_residual, self.dual_residual = primal, dual
         self.history.append(IterationStats(self.iteration, primal, dual, rho_used, self._solve_max, self._solve_sum,
-                                           self.timer() - t0, wall))
+                                           self.timer() - t0, wall, open_hours=n_solved))
         return self._next_round(stop=self.finished)
 
 
@@ -260,6 +319,11 @@ class CommunityRounds:
         self._solve_max = self._solve_sum = 0.0
         self.network_s = 0.0
         self.network = None  # last NetworkResult
+        # Anderson acceleration of the map (z, u) -> (z, u): the coordinator holds the whole state
+        self.anderson = Anderson(st.aa_memory, st.aa_safeguard) if st.acceleration else None
+        self.watch = InfeasibilityWatch(st.tolerance, st.infeasibility_window)
+        self.infeasible = False
+        self.infeasible_hours: list[int] | None = None
 
     def pending(self) -> set[str]:
         return set(self._waiting)
@@ -319,8 +383,9 @@ class CommunityRounds:
         self.network = result
         wall = t0 - self._t_sent
         dual = self.rho * float(np.linalg.norm(z_new - self.z))
+        z_old, u_old = self.z, self.u
         self.z = z_new
-        self.u += self.p - self.z
+        self.u = self.u + self.p - self.z
         primal = float(np.linalg.norm(self.p - self.z))
         rho_used = self.rho
         self.primal_residual, self.dual_residual = primal, dual
@@ -328,6 +393,16 @@ class CommunityRounds:
             self.finished = self.converged = True
         elif self.iteration >= self.settings.max_iterations:
             self.finished = True
+        elif self.watch.observe(primal, dual / rho_used, rho_used):
+            self.finished = self.infeasible = True
+            self.infeasible_hours = infeasible_hours(np.linalg.norm(self.p - self.z, axis=0), self.settings.tolerance)
+        elif self.anderson is not None and self.iteration > self.settings.aa_start:
+            # rho frozen: the next point extrapolated from the last (z, u) -> (z+, u+) steps; the
+            # peers and the network agent are memoryless, so the next ROUND's targets carry it
+            nxt = self.anderson.step(np.concatenate([z_old.ravel(), u_old.ravel()]),
+                                     np.concatenate([self.z.ravel(), self.u.ravel()]))
+            n = self.z.size
+            self.z, self.u = nxt[:n].reshape(self.z.shape), nxt[n:].reshape(self.u.shape)
         else:
             new_rho = self.policy.update(self.iteration, primal, dual)
             if new_rho != self.rho:

@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.engine import COORDINATOR, Deadline, Fail, Finish, Log, Note, Received, Send, Started
-from common.market import trade_graph_from_roster
-from common.models import PRODUCER_KINDS
+from common.market import roster_graph
 from common.protocol.control import Hello, Ready, Shutdown, Welcome
 from common.protocol.frequency import FreqQuery, FreqRequest
 from common.protocol.grid import Dispatch, GridReport, NetworkResult
@@ -63,6 +62,7 @@ class Cleared:
     trades_mw: np.ndarray | None = None  # (K, H) full P2P market
     prices_eur_per_mwh: np.ndarray | None = None  # (K, H)
     results: dict = field(default_factory=dict)  # peer id -> ResultPeer (community: SOC)
+    fees_eur: np.ndarray | None = None  # (K, H) the differentiation fee paid by each trade's owner
 
 
 @dataclass
@@ -96,18 +96,24 @@ class CentralizedClearing:
         from common import centralized
         from common.models import apply_parameters, flex_penalty_eur, reactive_mvar
 
+        from common.market import fee_weights
+
         ids = graph.peer_ids
         models = [apply_parameters(self.base[i], self.params[i]) for i in ids]
         weights = np.zeros((graph.n_pairs, models[0].p_min_mw.shape[0]))
+        base = fee_weights(graph, [self.base[i] for i in ids])  # the peers' own fees (differentiation as data)
+        if base is not None:
+            weights += base[:, None]
         for n, pid in enumerate(ids):
             if "diff_eur_per_mwh" in self.params[pid]:
-                weights[graph.partners_of(n)] = self.params[pid]["diff_eur_per_mwh"]
+                weights[graph.partners_of(n)] += self.params[pid]["diff_eur_per_mwh"]
         sol = centralized.solve_p2p(models, weights)
         sw = -np.sum([self.base[i].cost_eur(sol.p_mw[n]) for n, i in enumerate(ids)], axis=0)
-        diff = np.sum(np.where(sol.graph.sign[:, None] < 0, weights * sol.trades_mw, 0.0), axis=0)
+        diff = np.sum(weights * sol.trades_mw, axis=0)
         flex = np.sum([flex_penalty_eur(self.base[i], self.params[i]) for i in ids], axis=0)
         q = np.vstack([reactive_mvar(models[n], sol.p_mw[n]) for n in range(len(ids))])
-        return Cleared(sol.p_mw, q, sw, diff, flex, True, None, sol.trades_mw, sol.prices_eur_per_mwh)
+        return Cleared(sol.p_mw, q, sw, diff, flex, True, None, sol.trades_mw, sol.prices_eur_per_mwh,
+                       fees_eur=weights * sol.trades_mw)
 
 
 class CoordinatorEngine:
@@ -127,7 +133,7 @@ class CoordinatorEngine:
         # exchange of the network agent, not a peer
         self.roster = [p for p in roster if not (self.community and p.kind == "grid")]
         self.roster_ids = [p.id for p in self.roster]
-        self.graph = trade_graph_from_roster([p.id for p in roster], [p.kind in PRODUCER_KINDS for p in roster])
+        self.graph = roster_graph(roster)
         self.hosts: dict[str, list[str]] = {}
         self.host_info: dict[str, Hello] = {}
         self.services: dict[str, Hello] = {}
@@ -290,7 +296,8 @@ class CoordinatorEngine:
                              residual_balancing=m.residual_balancing, mu=m.rb_mu, tau=m.rb_tau, every=m.rb_every,
                              until=m.rb_until, topology=self.topology, price_init_eur_per_mwh=m.price_init_eur_per_mwh,
                              acceleration=m.acceleration, aa_memory=m.aa_memory, aa_safeguard=m.aa_safeguard,
-                             aa_start=m.aa_start)
+                             aa_start=m.aa_start, hour_stopping=m.hour_stopping and not self.community,
+                             infeasibility_window=m.infeasibility_window)
 
     def _clear_p2p(self, previous: Cleared | None):
         """One clearing of the full P2P market; an outer loop re-clears warm from ``previous``."""
@@ -310,7 +317,18 @@ class CoordinatorEngine:
         else:
             handlers = {Residuals: lambda ev: rounds.on_residuals(ev.sender, ev.message)}
         yield from self._drive(rounds, handlers)
-        return (yield from self._collect_p2p(rounds))
+        cleared = yield from self._collect_p2p(rounds)
+        if rounds.infeasible:
+            self._infeasible(rounds, rounds.infeasible_hours or [])
+        return cleared
+
+    def _infeasible(self, rounds, hours: list[int]) -> None:
+        what = "trades cannot be matched" if not self.community else "the peers' injections do not fit the network"
+        raise RunFailure(COORDINATOR, f"the market is infeasible in hour(s) {', '.join(map(str, hours)) or '(none named)'}: "
+                                      f"after {rounds.iteration} ADMM iterations the primal residual has stalled at "
+                                      f"{rounds.primal_residual:.4g} MW (tolerance {self.market.tolerance:g}) while the "
+                                      f"iterates no longer move and the prices moved by {rounds.watch.drift:.3g} EUR/MWh "
+                                      f"without a response ({what}; Boyd et al. 2011, sec. 3.3)")
 
     def _pool_price(self, tol_mw: float = 1e-9, width_eur_per_mwh: float = 1e-9):
         """Price rounds before the ADMM. Each round sends every host ``pool_price_points`` candidate
@@ -370,6 +388,16 @@ class CoordinatorEngine:
             cand[:, done] = price_a[done]
             step = np.where(both, step, step * 2.0 ** K)
         rest = ~done  # hours the rounds did not settle start in the middle of what is known
+        # an hour still short (or in excess) of supply at every price up to astronomically high (low)
+        # ones has no balancing price at all: the aggregate of the peers' bounds cannot balance
+        one_sided = rest & (np.isfinite(lo) != np.isfinite(hi)) & (np.abs(np.where(np.isfinite(lo), lo, hi)) > 1e6)
+        if one_sided.any():
+            hours = np.flatnonzero(one_sided) + 1
+            short = np.isfinite(lo[hours[0] - 1])
+            raise RunFailure(COORDINATOR, f"the market is infeasible in hour(s) {', '.join(map(str, hours))}: the price "
+                                          f"rounds found no balancing price (at {abs(np.where(short, lo, hi)[hours[0] - 1]):.3g} "
+                                          f"EUR/MWh the {'demand still exceeds the supply' if short else 'supply still exceeds the demand'}"
+                                          f" in hour {hours[0]})")
         with np.errstate(invalid="ignore"):
             mid = np.where(np.isfinite(lo) & np.isfinite(hi), 0.5 * (lo + hi), np.where(np.isfinite(lo), lo, hi))
         price_a, price_b, share = np.where(rest, mid, price_a), np.where(rest, mid, price_b), np.where(rest, 0.5, share)
@@ -427,6 +455,8 @@ class CoordinatorEngine:
 
         handlers = {Update: lambda ev: rounds.on_update(ev.sender, ev.message), NetworkResult: on_network}
         yield from self._drive(rounds, handlers)
+        if rounds.infeasible:
+            self._infeasible(rounds, rounds.infeasible_hours or [])
         return rounds
 
     def _drive(self, rounds, handlers: dict):
@@ -497,17 +527,20 @@ class CoordinatorEngine:
     def _collect_p2p(self, rounds: P2PRounds):
         results = yield from self._collect(rounds.iteration)
         ids, H, g = self.graph.peer_ids, self.H, self.graph
-        trades, prices = np.zeros((g.n_pairs, H)), np.zeros((g.n_pairs, H))
+        trades, prices, fees = np.zeros((g.n_pairs, H)), np.zeros((g.n_pairs, H)), np.zeros((g.n_pairs, H))
         for n, pid in enumerate(ids):
             kk = g.partners_of(n)
             if results[pid].trades_mw.shape != (len(kk), H):
                 raise RunFailure(pid, f"RESULT of peer {pid} has trades of shape {results[pid].trades_mw.shape}")
             trades[kk], prices[kk] = results[pid].trades_mw, results[pid].price_eur_per_mwh
+            if results[pid].trade_fee_eur is not None and results[pid].trade_fee_eur.shape == (len(kk), H):
+                fees[kk] = results[pid].trade_fee_eur
         zero = np.zeros(H)
         diff = np.sum([r.diff_cost_eur if r.diff_cost_eur is not None else zero for r in results.values()], axis=0)
         flex = np.sum([r.flex_penalty_eur if r.flex_penalty_eur is not None else zero for r in results.values()], axis=0)
         return Cleared(np.vstack([results[i].p_mw for i in ids]), np.vstack([results[i].q_mvar for i in ids]),
-                       self._welfare(results), diff, flex, rounds.converged, rounds, trades, prices, results)
+                       self._welfare(results), diff, flex, rounds.converged, rounds, trades, prices, results,
+                       fees_eur=fees if fees.any() else None)
 
     def _collect_community(self, rounds: CommunityRounds):
         results = yield from self._collect(rounds.iteration)

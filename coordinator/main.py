@@ -5,11 +5,13 @@ the log goes to stderr."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
 from common.engine import Note
-from common.shell import Shell, ShellFailure, role_logger
+from common.logs import role_logger, setup_logging
+from common.shell import Shell, ShellFailure
 from coordinator.engine import CoordinatorEngine, RunOutcome
 
 log = role_logger("coordinator")
@@ -27,15 +29,25 @@ def write_run(outcome: RunOutcome, engine: CoordinatorEngine, out_dir: Path, tra
 
     result = build_result(outcome, engine, traffic, processes=processes, rejected=rejected)
     result.wall_s = time.time() - t0
+    t = time.perf_counter()
     write_results(result, out_dir, engine.public, figures=report)
+    log.info(f"results written to {out_dir} in {time.perf_counter() - t:.2f} s"
+             + (" (tables, figures and report)" if report else " (tables)"))
     result.wall_s = time.time() - t0
     summary = build_summary(result)
     (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     return summary
 
 
+def _preload_results(figures: bool) -> None:
+    from common.report import preload
+
+    preload(figures)
+
+
 def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s: float, t0: float,
          ready_file: str | None, processes: int = 0, report: bool = True) -> int:
+    setup_logging("coordinator")
     engine = CoordinatorEngine(public, topology=topology)
     engine.run_id = run_id
 
@@ -49,25 +61,35 @@ def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s:
     log.info(f"listening on {shell.address}, run {run_id}")
     if ready_file:
         Path(ready_file).write_text(shell.address)
+    # the results libraries (pandera, matplotlib, Jinja2) load while the peers start
+    threading.Thread(target=_preload_results, args=(report,), name="results-preload", daemon=True).start()
     try:
         outcome = shell.run()
         traffic = shell.transport.traffic_rows() + list(engine.extra_traffic)
         rejected = shell.transport.rejected_total() + sum(engine.rejected.values())
-        summary = write_run(outcome, engine, Path(out_dir), traffic, t0=t0, processes=processes, rejected=rejected,
-                            report=report)
+        from common.report import ResultsContractError
+
+        try:
+            summary = write_run(outcome, engine, Path(out_dir), traffic, t0=t0, processes=processes,
+                                rejected=rejected, report=report)
+        except ResultsContractError as exc:
+            reason = f"{exc} (tables written to {out_dir})"
+            log.error(f"run failed: {reason}")
+            emit("failed", reason=reason, role="coordinator")
+            return 1
         emit("done", out=str(out_dir), converged=summary["converged"], iterations=summary["iterations"])
         if summary.get("outer_failure"):
             reason = (f"outer loop ({public.market.model}) ended without a feasible grid: {summary['outer_failure']} "
                       f"(results written to {out_dir})")
-            log.info(f"run failed: {reason}")
+            log.error(f"run failed: {reason}")
             emit("failed", reason=reason)
             return 1
         return 0
     except ShellFailure as exc:
-        log.info(f"run failed: {exc}")
+        log.error(f"run failed: {exc}")
         emit("failed", reason=str(exc), role=exc.role)
         return 1
     finally:
         if shell.transport.rejected or engine.rejected:
-            log.info(f"rejected messages: {dict(shell.transport.rejected + engine.rejected)}")
+            log.warning(f"rejected messages: {dict(shell.transport.rejected + engine.rejected)}")
         shell.close()

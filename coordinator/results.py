@@ -26,9 +26,11 @@ def build_result(outcome: RunOutcome, engine: CoordinatorEngine, traffic: list[t
         result, sol = _community(engine, last, outcome)
     else:
         result = p2p_result(public, engine.graph, dispatch_frame(public.roster, last.p_mw, last.q_mvar), last.trades_mw,
-                            last.prices_eur_per_mwh, last.sw_eur, last.diff_eur, outcome.solver, converged=last.converged)
+                            last.prices_eur_per_mwh, last.sw_eur, last.diff_eur, outcome.solver, converged=last.converged,
+                            fees_eur=last.fees_eur)
         result.economics["flex_penalty_eur"] = last.flex_eur
-    result.ac = ac_from_tables(outcome.report.tables)
+    first = outcome.report_initial.tables if outcome.report_initial is not None else None
+    result.ac = ac_from_tables(outcome.report.tables, network=first)
     result.iterations = engine.iteration
     result.extra["price_rounds"] = engine.price_rounds
     result.extra["rounds"] = engine.price_rounds + engine.iteration  # every round trip of the clearings
@@ -49,9 +51,12 @@ def build_result(outcome: RunOutcome, engine: CoordinatorEngine, traffic: list[t
     result.primal_residual = rounds[-1].primal_residual if rounds else 0.0
     result.dual_residual = rounds[-1].dual_residual if rounds else 0.0
     result.processes = processes or (len(outcome.hosts) + 1 + len(outcome.services))
-    result.admm_history = pd.DataFrame([(o, s.iteration, s.primal_residual, s.dual_residual, s.rho)
+    result.admm_history = pd.DataFrame([(o, s.iteration, s.primal_residual, s.dual_residual, s.rho, s.open_hours)
                                         for o, r in enumerate(rounds, start=1) for s in r.history],
-                                       columns=["outer", "iteration", "primal_residual", "dual_residual", "rho"])
+                                       columns=["outer", "iteration", "primal_residual", "dual_residual", "rho",
+                                                "open_hours"])
+    if rounds:  # hour-iterations: the local problems solved, per peer (per-hour stopping cuts them)
+        result.extra["hour_iterations"] = int(result.admm_history["open_hours"].sum())
     msgs = pd.DataFrame(traffic, columns=["iteration", "type", "count", "bytes"])
     result.messages = msgs.groupby(["iteration", "type"], as_index=False)[["count", "bytes"]].sum()
     if outcome.solver == "admm":

@@ -18,6 +18,7 @@ import pandas as pd
 from common.engine import COORDINATOR, Finish, Log, Received, Send, Started
 from common.protocol.control import Hello, Shutdown, Welcome
 from common.protocol.grid import Dispatch, GridReport, NetworkResult, NetworkUpdate
+from common.public import voltage_setpoints
 from common.report_codec import ac_to_tables, frames_to_tables
 
 
@@ -30,7 +31,8 @@ def dispatch_to_frame(msg: Dispatch) -> pd.DataFrame:
     })
 
 
-def grid_report(ac) -> GridReport:
+def grid_report(ac, network: bool = True) -> GridReport:
+    """``network``: send the network's drawing (bus coordinates, branch ends) too."""
     vm = ac.buses.pivot(index="bus", columns="hour", values="vm_pu").sort_index()
     loading = ac.lines.pivot_table(index="line", columns="hour", values="loading_percent", aggfunc="max",
                                    dropna=False).sort_index()
@@ -41,7 +43,7 @@ def grid_report(ac) -> GridReport:
         vm_pu=np.nan_to_num(vm.to_numpy(dtype=float)), loading_percent=np.nan_to_num(loading.to_numpy(dtype=float)),
         losses_mw=np.nan_to_num(ac.hours["losses_mw"].to_numpy(dtype=float)), violations=violations,
         converged=tuple(bool(c) for c in ac.hours["converged"]), bus_ids=tuple(int(b) for b in vm.index),
-        tables=ac_to_tables(ac),
+        tables=ac_to_tables(ac, network=network),
     )
 
 
@@ -60,6 +62,7 @@ class DSOEngine:
         self.timer = timer
         self.pid, self.host = pid, host
         self.planner = None
+        self.network_sent = False  # the network's drawing goes with the first GRID_REPORT only
         self.last_network = None  # the network agent's last solution
         self.net = None
         if public.network is not None:
@@ -95,7 +98,7 @@ class DSOEngine:
         return OuterPlanner(grid, list(msg.peer_ids), list(msg.kinds), list(msg.buses), pub.market.model, pub.dso,
                             branch_lengths_km(self.net, grid), [e.tan_phi for e in entries],
                             [e.flex_fraction if e.kind == "load" else 0.0 for e in entries], pub.market.hours,
-                            pub.network.max_loading_percent)
+                            pub.network.max_loading_percent, two_way=[e.two_way for e in entries])
 
     def handle(self, event) -> list:
         if isinstance(event, Started):
@@ -119,7 +122,7 @@ class DSOEngine:
         try:
             sol = self.last_network = self.agent.solve(msg.arrays["v_mw"], msg.rho)
         except Exception as exc:  # noqa: BLE001 - a failed SOCP is an outcome: reported, the coordinator decides
-            return [Log(f"network agent failed at iteration {k}: {exc}"),
+            return [Log(f"network agent failed at iteration {k}: {exc}", "error"),
                     Send(COORDINATOR, NetworkResult(arrays={}, status=f"network agent SOCP failed: {exc}"), k)]
         return [Send(COORDINATOR, NetworkResult(arrays={"z_mw": sol.z_mw, "import_mw": sol.import_mw,
                                                         "export_mw": sol.export_mw, "vm_pu": sol.vm_pu,
@@ -133,8 +136,9 @@ class DSOEngine:
 
         t = self.timer()
         try:
-            ac = run_ac(self.net, dispatch_to_frame(msg), self.public.network)
-            report = grid_report(ac)
+            ac = run_ac(self.net, dispatch_to_frame(msg), self.public.network, voltage_setpoints(self.public.roster))
+            report = grid_report(ac, network=not self.network_sent)
+            self.network_sent = True
             out = [Log(f"AC power flow of {ac.hours.shape[0]} hours in {self.timer() - t:.2f} s, "
                        f"{len(ac.violations)} violation(s)")]
             if msg.plan:
@@ -150,6 +154,6 @@ class DSOEngine:
                                     report.converged, report.bus_ids, penalties=plan.updates, tables=tables,
                                     outer_status=plan.status, outer_reason=plan.reason, actions=tuple(plan.actions))
         except Exception as exc:  # noqa: BLE001 - the coordinator gets the reason, the service lives on
-            return [Log(f"could not check the dispatch of iteration {k}: {type(exc).__name__}: {exc}"),
+            return [Log(f"could not check the dispatch of iteration {k}: {type(exc).__name__}: {exc}", "error"),
                     Send(COORDINATOR, _failed_report(f"{type(exc).__name__}: {exc}"), k)]
         return out + [Send(COORDINATOR, report, k)]

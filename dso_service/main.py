@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import socket
 
-from common.shell import role_logger, run_role
+from common.logs import setup_logging
+from common.shell import run_role
 
 
 def main(public, coordinator: str, timeout_s: float, idle_timeout_s: float) -> int:
     from dso_service.engine import DSOEngine
 
-    role_logger("dso").info(f"connecting to {coordinator}")
+    setup_logging("dso").info(f"connecting to {coordinator}")
     return run_role(DSOEngine(public, pid=os.getpid(), host=socket.gethostname()), coordinator, idle_timeout_s)

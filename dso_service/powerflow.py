@@ -101,12 +101,17 @@ def _disable_injections(net) -> None:
             net[table]["in_service"] = False
 
 
-def run_ac(net: pp.pandapowerNet, dispatch: pd.DataFrame, spec: NetworkSpec) -> ACReport:
+def run_ac(net: pp.pandapowerNet, dispatch: pd.DataFrame, spec: NetworkSpec,
+           voltage_setpoints: dict[str, float] | None = None) -> ACReport:
     """AC power flow of every hour of ``dispatch`` (columns peer, kind, bus, hour, p_mw, q_mvar).
 
+    ``voltage_setpoints`` {peer id: vm_pu}: those producers are voltage-controlled generators
+    (pandapower ``gen``, a PV bus: the dispatch's p_mw at the set voltage, reactive power free)
+    instead of fixed-Q injections; like a static generator, one with p == 0 is out of service.
     ``net`` is not modified (the power flows run on a copy). Raises ValueError only for a malformed
     dispatch (missing column, unknown bus).
     """
+    setpoints = dict(voltage_setpoints or {})
     missing = [c for c in ("peer", "kind", "bus", "hour", "p_mw", "q_mvar") if c not in dispatch.columns]
     if missing:
         raise ValueError(f"dispatch lacks column(s) {', '.join(missing)}")
@@ -128,16 +133,24 @@ def run_ac(net: pp.pandapowerNet, dispatch: pd.DataFrame, spec: NetworkSpec) -> 
         tabs = [np.zeros((0, len(hours))), np.zeros((0, len(hours)))]
     p_tab, q_tab = tabs  # (peers, hours), net injections
 
-    is_sgen = peers["kind"].isin(SGEN_KINDS).to_numpy()
+    is_gen = peers["peer"].astype(str).isin(setpoints).to_numpy()
+    is_sgen = peers["kind"].isin(SGEN_KINDS).to_numpy() & ~is_gen
+    gen_idx = np.array([], dtype=int)
+    if is_gen.any():
+        gen_idx = np.asarray(pp.create_gens(work, peers.loc[is_gen, "bus"].astype(int).tolist(), p_mw=0.0,
+                                            vm_pu=[setpoints[str(p)] for p in peers.loc[is_gen, "peer"]],
+                                            name=peers.loc[is_gen, "peer"].astype(str).tolist()), dtype=int)
+    p_gen = p_tab[is_gen]
     sgen_idx, load_idx = np.array([], dtype=int), np.array([], dtype=int)
     if is_sgen.any():
         sgen_idx = np.asarray(pp.create_sgens(work, peers.loc[is_sgen, "bus"].astype(int).tolist(), p_mw=0.0,
                                               name=peers.loc[is_sgen, "peer"].astype(str).tolist()), dtype=int)
-    if (~is_sgen).any():
-        load_idx = np.asarray(pp.create_loads(work, peers.loc[~is_sgen, "bus"].astype(int).tolist(), p_mw=0.0,
-                                              name=peers.loc[~is_sgen, "peer"].astype(str).tolist()), dtype=int)
+    is_load = ~is_sgen & ~is_gen
+    if is_load.any():
+        load_idx = np.asarray(pp.create_loads(work, peers.loc[is_load, "bus"].astype(int).tolist(), p_mw=0.0,
+                                              name=peers.loc[is_load, "peer"].astype(str).tolist()), dtype=int)
     p_sgen, q_sgen = p_tab[is_sgen], q_tab[is_sgen]
-    p_load, q_load = -p_tab[~is_sgen], -q_tab[~is_sgen]
+    p_load, q_load = -p_tab[is_load], -q_tab[is_load]
     # consumption of each hour: what the placed peers draw (thesis: losses relative to consumption)
     load_mw = np.clip(-p_tab, 0.0, None).sum(axis=0)
 
@@ -153,12 +166,16 @@ def run_ac(net: pp.pandapowerNet, dispatch: pd.DataFrame, spec: NetworkSpec) -> 
     prev_ok, prev_on = False, None
     for h_i, hour in enumerate(hours):
         hour = int(hour)
-        on = p_sgen[:, h_i] != 0.0
+        on = np.r_[p_sgen[:, h_i] != 0.0, p_gen[:, h_i] != 0.0]
+        if len(gen_idx):
+            work.gen.loc[gen_idx, "p_mw"] = p_gen[:, h_i]
+            if prev_on is None or not np.array_equal(on, prev_on):
+                work.gen.loc[gen_idx, "in_service"] = p_gen[:, h_i] != 0.0
         if len(sgen_idx):
             work.sgen.loc[sgen_idx, "p_mw"] = p_sgen[:, h_i]
             work.sgen.loc[sgen_idx, "q_mvar"] = q_sgen[:, h_i]
             if prev_on is None or not np.array_equal(on, prev_on):
-                work.sgen.loc[sgen_idx, "in_service"] = on
+                work.sgen.loc[sgen_idx, "in_service"] = on[:len(sgen_idx)]
         if len(load_idx):
             work.load.loc[load_idx, "p_mw"] = p_load[:, h_i]
             work.load.loc[load_idx, "q_mvar"] = q_load[:, h_i]
@@ -166,8 +183,8 @@ def run_ac(net: pp.pandapowerNet, dispatch: pd.DataFrame, spec: NetworkSpec) -> 
         # only knows the elements that were in service when it was built: rebuild when they change
         if not prev_ok:
             init = "dc"
-        elif prev_on is not None and np.array_equal(on, prev_on):
-            init = "recycle"
+        elif prev_on is not None and np.array_equal(on, prev_on) and not len(gen_idx):
+            init = "recycle"  # (pandapower's recycle keeps the generators' old set points: not with PV buses)
         else:
             init = "results"
         ok = _runpp(work, init)
@@ -223,7 +240,11 @@ def run_ac(net: pp.pandapowerNet, dispatch: pd.DataFrame, spec: NetworkSpec) -> 
     }, columns=LINE_COLUMNS)
     hours_df = pd.DataFrame(hour_rows, columns=HOUR_COLUMNS).astype({"hour": int, "converged": bool, "violations": int})
     violations = pd.DataFrame(viol_rows, columns=VIOLATION_COLUMNS).astype({"hour": int, "index": int})
-    return ACReport(buses=buses, lines=lines, hours=hours_df, violations=violations)
+    from dso_service.layout import network_tables
+
+    net_buses, net_branches = network_tables(net, branches, li, ti)
+    return ACReport(buses=buses, lines=lines, hours=hours_df, violations=violations, network_buses=net_buses,
+                    network_branches=net_branches)
 
 
 def base_case(net: pp.pandapowerNet) -> tuple[float, float, int]:

@@ -132,17 +132,49 @@ def _load_public(path: str, **market_overrides):
     return public
 
 
+def _positive(value):
+    """Bounds of the scenario's market settings that typer cannot say (> 0)."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value:g} is not > 0")
+    return value
+
+
+class LogLevel(str, Enum):
+    debug = "DEBUG"
+    info = "INFO"
+    warning = "WARNING"
+    error = "ERROR"
+
+
+def _log_level(value):
+    """--log-level: for this process and every process it starts (P2PM_LOG_LEVEL)."""
+    if value is not None:
+        import os
+
+        os.environ["P2PM_LOG_LEVEL"] = value.value
+    return value
+
+
+LogLevelOpt = Annotated[Optional[LogLevel], typer.Option(
+    "--log-level", case_sensitive=False, callback=_log_level,
+    help="Log level of the processes (default: the environment's P2PM_LOG_LEVEL, else INFO); DEBUG traces every "
+         "message sent and received (type, iteration, size).")]
 ScenarioArg = Annotated[str, typer.Argument(help="Built-in scenario name (see `p2pm scenarios`) or a YAML/TOML file.")]
-RhoOpt = Annotated[Optional[float], typer.Option(help="Initial ADMM penalty rho (overrides the scenario).", min=0.0)]
-TolOpt = Annotated[Optional[float], typer.Option(help="ADMM stopping tolerance on primal and dual residuals.", min=0.0)]
+RhoOpt = Annotated[Optional[float], typer.Option(help="Initial ADMM penalty rho, > 0 (overrides the scenario).",
+                                                 callback=_positive)]
+TolOpt = Annotated[Optional[float], typer.Option(help="ADMM stopping tolerance on primal and dual residuals, > 0.",
+                                                 callback=_positive)]
 MaxItOpt = Annotated[Optional[int], typer.Option("--max-iterations", help="ADMM iteration limit.", min=1)]
 RbOpt = Annotated[Optional[bool], typer.Option("--residual-balancing/--no-residual-balancing",
                                                 help="Adapt rho by residual balancing (Boyd et al. 3.4.1).")]
 PoolOpt = Annotated[Optional[bool], typer.Option("--pool-price/--no-pool-price",
                                                  help="Full P2P market: start each clearing from scratch at the pool price "
                                                       "found by price rounds (overrides the scenario).")]
+HourStopOpt = Annotated[Optional[bool], typer.Option("--hour-stopping/--no-hour-stopping",
+                                                    help="Full P2P market: close each hour once its residuals are "
+                                                         "below tolerance (overrides the scenario).")]
 AccelOpt = Annotated[Optional[bool], typer.Option("--acceleration/--no-acceleration",
-                                                  help="Full P2P market, relay: Anderson acceleration of the ADMM "
+                                                  help="Anderson acceleration of the ADMM (full P2P market in relay, community market) "
                                                        "(overrides the scenario).")]
 
 
@@ -159,16 +191,19 @@ def run(
     residual_balancing: RbOpt = None,
     pool_price: PoolOpt = None,
     acceleration: AccelOpt = None,
+    hour_stopping: HourStopOpt = None,
     peers_per_process: Annotated[int, typer.Option(help="Peers hosted by one peer process.", min=1)] = 1,
     timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait (registration, a round, a service answer).", min=0.1)] = 30.0,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Render the figures and report.html (tables are always written).")] = True,
+    log_level: LogLevelOpt = None,
 ):
     """Clear a market and write the results folder."""
     t0 = time.time()
     overrides = dict(model=model.value if model else None, rho=rho, tolerance=tolerance,
                      max_iterations=max_iterations, residual_balancing=residual_balancing,
-                     pool_price_start=pool_price, acceleration=acceleration)
+                     pool_price_start=pool_price, acceleration=acceleration,
+                     hour_stopping=hour_stopping)
     sc = _load(scenario, **overrides)
     if sc.market.kind == "community" and topology is Topology.mesh and solver is Solver.admm:
         _fail("--topology mesh: the community market runs in the relay topology (the network agent couples every peer)",
@@ -188,7 +223,12 @@ def run(
             _fail(f"centralized clearing of {sc.name}: {exc}", EXIT_FAILED)
         except RunFailed as exc:
             _fail(f"centralized clearing of {sc.name}: {exc}", EXIT_FAILED)
-        write_results(result, out, split_scenario(sc)[0], figures=report)
+        from common.report import ResultsContractError
+
+        try:
+            write_results(result, out, split_scenario(sc)[0], figures=report)
+        except ResultsContractError as exc:
+            _fail(f"{exc} (tables written to {out})", EXIT_FAILED)
         # the summary's wall time covers writing the results too
         result.wall_s = time.time() - t0
         summary = write_results_summary_only(result, out)
@@ -233,6 +273,7 @@ def coordinator(
     tolerance: TolOpt = None,
     max_iterations: MaxItOpt = None,
     residual_balancing: RbOpt = None,
+    log_level: LogLevelOpt = None,
 ):
     """Start the coordinator: registration, ADMM rounds, DSO/TSO dialogs, results. It reads only the
     public scenario."""
@@ -257,6 +298,7 @@ def peer(
     timeout_s: Annotated[float, typer.Option(help="The coordinator's deadline (a peer waits twice as long for a round).", min=0.1)] = 30.0,
     bind_host: Annotated[str, typer.Option(help="Interface for the mesh socket.", envvar="P2PM_BIND_HOST")] = "127.0.0.1",
     advertise_host: Annotated[Optional[str], typer.Option(help="Address the partners use to reach this peer (mesh).", envvar="P2PM_ADVERTISE_HOST")] = None,
+    log_level: LogLevelOpt = None,
 ):
     """Start one peer process (hosting one or more peers) that connects to the coordinator. It reads
     only its own peers' private files."""
@@ -276,7 +318,7 @@ IdleTimeout = Annotated[float, typer.Option(help="Longest wait for the next requ
 
 @app.command()
 def dso(scenario: PublicOpt, coordinator: CoordinatorAddr, timeout_s: ServiceTimeout = 30.0,
-        idle_timeout_s: IdleTimeout = 3600.0):
+        idle_timeout_s: IdleTimeout = 3600.0, log_level: LogLevelOpt = None):
     """Start the DSO service: AC power-flow validation of every dispatch (and the network agent of
     the community market). It reads only the public scenario."""
     from dso_service.main import main as dso_main
@@ -286,7 +328,7 @@ def dso(scenario: PublicOpt, coordinator: CoordinatorAddr, timeout_s: ServiceTim
 
 @app.command()
 def tso(scenario: PublicOpt, coordinator: CoordinatorAddr, timeout_s: ServiceTimeout = 30.0,
-        idle_timeout_s: IdleTimeout = 3600.0):
+        idle_timeout_s: IdleTimeout = 3600.0, log_level: LogLevelOpt = None):
     """Start the TSO service: frequency-regulation requests (virtual load per hour). It reads only
     the public scenario."""
     from tso_service.main import main as tso_main
@@ -297,16 +339,17 @@ def tso(scenario: PublicOpt, coordinator: CoordinatorAddr, timeout_s: ServiceTim
 @app.command()
 def bench(
     scenario: ScenarioArg,
-    topology: Annotated[Topology, typer.Option()] = Topology.relay,
-    peers_per_process: Annotated[int, typer.Option(min=1)] = 1,
+    topology: Annotated[Topology, typer.Option(help="relay: trades go through the coordinator; mesh: peer to peer.")] = Topology.relay,
+    peers_per_process: Annotated[int, typer.Option(help="Peers hosted by one peer process.", min=1)] = 1,
     out: Annotated[Optional[Path], typer.Option(help="Folder of the benchmark's distributed run.")] = None,
-    timeout_s: Annotated[float, typer.Option(min=0.1)] = 30.0,
+    timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait (registration, a round, a service answer).", min=0.1)] = 30.0,
     rho: RhoOpt = None,
     tolerance: TolOpt = None,
     max_iterations: MaxItOpt = None,
     residual_balancing: RbOpt = None,
     pool_price: PoolOpt = None,
     acceleration: AccelOpt = None,
+    hour_stopping: HourStopOpt = None,
 ):
     """Benchmark the distributed clearing: start-up, iterations, time per iteration and where it
     goes, peak memory per process, messages, and the comparison with the centralized solve."""
@@ -318,13 +361,13 @@ def bench(
     from common.models import peer_models
 
     overrides = dict(rho=rho, tolerance=tolerance, max_iterations=max_iterations, residual_balancing=residual_balancing,
-                     pool_price_start=pool_price, acceleration=acceleration)
+                     pool_price_start=pool_price, acceleration=acceleration,
+                     hour_stopping=hour_stopping)
     sc = _load(scenario, **overrides)
-    if sc.market.model != "benchmark":
-        _fail(f"market.model: the benchmark compares one clearing with the centralized solve; {sc.market.model!r} runs "
-              "an outer loop: use 'p2pm run --model ...' (with --solver centralized for the reference)", EXIT_BAD_INPUT)
-    community = sc.market.kind == "community"
     out = out or Path(tempfile.mkdtemp(prefix="p2pm-bench-"))
+    if sc.market.model != "benchmark":
+        return _bench_outer(sc, out, topology.value, peers_per_process, timeout_s)
+    community = sc.market.kind == "community"
     t = time.perf_counter()
     try:
         ref = solve_community_reference(sc) if community else solve_p2p(peer_models(sc))
@@ -338,27 +381,10 @@ def bench(
     except LaunchError as exc:
         _fail(str(exc), EXIT_FAILED)
     cmp = compare_community(out, sc, ref) if community else compare_p2p(out, sc, ref)
-    it = max(s["iterations"], 1)
     lines = [
         f"benchmark {sc.name}: {len(sc.peers)} peers, {sc.market.hours} h, topology {topology.value}, "
         f"{s['peer_processes']} peer processes ({s['processes']} processes in all)",
-        f"  start-up (launch to all peers ready)   {s['startup_s']:8.2f} s",
-        f"  rounds (price rounds + ADMM iterations) {s.get('rounds', s['iterations']):7d}   = {s.get('price_rounds', 0)} + "
-        f"{s['iterations']}   converged: {s['converged']}",
-        f"  wall time (launch to results written)  {s['wall_s']:8.2f} s   ADMM loop {s['admm_s']:.2f} s",
-        f"  time per iteration                     {s['time_per_iteration_ms']:8.2f} ms",
-        f"    local solves (slowest process)       {s['local_solve_ms_per_iteration']:8.3f} ms   "
-        f"(all peers' CPU {s['local_solve_cpu_ms_per_iteration']:.3f} ms)",
-        *([f"    network agent (DSO, SOCP)            {s['network_agent_ms_per_iteration']:8.3f} ms"] if community else []),
-        f"    coordinator (residuals, rho)         {s['coordinator_ms_per_iteration']:8.3f} ms",
-        f"    messages, price updates and waiting  {s['messaging_ms_per_iteration']:8.3f} ms",
-        f"  AC validation (DSO service)            {s['dso_s']:8.2f} s",
-        f"  messages {s['messages']:,} ({s['messages'] / it:.1f} per iteration), bytes {s['bytes']:,} "
-        f"({s['bytes'] / it / 1024:.1f} KiB per iteration)",
-        f"  peak memory per peer process           max {s.get('peak_rss_mib_peer_max', float('nan')):.1f} MiB, "
-        f"median {s.get('peak_rss_mib_peer_median', float('nan')):.1f} MiB",
-        f"  peak memory coordinator / dso / tso    {s.get('peak_rss_mib_coordinator', float('nan')):.1f} / "
-        f"{s.get('peak_rss_mib_dso', float('nan')):.1f} / {s.get('peak_rss_mib_tso', float('nan')):.1f} MiB",
+        *_bench_lines_common(s),
         f"  centralized solve ({'SOCP' if community else 'QP'}, cvxpy + Clarabel) {central_s:6.2f} s   -> distributed wall / centralized = "
         f"{s['wall_s'] / central_s:.1f}",
         f"  agreement: dispatch max |diff| {cmp['dispatch_max_abs_diff_mw']:.2e} MW, social welfare rel. diff "
@@ -406,6 +432,135 @@ def experiment(
     typer.echo(f"results: {out / 'results.csv'}" + (f", {out / 'report.html'}" if report else ""))
     if counts["failed"]:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _bench_lines_common(s: dict) -> list[str]:
+    it = max(s["iterations"], 1)
+    return [
+        f"  start-up (launch to all peers ready)   {s['startup_s']:8.2f} s",
+        f"  rounds (price rounds + ADMM iterations) {s.get('rounds', s['iterations']):7d}   = {s.get('price_rounds', 0)} + "
+        f"{s['iterations']}   converged: {s['converged']}",
+        f"  wall time (launch to results written)  {s['wall_s']:8.2f} s   ADMM loop {s['admm_s']:.2f} s",
+        f"  time per iteration                     {s['time_per_iteration_ms']:8.2f} ms",
+        f"    local solves (slowest process)       {s['local_solve_ms_per_iteration']:8.3f} ms   "
+        f"(all peers' CPU {s['local_solve_cpu_ms_per_iteration']:.3f} ms)",
+        *([f"    network agent (DSO, SOCP)            {s['network_agent_ms_per_iteration']:8.3f} ms"]
+          if s.get("network_agent_ms_per_iteration") else []),
+        f"    coordinator (residuals, rho)         {s['coordinator_ms_per_iteration']:8.3f} ms",
+        f"    messages, price updates and waiting  {s['messaging_ms_per_iteration']:8.3f} ms",
+        f"  AC validation (DSO service)            {s['dso_s']:8.2f} s",
+        f"  messages {s['messages']:,} ({s['messages'] / it:.1f} per iteration), bytes {s['bytes']:,} "
+        f"({s['bytes'] / it / 1024:.1f} KiB per iteration)",
+        f"  peak memory per peer process           max {s.get('peak_rss_mib_peer_max', float('nan')):.1f} MiB, "
+        f"median {s.get('peak_rss_mib_peer_median', float('nan')):.1f} MiB",
+        f"  peak memory coordinator / dso / tso    {s.get('peak_rss_mib_coordinator', float('nan')):.1f} / "
+        f"{s.get('peak_rss_mib_dso', float('nan')):.1f} / {s.get('peak_rss_mib_tso', float('nan')):.1f} MiB",
+    ]
+
+
+def _bench_outer(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float) -> None:
+    """``p2pm bench`` of an outer-loop scenario: the distributed outer loop against the centralized
+    one (same outer steps, violations, final dispatch and welfare) and the cost of its re-clears."""
+    import json
+
+    from p2pm.compare import compare_outer
+    from p2pm.launcher import LaunchError, run_distributed
+    from p2pm.local import run_centralized
+
+    t = time.perf_counter()
+    ref = run_centralized(sc)
+    central_s = time.perf_counter() - t
+    try:
+        s = run_distributed(sc, out, topology=topology, peers_per_process=peers_per_process, timeout_s=timeout_s,
+                            t0=time.time(), quiet=True)
+    except LaunchError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    cmp = compare_outer(out, ref)
+    clearings = max(cmp["outer_iterations"], 1)
+    lines = [
+        f"benchmark {sc.name} (model {sc.market.model}): {len(sc.peers)} peers, {sc.market.hours} h, topology {topology}, "
+        f"{s['peer_processes']} peer processes ({s['processes']} processes in all)",
+        *_bench_lines_common(s),
+        f"  outer iterations                       {cmp['outer_iterations']:8d}   (centralized loop: "
+        f"{cmp['outer_iterations_ref']}; same steps: {cmp['same_outer_steps']}, same violations: {cmp['same_violations']})",
+        f"  ADMM iterations: first clearing {cmp['first_clearing_iterations']}, re-clears median "
+        f"{cmp['reclear_iterations_median']:.0f}, max {cmp['reclear_iterations_max']}",
+        f"  bytes per clearing                     {s['bytes'] / clearings / 1e6:8.2f} MB",
+        f"  centralized outer loop (in process)    {central_s:8.2f} s   -> distributed wall / centralized = "
+        f"{s['wall_s'] / central_s:.1f}",
+        f"  agreement: final dispatch max |diff| {cmp['dispatch_max_abs_diff_mw']:.2e} MW, social welfare rel. diff "
+        f"{cmp['social_welfare_rel_diff']:.2e}; violations {s['violations']} (initial {s['violations_initial']})",
+        f"  results: {out}",
+    ]
+    typer.echo("\n".join(lines))
+    (out / "bench.json").write_text(json.dumps({"summary": s, "comparison": cmp, "centralized_s": central_s}, indent=2))
+
+
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="Results folder A (e.g. the centralized reference).")],
+    run_b: Annotated[Path, typer.Argument(help="Results folder B (e.g. the distributed run); differences are B - A.")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for compare.json and the compare_*.csv tables "
+                                                     "(default: RUN_B/compare-with-<name of RUN_A>).")] = None,
+):
+    """Side by side of two results folders: welfare, energy, grid figures, iterations, dispatch per
+    peer and hour, prices and messages per type. Prints it and writes it as JSON and CSV."""
+    from p2pm.compare import CompareError, compare_runs, format_comparison, write_comparison
+
+    try:
+        cmp = compare_runs(run_a, run_b)
+    except CompareError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    out = out or Path(run_b) / f"compare-with-{Path(run_a).resolve().name}"
+    write_comparison(cmp, out)
+    typer.echo(format_comparison(cmp))
+    typer.echo(f"comparison: {out}")
+
+
+schema_app = typer.Typer(no_args_is_help=True, help="The contracts of the results folder: JSON Schema of summary.json, "
+                                                    "the CSV tables' columns and checks.")
+app.add_typer(schema_app, name="schema")
+
+
+@schema_app.command("summary")
+def schema_summary(
+    check: Annotated[Optional[list[Path]], typer.Option(
+        "--check", help="A results folder to check (summary.json against the schema, every known CSV table against "
+                        "its contract) instead of printing the schema; repeat for several.")] = None,
+):
+    """Print the JSON Schema of summary.json (schema p2pm.run/1), or check results folders against
+    the contracts (exit 1 when one breaks them, naming each broken field and table)."""
+    import json
+
+    from common.report import check_results, summary_json_schema
+
+    if not check:
+        typer.echo(json.dumps(summary_json_schema(), indent=2))
+        return
+    broken = 0
+    for folder in check:
+        failures = check_results(folder)
+        if failures:
+            broken += 1
+            typer.echo(f"{folder}: breaks the contract:\n  " + "\n  ".join(failures))
+        else:
+            typer.echo(f"{folder}: ok")
+    if broken:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@schema_app.command("tables")
+def schema_tables():
+    """List the CSV tables of a results folder with their checked columns (pandera contracts)."""
+    from common.report.tables import table_schemas
+
+    for name, schema in table_schemas().items():
+        cols = []
+        for col, c in schema.columns.items():
+            checks = ", ".join(str(k.error or k.name) for k in c.checks)
+            cols.append(f"{col} ({c.dtype}{', ' + checks if checks else ''}{', nullable' if c.nullable else ''})")
+        unique = f"; unique: {', '.join(schema.unique)}" if schema.unique else ""
+        typer.echo(f"{name}.csv: " + "; ".join(cols) + unique)
 
 
 def write_results_summary_only(result, out: Path) -> dict:

@@ -31,7 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.process import die_with_parent
+from common.process import die_with_parent, role_environment
 from common.public import write_split
 
 
@@ -154,7 +154,8 @@ def _spawn(module: str, args: list[str], log: Path, stdout=None, stdin=subproces
     logf = open(log, "ab")
     try:
         return subprocess.Popen([sys.executable, "-m", module, *args], stdout=stdout or logf, stderr=logf,
-                                stdin=stdin, start_new_session=True, preexec_fn=die_with_parent)
+                                stdin=stdin, start_new_session=True, preexec_fn=die_with_parent,
+                                env=role_environment())
     finally:
         logf.close()
 

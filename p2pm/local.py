@@ -69,7 +69,7 @@ def market_public(models: list, **market):
 
     spec = MarketSpec(**{"kind": "p2p", "hours": len(models[0].p_min_mw), **market})
     return SimpleNamespace(name="market", market=spec, dso=DSOSpec(), network=None, tariff=None,
-                           roster=[RosterEntry(id=m.id, kind=m.kind, bus=m.bus) for m in models])
+                           roster=[RosterEntry(id=m.id, kind=m.kind, bus=m.bus, two_way=getattr(m, "two_way", False)) for m in models])
 
 
 def clear_market(models: list, *, rho: float = 1.0, tolerance: float = 1e-4, max_iterations: int = 5000,
@@ -112,7 +112,7 @@ def clear_community(models: list, agent, import_price, export_price, p_import_ma
                     export_price_eur_per_mwh=list(np.broadcast_to(export_price, (H,))),
                     p_import_max_mw=p_import_max_mw, p_export_max_mw=p_export_max_mw)
     public = SimpleNamespace(name="community", market=spec, dso=DSOSpec(), network=None, tariff=tariff,
-                             roster=[RosterEntry(id=m.id, kind=m.kind, bus=m.bus) for m in models])
+                             roster=[RosterEntry(id=m.id, kind=m.kind, bus=m.bus, two_way=getattr(m, "two_way", False)) for m in models])
     coordinator = CoordinatorEngine(public, progress_every_s=np.inf)
     dso = DSOEngine(public, agent=agent)
     peers = [PeerEngine([m], f"h{i:04d}-{m.id}") for i, m in enumerate(models)]
@@ -126,6 +126,7 @@ def run_centralized(scenario):
     from common.clearing import community_result, dispatch_frame, p2p_result, relaxation_frame
     from common.models import peer_models
     from dso_service.networks import build_network, grid_model
+    from common.public import voltage_setpoints
     from dso_service.powerflow import run_ac
 
     if scenario.market.kind == "p2p" and scenario.market.model != "benchmark":
@@ -136,17 +137,21 @@ def run_centralized(scenario):
     net = build_network(scenario.network)
     if scenario.market.kind == "p2p":
         peers = peer_models(scenario)
+        from common.market import fee_weights
+
         sol = centralized.solve_p2p(peers)
+        w = fee_weights(sol.graph, peers)
         result = p2p_result(public, sol.graph, dispatch_frame(peers, sol.p_mw), sol.trades_mw, sol.prices_eur_per_mwh,
-                            sol.social_welfare_eur, sol.differentiation_cost_eur, "centralized")
-        result.ac = run_ac(net, result.dispatch, scenario.network)
+                            sol.social_welfare_eur, sol.differentiation_cost_eur, "centralized",
+                            fees_eur=None if w is None else w[:, None] * sol.trades_mw)
+        result.ac = run_ac(net, result.dispatch, scenario.network, voltage_setpoints(public.roster))
         return result
     models = [m for m in peer_models(scenario) if m.kind != "grid"]
     t = public.tariff
     sol = centralized.solve_community(models, grid_model(net, scenario.network), np.asarray(t.import_price_eur_per_mwh),
                                       np.asarray(t.export_price_eur_per_mwh), t.p_import_max_mw, t.p_export_max_mw)
     result = community_result(public, models, sol, "centralized")
-    result.ac = run_ac(net, result.dispatch, scenario.network)
+    result.ac = run_ac(net, result.dispatch, scenario.network, voltage_setpoints(public.roster))
     result.relaxation = relaxation_frame(sol, result.ac)
     result.extra["socp_losses_mwh"] = float(np.sum(sol.losses_mw))
     result.extra["relaxation_max_vm_gap_pu"] = float(result.relaxation["max_vm_gap_pu"].max())

@@ -38,6 +38,7 @@ class PeerEngine:
         self.models = {m.id: m for m in models}  # the market model now (after the DSO's/TSO's parameters)
         self.base_models = dict(self.models)  # the peer's own model: its true costs, for welfare
         self.params: dict[str, dict[str, np.ndarray]] = {m.id: {} for m in models}
+        self.base_weights: dict[str, np.ndarray] = {}  # (partners, hours) fees from the peer's own data
         self.peer_ids = list(self.models)
         self.address, self.pid, self.host = address, pid, host
         self.timer = timer
@@ -59,6 +60,7 @@ class PeerEngine:
         self._early: list[tuple[int, Trades]] = []
         self._records: dict[str, tuple] = {}
         self._mesh_rho = 0.0
+        self.solved: np.ndarray | None = None  # the hours solved in the last iteration (None: every hour)
         self.p_last: dict[str, np.ndarray] = {}  # community market: the last injection of each hosted peer
 
     # -- events ---------------------------------------------------------------------------------
@@ -92,7 +94,7 @@ class PeerEngine:
             raise ProtocolError("type", f"unexpected {msg.TYPE.value} from the coordinator")
         except ProtocolError as exc:  # refused and counted; the peer goes on
             self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
-            return [Log(f"rejected a {msg.TYPE.value} from {event.sender}: {exc}")]
+            return [Log(f"rejected a {msg.TYPE.value} from {event.sender}: {exc}", "warning")]
 
     # -- setup ----------------------------------------------------------------------------------
     def _on_welcome(self, cfg: dict) -> list:
@@ -112,9 +114,12 @@ class PeerEngine:
             m = self.models[pid]
             partners = list(cfg["partners"][pid])
             self.partners[pid] = partners
+            fees = m.trade_weights or {}  # product differentiation as data: this peer's own fees
+            self.base_weights[pid] = np.repeat(np.array([[fees.get(q, 0.0)] for q in partners]).reshape(-1, 1),
+                                               self.hours, axis=1)
             self.locals[pid] = LocalP2P(m.p_min_mw, m.p_max_mw, m.cost_a_eur_per_mw2h, m.cost_b_eur_per_mwh,
-                                        1.0 if m.is_producer else -1.0, np.zeros((len(partners), self.hours)),
-                                        lam=np.full((len(partners), self.hours), lam0))
+                                        m.trade_sign, self.base_weights[pid].copy(),
+                                        lam=np.full((len(partners), self.hours), lam0), cost_b_neg=m.cost_b_neg_eur_per_mwh)
         self.partner_slot = {pid: {q: j for j, q in enumerate(self.partners[pid])} for pid in self.peer_ids}
         self.partner_host = dict(cfg.get("hosts") or {})
         return [Send(COORDINATOR, Ready())]
@@ -124,7 +129,8 @@ class PeerEngine:
         out = {}
         for pid in self.peer_ids:
             m = self.models[pid]
-            out[pid] = best_response(m.cost_a_eur_per_mw2h, m.cost_b_eur_per_mwh, m.p_min_mw, m.p_max_mw, price)
+            out[pid] = best_response(m.cost_a_eur_per_mw2h, m.cost_b_eur_per_mwh, m.p_min_mw, m.p_max_mw, price,
+                                     m.cost_b_neg_eur_per_mwh)
         return out
 
     def _on_probe(self, msg: PriceProbe, k: int) -> list:
@@ -151,50 +157,72 @@ class PeerEngine:
              for pid in self.peer_ids}
         return [Send(COORDINATOR, PoolQuantity(peers=q), k)]
 
+    def _cols(self, hours: np.ndarray | None):
+        return slice(None) if hours is None else hours
+
     def _start_from(self, msg: Round) -> None:
-        """A ROUND that sets the state to start from (a pool-price start, an accelerated point):
-        the partners' trades towards each peer, the prices of its trades, and its own trades (by
-        default the reciprocal ones); a pending price update is replaced by these prices."""
-        for pid, loc in self.locals.items():
+        """A ROUND that sets the state to start from (a pool-price start, an accelerated point), in
+        the hours solved last (every hour at the start of a clearing): the partners' trades towards
+        each peer, the prices of its trades, and its own trades (by default the reciprocal ones); a
+        pending price update is replaced by these prices."""
+        for pid in self.locals:
             rec = msg.peers.get(pid)
             if rec is None or rec.price_eur_per_mwh is None:
                 raise ProtocolError("body", f"a starting ROUND without the start of peer {pid}")
-            if rec.p_in_mw.shape != loc.x.shape:
-                raise ProtocolError("body", f"a start of shape {rec.p_in_mw.shape} for {pid}, expected {loc.x.shape}")
+        cols = self._cols(self.solved)
         for pid, loc in self.locals.items():
             rec = msg.peers[pid]
-            own = -rec.p_in_mw if rec.p_own_mw is None else rec.p_own_mw.copy()
-            loc.y, loc.x, loc.lam = rec.p_in_mw.copy(), own, rec.price_eur_per_mwh.copy()
+            own = -rec.p_in_mw if rec.p_own_mw is None else rec.p_own_mw
+            loc.y[:, cols], loc.x[:, cols], loc.lam[:, cols] = rec.p_in_mw, own, rec.price_eur_per_mwh
             self.solved_since_receive[pid] = False
+
+    def _check_round(self, msg: Round) -> None:
+        """Refuse a ROUND whole before anything changes: open hours within the day, every hosted
+        peer's arrays covering the hours it solved last."""
+        if msg.hours is not None and msg.hours[-1] >= self.hours:
+            raise ProtocolError("body", f"open hours {msg.hours.tolist()} outside the day of {self.hours} hours")
+        if self.topology == "mesh" and not any(rec.price_eur_per_mwh is not None for rec in msg.peers.values()):
+            return
+        n = self.hours if self.solved is None else len(self.solved)
+        for pid, loc in self.locals.items():
+            rec = msg.peers.get(pid)
+            if rec is None:
+                raise ProtocolError("body", f"a ROUND without peer {pid}")
+            if rec.p_in_mw.shape != (loc.x.shape[0], n):
+                raise ProtocolError("body", f"trades of shape {rec.p_in_mw.shape} for {pid}, expected {(loc.x.shape[0], n)}")
 
     def _on_round(self, msg: Round, k: int) -> list:
         if self.market == "community":
             return self._on_community_round(msg, k)
+        self._check_round(msg)
         if any(rec.price_eur_per_mwh is not None for rec in msg.peers.values()):
             self._start_from(msg)
         elif self.topology == "relay":
             for pid, loc in self.locals.items():
                 if self.solved_since_receive.get(pid):
-                    loc.receive(msg.peers[pid].p_in_mw, self.rho_prev.get(pid, msg.rho))
+                    loc.receive(msg.peers[pid].p_in_mw, self.rho_prev.get(pid, msg.rho), self.solved)
                     self.solved_since_receive[pid] = False
         if msg.stop:
+            self.solved = None  # the next clearing starts with every hour open
             return [self._result(k)]
         self.iteration = k
+        self.solved = msg.hours
         records = {}
         for pid, loc in self.locals.items():
             t = self.timer()
-            x, dx = loc.step(msg.rho)
+            x, dx = loc.step(msg.rho, msg.hours)
             self.rho_prev[pid] = msg.rho
             self.solved_since_receive[pid] = True
             records[pid] = (x, dx, self.timer() - t)
         if self.topology == "relay":
-            return [Send(COORDINATOR, Update(peers={pid: UpdatePeer(p_out_mw=x, primal_sq=0.0, dual_sq=dx, solve_s=s)
+            return [Send(COORDINATOR, Update(peers={pid: UpdatePeer(p_out_mw=x, primal_sq=np.zeros_like(dx), dual_sq=dx,
+                                                                    solve_s=s)
                                                     for pid, (x, dx, s) in records.items()}), k)]
         # mesh: trades go straight to the partners' hosts, residual sums to the coordinator
         out = [Send(self.partner_host[partner], Trades(from_peer=pid, to_peer=partner, p_mw=x[j]), k)
                for pid, (x, _, _) in records.items() for j, partner in enumerate(self.partners[pid])]
         self._records, self._mesh_rho = records, msg.rho
-        self._incoming = {pid: np.full(loc.x.shape, np.nan) for pid, loc in self.locals.items()}
+        self._incoming = {pid: np.full(x.shape, np.nan) for pid, (x, _, _) in records.items()}
         self._missing = {(pid, q) for pid in self.locals for q in self.partners[pid]}
         early, self._early = self._early, []
         for tr_k, tr in early:
@@ -206,6 +234,10 @@ class PeerEngine:
 
     def _take(self, tr: Trades) -> None:
         key = (tr.to_peer, tr.from_peer)
+        want = self._incoming[tr.to_peer].shape[1:]
+        if tr.p_mw.shape != want:  # an early one is checked here, once its iteration's hours are known
+            self.rejected["body"] = self.rejected.get("body", 0) + 1
+            return
         if key in self._missing:
             self._incoming[tr.to_peer][self.partner_slot[tr.to_peer][tr.from_peer]] = tr.p_mw
             self._missing.discard(key)
@@ -217,14 +249,14 @@ class PeerEngine:
             raise ProtocolError("body", f"trades for {tr.to_peer}, not hosted here")
         if tr.from_peer not in self.partner_slot[tr.to_peer]:
             raise ProtocolError("body", f"trades from {tr.from_peer}, not a partner of {tr.to_peer}")
-        want = self.locals[tr.to_peer].x.shape[1]
-        if np.shape(tr.p_mw) != (want,):
-            raise ProtocolError("body", f"trades of shape {np.shape(tr.p_mw)}, expected ({want},)")
         if k == self.iteration + 1 or (k == self.iteration and not self._missing):
             self._early.append((k, tr))  # the partner is one round ahead
             return []
         if k != self.iteration:
             raise ProtocolError("stale", f"trades of iteration {k} during {self.iteration}")
+        want = self._incoming[tr.to_peer].shape[1:]
+        if tr.p_mw.shape != want:
+            raise ProtocolError("body", f"trades of shape {tr.p_mw.shape}, expected {want}")
         self._take(tr)
         return self._maybe_residuals(k)
 
@@ -233,7 +265,7 @@ class PeerEngine:
             return []
         res = {}
         for pid, loc in self.locals.items():
-            primal_sq = loc.receive(self._incoming[pid], self._mesh_rho)
+            primal_sq = loc.receive(self._incoming[pid], self._mesh_rho, self.solved)
             self.solved_since_receive[pid] = False
             _, dx, s = self._records[pid]
             res[pid] = ResidualsPeer(primal_sq=primal_sq, dual_sq=dx, solve_s=s)
@@ -254,9 +286,9 @@ class PeerEngine:
                 p = p.p_mw if hasattr(p, "p_mw") else p
             except Exception as exc:  # noqa: BLE001 - a failed local solve is an outcome, reported
                 p, status = self.p_last.get(pid, np.zeros(msg.peers[pid].p_in_mw.shape[1])), f"local solve failed: {exc}"
-            dx = float(np.sum((p - self.p_last.get(pid, 0.0)) ** 2))
+            dx = (p - self.p_last.get(pid, 0.0)) ** 2
             self.p_last[pid] = p
-            records[pid] = UpdatePeer(p_out_mw=p[None, :], primal_sq=0.0, dual_sq=dx, solve_s=self.timer() - t,
+            records[pid] = UpdatePeer(p_out_mw=p[None, :], primal_sq=np.zeros_like(dx), dual_sq=dx, solve_s=self.timer() - t,
                                       status=status)
         return [Send(COORDINATOR, Update(peers=records), k)]
 
@@ -281,8 +313,9 @@ class PeerEngine:
             self.params[pid].update(params)
             model = apply_parameters(self.base_models[pid], self.params[pid])
             self.models[pid] = model
+            diff = params.get("diff_eur_per_mwh")
             self.locals[pid].retune(model.p_min_mw, model.p_max_mw, model.cost_a_eur_per_mw2h, model.cost_b_eur_per_mwh,
-                                    params.get("diff_eur_per_mwh"))
+                                    None if diff is None else self.base_weights[pid] + diff)
             out.append(Log(f"{pid}: new {', '.join(sorted(params))} (iteration {k})"))
         return out
 
@@ -296,10 +329,12 @@ class PeerEngine:
             model, base = self.models[pid], self.base_models[pid]
             p = loc.p_mw
             outer = bool(self.params[pid])
+            fees = bool(self.models[pid].trade_weights) or outer
             peers[pid] = ResultPeer(p_mw=p, trades_mw=loc.x, price_eur_per_mwh=loc.lam, partner_ids=tuple(self.partners[pid]),
                                     q_mvar=reactive_mvar(model, p), cost_masked_ueur=self._masked_cost(pid, base.cost_eur(p), k),
-                                    diff_cost_eur=np.sum(loc.weights * loc.x, axis=0) if outer else None,
-                                    flex_penalty_eur=flex_penalty_eur(base, self.params[pid]) if outer else None)
+                                    diff_cost_eur=np.sum(loc.weights * loc.x, axis=0) if fees else None,
+                                    flex_penalty_eur=flex_penalty_eur(base, self.params[pid]) if outer else None,
+                                    trade_fee_eur=loc.weights * loc.x if fees else None)
         return Send(COORDINATOR, Result(peers=peers), k)
 
     def _community_result(self, k: int) -> Send:

@@ -12,7 +12,8 @@ import traceback
 from pathlib import Path
 
 from common.models import peer_model_from_dict
-from common.shell import Shell, ShellFailure, role_logger
+from common.logs import setup_logging
+from common.shell import Shell, ShellFailure
 
 
 def load_models(model_files: list[str]) -> list:
@@ -27,7 +28,7 @@ def main(models: list, coordinator: str, host_id: str | None, timeout_s: float, 
     from peer_node.engine import PeerEngine
 
     host_id = host_id or f"host-{models[0].id}"
-    log = role_logger(host_id)
+    log = setup_logging(host_id)  # a forked peer: its own role in every line, not its parent's
     names = ", ".join(m.id for m in models)
     engine = PeerEngine(models, host_id, pid=os.getpid(), host=socket.gethostname())
     # the peer waits for the coordinator's next round for at most twice the coordinator's deadline
@@ -39,11 +40,11 @@ def main(models: list, coordinator: str, host_id: str | None, timeout_s: float, 
         shell.run()
         return 0
     except ShellFailure as exc:
-        log.info(f"peer(s) {names} stopped: {exc}")
+        log.error(f"peer(s) {names} stopped: {exc}")
         return 1
     finally:
         if engine.rejected:
-            log.info(f"rejected messages: {engine.rejected}")
+            log.warning(f"rejected messages: {engine.rejected}")
         shell.close()
 
 

@@ -319,3 +319,63 @@ def test_freq_model_without_a_virtual_load_is_refused_before_anything_runs():
     assert result.exit_code == 2
     assert "tso" in result.output and "virtual_load" in result.output and "Traceback" not in result.output
 
+
+
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):  # a sub-app
+            yield from _commands(cmd, prefix + (name,))
+        yield prefix + (name,), cmd
+
+
+def test_every_option_has_help_text_and_the_launchers_own_are_hidden():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    missing, hidden = [], set()
+    for path, cmd in _commands(group):
+        for p in cmd.params:
+            if getattr(p, "hidden", False):
+                hidden.add(p.name)
+            elif p.param_type_name == "option" and not (p.help or "").strip():
+                missing.append(f"{' '.join(path)} {p.opts[0]}")
+    assert missing == []
+    assert {"ready_file", "t0", "processes"} <= hidden  # set by the launcher, not by a user
+
+
+@pytest.mark.parametrize("option,value", [("--rho", "0"), ("--rho", "-1"), ("--tolerance", "0"),
+                                          ("--max-iterations", "0"), ("--log-level", "chatty")])
+def test_option_bounds_are_the_scenarios(runner, option, value):
+    """--rho and --tolerance > 0 and --max-iterations >= 1, as the scenario's market section."""
+    r = runner.invoke(app, ["run", "mv37", "--solver", "centralized", option, value])
+    assert r.exit_code == 2 and option in r.output
+
+
+def test_run_centralized_results_keep_their_contract(centralized_run):
+    _, out, _ = centralized_run
+    from common.report import check_results
+
+    assert check_results(out) == []
+
+
+def test_a_run_whose_table_breaks_its_contract_fails_naming_the_check(runner, tmp_path, monkeypatch):
+    """A deliberate fault (hours counted from 0 in the dispatch) is exit 1 with the broken check
+    named, the tables still written for a look."""
+    import p2pm.local
+
+    real = p2pm.local.run_centralized
+
+    def faulty(scenario):
+        result = real(scenario)
+        result.dispatch = result.dispatch.assign(hour=result.dispatch["hour"] - 1)
+        return result
+
+    monkeypatch.setattr(p2pm.local, "run_centralized", faulty)
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL_P2P)
+    r = runner.invoke(app, ["run", str(path), "--solver", "centralized", "--out", str(tmp_path / "out"), "--no-report"])
+    assert r.exit_code == 1
+    assert "run failed: results tables break their contract:" in r.output
+    assert "dispatch.csv: column 'hour' fails greater_than_or_equal_to(1) in 5 row(s) (row 0: 0, row 3: 0, row 6: 0)" \
+        in r.output, r.output
+    assert (tmp_path / "out" / "dispatch.csv").is_file()

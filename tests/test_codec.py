@@ -48,13 +48,15 @@ def samples() -> dict[MsgType, Any]:
         MsgType.HEARTBEAT: control.Heartbeat(),
         MsgType.READY: control.Ready(),
         MsgType.ROUND: market.Round(
-            1.5, False, {"p1": market.RoundPeer(arr(2, H)), "p2": market.RoundPeer(arr(1, H), arr(1, H))}
+            1.5, False, {"p1": market.RoundPeer(arr(2, H)), "p2": market.RoundPeer(arr(1, H), arr(1, H))},
+            np.array([0, 2, 3], dtype=np.int64),
         ),
         MsgType.UPDATE: market.Update(
-            {"p1": market.UpdatePeer(arr(2, H), 0.25, 0.5, 0.003), "p2": market.UpdatePeer(arr(1, H), 0, 0, 0, "failed")}
+            {"p1": market.UpdatePeer(arr(2, H), np.full(H, 0.25), np.full(H, 0.5), 0.003),
+             "p2": market.UpdatePeer(arr(1, 3), np.zeros(3), np.zeros(3), 0, "failed")}
         ),
         MsgType.TRADES: market.Trades("p1", "p2", arr(H)),
-        MsgType.RESIDUALS: market.Residuals({"p1": market.ResidualsPeer(0.1, 0.2, 0.01)}),
+        MsgType.RESIDUALS: market.Residuals({"p1": market.ResidualsPeer(np.array([0.1, 0.3]), np.array([0.2, 0.0]), 0.01)}),
         MsgType.RESULT: market.Result(
             {
                 "p1": market.ResultPeer(arr(H), arr(2, H), arr(2, H), ("p2", "p3"), arr(H), arr(H)),

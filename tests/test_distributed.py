@@ -55,7 +55,8 @@ def mesh_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run-mesh")
     scen = small_market(tmp / "small.yaml", 15, hours=3)
     out = tmp / "out"
-    proc = run_cli("run", scen, "--topology", "mesh", "--out", out, "--quiet", "--no-report", "--peers-per-process", 3)
+    proc = run_cli("run", scen, "--topology", "mesh", "--out", out, "--quiet", "--no-report", "--peers-per-process", 3,
+                   "--log-level", "debug")
     return scen, out, proc
 
 
@@ -74,6 +75,40 @@ def test_distributed_clearing_matches_centralized(mesh_run):
     assert {"coordinator.log", "dso.log", "tso.log"} <= set(logs) and len([n for n in logs if n.startswith("h")]) == 3
     for p in out.glob("logs/*.log"):
         assert "Traceback" not in p.read_text(), p
+    # the results keep their contracts (summary.json's schema, the tables' pandera schemas)
+    check = run_cli("schema", "summary", "--check", out)
+    assert check.returncode == 0 and check.stdout.strip() == f"{out}: ok", check.stdout + check.stderr
+
+
+def test_logs_have_levels_roles_pids_and_trace_every_message_at_debug(mesh_run):
+    """--log-level debug: every line has the time to the ms, the level, the role and the pid; every
+    message a role sends or receives is traced with its type, iteration and size."""
+    _, out, proc = mesh_run
+    assert proc.returncode == 0, proc.stderr
+    line = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR) +(\S+) pid (\d+): ")
+    for path in out.glob("logs/*.log"):
+        lines = [x for x in path.read_text().splitlines() if x.strip()]
+        if path.stem == "zygote":  # the peers' fork server: no role, nothing to say on a good run
+            continue
+        role = path.stem
+        parsed = [line.match(x) for x in lines]
+        assert lines and all(parsed), (path, [x for x, m in zip(lines, parsed) if not m][:3])
+        assert {m.group(2) for m in parsed} == {role}, path
+        assert len({m.group(3) for m in parsed}) == 1, path
+    coord = (out / "logs" / "coordinator.log").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    sent = re.findall(r"DEBUG +coordinator pid \d+: sent (\w+) iteration (\d+) to (\S+), (\d+) B", coord)
+    received = re.findall(r"DEBUG +coordinator pid \d+: received (\w+) iteration (\d+) from (\S+), (\d+) B", coord)
+    assert sent and received
+    msgs = pd.read_csv(out / "messages.csv")
+    coordinator_types = {t for t, *_ in sent} | {t for t, *_ in received}
+    relayed = msgs[msgs["type"].isin(coordinator_types)]
+    # every message through the coordinator is in its trace, with the bytes counted in messages.csv
+    assert len(sent) + len(received) == relayed["count"].sum()
+    assert sum(int(b) for *_, b in sent + received) == relayed["bytes"].sum()
+    assert summary["messages"] >= len(sent) + len(received)
+    peer_log = next(out.glob("logs/h*.log")).read_text()
+    assert re.search(r"DEBUG +\S+ pid \d+: sent trades iteration \d+ to h", peer_log)  # mesh traffic too
 
 
 def test_results_hold_no_private_data(mesh_run, tmp_path):

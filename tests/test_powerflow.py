@@ -129,6 +129,9 @@ def _mv37_with_a_collapsing_hour():
     raw["series"] = {k: v[:3] for k, v in raw["series"].items()}
     for k in ("load_btn_a_pu", "load_btn_b_pu", "load_btn_c_pu"):
         raw["series"][k][1] *= 100.0
+    for peer in raw["peers"]:  # the market itself must be able to balance (the scenario check)
+        if peer["kind"] == "grid":
+            peer["p_import_max_mw"] = 1000.0
     sc = parse_scenario(raw)
     models = peer_models(sc)
     p = np.vstack([m.p_min_mw if m.kind == "load" else np.zeros(3) for m in models])

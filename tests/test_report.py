@@ -264,7 +264,7 @@ def test_write_results_community_with_prices_and_evs(tmp_path):
     assert summary["energy_mwh"]["grid_import"] == pytest.approx(res.grid_exchange["import_mw"].sum())
     page = (out / "report.html").read_text()
     assert "could not be drawn" not in page
-    assert page.count("data:image/png;base64,") == 8  # every figure, EV state of charge included
+    assert page.count("data:image/png;base64,") == 9  # every figure, EV state of charge and the heatmap included
     assert (out / "figures" / "ev_soc.png").exists()
 
 
@@ -279,7 +279,7 @@ def test_write_results_without_ac_or_history(tmp_path):
     assert _columns(out / "lines.csv") == ["line", "hour", "loading_percent"]
     assert _columns(out / "admm_history.csv") == ["outer", "iteration", "primal_residual", "dual_residual", "rho"]
     page = (out / "report.html").read_text()
-    assert "could not be drawn" not in page and page.count("data:image/png;base64,") == 2  # supply mix, load
+    assert "could not be drawn" not in page and page.count("data:image/png;base64,") == 3  # supply mix, load, heatmap
 
 
 def test_format_summary_is_short_text():

@@ -207,6 +207,9 @@ def test_p2p_market_with_one_side_empty(raw, side):
     producer_kinds = ("pv", "wind", "chp", "grid")
     keep = (lambda p: p["kind"] not in producer_kinds) if side == "producer" else (lambda p: p["kind"] in producer_kinds)
     raw["peers"] = [p for p in raw["peers"] if p["kind"] != "ev" and keep(p)]
+    for p in raw["peers"]:
+        if p["kind"] == "grid":  # a supplier that may export buys too (a two-way peer): here it may not
+            p["p_export_max_mw"] = 0.0
     assert len(raw["peers"]) >= 2
     msg = _refused(raw, "peers", f"no {side}", "p2p")
     other = "consumer" if side == "producer" else "producer"

@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import socket
 
-from common.shell import role_logger, run_role
+from common.logs import setup_logging
+from common.shell import run_role
 from tso_service.engine import TSOEngine
 
 
 def main(public, coordinator: str, timeout_s: float, idle_timeout_s: float) -> int:
-    role_logger("tso").info(f"connecting to {coordinator}")
+    setup_logging("tso").info(f"connecting to {coordinator}")
     return run_role(TSOEngine(public.tso_virtual_load_mw, pid=os.getpid(), host=socket.gethostname()), coordinator,
                     idle_timeout_s)

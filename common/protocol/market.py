@@ -10,21 +10,24 @@ Per-peer bodies are maps ``peers: {peer_id: record}`` so that one process can ho
 
 ROUND (coordinator -> peer host; relay topology)
     ``rho``: float, ADMM penalty [EUR/MW^2h]; ``stop``: bool, true to end the ADMM loop (the host then
-    sends RESULT); ``peers``: {peer_id: {``p_in_mw``: (n_partners, hours), the partners' trades towards
-    this peer at the previous iteration; optional ``price_eur_per_mwh``: (n_partners, hours), the
+    sends RESULT); optional ``hours``: int64 (h,), the hours (0-based, increasing) still open, the
+    ones to solve in this iteration (absent: every hour; per-hour stopping closes the others);
+    ``peers``: {peer_id: {``p_in_mw``: (n_partners, h_prev), the partners' trades towards this peer
+    at the previous iteration, in the hours solved then (the first ROUND of a clearing: every hour); optional ``price_eur_per_mwh``: (n_partners, hours), the
     prices of the peer's trades to start this iteration from (a pool-price start, an accelerated
     state), and then optional ``p_own_mw``: (n_partners, hours), its own trades to start from
     (default: the reciprocal of ``p_in_mw``)}}.
 UPDATE (peer host -> coordinator; relay topology)
-    ``peers``: {peer_id: {``p_out_mw``: (n_partners, hours), this peer's new trades; ``primal_sq``:
-    float, local squared primal residual [MW^2]; ``dual_sq``: float, local squared dual residual
-    [MW^2]; ``solve_s``: float, local solve time [s]; optional ``status``: str, the solver status
-    ("ok" when absent)}}.
+    ``peers``: {peer_id: {``p_out_mw``: (n_partners, h), this peer's new trades in the hours it was
+    asked to solve; ``primal_sq``: (h,), local squared primal residual per hour [MW^2]; ``dual_sq``:
+    (h,), local squared dual residual per hour [MW^2]; ``solve_s``: float, local solve time [s];
+    optional ``status``: str, the solver status ("ok" when absent)}}.
 TRADES (peer host -> peer host; mesh topology)
-    ``from_peer``: str, ``to_peer``: str, ``p_mw``: (hours,) or (n, hours), the trades of
-    ``from_peer`` towards ``to_peer``.
+    ``from_peer``: str, ``to_peer``: str, ``p_mw``: (h,), the trades of ``from_peer`` towards
+    ``to_peer`` in the hours solved in this iteration.
 RESIDUALS (peer host -> coordinator; mesh topology)
-    ``peers``: {peer_id: {``primal_sq``, ``dual_sq``, ``solve_s``: float; optional ``status``: str}}.
+    ``peers``: {peer_id: {``primal_sq``, ``dual_sq``: (h,) per solved hour; ``solve_s``: float;
+    optional ``status``: str}}.
 RESULT (peer host -> coordinator; at the end)
     ``peers``: {peer_id: {``p_mw``: (hours,), net injection; ``trades_mw``: (n_partners, hours);
     ``price_eur_per_mwh``: (n_partners, hours), the trades' prices; optional ``partner_ids``:
@@ -111,18 +114,22 @@ class Round(Message):
     rho: float
     stop: bool
     peers: dict[str, RoundPeer] = field(default_factory=dict)
+    hours: np.ndarray | None = None  # the open hours (None: every hour)
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body = {
             "rho": float(self.rho),
             "stop": bool(self.stop),
             "peers": {k: v.to_body() for k, v in self.peers.items()},
         }
+        if self.hours is not None:
+            body["hours"] = np.ascontiguousarray(self.hours, dtype=np.int64)
+        return body
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Round:
         peers = {k: RoundPeer.from_body(v) for k, v in body["peers"].items()}
-        return cls(float(body["rho"]), body["stop"], peers)
+        return cls(float(body["rho"]), body["stop"], peers, body.get("hours"))
 
 
 # ------------------------------------------------------------------------------------------ UPDATE
@@ -133,16 +140,16 @@ class UpdatePeer:
     """One hosted peer's answer to a ROUND."""
 
     p_out_mw: np.ndarray
-    primal_sq: float
-    dual_sq: float
+    primal_sq: np.ndarray  # (h,) per solved hour
+    dual_sq: np.ndarray  # (h,) per solved hour
     solve_s: float
     status: str = STATUS_OK
 
     def to_body(self) -> dict[str, Any]:
         return {
             "p_out_mw": f64(self.p_out_mw),
-            "primal_sq": float(self.primal_sq),
-            "dual_sq": float(self.dual_sq),
+            "primal_sq": f64(np.atleast_1d(self.primal_sq)),
+            "dual_sq": f64(np.atleast_1d(self.dual_sq)),
             "solve_s": float(self.solve_s),
             "status": self.status,
         }
@@ -151,8 +158,8 @@ class UpdatePeer:
     def from_body(cls, body: Mapping[str, Any]) -> UpdatePeer:
         return cls(
             body["p_out_mw"],
-            float(body["primal_sq"]),
-            float(body["dual_sq"]),
+            body["primal_sq"],
+            body["dual_sq"],
             float(body["solve_s"]),
             body.get("status") or STATUS_OK,
         )
@@ -196,19 +203,19 @@ class Trades(Message):
 # --------------------------------------------------------------------------------------- RESIDUALS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ResidualsPeer:
-    """One hosted peer's local residuals (mesh topology)."""
+    """One hosted peer's local residuals per solved hour (mesh topology)."""
 
-    primal_sq: float
-    dual_sq: float
+    primal_sq: np.ndarray  # (h,)
+    dual_sq: np.ndarray  # (h,)
     solve_s: float
     status: str = STATUS_OK
 
     def to_body(self) -> dict[str, Any]:
         return {
-            "primal_sq": float(self.primal_sq),
-            "dual_sq": float(self.dual_sq),
+            "primal_sq": f64(np.atleast_1d(self.primal_sq)),
+            "dual_sq": f64(np.atleast_1d(self.dual_sq)),
             "solve_s": float(self.solve_s),
             "status": self.status,
         }
@@ -216,14 +223,14 @@ class ResidualsPeer:
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> ResidualsPeer:
         return cls(
-            float(body["primal_sq"]),
-            float(body["dual_sq"]),
+            body["primal_sq"],
+            body["dual_sq"],
             float(body["solve_s"]),
             body.get("status") or STATUS_OK,
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Residuals(Message):
     """Peer host -> coordinator (mesh topology): local residuals of the hosted peers."""
 
@@ -257,6 +264,7 @@ class ResultPeer:
     cost_masked_ueur: np.ndarray | None = None
     diff_cost_eur: np.ndarray | None = None  # (hours,) product-differentiation cost it paid (outer loop)
     flex_penalty_eur: np.ndarray | None = None  # (hours,) beta times the extra flexibility it offered (outer loop)
+    trade_fee_eur: np.ndarray | None = None  # (partners, hours) the differentiation fee it paid on each trade
 
     def to_body(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -273,7 +281,7 @@ class ResultPeer:
             out["soc_mwh"] = f64(self.soc_mwh)
         if self.cost_masked_ueur is not None:
             out["cost_masked_ueur"] = np.ascontiguousarray(self.cost_masked_ueur, dtype=np.int64)
-        for name in ("diff_cost_eur", "flex_penalty_eur"):
+        for name in ("diff_cost_eur", "flex_penalty_eur", "trade_fee_eur"):
             if getattr(self, name) is not None:
                 out[name] = f64(getattr(self, name))
         return out
@@ -292,6 +300,7 @@ class ResultPeer:
             body.get("cost_masked_ueur"),
             body.get("diff_cost_eur"),
             body.get("flex_penalty_eur"),
+            body.get("trade_fee_eur"),
         )
 
 
@@ -432,7 +441,28 @@ def _check_round_peer(rec: dict[str, Any]) -> str | None:
     return None
 
 
-_RESIDUALS = {"primal_sq": Float(min=0.0), "dual_sq": Float(min=0.0), "solve_s": Float(min=0.0)}
+_RESIDUALS = {"primal_sq": float_array(1), "dual_sq": float_array(1), "solve_s": Float(min=0.0)}
+
+
+def _check_residuals(rec: dict[str, Any]) -> str | None:
+    if rec["primal_sq"].shape != rec["dual_sq"].shape:
+        return f"primal_sq {rec['primal_sq'].shape} and dual_sq {rec['dual_sq'].shape} differ in shape"
+    if np.any(rec["primal_sq"] < 0) or np.any(rec["dual_sq"] < 0):
+        return "a negative squared residual"
+    return None
+
+
+def _check_update(rec: dict[str, Any]) -> str | None:
+    if rec["p_out_mw"].shape[1:] != rec["dual_sq"].shape:
+        return f"p_out_mw {rec['p_out_mw'].shape} and dual_sq {rec['dual_sq'].shape} cover different hours"
+    return _check_residuals(rec)
+
+
+def _check_round(rec: dict[str, Any]) -> str | None:
+    hours = rec.get("hours")
+    if hours is not None and (hours.size == 0 or np.any(hours < 0) or np.any(np.diff(hours) <= 0)):
+        return "hours must be increasing, non-negative and not empty"
+    return None
 
 SCHEMAS: dict[MsgType, Record] = {
     MsgType.ROUND: Record(
@@ -446,20 +476,24 @@ SCHEMAS: dict[MsgType, Record] = {
                     check_fn=_check_round_peer,
                 )
             ),
-        }
+        },
+        optional={"hours": Array("int64", (1,))},
+        check_fn=_check_round,
     ),
     MsgType.UPDATE: Record(
         required={
             "peers": MapOf(
-                Record(required={"p_out_mw": float_array(2), **_RESIDUALS}, optional={"status": Str(max_len=256)})
+                Record(required={"p_out_mw": float_array(2), **_RESIDUALS}, optional={"status": Str(max_len=256)},
+                       check_fn=_check_update)
             )
         }
     ),
     MsgType.TRADES: Record(
-        required={"from_peer": Str(max_len=256), "to_peer": Str(max_len=256), "p_mw": float_array(1, 2)}
+        required={"from_peer": Str(max_len=256), "to_peer": Str(max_len=256), "p_mw": float_array(1)}
     ),
     MsgType.RESIDUALS: Record(
-        required={"peers": MapOf(Record(required=dict(_RESIDUALS), optional={"status": Str(max_len=256)}))}
+        required={"peers": MapOf(Record(required=dict(_RESIDUALS), optional={"status": Str(max_len=256)},
+                                        check_fn=_check_residuals))}
     ),
     MsgType.RESULT: Record(
         required={
@@ -477,6 +511,7 @@ SCHEMAS: dict[MsgType, Record] = {
                         "cost_masked_ueur": Array("int64", (1,)),
                         "diff_cost_eur": float_array(1),
                         "flex_penalty_eur": float_array(1),
+                        "trade_fee_eur": float_array(2),
                         "status": Str(max_len=256),
                     },
                     check_fn=_check_result_peer,

@@ -16,7 +16,7 @@ is documented in ``common/scenarios/families.md``.
 - **Stopping tolerance.** ``market.tolerance`` x feeder scale: the residuals are in MW and the
   market is that much smaller, so the same relative accuracy is asked of every size.
 - **Buses.** On the base network (``--feeder mv37``) each replica sits on its base peer's bus. On an
-  LV feeder (``dso_service.feeders``) the market peers are spread over the feeder's house
+  LV feeder (``common.feeders``) the market peers are spread over the feeder's house
   connections: a seeded shuffle of those buses, used in turn; the supplier sits on bus 0 (the
   transformer's primary, where the ext_grid is).
 - **Market.** ``p2p`` (the base's settings) or ``community`` (rho 100, no residual balancing, the
@@ -94,7 +94,7 @@ def make_scenario(n_peers: int, *, feeder: str = "mv37", base: str = "mv37", mar
     if feeder == "mv37":
         feeder_scale, buses = 1.0, None
     else:
-        from dso_service.feeders import house_buses, transformer_mva
+        from common.feeders import house_buses, transformer_mva
 
         feeder_scale = transformer_mva(feeder) / BASE_TRANSFORMER_MVA[base_sc.network.name]
         houses = house_buses(feeder)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.admm import Anderson
+from common.admm import Anderson, BlockAnderson
 from common.centralized import solve_p2p
 from p2pm.local import clear_market
 
@@ -26,6 +26,27 @@ def test_anderson_solves_a_linear_fixed_point_in_few_steps():
         plain = A @ plain + b
     assert np.linalg.norm(z - star) < 1e-4 * np.linalg.norm(star)
     assert np.linalg.norm(plain - star) > 100 * np.linalg.norm(z - star)
+
+
+def test_block_anderson_is_one_anderson_per_block():
+    """Independent blocks (the hours) extrapolate with their own coefficients: the same iterates as
+    one Anderson per block; dropping a block leaves the others' memory intact."""
+    rng = np.random.default_rng(1)
+    n, B = 8, 3
+    maps = []
+    for _ in range(B):
+        Q = np.linalg.qr(rng.normal(size=(n, n)))[0]
+        maps.append((Q @ np.diag(rng.uniform(0.3, 0.95, n)) @ Q.T, rng.normal(size=n)))
+    block, single = BlockAnderson(memory=5, safeguard=1e9), [Anderson(memory=5, safeguard=1e9) for _ in range(B)]
+    zb, zs = np.zeros((B, n)), [np.zeros(n) for _ in range(B)]
+    for step in range(12):
+        if step == 6:  # block 1 closes
+            block.keep(np.array([True, False, True]))
+            maps, zb, single, zs = [maps[0], maps[2]], zb[[0, 2]], [single[0], single[2]], [zs[0], zs[2]]
+        tb = np.stack([A @ z + b for (A, b), z in zip(maps, zb)])
+        zb = block.step(zb, tb)
+        zs = [aa.step(z, A @ z + b) for aa, (A, b), z in zip(single, maps, zs)]
+        np.testing.assert_allclose(zb, np.stack(zs), rtol=1e-6, atol=1e-9)
 
 
 def _clear(peers, **kw):
