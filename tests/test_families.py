@@ -11,27 +11,29 @@ from common.models import PRODUCER_KINDS, peer_models
 from common.scenario import ScenarioError, parse_scenario
 
 
-def _loop_graph(producer):
+def _loop_graph(producer, two_way):
     owner, partner = [], []
     for n in range(len(producer)):
         for m in range(len(producer)):
-            if n != m and producer[n] != producer[m]:
+            if n != m and (two_way[n] or two_way[m] or producer[n] != producer[m]):
                 owner.append(n)
                 partner.append(m)
     lookup = {(n, m): k for k, (n, m) in enumerate(zip(owner, partner))}
     return owner, partner, [lookup[(m, n)] for n, m in zip(owner, partner)]
 
 
-@pytest.mark.parametrize("n", [2, 3, 9, 57])
-def test_the_vectorised_trade_graph_is_the_pairwise_one(n):
+@pytest.mark.parametrize("n, with_two_way", [(2, False), (3, False), (9, True), (57, False), (57, True)])
+def test_the_vectorised_trade_graph_is_the_pairwise_one(n, with_two_way):
     rng = np.random.default_rng(n)
     producer = list(rng.random(n) < 0.45)
     producer[0], producer[-1] = True, False
-    g = trade_graph_from_roster([f"p{i}" for i in range(n)], producer)
-    owner, partner, reverse = _loop_graph(producer)
+    two_way = list(rng.random(n) < 0.2) if with_two_way else [False] * n
+    g = trade_graph_from_roster([f"p{i}" for i in range(n)], producer, two_way if with_two_way else None)
+    owner, partner, reverse = _loop_graph(producer, two_way)
     assert g.owner.tolist() == owner and g.partner.tolist() == partner and g.reverse.tolist() == reverse
     assert np.array_equal(g.reverse[g.reverse], np.arange(g.n_pairs))
-    assert np.array_equal(g.sign, np.where(np.asarray(producer)[g.owner], 1.0, -1.0))
+    expected = np.where(np.asarray(two_way)[g.owner], 0.0, np.where(np.asarray(producer)[g.owner], 1.0, -1.0))
+    assert np.array_equal(g.sign, expected)
 
 
 def test_a_made_family_keeps_the_mix_and_the_aggregate_and_is_valid_for_both_markets():
