@@ -123,7 +123,9 @@ class Engine(Protocol):
 
 @dataclass
 class NetworkModel:
-    """Latency per message on the simulated clock: ``base_s`` plus ``per_byte_s`` per encoded byte."""
+    """Latency per message on the simulated clock: ``base_s`` plus ``per_byte_s`` per encoded byte.
+    (``common.network.LinkNetwork`` is the per-link model with jitter and bandwidth; the driver takes
+    either.)"""
 
     base_s: float = 0.0
     per_byte_s: float = 0.0
@@ -197,8 +199,11 @@ class InProcessDriver:
         self.traffic.add(ins.iteration, ins.message.TYPE.value, nbytes)
         if self.trace is not None:
             self.trace(self.now_s, source, ins.to, ins.iteration, message)
-        self._push(self.now_s + self.network.delay_s(nbytes), ins.to,
-                   Received(source, message, ins.iteration))
+        if hasattr(self.network, "arrival_s"):  # common.network.LinkNetwork: per link, seeded
+            at_s = self.network.arrival_s(source, ins.to, nbytes, self.now_s)
+        else:
+            at_s = self.now_s + self.network.delay_s(nbytes)
+        self._push(at_s, ins.to, Received(source, message, ins.iteration))
 
     def run(self) -> Any:
         """Start every engine and deliver messages until the main engine finishes; returns its

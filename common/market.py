@@ -44,20 +44,19 @@ def trade_graph(peers: list[HourlyPeer]) -> TradeGraph:
 
 def trade_graph_from_roster(ids: list[str], producer: list[bool], two_way: list[bool] | None = None) -> TradeGraph:
     """The same graph from public facts only (ids, whether each peer sells, and whether it trades
-    both ways): what the coordinator knows. ``sign`` is 0 for a two-way peer's trades (free sign)."""
-    two_way = [False] * len(ids) if two_way is None else list(two_way)
-    owner, partner, sign = [], [], []
-    for n in range(len(ids)):
-        for m in range(len(ids)):
-            if n != m and (two_way[n] or two_way[m] or producer[n] != producer[m]):
-                owner.append(n)
-                partner.append(m)
-                sign.append(0.0 if two_way[n] else 1.0 if producer[n] else -1.0)
-    owner = np.array(owner, dtype=np.int64)
-    partner = np.array(partner, dtype=np.int64)
-    lookup = {(n, m): k for k, (n, m) in enumerate(zip(owner, partner))}
-    reverse = np.array([lookup[(m, n)] for n, m in zip(owner, partner)], dtype=np.int64)
-    return TradeGraph(tuple(ids), owner, partner, reverse, np.array(sign))
+    both ways): what the coordinator knows. ``sign`` is 0 for a two-way peer's trades (free sign).
+    Built with numpy (1 000 peers in well under a second)."""
+    prod = np.asarray(producer, dtype=bool).reshape(-1)
+    n = len(prod)
+    tw = np.zeros(n, dtype=bool) if two_way is None else np.asarray(two_way, dtype=bool).reshape(-1)
+    pairs = (tw[:, None] | tw[None, :] | (prod[:, None] != prod[None, :])) & ~np.eye(n, dtype=bool)
+    owner, partner = np.nonzero(pairs)  # row-major: by owner, then partner
+    owner, partner = owner.astype(np.int64), partner.astype(np.int64)
+    index = np.full((n, n), -1, dtype=np.int64)
+    index[owner, partner] = np.arange(len(owner), dtype=np.int64)
+    reverse = index[partner, owner]
+    sign = np.where(tw[owner], 0.0, np.where(prod[owner], 1.0, -1.0))
+    return TradeGraph(tuple(ids), owner, partner, reverse, sign)
 
 
 def roster_graph(roster) -> TradeGraph:

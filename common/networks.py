@@ -148,7 +148,7 @@ import pandapower.networks as pn
 import pandas as pd
 
 from common.grid import GridModel
-from common.scenario import NetworkSpec
+from common.scenario import FEEDER_BUSES, NetworkSpec
 
 TRAFO_LINE_NAME = "trafo"
 UNRATED_MAX_I_KA = 99999.0  # pandapower's "no rating" value (case33bw)
@@ -282,6 +282,12 @@ def build_network(spec: NetworkSpec) -> pp.pandapowerNet:
         net = build_mv37()
         if spec.line_max_i_ka is not None:
             net.line.loc[~is_trafo_line(net), "max_i_ka"] = float(spec.line_max_i_ka)
+    elif spec.name is not None and spec.name in FEEDER_BUSES:  # real LV feeders (common.feeders)
+        from common.feeders import build_feeder
+
+        net = build_feeder(spec.name)
+        if spec.line_max_i_ka is not None:
+            net.line["max_i_ka"] = float(spec.line_max_i_ka)
     elif spec.file is not None:
         net = pp.from_json(spec.file)
         if spec.line_max_i_ka is not None:

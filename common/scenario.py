@@ -27,7 +27,9 @@ from common.models import CONSUMER_KINDS, PRODUCER_KINDS, PROSUMER_KINDS
 BUILTIN_DIR = Path(__file__).parent / "scenarios"
 
 # Number of buses of the built-in networks, so that a scenario can be checked without pandapower.
-BUILTIN_NETWORK_BUSES = {"case33bw": 33, "mv37": 38, "case39": 39}
+# the real LV feeders of the scenario families (common.feeders)
+FEEDER_BUSES = {"kerber-dorf": 116, "kerber-vorstadt": 294, "ieee-eu-lv": 907}
+BUILTIN_NETWORK_BUSES = {"case33bw": 33, "mv37": 38, "case39": 39, **FEEDER_BUSES}
 
 
 class ScenarioError(ValueError):

@@ -30,6 +30,7 @@ from common.engine import COORDINATOR, Deadline, Fail, Finish, Log, Note, Receiv
 from common.logs import role_logger
 from common.protocol import ANY_RUN, MsgType, ProtocolError, parse
 from common.protocol.market import Result
+from common.network import LinkNetwork
 from common.transport import Transport
 
 
@@ -88,6 +89,9 @@ class Shell:
         self.finished = False
         self.outcome = None
         self._shadows: dict = {}
+        # injected latency, jitter and bandwidth per link (common.network; P2PM_NETWORK), or None
+        self.netem = LinkNetwork.from_env()
+        self._held = 0  # messages held back by the network model, not yet handed to ZeroMQ
 
     def _sync(self, sock) -> zmq.Socket:
         """A synchronous shadow of an asyncio socket (the same ZeroMQ socket)."""
@@ -216,6 +220,9 @@ class Shell:
             sock, frames = self.main, [data]
         else:
             sock, frames = self._mesh_socket(ins.to), [data]
+        if self.netem is not None:
+            self._hold(sock, frames, env, ins.to, len(data))
+            return
         try:
             try:  # the usual case: the message is queued at once (no future, no timer)
                 self._sync(sock).send_multipart(frames, zmq.NOBLOCK, copy=False)
@@ -233,6 +240,31 @@ class Shell:
         if self.trace:
             self.log.debug("sent %s iteration %d to %s, %d B", env.type.value, env.iteration, ins.to, len(data))
 
+    def _hold(self, sock, frames, env, to: str, nbytes: int) -> None:
+        """Hand the message to ZeroMQ at its arrival time under the network model (the link's
+        order is kept: arrival times never decrease on a link, and timers at equal times run in
+        the order they were set)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        at = self.netem.arrival_s(self.role, to, nbytes, now)
+        self.transport.sent.add(env.iteration, env.type.value, nbytes)
+        self._held += 1
+
+        def release():
+            self._held -= 1
+            try:
+                self._sync(sock).send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self._held += 1
+                task = asyncio.ensure_future(sock.send_multipart(frames, copy=False))
+                task.add_done_callback(lambda _t: setattr(self, "_held", self._held - 1))
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    self.log.error("could not send %s to %s: %s", env.type.value, to, exc)
+                self.transport.dropped[env.type.value] += 1
+
+        loop.call_at(at, release)
+
     def _mesh_socket(self, host: str):
         sock = self.mesh_out.get(host)
         if sock is None:
@@ -247,6 +279,9 @@ class Shell:
         """Let the event loop hand queued sends to ZeroMQ before the sockets close (they then
         linger up to a second for the messages to leave)."""
         await asyncio.sleep(0)
+        end = time.monotonic() + 10.0
+        while self._held > 0 and time.monotonic() < end:  # messages still held by the network model
+            await asyncio.sleep(0.001)
 
     def close(self) -> None:
         if self.transport.rejected:

@@ -20,7 +20,8 @@ Fault injection and security go here and nowhere else: the constructor's ``laten
 before every send) and ``drop_prob`` (a probability of silently dropping a send, counted in
 :attr:`Transport.dropped`) are the first hooks; duplication, garbage and CURVE authentication and
 encryption (sender identity from its key) belong in :meth:`Transport._configure` and
-:meth:`Transport.send` as well.
+:meth:`Transport.send` as well. Latency with jitter and bandwidth per link, the same model as the
+in-process driver's clock, is :mod:`common.network`; the socket shell applies it to every send.
 """
 
 from __future__ import annotations

@@ -99,6 +99,30 @@ def split(scenario: Annotated[str, typer.Argument(help="Built-in scenario name o
     typer.echo(f"public part: {public}\nprivate files: {len(private)} in {out / 'peers'} (give each peer only its own)")
 
 
+@scenarios_app.command("make")
+def make(peers: Annotated[int, typer.Option("--peers", help="Number of peers (the external supplier included).", min=3)],
+         out: Annotated[Path, typer.Option(help="Scenario file to write (YAML).")],
+         feeder: Annotated[str, typer.Option(help="mv37 (the base network) or a real LV feeder: kerber-dorf (116 buses), "
+                                                  "kerber-vorstadt (294), ieee-eu-lv (907).")] = "mv37",
+         base: Annotated[str, typer.Option(help="Scenario whose mix, series and market settings are replicated.")] = "mv37",
+         market: Annotated[Optional[str], typer.Option(help="p2p or community (default: the base's).")] = None,
+         seed: Annotated[int, typer.Option(help="Seed of the size factors and the bus shuffle.")] = 0,
+         jitter: Annotated[float, typer.Option(help="Each replica's size x U[1-jitter, 1+jitter].")] = 0.2):
+    """Make a scenario of N peers from a base mix on a feeder (a scenario family that scales;
+    common/scenarios/families.md)."""
+    from p2pm.builders.make_scenario import make_scenario, write
+
+    try:
+        doc = make_scenario(peers, feeder=feeder, base=base, market=market, seed=seed, jitter=jitter)
+    except ScenarioError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    command = f"p2pm scenarios make --peers {peers} --feeder {feeder} --base {base} --seed {seed}" + \
+        (f" --market {market}" if market else "") + (f" --jitter {jitter:g}" if jitter != 0.2 else "")
+    path = write(doc, out, command)
+    producers = sum(p["kind"] in ("pv", "wind", "chp") for p in doc["peers"])
+    typer.echo(f"{path}: {len(doc['peers'])} peers ({producers} producers) on {feeder}, {doc['market']['kind']} market")
+
+
 def _load_public(path: str, **market_overrides):
     """A role's public scenario (exit 2 on a bad or full scenario file), with market overrides."""
     from common.public import load_public
@@ -392,6 +416,39 @@ def bench(
     import json
 
     (out / "bench.json").write_text(json.dumps({"summary": s, "comparison": cmp, "centralized_s": central_s}, indent=2))
+
+
+@app.command()
+def experiment(
+    file: Annotated[str, typer.Argument(help="Experiment file (YAML) or a built-in experiment: scaling, latency, smoke.")],
+    out: Annotated[Optional[Path], typer.Option(help="Results folder (default results/experiment-<name>); an existing "
+                                                     "one is resumed: finished cells are skipped.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Render the figures and report.html.")] = True,
+    dry_run: Annotated[bool, typer.Option(help="Validate the file and list the cells; run nothing.")] = False,
+):
+    """Run a communication-overhead experiment: a grid of scenario sizes, topologies, variants, peers per
+    process and network settings (latency, jitter, bandwidth), with repetitions; one table, one folder per
+    cell, an HTML report with figures."""
+    from p2pm.experiment import ExperimentError, cells, load_experiment, run_experiment
+
+    try:
+        exp = load_experiment(file)
+    except ExperimentError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    grid = cells(exp)
+    if dry_run:
+        for c in grid:
+            typer.echo(f"{c.id}" + (f"  (skipped: {c.skip})" if c.skip else ""))
+        typer.echo(f"{len(grid)} cells x {exp.repetitions} repetitions, driver {exp.driver}")
+        return
+    out = out or Path("results") / f"experiment-{exp.name}"
+    rows, counts = run_experiment(exp, out, quiet=quiet, report=report)
+    typer.echo(f"{counts['cells']} cell repetitions: {counts['ran']} run, {counts['resumed']} already done, "
+               f"{counts['skipped']} skipped, {counts['failed']} failed")
+    typer.echo(f"results: {out / 'results.csv'}" + (f", {out / 'report.html'}" if report else ""))
+    if counts["failed"]:
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _bench_lines_common(s: dict) -> list[str]:

@@ -186,10 +186,17 @@ def _reader(source: str, stream, q: queue.Queue) -> None:
 
 
 def run_distributed(scenario, out: Path, *, topology: str = "relay", peers_per_process: int = 1,
-                    timeout_s: float = 30.0, t0: float | None = None, quiet: bool = False, report: bool = True) -> dict:
+                    timeout_s: float = 30.0, t0: float | None = None, quiet: bool = False, report: bool = True,
+                    on_event=None) -> dict:
     """Run the distributed clearing of ``scenario`` (loaded, with any overrides applied) locally;
-    returns the summary dict."""
+    returns the summary dict. ``on_event``, if given, is called with every progress event of the
+    coordinator (a dict: ready, iteration, outer, done)."""
     t0 = time.time() if t0 is None else t0
+    from p2pm.sizing import check_message_size
+
+    too_big = check_message_size(scenario, peers_per_process)
+    if too_big:  # refused before any process starts (it would crash the coordinator at its first ROUND)
+        raise LaunchError(too_big)
     out = Path(out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -198,13 +205,13 @@ def run_distributed(scenario, out: Path, *, topology: str = "relay", peers_per_p
     try:
         public_path, private_files = write_split(scenario, inputs)
         return _run(public_path, private_files, scenario, out, logs, run_id, topology, peers_per_process, timeout_s,
-                    t0, quiet, report)
+                    t0, quiet, report, on_event)
     finally:
         shutil.rmtree(inputs, ignore_errors=True)
 
 
 def _run(public_path, private_files, scenario, out, logs, run_id, topology, peers_per_process, timeout_s, t0, quiet,
-         report) -> dict:
+         report, on_event=None) -> dict:
     groups = _peer_groups(scenario, private_files, peers_per_process)
     n_processes = len(groups) + 3
     launch = Launch()
@@ -257,7 +264,7 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
                                                       "coordinator": address, "timeout_s": timeout_s,
                                                       "log": str(r.log)}) + "\n").encode())
             zygote.popen.stdin.close()
-            supervise(launch, coord, events, progress, stop, timeout_s)
+            supervise(launch, coord, events, progress, stop, timeout_s, on_event=on_event)
         finally:
             progress.close()
             launch.stop_all(events)
@@ -289,13 +296,15 @@ def interruptible():
 
 
 def supervise(launch: Launch, coord: Role, events: "queue.Queue", progress: "_Progress", stop: threading.Event,
-              timeout_s: float, what: str = "processes") -> None:
+              timeout_s: float, what: str = "processes", on_event=None) -> None:
     """Show the coordinator's progress until it has written the results, then wait for the other
     roles to end on its SHUTDOWN. LaunchError naming the role when one fails, and on Ctrl-C."""
     done = False
     while True:
         for ev in launch.absorb(events):
             progress.update(ev)
+            if on_event is not None:
+                on_event(ev)
             if ev.get("event") == "done":
                 done = True
             elif ev.get("event") == "failed":
@@ -344,6 +353,8 @@ def _memory(launch: Launch) -> dict:
     if peers:
         out["peak_rss_mib_peer_max"] = round(max(peers), 1)
         out["peak_rss_mib_peer_median"] = round(sorted(peers)[len(peers) // 2], 1)
+        out["peak_rss_mib_peers_total"] = round(sum(peers), 1)
+    out["peak_rss_mib_total"] = round(sum(peers) + sum(by_role.values()), 1)
     return out
 
 
