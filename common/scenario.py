@@ -387,6 +387,19 @@ class Scenario(_Strict):
                                             "to trade with")
         for i, peer in enumerate(self.peers):
             where = f"peers[{i}] ({peer.id})"
+            for fname in ("p_base_mw", "p_forecast_mw"):
+                value = getattr(peer, fname, None)
+                if value is not None:
+                    arr = self._resolve(value, f"{where}.{fname}")
+                    if np.any(arr < 0):
+                        raise _field_error(f"{where}.{fname}", f"is negative in hour {int(np.argmax(arr < 0)) + 1}")
+            for fname, value in peer:
+                if fname.endswith(("_mw", "_mwh")) and isinstance(value, (int, float, list, SeriesRef)) \
+                        and not isinstance(value, bool):
+                    arr = np.abs(self._resolve(value, f"{where}.{fname}"))
+                    if np.any(arr > MAX_POWER_MW):
+                        raise _field_error(f"{where}.{fname}", f"{float(arr.max()):.3g} is beyond any grid this platform "
+                                                               f"models (at most {MAX_POWER_MW:.0e})")
             if peer.kind == "prosumer":
                 lo, hi = self.hourly(peer, "p_min_mw"), self.hourly(peer, "p_max_mw")
                 bad = np.flatnonzero(lo > hi)
@@ -444,6 +457,11 @@ class Scenario(_Strict):
             if p.id == peer_id:
                 return p
         raise KeyError(peer_id)
+
+
+# the largest power or energy a scenario may name [MW, MWh]: 100 GW is beyond any grid modelled here, and
+# keeps squares and sums of the market's numbers far from overflow
+MAX_POWER_MW = 1e5
 
 
 def _field_error(field: str, reason: str) -> ValueError:
@@ -561,8 +579,12 @@ def load_scenario(name_or_path: str | Path, **market_overrides) -> Scenario:
     """
     path = resolve_path(name_or_path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ScenarioError(f"{path}: cannot be read: not a UTF-8 text file (YAML or TOML)") from None
+    except RecursionError:
+        raise ScenarioError(f"{path}: cannot be read: nested too deeply") from None
     except (OSError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise ScenarioError(f"{path}: cannot be read: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):

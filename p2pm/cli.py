@@ -198,7 +198,7 @@ def run(
     acceleration: AccelOpt = None,
     hour_stopping: HourStopOpt = None,
     peers_per_process: Annotated[int, typer.Option(help="Peers hosted by one peer process.", min=1)] = 1,
-    timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait (registration, a round, a service answer).", min=0.1)] = 30.0,
+    timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait (registration, a round, a service answer).", min=0.1, max=86400.0)] = 30.0,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Render the figures and report.html (tables are always written).")] = True,
     log_level: LogLevelOpt = None,
@@ -220,6 +220,7 @@ def run(
     if launch is Launch.podman and solver is Solver.centralized:
         _fail("--launch podman: the centralized reference runs in this process (use --solver admm)", EXIT_BAD_INPUT)
     out = out or Path("results") / f"{sc.name}-{solver.value}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_out(out)
     from common.report import format_summary, write_results
 
     if solver is Solver.centralized:
@@ -280,7 +281,7 @@ def coordinator(
     run_id: Annotated[Optional[str], typer.Option(help="Run id carried by every message (default: random).", envvar="P2PM_RUN_ID")] = None,
     topology: Annotated[Topology, typer.Option(help="relay: trades go through the coordinator; mesh: peer to peer.", envvar="P2PM_TOPOLOGY")] = Topology.relay,
     out: Annotated[Path, typer.Option(help="Results folder.", envvar="P2PM_OUT")] = Path("results/run"),
-    timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait.", min=0.1, envvar="P2PM_TIMEOUT_S")] = 30.0,
+    timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait.", min=0.1, max=86400.0, envvar="P2PM_TIMEOUT_S")] = 30.0,
     ready_file: Annotated[Optional[Path], typer.Option(help="Write the bound address here once listening.", hidden=True)] = None,
     t0: Annotated[Optional[float], typer.Option(help="Launch time (epoch s) for the run's wall time.", hidden=True)] = None,
     processes: Annotated[int, typer.Option(help="Processes of the run, for the summary (0: count the registered roles).", hidden=True)] = 0,
@@ -312,7 +313,7 @@ def peer(
     coordinator: Annotated[str, typer.Option(help="Coordinator address, e.g. tcp://10.0.0.1:5555.", envvar="P2PM_COORDINATOR")],
     model_file: Annotated[list[Path], typer.Option("--model", help="A hosted peer's private file (peers/<id>.json from 'p2pm scenarios split'); repeat to host several.", envvar="P2PM_MODELS")],
     host_id: Annotated[Optional[str], typer.Option(help="This process's identity (default: host-<first peer>).", envvar="P2PM_HOST_ID")] = None,
-    timeout_s: Annotated[float, typer.Option(help="The coordinator's deadline (a peer waits twice as long for a round).", min=0.1, envvar="P2PM_TIMEOUT_S")] = 30.0,
+    timeout_s: Annotated[float, typer.Option(help="The coordinator's deadline (a peer waits twice as long for a round).", min=0.1, max=86400.0, envvar="P2PM_TIMEOUT_S")] = 30.0,
     bind_host: Annotated[str, typer.Option(help="Interface for the mesh socket.", envvar="P2PM_BIND_HOST")] = "127.0.0.1",
     advertise_host: Annotated[Optional[str], typer.Option(help="Address the partners use to reach this peer (mesh).", envvar="P2PM_ADVERTISE_HOST")] = None,
     log_level: LogLevelOpt = None,
@@ -329,8 +330,8 @@ def peer(
 
 
 CoordinatorAddr = Annotated[str, typer.Option(help="Coordinator address.", envvar="P2PM_COORDINATOR")]
-ServiceTimeout = Annotated[float, typer.Option(help="Deadline for a single send.", min=0.1, envvar="P2PM_TIMEOUT_S")]
-IdleTimeout = Annotated[float, typer.Option(help="Longest wait for the next request.", min=1.0)]
+ServiceTimeout = Annotated[float, typer.Option(help="Deadline for a single send.", min=0.1, max=86400.0, envvar="P2PM_TIMEOUT_S")]
+IdleTimeout = Annotated[float, typer.Option(help="Longest wait for the next request.", min=1.0, max=604800.0)]
 
 
 @app.command()
@@ -359,7 +360,7 @@ def bench(
     topology: Annotated[Topology, typer.Option(help="relay: trades go through the coordinator; mesh: peer to peer.")] = Topology.relay,
     peers_per_process: Annotated[int, typer.Option(help="Peers hosted by one peer process.", min=1)] = 1,
     out: Annotated[Optional[Path], typer.Option(help="Folder of the benchmark's distributed run.")] = None,
-    timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait (registration, a round, a service answer).", min=0.1)] = 30.0,
+    timeout_s: Annotated[float, typer.Option(help="Deadline for any single wait (registration, a round, a service answer).", min=0.1, max=86400.0)] = 30.0,
     rho: RhoOpt = None,
     tolerance: TolOpt = None,
     max_iterations: MaxItOpt = None,
@@ -382,6 +383,7 @@ def bench(
                      hour_stopping=hour_stopping)
     sc = _load(scenario, **overrides)
     out = out or Path(tempfile.mkdtemp(prefix="p2pm-bench-"))
+    _check_out(out)
     if sc.market.model != "benchmark":
         return _bench_outer(sc, out, topology.value, peers_per_process, timeout_s)
     community = sc.market.kind == "community"
@@ -449,6 +451,19 @@ def experiment(
     typer.echo(f"results: {out / 'results.csv'}" + (f", {out / 'report.html'}" if report else ""))
     if counts["failed"]:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _check_out(out: Path) -> None:
+    """Refuse a results folder that cannot be written before any process starts (exit 2)."""
+    if out.exists() and not out.is_dir():
+        _fail(f"--out: {out} exists and is not a folder", EXIT_BAD_INPUT)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".p2pm-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        _fail(f"--out: cannot write to {out}: {exc.strerror or exc}", EXIT_BAD_INPUT)
 
 
 def _bench_lines_common(s: dict) -> list[str]:

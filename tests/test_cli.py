@@ -379,3 +379,16 @@ def test_a_run_whose_table_breaks_its_contract_fails_naming_the_check(runner, tm
     assert "dispatch.csv: column 'hour' fails greater_than_or_equal_to(1) in 5 row(s) (row 0: 0, row 3: 0, row 6: 0)" \
         in r.output, r.output
     assert (tmp_path / "out" / "dispatch.csv").is_file()
+
+
+def test_unwritable_out_and_non_finite_timeout_are_refused(tmp_path):
+    from p2pm_support import invoke
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    r = invoke("run", "mv37", "--out", a_file, "--no-report")
+    assert r.exit_code == 2 and "--out" in r.output and "not a folder" in r.output, r.output
+    r = invoke("run", "mv37", "--out", "/proc/p2pm-cannot-write", "--no-report")
+    assert r.exit_code == 2 and "--out: cannot write" in r.output, r.output
+    r = invoke("run", "mv37", "--timeout-s", "inf", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--timeout-s" in r.output, r.output

@@ -366,3 +366,33 @@ def test_missing_file_and_unknown_name(tmp_path):
     with pytest.raises(ScenarioError, match="unknown scenario") as info:
         load_scenario("no-such-builtin")
     assert "ieee33-ev" in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input that used to slip through: refused before any process starts, naming the field
+# ----------------------------------------------------------------------------------------------
+
+
+def test_negative_forecast_and_base_load(raw):
+    pv = copy.deepcopy(raw)
+    pv["peers"][_index(pv, "pv")]["p_forecast_mw"] = -0.1
+    _refused(pv, "p_forecast_mw", "negative")
+    load = copy.deepcopy(raw)
+    load["peers"][_index(load, "load")]["p_base_mw"] = -0.2
+    _refused(load, "p_base_mw", "negative")
+
+
+def test_absurd_capacity(raw):
+    raw["peers"][_index(raw, "grid")]["p_import_max_mw"] = 1e308
+    _refused(raw, "p_import_max_mw", "beyond")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (bytes(range(256)) * 4, "not a UTF-8 text file"),
+    (("a: " + "[" * 10000 + "]" * 10000).encode(), "nested too deeply"),
+])
+def test_binary_and_deeply_nested_files(tmp_path, content, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ScenarioError, match=fragment):
+        load_scenario(path)
