@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.models import EVModel, load_baseline_mw, peer_model_to_dict, peer_models
-from common.scenario import DSOSpec, MarketSpec, NetworkSpec, ScenarioError, _format_validation_error
+from common.scenario import DSOSpec, MarketSpec, NetworkSpec, ScenarioError, format_validation_error
 
 PUBLIC_SCHEMA = "p2pm.public/1"
 
@@ -134,5 +134,5 @@ def load_public(path: str | Path) -> PublicScenario:
     try:
         return PublicScenario.model_validate(raw)
     except ValidationError as exc:
-        raise ScenarioError(f"{path}: {_format_validation_error(exc)}") from None
+        raise ScenarioError(f"{path}: {format_validation_error(exc)}") from None
 

@@ -539,7 +539,8 @@ def check_ev_feasible(ev: EVPeer, where: str) -> None:
         )
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
+    """A pydantic error as one line naming the field (the first error)."""
     first = err.errors()[0]
     loc = ".".join(str(x) for x in first["loc"])
     msg = first["msg"]
@@ -600,7 +601,7 @@ def parse_scenario(raw: dict, source: str = "scenario") -> Scenario:
     try:
         scenario = Scenario.model_validate(raw)
     except ValidationError as err:
-        raise ScenarioError(f"{source}: {_format_validation_error(err)}") from None
+        raise ScenarioError(f"{source}: {format_validation_error(err)}") from None
     nbus = network_bus_count(scenario.network)
     for i, peer in enumerate(scenario.peers):
         if peer.bus >= nbus:

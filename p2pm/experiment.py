@@ -51,6 +51,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.network import LINK_KINDS, LinkNetwork, LinkSpec
+from common.scenario import format_validation_error
 
 BUILTIN_DIR = Path(__file__).parent / "experiments"
 IN_PROCESS_RUN_ID = "inprocess000"  # as long as the launcher's run ids (uuid hex, 12 characters)
@@ -199,20 +200,6 @@ class Experiment(_Strict):
         return self
 
 
-def _format(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"])
-    msg = first["msg"]
-    for prefix in ("Value error, ", "Assertion failed, "):
-        if msg.startswith(prefix):
-            msg = msg[len(prefix):]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown field"
-    elif first["type"] == "missing":
-        msg = "missing"
-    return f"{loc}: {msg}" if loc else msg
-
-
 def builtin_names() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
 
@@ -240,7 +227,7 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
     try:
         return Experiment.model_validate(raw)
     except ValidationError as err:
-        raise ExperimentError(f"{path}: {_format(err)}") from None
+        raise ExperimentError(f"{path}: {format_validation_error(err)}") from None
 
 
 # ----------------------------------------------------------------------------------------- cells
