@@ -45,8 +45,9 @@ VARIANTS = {
 # acceleration (per hour) at a fixed rho of 32 instead of the benchmark's rho 1 with residual
 # balancing (the algorithm's settings only: the market and its optimum are the thesis's). Measured
 # in process, 10 peers per process: mv37-trafo 4 409 ADMM iterations instead of 31 972, mv37-lines
-# 17 260 instead of 38 293, mv37-voltage 4 271 instead of 42 669, mv37-freq 724 instead of 3 744, mv37-full 1 857 instead of 5 061, with
-# the same outer steps and welfare within 1e-8 of the centralized loop.
+# 17 260 instead of 38 293, mv37-voltage 4 271 instead of 42 669, mv37-freq 724 instead of 3 744,
+# mv37-full 1 857 instead of 5 061, with the same outer steps and welfare within 1e-8 of the
+# centralized loop.
 OUTER_LOOP_ADMM = {"rho": 32.0, "residual_balancing": False, "acceleration": True}
 
 
