@@ -219,8 +219,14 @@ class PeerEngine:
                                                                     solve_s=s)
                                                     for pid, (x, dx, s) in records.items()}), k)]
         # mesh: trades go straight to the partners' hosts, residual sums to the coordinator
-        out = [Send(self.partner_host[partner], Trades(from_peer=pid, to_peer=partner, p_mw=x[j]), k)
-               for pid, (x, _, _) in records.items() for j, partner in enumerate(self.partners[pid])]
+        # mesh: one TRADES per partner host, every trade of this host's peers towards that host's peers
+        rows: dict[str, list] = {}
+        for pid, (x, _, _) in records.items():
+            for j, partner in enumerate(self.partners[pid]):
+                rows.setdefault(self.partner_host[partner], []).append((pid, partner, x[j]))
+        out = [Send(host, Trades(from_peers=tuple(r[0] for r in rs), to_peers=tuple(r[1] for r in rs),
+                                 p_mw=np.stack([r[2] for r in rs])), k)
+               for host, rs in rows.items()]
         self._records, self._mesh_rho = records, msg.rho
         self._incoming = {pid: np.full(x.shape, np.nan) for pid, (x, _, _) in records.items()}
         self._missing = {(pid, q) for pid in self.locals for q in self.partners[pid]}
@@ -233,30 +239,34 @@ class PeerEngine:
         return out + self._maybe_residuals(k)
 
     def _take(self, tr: Trades) -> None:
-        key = (tr.to_peer, tr.from_peer)
-        want = self._incoming[tr.to_peer].shape[1:]
-        if tr.p_mw.shape != want:  # an early one is checked here, once its iteration's hours are known
-            self.rejected["body"] = self.rejected.get("body", 0) + 1
+        first = tr.to_peers[0]
+        if tr.p_mw.shape[1:] != self._incoming[first].shape[1:]:  # an early one is checked here, once its
+            self.rejected["body"] = self.rejected.get("body", 0) + 1  # iteration's hours are known
             return
-        if key in self._missing:
-            self._incoming[tr.to_peer][self.partner_slot[tr.to_peer][tr.from_peer]] = tr.p_mw
-            self._missing.discard(key)
+        for i, (frm, to) in enumerate(zip(tr.from_peers, tr.to_peers)):
+            key = (to, frm)
+            if key in self._missing:
+                self._incoming[to][self.partner_slot[to][frm]] = tr.p_mw[i]
+                self._missing.discard(key)
 
     def _on_trades(self, sender: str, tr: Trades, k: int) -> list:
         if self.topology != "mesh" or self.market != "p2p":
             raise ProtocolError("type", "trades outside the mesh topology")
-        if tr.to_peer not in self.locals:
-            raise ProtocolError("body", f"trades for {tr.to_peer}, not hosted here")
-        if tr.from_peer not in self.partner_slot[tr.to_peer]:
-            raise ProtocolError("body", f"trades from {tr.from_peer}, not a partner of {tr.to_peer}")
+        for frm, to in zip(tr.from_peers, tr.to_peers):
+            if to not in self.locals:
+                raise ProtocolError("body", f"trades for {to}, not hosted here")
+            if frm not in self.partner_slot[to]:
+                raise ProtocolError("body", f"trades from {frm}, not a partner of {to}")
+            if self.partner_host.get(frm) != sender:
+                raise ProtocolError("body", f"trades of {frm} sent by {sender}, not by its host")
         if k == self.iteration + 1 or (k == self.iteration and not self._missing):
             self._early.append((k, tr))  # the partner is one round ahead
             return []
         if k != self.iteration:
             raise ProtocolError("stale", f"trades of iteration {k} during {self.iteration}")
-        want = self._incoming[tr.to_peer].shape[1:]
-        if tr.p_mw.shape != want:
-            raise ProtocolError("body", f"trades of shape {tr.p_mw.shape}, expected {want}")
+        want = self._incoming[tr.to_peers[0]].shape[1:]
+        if tr.p_mw.shape[1:] != want:
+            raise ProtocolError("body", f"trades of {tr.p_mw.shape[1]} hours, expected {want[0]}")
         self._take(tr)
         return self._maybe_residuals(k)
 

@@ -55,7 +55,7 @@ def samples() -> dict[MsgType, Any]:
             {"p1": market.UpdatePeer(arr(2, H), np.full(H, 0.25), np.full(H, 0.5), 0.003),
              "p2": market.UpdatePeer(arr(1, 3), np.zeros(3), np.zeros(3), 0, "failed")}
         ),
-        MsgType.TRADES: market.Trades("p1", "p2", arr(H)),
+        MsgType.TRADES: market.Trades(("p1", "p3"), ("p2", "p2"), arr(2, H)),
         MsgType.RESIDUALS: market.Residuals({"p1": market.ResidualsPeer(np.array([0.1, 0.3]), np.array([0.2, 0.0]), 0.01)}),
         MsgType.RESULT: market.Result(
             {
@@ -163,7 +163,7 @@ def test_round_trip_every_message_type(mtype: MsgType) -> None:
 
 
 def test_decoded_arrays_are_writeable_copies() -> None:
-    out = decode(encode(make_envelope(MsgType.TRADES, {"from_peer": "a", "to_peer": "b", "p_mw": np.zeros(H)}, run_id=RUN, sender="a")))
+    out = decode(encode(make_envelope(MsgType.TRADES, {"from_peers": ["a"], "to_peers": ["b"], "p_mw": np.zeros((1, H))}, run_id=RUN, sender="a")))
     p = out.body["p_mw"]
     assert p.dtype == np.float64 and p.flags.writeable and p.flags.c_contiguous
     p[0] = 1.0

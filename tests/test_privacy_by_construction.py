@@ -121,7 +121,7 @@ def test_a_peer_host_receives_nothing_of_another_peers():
             elif isinstance(message, Penalty):
                 assert set(message.peers) <= mine
             elif isinstance(message, Trades):
-                assert message.to_peer in mine
+                assert set(message.to_peers) <= mine
             elif isinstance(message, Welcome):
                 cfg = message.config
                 assert set(cfg.get("partners", {})) <= mine

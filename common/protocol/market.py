@@ -22,9 +22,10 @@ UPDATE (peer host -> coordinator; relay topology)
     asked to solve; ``primal_sq``: (h,), local squared primal residual per hour [MW^2]; ``dual_sq``:
     (h,), local squared dual residual per hour [MW^2]; ``solve_s``: float, local solve time [s];
     optional ``status``: str, the solver status ("ok" when absent)}}.
-TRADES (peer host -> peer host; mesh topology)
-    ``from_peer``: str, ``to_peer``: str, ``p_mw``: (h,), the trades of ``from_peer`` towards
-    ``to_peer`` in the hours solved in this iteration.
+TRADES (peer host -> peer host; mesh topology; one per pair of hosts and iteration)
+    ``from_peers``, ``to_peers``: list[str] (n,), ``p_mw``: (n, h): row i is the trades of
+    ``from_peers[i]`` (hosted by the sender) towards ``to_peers[i]`` (hosted by the receiver) in
+    the hours solved in this iteration.
 RESIDUALS (peer host -> coordinator; mesh topology)
     ``peers``: {peer_id: {``primal_sq``, ``dual_sq``: (h,) per solved hour; ``solve_s``: float;
     optional ``status``: str}}.
@@ -185,19 +186,20 @@ class Update(Message):
 
 @dataclass(frozen=True, eq=False)
 class Trades(Message):
-    """Peer -> peer (mesh topology): the trades of ``from_peer`` towards ``to_peer``."""
+    """Peer host -> peer host (mesh topology): every trade of the sender's peers towards the
+    receiver's peers, row i from ``from_peers[i]`` to ``to_peers[i]``."""
 
     TYPE: ClassVar[MsgType] = MsgType.TRADES
-    from_peer: str
-    to_peer: str
-    p_mw: np.ndarray
+    from_peers: tuple[str, ...]
+    to_peers: tuple[str, ...]
+    p_mw: np.ndarray  # (n, h)
 
     def to_body(self) -> dict[str, Any]:
-        return {"from_peer": self.from_peer, "to_peer": self.to_peer, "p_mw": f64(self.p_mw)}
+        return {"from_peers": list(self.from_peers), "to_peers": list(self.to_peers), "p_mw": f64(self.p_mw)}
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Trades:
-        return cls(body["from_peer"], body["to_peer"], body["p_mw"])
+        return cls(tuple(body["from_peers"]), tuple(body["to_peers"]), body["p_mw"])
 
 
 # --------------------------------------------------------------------------------------- RESIDUALS
@@ -458,6 +460,13 @@ def _check_update(rec: dict[str, Any]) -> str | None:
     return _check_residuals(rec)
 
 
+def _check_trades(rec: dict[str, Any]) -> str | None:
+    n = len(rec["from_peers"])
+    if len(rec["to_peers"]) != n or rec["p_mw"].shape[0] != n or n == 0:
+        return f"{n} senders, {len(rec['to_peers'])} receivers and {rec['p_mw'].shape[0]} rows of trades"
+    return None
+
+
 def _check_round(rec: dict[str, Any]) -> str | None:
     hours = rec.get("hours")
     if hours is not None and (hours.size == 0 or np.any(hours < 0) or np.any(np.diff(hours) <= 0)):
@@ -489,7 +498,8 @@ SCHEMAS: dict[MsgType, Record] = {
         }
     ),
     MsgType.TRADES: Record(
-        required={"from_peer": Str(max_len=256), "to_peer": Str(max_len=256), "p_mw": float_array(1)}
+        required={"from_peers": ListOf(Str(max_len=256)), "to_peers": ListOf(Str(max_len=256)), "p_mw": float_array(2)},
+        check_fn=_check_trades,
     ),
     MsgType.RESIDUALS: Record(
         required={"peers": MapOf(Record(required=dict(_RESIDUALS), optional={"status": Str(max_len=256)},

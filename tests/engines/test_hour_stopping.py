@@ -54,7 +54,7 @@ def test_mesh_closes_the_same_hours_as_relay(flow):
     np.testing.assert_allclose([s.primal_residual for s in r_mesh.history],
                                [s.primal_residual for s in r_relay.history], rtol=1e-9, atol=1e-12)
     trades = [m for s, to, k, m in flow.messages if type(m).__name__ == "Trades"]
-    assert min(len(m.p_mw) for m in trades) < H  # closed hours are not sent peer to peer
+    assert min(m.p_mw.shape[1] for m in trades) < H  # closed hours are not sent peer to peer
 
 
 def test_acceleration_with_hour_stopping():

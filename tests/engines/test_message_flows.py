@@ -49,17 +49,20 @@ def test_mesh_two_hosts_exact_flow(flow, p2p_peers):
     assert outcome.clearings[-1].converged
     K = outcome.clearings[-1].rounds.iteration
     hosts = _hosts(flow)
-    # each host owns 2 peers with 2 partners each: 4 TRADES per iteration, all to the other host
+    # each host owns 2 peers with 2 partners each, all on the other host: their 4 trades travel in
+    # one TRADES per iteration
     for h in hosts:
         other = next(o for o in hosts if o != h)
         for k in range(1, K + 1):
             assert flow.n(iteration=k, type="round", to=h) == (2 if k == K else 1)
             assert flow.n(iteration=k, type="residuals", sender=h) == 1
-            assert flow.n(iteration=k, type="trades", sender=h) == 4
-            assert flow.n(iteration=k, type="trades", sender=h, to=other) == 4
+            assert flow.n(iteration=k, type="trades", sender=h) == 1
+            assert flow.n(iteration=k, type="trades", sender=h, to=other) == 1
         assert flow.n(type="update") == 0  # trades never reach the coordinator
         assert flow.n(type="result", sender=h) == 1
     assert not any(r[1] == "trades" and COORDINATOR in (r[2], r[3]) for r in flow.rows)
+    trades = [m for s, to, k, m in flow.messages if type(m).__name__ == "Trades"]
+    assert all(m.p_mw.shape[0] == 4 == len(m.from_peers) for m in trades)
     # the same clearing as relay, to the last digit of the residual history
     relay, _, _ = clear_market(list(peers), rho=1.0, tolerance=1e-4, peers_per_process=2, pool_price_start=False,
                                wire=False)
