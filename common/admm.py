@@ -304,67 +304,6 @@ def converged(primal: float, dual: float, tolerance: float) -> bool:
     return primal <= tolerance and dual <= tolerance
 
 
-class Anderson:
-    """Anderson acceleration (type II, Walker & Ni 2011) of a fixed-point map z -> T(z), with a
-    safeguard: an accelerated point whose fixed-point residual grows by more than ``safeguard``
-    times the last accepted one is rejected, the memory cleared and the plain iterate from the
-    last accepted point taken instead.
-
-    ``step(z, t)``: given the point the map was applied to and its image T(z), the next point (``t``
-    itself when there is nothing to extrapolate from). The differences live in preallocated
-    columns and their Gram matrix is updated one column at a time.
-    """
-
-    def __init__(self, memory: int = 20, safeguard: float = 1.0, regularization: float = 1e-10):
-        self.memory, self.safeguard, self.reg = memory, safeguard, regularization
-        self.rejected = 0
-        self.accepted = 0
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the differences (the buffers are kept: they are rewritten before being read)."""
-        if not hasattr(self, "DZ"):
-            self.DZ = self.DF = None
-        self.gram = np.zeros((self.memory, self.memory))
-        self.count = 0  # columns filled
-        self.head = 0  # next column to write
-        self.last: tuple[np.ndarray, np.ndarray, float] | None = None  # (z, f, |f|) of the last accepted point
-        self.fallback: np.ndarray | None = None  # T of the last accepted point (the plain iterate)
-        self.accelerated = False
-
-    def step(self, z: np.ndarray, t: np.ndarray) -> np.ndarray:
-        f = t - z
-        f_norm = float(np.sqrt(f @ f))
-        if self.accelerated and self.last is not None and f_norm > self.safeguard * self.last[2]:
-            self.rejected += 1
-            plain = self.fallback
-            self.reset()
-            return plain  # the plain step from the last accepted point
-        if self.last is not None:
-            if self.DZ is None or self.DZ.shape[1] != z.size:  # one contiguous row per difference
-                self.DZ = np.empty((self.memory, z.size))
-                self.DF = np.empty((self.memory, z.size))
-            j = self.head
-            np.subtract(z, self.last[0], out=self.DZ[j])
-            np.subtract(f, self.last[1], out=self.DF[j])
-            self.count = min(self.count + 1, self.memory)
-            self.head = (j + 1) % self.memory
-            col = self.DF[:self.count] @ self.DF[j]
-            self.gram[j, :self.count] = col
-            self.gram[:self.count, j] = col
-        self.last, self.fallback = (z, f, f_norm), t
-        if self.count == 0:
-            self.accelerated = False
-            return t
-        m = self.count
-        G = self.gram[:m, :m]
-        gamma = np.linalg.lstsq(G + self.reg * (np.trace(G) / m + 1e-300) * np.eye(m), self.DF[:m] @ f,
-                                rcond=None)[0]
-        self.accelerated = True
-        self.accepted += 1
-        return t - gamma @ self.DZ[:m] - gamma @ self.DF[:m]
-
-
 class BlockAnderson:
     """Anderson acceleration of independent blocks at once (the hours of the full P2P market are
     independent problems): each block extrapolates with its own coefficients from its own last
@@ -435,3 +374,15 @@ class BlockAnderson:
         self.has_last = accepted.copy()
         self.accelerated = accepted & (count > 0)
         return out
+
+
+class Anderson(BlockAnderson):
+    """Anderson acceleration (type II, Walker & Ni 2011) of one fixed-point map z -> T(z), with a
+    safeguard: an accelerated point whose fixed-point residual grows by more than ``safeguard``
+    times the last accepted one is rejected, the memory cleared and the plain iterate from the
+    last accepted point taken instead. ``step(z, t)``: given the point the map was applied to and
+    its image T(z), the next point (``t`` itself when there is nothing to extrapolate from). One
+    block of ``BlockAnderson``."""
+
+    def step(self, z: np.ndarray, t: np.ndarray) -> np.ndarray:
+        return super().step(z[None, :], t[None, :])[0]

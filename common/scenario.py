@@ -560,16 +560,24 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
 
 
-def resolve_path(name_or_path: str | Path) -> Path:
+def resolve_named_file(name_or_path: str | Path, builtin_dir: Path, what: str, error: type[Exception],
+                       suffixes: tuple[str, ...] = (".yaml", ".yml", ".toml")) -> Path:
+    """A file path (it must exist), or the name of a built-in ``builtin_dir/<name>.yaml``; ``error``
+    names the missing file or lists the built-ins."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml", ".toml") or path.exists():
+    if path.suffix in suffixes or path.exists():
         if not path.exists():
-            raise ScenarioError(f"scenario file {str(path)!r} not found")
+            raise error(f"{what} file {str(path)!r} not found")
         return path
-    builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
+    builtin = builtin_dir / f"{name_or_path}.yaml"
     if builtin.exists():
         return builtin
-    raise ScenarioError(f"unknown scenario {str(name_or_path)!r}; built-in: {', '.join(builtin_names())}")
+    names = sorted(p.stem for p in builtin_dir.glob("*.yaml"))
+    raise error(f"unknown {what} {str(name_or_path)!r}; built-in: {', '.join(names)}")
+
+
+def resolve_path(name_or_path: str | Path) -> Path:
+    return resolve_named_file(name_or_path, BUILTIN_DIR, "scenario", ScenarioError)
 
 
 def load_scenario(name_or_path: str | Path, **market_overrides) -> Scenario:

@@ -239,8 +239,10 @@ class P2PRounds:
         t0 = self.timer()
         wall = t0 - self._t_sent
         c = self._cols(self.solving)
-        if self.settings.topology == "relay":
-            mismatch = self.flat[:, c] + self.flat[self.graph.reverse][:, c]
+        mismatch = None
+        if self.settings.topology == "relay":  # p_nm + p_mn of the hours just solved
+            solved = self.flat[:, c]
+            mismatch = solved + solved[self.graph.reverse]
             self.primal_h[c] = np.sqrt(np.sum(mismatch**2, axis=0))
         else:
             self.primal_h[c] = np.sqrt(self._primal_sq)
@@ -265,7 +267,7 @@ class P2PRounds:
             self.infeasible_hours = infeasible_hours(self.primal_h, st.tolerance)
         if self.anderson is not None:  # mirror the state the peers hold (only the acceleration needs it)
             lam_new = self.lam_eff.copy()
-            lam_new[:, c] -= 0.5 * rho_used * (self.flat[:, c] + self.flat[self.graph.reverse][:, c])
+            lam_new[:, c] -= 0.5 * rho_used * mismatch
         accelerated = False
         if done or out_of_iterations:
             self.finished = True

@@ -374,9 +374,8 @@ def bench(
     import tempfile
 
     from common.centralized import SolveError, solve_p2p
-    from p2pm.compare import compare_community, compare_p2p, solve_community_reference
-    from p2pm.launcher import LaunchError, run_distributed
     from common.models import peer_models
+    from p2pm.compare import compare_community, compare_p2p, solve_community_reference
 
     overrides = dict(rho=rho, tolerance=tolerance, max_iterations=max_iterations, residual_balancing=residual_balancing,
                      pool_price_start=pool_price, acceleration=acceleration,
@@ -393,12 +392,7 @@ def bench(
     except SolveError as exc:
         _fail(str(exc), EXIT_FAILED)
     central_s = time.perf_counter() - t
-    t0 = time.time()
-    try:
-        s = run_distributed(sc, out, topology=topology.value, peers_per_process=peers_per_process, timeout_s=timeout_s,
-                            t0=t0, quiet=True)
-    except LaunchError as exc:
-        _fail(str(exc), EXIT_FAILED)
+    s = _bench_run(sc, out, topology.value, peers_per_process, timeout_s)
     cmp = compare_community(out, sc, ref) if community else compare_p2p(out, sc, ref)
     lines = [
         f"benchmark {sc.name}: {len(sc.peers)} peers, {sc.market.hours} h, topology {topology.value}, "
@@ -412,11 +406,26 @@ def bench(
          f"  prices: {cmp['prices_within_0.01_of_dual']}/{cmp['traded_pairs_checked']} traded pairs within 0.01 EUR/MWh "
          f"of the centralized dual; {cmp['prices_within_interval']}/{cmp['traded_pairs_checked']} within the interval "
          f"of supporting prices (hours with a non-unique dual: {cmp['hours_with_price_interval'] or 'none'})"),
-        f"  results: {out}",
     ]
-    typer.echo("\n".join(lines))
+    _bench_print(out, lines, s, cmp, central_s)
+
+
+def _bench_run(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float) -> dict:
+    """The benchmark's distributed run (real processes); its summary."""
+    from p2pm.launcher import LaunchError, run_distributed
+
+    try:
+        return run_distributed(sc, out, topology=topology, peers_per_process=peers_per_process, timeout_s=timeout_s,
+                               t0=time.time(), quiet=True)
+    except LaunchError as exc:
+        _fail(str(exc), EXIT_FAILED)
+
+
+def _bench_print(out: Path, lines: list[str], s: dict, cmp: dict, central_s: float) -> None:
+    """Print the benchmark's lines (and where the results are) and write ``bench.json``."""
     import json
 
+    typer.echo("\n".join([*lines, f"  results: {out}"]))
     (out / "bench.json").write_text(json.dumps({"summary": s, "comparison": cmp, "centralized_s": central_s}, indent=2))
 
 
@@ -493,20 +502,13 @@ def _bench_lines_common(s: dict) -> list[str]:
 def _bench_outer(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float) -> None:
     """``p2pm bench`` of an outer-loop scenario: the distributed outer loop against the centralized
     one (same outer steps, violations, final dispatch and welfare) and the cost of its re-clears."""
-    import json
-
     from p2pm.compare import compare_outer
-    from p2pm.launcher import LaunchError, run_distributed
     from p2pm.local import run_centralized
 
     t = time.perf_counter()
     ref = run_centralized(sc)
     central_s = time.perf_counter() - t
-    try:
-        s = run_distributed(sc, out, topology=topology, peers_per_process=peers_per_process, timeout_s=timeout_s,
-                            t0=time.time(), quiet=True)
-    except LaunchError as exc:
-        _fail(str(exc), EXIT_FAILED)
+    s = _bench_run(sc, out, topology, peers_per_process, timeout_s)
     cmp = compare_outer(out, ref)
     clearings = max(cmp["outer_iterations"], 1)
     lines = [
@@ -522,10 +524,8 @@ def _bench_outer(sc, out: Path, topology: str, peers_per_process: int, timeout_s
         f"{s['wall_s'] / central_s:.1f}",
         f"  agreement: final dispatch max |diff| {cmp['dispatch_max_abs_diff_mw']:.2e} MW, social welfare rel. diff "
         f"{cmp['social_welfare_rel_diff']:.2e}; violations {s['violations']} (initial {s['violations_initial']})",
-        f"  results: {out}",
     ]
-    typer.echo("\n".join(lines))
-    (out / "bench.json").write_text(json.dumps({"summary": s, "comparison": cmp, "centralized_s": central_s}, indent=2))
+    _bench_print(out, lines, s, cmp, central_s)
 
 
 @app.command()

@@ -51,7 +51,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.network import LINK_KINDS, LinkNetwork, LinkSpec
-from common.scenario import format_validation_error
+from common.scenario import format_validation_error, resolve_named_file
 
 BUILTIN_DIR = Path(__file__).parent / "experiments"
 IN_PROCESS_RUN_ID = "inprocess000"  # as long as the launcher's run ids (uuid hex, 12 characters)
@@ -200,20 +200,8 @@ class Experiment(_Strict):
         return self
 
 
-def builtin_names() -> list[str]:
-    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
-
-
 def resolve(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.exists():
-            raise ExperimentError(f"experiment file {str(path)!r} not found")
-        return path
-    builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
-    if builtin.exists():
-        return builtin
-    raise ExperimentError(f"unknown experiment {str(name_or_path)!r}; built-in: {', '.join(builtin_names())}")
+    return resolve_named_file(name_or_path, BUILTIN_DIR, "experiment", ExperimentError, (".yaml", ".yml"))
 
 
 def load_experiment(name_or_path: str | Path) -> Experiment:

@@ -24,6 +24,15 @@ import pandas as pd
 from p2pm.experiment import LINK_GROUPS
 
 
+
+def _save(fig, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
 def _series_label(r) -> str:
     return f"{r['topology']} / {r['variant']}"
 
@@ -56,10 +65,7 @@ def _scaling(df: pd.DataFrame, path: Path) -> bool:
         ax.grid(True, which="both", alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("scaling (filled: converged; hollow: not)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _per_iteration(df: pd.DataFrame, path: Path) -> bool:
@@ -86,10 +92,7 @@ def _per_iteration(df: pd.DataFrame, path: Path) -> bool:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _residuals(out: Path, df: pd.DataFrame, path: Path) -> bool:
@@ -125,10 +128,7 @@ def _residuals(out: Path, df: pd.DataFrame, path: Path) -> bool:
     ax.set_ylabel("primal residual [MW]")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _traffic(df: pd.DataFrame, path: Path) -> bool:
@@ -160,10 +160,7 @@ def _traffic(df: pd.DataFrame, path: Path) -> bool:
     ax.set_ylim(0, 118)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("traffic by link (sender -> receiver)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _latency(df: pd.DataFrame, path: Path) -> bool:
@@ -191,10 +188,7 @@ def _latency(df: pd.DataFrame, path: Path) -> bool:
     for ax in axes:
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 SHOWN = ["cell", "rep", "status", "peers", "topology", "variant", "peers_per_process", "network", "converged",

@@ -80,25 +80,27 @@ def _legend(ax, **kw) -> None:
         ax.legend(handles, labels, fontsize=9, framealpha=0.9, **kw)
 
 
+def _stacked_bars(ax, hours, energy: pd.DataFrame, keys, sign: float = 1.0, hatched=(), always=()) -> np.ndarray:
+    """One bar per hour and key, stacked (upwards, or downwards with ``sign`` -1), skipping keys
+    that are zero every hour (unless in ``always``); returns the top of the stack."""
+    bottom = np.zeros(len(hours))
+    for key in keys:
+        v = sign * energy[key].to_numpy()
+        if np.any(np.abs(v) > 1e-9) or key in always:
+            ax.bar(hours, v, 0.8, bottom=bottom, color=_COLORS[key], label=_LABELS[key],
+                   hatch="//" if key in hatched else None, edgecolor="white", linewidth=0.4)
+            bottom = bottom + v
+    return bottom
+
+
 def _fig_supply_mix(result: RunResult, energy: pd.DataFrame):
     if energy.empty:
         return None
     fig, ax = _new_figure(4.6)
     hours = energy.index.to_numpy()
-    bottom = np.zeros(len(hours))
-    for key in ("grid_import", "chp", "wind", "pv", "ev_discharge"):
-        v = energy[key].to_numpy()
-        if np.any(np.abs(v) > 1e-9):
-            ax.bar(hours, v, 0.8, bottom=bottom, color=_COLORS[key], label=_LABELS[key], edgecolor="white", linewidth=0.4)
-            bottom = bottom + v
-    bottom = np.zeros(len(hours))
-    for key in ("load", "ev_charge", "virtual_load", "grid_export"):
-        v = energy[key].to_numpy()
-        if np.any(np.abs(v) > 1e-9):
-            hatch = "//" if key == "grid_export" else None
-            ax.bar(hours, -v, 0.8, bottom=bottom, color=_COLORS[key], label=_LABELS[key], hatch=hatch,
-                   edgecolor="white", linewidth=0.4)
-            bottom = bottom - v
+    _stacked_bars(ax, hours, energy, ("grid_import", "chp", "wind", "pv", "ev_discharge"))
+    _stacked_bars(ax, hours, energy, ("load", "ev_charge", "virtual_load", "grid_export"), sign=-1.0,
+                  hatched=("grid_export",))
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_ylabel("power [MW]  (supply > 0, demand < 0)")
     ax.set_title("Supply mix per hour (market dispatch)")
@@ -113,12 +115,7 @@ def _fig_load(result: RunResult, energy: pd.DataFrame):
         return None
     fig, ax = _new_figure(4.2)
     hours = energy.index.to_numpy()
-    bottom = np.zeros(len(hours))
-    for key in ("load", "ev_charge", "virtual_load"):
-        v = energy[key].to_numpy()
-        if np.any(np.abs(v) > 1e-9) or key == "load":
-            ax.bar(hours, v, 0.8, bottom=bottom, color=_COLORS[key], label=_LABELS[key], edgecolor="white", linewidth=0.4)
-            bottom = bottom + v
+    bottom = _stacked_bars(ax, hours, energy, ("load", "ev_charge", "virtual_load"), always=("load",))
     ac = result.ac
     if ac is not None and _has_rows(ac.hours) and {"hour", "losses_mw"} <= set(ac.hours.columns):
         losses = ac.hours.groupby("hour")["losses_mw"].sum().reindex(hours).fillna(0.0).to_numpy(dtype=float)
