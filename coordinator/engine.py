@@ -279,10 +279,10 @@ class CoordinatorEngine:
         taken = {p for h, ps in self.hosts.items() if h != name for p in ps}
         bad = [p for p in hello.peer_ids if p not in roster or p in taken]
         keys = hello.public_keys or {}
-        if bad or not hello.peer_ids or set(keys) != set(hello.peer_ids):
+        if bad or not hello.peer_ids or set(keys) != {name}:
             self.rejected["registration"] += 1
             reason = (f"unknown or already registered peer(s): {', '.join(bad) or '(none)'}" if bad or not hello.peer_ids
-                      else "a public key for every hosted peer is required")
+                      else "the host's public key (one, under its own name) is required")
             self._log(f"refused {name}: {reason}")
             self._send(name, Shutdown(reason=reason))
             return

@@ -28,7 +28,7 @@ from common.protocol import ProtocolError
 from common.protocol.control import Hello, Ready, Shutdown, Welcome
 from common.protocol.market import (Penalty, PoolPrice, PoolQuantity, PriceProbe, QuantitySum, Residuals, ResidualsPeer,
                                     Result, ResultPeer, Round, Trades, Update, UpdatePeer)
-from common.secagg import NANO_MW_PER_MW, MaskKeys, add_masked, mask_label
+from common.secagg import NANO_MW_PER_MW, MaskKeys, add_masked, mask_label, split_shares, to_fixed
 
 
 class PeerEngine:
@@ -42,7 +42,7 @@ class PeerEngine:
         self.peer_ids = list(self.models)
         self.address, self.pid, self.host = address, pid, host
         self.timer = timer
-        self.keys = {pid_: MaskKeys(pid_) for pid_ in self.peer_ids}
+        self.keys = MaskKeys(host_id)  # one key pair per host: masks cancel in the sum over hosts
         self.probes = 0  # price probes answered (each gets fresh masks)
         self.run_id = ""
         self.market = "p2p"
@@ -68,7 +68,7 @@ class PeerEngine:
         if isinstance(event, Started):
             return [Send(COORDINATOR, Hello(role="peer", peer_ids=tuple(self.peer_ids), pid=self.pid, host=self.host,
                                             address=self.address,
-                                            public_keys={p: k.public_hex for p, k in self.keys.items()}))]
+                                            public_keys={self.name: self.keys.public_hex}))]
         if not isinstance(event, Received):
             return []  # a deadline: the shell reports the silence; nothing to decide here
         msg, k = event.message, event.iteration
@@ -102,8 +102,7 @@ class PeerEngine:
         self.topology = cfg.get("topology", "relay")
         self.market = cfg.get("market", "p2p")
         self.hours = int(cfg["hours"])
-        for keys in self.keys.values():
-            keys.agree(cfg.get("public_keys") or {})
+        self.keys.agree(cfg.get("public_keys") or {})
         if self.market == "community":
             from common.community import local_solver
 
@@ -141,8 +140,8 @@ class PeerEngine:
             raise ProtocolError("body", f"a price probe of shape {price.shape} in the {self.market} market")
         self.probes += 1
         answers = self._best_responses(price)
-        masked = {side: add_masked([self.keys[pid].masked(answers[pid][j], mask_label(self.run_id, k, f"probe{self.probes}{side}"),
-                                                          NANO_MW_PER_MW) for pid in self.peer_ids])
+        masked = {side: self.keys.masked_fixed(add_masked([to_fixed(answers[pid][j], NANO_MW_PER_MW) for pid in self.peer_ids]),
+                                               mask_label(self.run_id, k, f"probe{self.probes}{side}"))
                   for j, side in enumerate(("low", "high"))}
         return [Send(COORDINATOR, QuantitySum(q_low_masked=masked["low"], q_high_masked=masked["high"]), k)]
 
@@ -330,33 +329,40 @@ class PeerEngine:
         return out
 
     # -- results --------------------------------------------------------------------------------
-    def _masked_cost(self, pid: str, cost_eur: np.ndarray, k: int) -> np.ndarray:
-        return self.keys[pid].masked(cost_eur, mask_label(self.run_id, k))
+    def _masked_costs(self, cost_eur: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+        """Each hosted peer's share of the host's masked cost sum (alone, a share is random)."""
+        total = self.keys.masked_fixed(add_masked([to_fixed(cost_eur[pid]) for pid in self.peer_ids]),
+                                       mask_label(self.run_id, k))
+        return dict(zip(self.peer_ids, split_shares(total, len(self.peer_ids))))
 
     def _result(self, k: int) -> Send:
         peers = {}
+        masked = self._masked_costs({pid: self.base_models[pid].cost_eur(loc.p_mw) for pid, loc in self.locals.items()}, k)
         for pid, loc in self.locals.items():
             model, base = self.models[pid], self.base_models[pid]
             p = loc.p_mw
             outer = bool(self.params[pid])
             fees = bool(self.models[pid].trade_weights) or outer
             peers[pid] = ResultPeer(p_mw=p, trades_mw=loc.x, price_eur_per_mwh=loc.lam, partner_ids=tuple(self.partners[pid]),
-                                    q_mvar=reactive_mvar(model, p), cost_masked_ueur=self._masked_cost(pid, base.cost_eur(p), k),
+                                    q_mvar=reactive_mvar(model, p), cost_masked_ueur=masked[pid],
                                     diff_cost_eur=np.sum(loc.weights * loc.x, axis=0) if fees else None,
                                     flex_penalty_eur=flex_penalty_eur(base, self.params[pid]) if outer else None,
                                     trade_fee_eur=loc.weights * loc.x if fees else None)
         return Send(COORDINATOR, Result(peers=peers), k)
 
     def _community_result(self, k: int) -> Send:
-        peers = {}
+        costs, socs = {}, {}
         for pid, solver in self.solvers.items():
-            model = self.models[pid]
-            p = self.p_last[pid]
+            model, p = self.models[pid], self.p_last[pid]
             if isinstance(model, EVModel):
-                cost, soc = model.degradation_eur_per_mwh * solver.last.discharge_mw, solver.last.soc_mwh
+                costs[pid], socs[pid] = model.degradation_eur_per_mwh * solver.last.discharge_mw, solver.last.soc_mwh
             else:
-                cost, soc = model.cost_eur(p), None
+                costs[pid], socs[pid] = model.cost_eur(p), None
+        masked = self._masked_costs(costs, k)
+        peers = {}
+        for pid in self.solvers:
+            p = self.p_last[pid]
             peers[pid] = ResultPeer(p_mw=p, trades_mw=np.zeros((0, len(p))), price_eur_per_mwh=np.zeros((0, len(p))),
-                                    q_mvar=reactive_mvar(model, p, "community"), soc_mwh=soc,
-                                    cost_masked_ueur=self._masked_cost(pid, cost, k))
+                                    q_mvar=reactive_mvar(self.models[pid], p, "community"), soc_mwh=socs[pid],
+                                    cost_masked_ueur=masked[pid])
         return Send(COORDINATOR, Result(peers=peers), k)

@@ -159,3 +159,26 @@ def test_masked_costs_reveal_only_their_sum():
     assert np.all(np.abs((again - masked["p0"]) / 1e6) > 1e3)
     # a missing peer leaves the sum masked
     assert np.all(np.abs(unmask_sum([masked[i] for i in ids[1:]]) - sum(costs[i] for i in ids[1:])) > 1e3)
+
+
+def test_host_shares_sum_to_the_masked_host_total_and_alone_look_random():
+    from common.secagg import add_masked, split_shares, to_fixed
+
+    rng = np.random.default_rng(2)
+    hosts = {"h0": ["a", "b", "c"], "h1": ["d"], "h2": ["e", "f"]}
+    keys = {h: MaskKeys(h) for h in hosts}
+    public = {h: k.public_hex for h, k in keys.items()}
+    for k in keys.values():
+        k.agree(public)
+    costs = {p: rng.normal(100.0, 50.0, 24) for ps in hosts.values() for p in ps}
+    label = mask_label("run1", 7)
+    reports = {}
+    for h, ps in hosts.items():
+        total = keys[h].masked_fixed(add_masked([to_fixed(costs[p]) for p in ps]), label)
+        reports.update(zip(ps, split_shares(total, len(ps))))
+    np.testing.assert_allclose(unmask_sum(list(reports.values())), sum(costs.values()), atol=1e-5)
+    for p, share in reports.items():  # a peer's share is nowhere near its cost
+        assert np.all(np.abs(share / 1e6 - costs[p]) > 1e3)
+    # one host's shares add up to its masked sum only: still far from its peers' costs
+    h0 = unmask_sum([reports[p] for p in hosts["h0"]])
+    assert np.all(np.abs(h0 - sum(costs[p] for p in hosts["h0"])) > 1e3)

@@ -7,7 +7,7 @@ HELLO (role -> coordinator)
     ``role``: "peer" | "dso" | "tso"; ``peer_ids``: list[str], the peers this process hosts (empty for
     the DSO/TSO); ``pid``: int, the OS process id; ``host``: str, the host name; ``address``: str,
     optional, the process's own listening address (mesh topology), e.g. ``tcp://10.0.0.5:5601``;
-    ``public_keys``: optional {peer_id: hex X25519 public key}, relayed to every peer in WELCOME
+    ``public_keys``: optional {host name: hex X25519 public key} (one per peer host), relayed to every peer in WELCOME
     (``public_keys``) for the masked cost sums (``common.secagg``).
 WELCOME (coordinator -> role)
     ``config``: map, the run settings the role needs (free-form plain msgpack values).
@@ -42,7 +42,7 @@ class Hello(Message):
     pid: int
     host: str
     address: str | None = None
-    public_keys: dict[str, str] | None = None  # peer id -> X25519 public key (hex), for masked cost sums
+    public_keys: dict[str, str] | None = None  # host name -> X25519 public key (hex), for masked cost sums
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
