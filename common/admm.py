@@ -304,29 +304,24 @@ def converged(primal: float, dual: float, tolerance: float) -> bool:
     return primal <= tolerance and dual <= tolerance
 
 
-class BlockAnderson:
-    """Anderson acceleration of independent blocks at once (the hours of the full P2P market are
-    independent problems): each block extrapolates with its own coefficients from its own last
-    ``memory`` differences, and the safeguard rejects and resets one block without touching the
-    others. ``step(z, t)`` with arrays (blocks, n); ``keep(mask)`` drops blocks (closed hours)."""
+class AndersonMemory:
+    """The local half of :class:`BlockAnderson`: the last ``memory`` differences of one slice of
+    the state of every block, and what the coefficients need from them. The Gram column, the
+    right-hand side and the squared residual are sums over the state's entries, so the slices of
+    several holders add up (mesh topology: each peer host holds its own peers' trades and prices and
+    the coordinator only sees the sums). Only the first ``counted`` entries of a block enter the
+    sums (the rest, e.g. partners' trades a peer mirrors, are extrapolated alongside)."""
 
-    def __init__(self, memory: int = 20, safeguard: float = 1.0, regularization: float = 1e-10):
-        self.memory, self.safeguard, self.reg = memory, safeguard, regularization
-        self.rejected = 0
-        self.accepted = 0
-        self.DZ = self.DF = None
+    def __init__(self, memory: int = 20):
+        self.memory = memory
+        self.DZ = None
 
     def _allocate(self, B: int, n: int) -> None:
         m = self.memory
         self.DZ = np.zeros((B, m, n))
         self.DF = np.zeros((B, m, n))
-        self.gram = np.zeros((B, m, m))
-        self.valid = np.zeros((B, m), dtype=bool)  # columns written since the block's last reset
-        self.has_last = np.zeros(B, dtype=bool)
-        self.accelerated = np.zeros(B, dtype=bool)
         self.last_z = np.zeros((B, n))
         self.last_f = np.zeros((B, n))
-        self.last_norm = np.zeros(B)
         self.fallback = np.zeros((B, n))
         self.head = 0
 
@@ -334,23 +329,73 @@ class BlockAnderson:
         """Keep only the blocks where ``mask`` is true (in order)."""
         if self.DZ is None:
             return
-        for name in ("DZ", "DF", "gram", "valid", "has_last", "accelerated", "last_z", "last_f", "last_norm", "fallback"):
-            setattr(self, name, getattr(self, name)[mask])
+        for name in ("DZ", "DF", "last_z", "last_f", "fallback", "_z", "_t", "_f"):
+            if hasattr(self, name):
+                setattr(self, name, getattr(self, name)[mask])
 
-    def step(self, z: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def record(self, z: np.ndarray, t: np.ndarray, counted: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The map took ``z`` (blocks, n) to ``t``: store the differences; returns this slice's Gram
+        column (blocks, memory), right-hand side (blocks, memory) and squared residual (blocks,)."""
         B, n = z.shape
         if self.DZ is None or self.DZ.shape[0] != B or self.DZ.shape[2] != n:
             self._allocate(B, n)
         f = t - z
-        norm = np.sqrt(np.einsum("bn,bn->b", f, f))
-        reject = self.accelerated & self.has_last & (norm > self.safeguard * self.last_norm)
         j = self.head
-        write = self.has_last & ~reject
         self.DZ[:, j] = z - self.last_z
         self.DF[:, j] = f - self.last_f
-        self.valid[:, j] = write
         self.head = (j + 1) % self.memory
-        col = np.einsum("bmn,bn->bm", self.DF, self.DF[:, j])
+        self._z, self._t, self._f = z, t, f
+        c = slice(None) if counted is None else slice(0, counted)
+        DF, fc = self.DF[:, :, c], f[:, c]
+        return (np.einsum("bmn,bn->bm", DF, self.DF[:, j, c]), np.einsum("bmn,bn->bm", DF, fc),
+                np.einsum("bn,bn->b", fc, fc))
+
+    def extrapolate(self, gamma: np.ndarray, reject: np.ndarray) -> np.ndarray:
+        """The next point of every block from the coefficients (a rejected block: the plain step
+        from its last accepted point)."""
+        out = self._t - np.einsum("bm,bmn->bn", gamma, self.DZ) - np.einsum("bm,bmn->bn", gamma, self.DF)
+        out[reject] = self.fallback[reject]
+        accepted = ~reject
+        self.last_z[accepted], self.last_f[accepted] = self._z[accepted], self._f[accepted]
+        self.fallback[accepted] = self._t[accepted]
+        return out
+
+
+class AndersonCoefficients:
+    """The global half of :class:`BlockAnderson`: from the summed Gram columns, right-hand sides
+    and squared residuals, which differences are valid, the safeguard and the coefficients."""
+
+    def __init__(self, memory: int = 20, safeguard: float = 1.0, regularization: float = 1e-10):
+        self.memory, self.safeguard, self.reg = memory, safeguard, regularization
+        self.rejected = 0
+        self.accepted = 0
+        self.gram = None
+
+    def _allocate(self, B: int) -> None:
+        m = self.memory
+        self.gram = np.zeros((B, m, m))
+        self.valid = np.zeros((B, m), dtype=bool)  # columns written since the block's last reset
+        self.has_last = np.zeros(B, dtype=bool)
+        self.accelerated = np.zeros(B, dtype=bool)
+        self.last_norm = np.zeros(B)
+        self.head = 0
+
+    def keep(self, mask: np.ndarray) -> None:
+        if self.gram is None:
+            return
+        for name in ("gram", "valid", "has_last", "accelerated", "last_norm"):
+            setattr(self, name, getattr(self, name)[mask])
+
+    def step(self, col: np.ndarray, rhs: np.ndarray, f_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(gamma (blocks, memory), reject (blocks,))`` for the newest differences."""
+        B = len(f_sq)
+        if self.gram is None or self.gram.shape[0] != B:
+            self._allocate(B)
+        norm = np.sqrt(f_sq)
+        reject = self.accelerated & self.has_last & (norm > self.safeguard * self.last_norm)
+        j = self.head
+        self.valid[:, j] = self.has_last & ~reject
+        self.head = (j + 1) % self.memory
         self.gram[:, j, :] = col
         self.gram[:, :, j] = col
         # blocks whose accelerated point was rejected forget their differences
@@ -361,19 +406,44 @@ class BlockAnderson:
         scale = np.einsum("bii->b", G) / np.maximum(count, 1) + 1e-300
         eye = np.eye(self.memory)[None]
         G = G + eye * np.where(self.valid, self.reg * scale[:, None], 1.0)[:, :, None]
-        rhs = np.where(self.valid, np.einsum("bmn,bn->bm", self.DF, f), 0.0)
-        gamma = np.linalg.solve(G, rhs[:, :, None])[:, :, 0]
-        out = t - np.einsum("bm,bmn->bn", gamma, self.DZ) - np.einsum("bm,bmn->bn", gamma, self.DF)
-        out[reject] = self.fallback[reject]  # the plain step from the block's last accepted point
+        gamma = np.linalg.solve(G, np.where(self.valid, rhs, 0.0)[:, :, None])[:, :, 0]
         self.rejected += int(reject.sum())
         accepted = ~reject
         self.accepted += int((accepted & (count > 0)).sum())
-        self.last_z[accepted], self.last_f[accepted] = z[accepted], f[accepted]
         self.last_norm[accepted] = norm[accepted]
-        self.fallback[accepted] = t[accepted]
         self.has_last = accepted.copy()
         self.accelerated = accepted & (count > 0)
-        return out
+        return gamma, reject
+
+
+class BlockAnderson:
+    """Anderson acceleration of independent blocks at once (the hours of the full P2P market are
+    independent problems): each block extrapolates with its own coefficients from its own last
+    ``memory`` differences, and the safeguard rejects and resets one block without touching the
+    others. ``step(z, t)`` with arrays (blocks, n); ``keep(mask)`` drops blocks (closed hours).
+    The memory of the differences and the coefficients are separate halves
+    (:class:`AndersonMemory`, :class:`AndersonCoefficients`), so that the state may be spread over
+    several holders whose sums meet in one place (mesh topology)."""
+
+    def __init__(self, memory: int = 20, safeguard: float = 1.0, regularization: float = 1e-10):
+        self.mem = AndersonMemory(memory)
+        self.coef = AndersonCoefficients(memory, safeguard, regularization)
+
+    @property
+    def rejected(self) -> int:
+        return self.coef.rejected
+
+    @property
+    def accepted(self) -> int:
+        return self.coef.accepted
+
+    def keep(self, mask: np.ndarray) -> None:
+        self.mem.keep(mask)
+        self.coef.keep(mask)
+
+    def step(self, z: np.ndarray, t: np.ndarray) -> np.ndarray:
+        gamma, reject = self.coef.step(*self.mem.record(z, t))
+        return self.mem.extrapolate(gamma, reject)
 
 
 class Anderson(BlockAnderson):

@@ -90,7 +90,7 @@ class MarketSpec(_Strict):
                                    "uniform (pool) price found by price rounds (probed prices, aggregate answers)")
     pool_price_rounds: int = Field(30, ge=1, description="most price rounds of a pool-price start")
     pool_price_points: int = Field(8, ge=2, le=64, description="candidate prices per hour in one price round")
-    acceleration: bool = Field(False, description="Anderson acceleration of the ADMM (full P2P market in relay; community market)")
+    acceleration: bool = Field(False, description="Anderson acceleration of the ADMM (full P2P market, relay and mesh; community market)")
     aa_memory: int = Field(20, ge=1, le=200, description="Anderson memory (iterations)")
     aa_safeguard: float = Field(1.0, gt=0, description="reject an accelerated point whose fixed-point residual "
                                 "grows by more than this factor")

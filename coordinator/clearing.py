@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.admm import Anderson, BlockAnderson, InfeasibilityWatch, RhoPolicy, converged, infeasible_hours
+from common.admm import Anderson, AndersonCoefficients, BlockAnderson, InfeasibilityWatch, RhoPolicy, converged, infeasible_hours
 from common.market import TradeGraph
 from common.protocol.grid import NetworkUpdate
 from common.protocol.market import Round, RoundPeer
@@ -110,9 +110,14 @@ class P2PRounds:
         self.lam_eff = (self.start_prices.copy() if self.start_prices is not None
                         else np.array(self.warm_prices, dtype=float) if self.warm_prices is not None
                         else np.full(self.flat.shape, float(st.price_init_eur_per_mwh)))
-        # the hours are independent problems: each extrapolates with its own coefficients
-        self.anderson = (BlockAnderson(st.aa_memory, st.aa_safeguard)
-                         if st.acceleration and st.topology == "relay" else None)
+        # the hours are independent problems: each extrapolates with its own coefficients; relay:
+        # the coordinator holds the whole state; mesh: each host holds its peers' part and answers
+        # the sums the coefficients need (AndersonMemory in the peers), the coordinator the rest
+        relay = st.topology == "relay"
+        self.anderson = BlockAnderson(st.aa_memory, st.aa_safeguard) if st.acceleration and relay else None
+        self.aa_coef = AndersonCoefficients(st.aa_memory, st.aa_safeguard) if st.acceleration and not relay else None
+        self._aa_sums: list | None = None  # mesh: the hosts' summed (col, rhs, f_sq) of this iteration
+        self._aa_next: tuple | None = None  # mesh: (gamma, rejected rows) for the next ROUND
         self._override = False
         # per-hour stopping: the hours still open, the ones being solved (None: every hour) and the
         # ones the ROUND's arrays cover (solved in the previous iteration); per-hour residuals
@@ -157,7 +162,16 @@ class P2PRounds:
         elif self.settings.topology == "relay":
             for pid in self.hosts[host]:
                 peers[pid] = RoundPeer(p_in_mw=self.flat[self.peer_incoming[pid]][:, c])
+        if self.aa_coef is not None and not stop:
+            gamma, rejected = self._aa_next if self._aa_next is not None else (None, None)
+            return Round(rho=self.rho, stop=stop, peers=peers, hours=self.solving,
+                         aa_memory=self.settings.aa_memory if self._aa_recording() else 0, aa_gamma=gamma,
+                         aa_rejected=rejected)
         return Round(rho=self.rho, stop=stop, peers=peers, hours=None if stop else self.solving)
+
+    def _aa_recording(self) -> bool:
+        """Mesh acceleration: whether the hosts record the differences of the current iteration."""
+        return self.aa_coef is not None and self.iteration - self.start_iteration >= self.settings.aa_start
 
     def _next_round(self, stop: bool) -> list[tuple[str, Round]]:
         self.prev = self.solving
@@ -170,6 +184,9 @@ class P2PRounds:
         self._primal_sq = np.zeros(n)
         self._solve_max = self._solve_sum = 0.0
         out = [(host, self._round_for(host, stop)) for host in self.hosts]
+        self._aa_next = None
+        self._aa_sums = [np.zeros((n, self.settings.aa_memory)), np.zeros((n, self.settings.aa_memory)), np.zeros(n)] \
+            if self._aa_recording() and not stop else None
         self._t_sent = self.timer()
         return out
 
@@ -230,8 +247,29 @@ class P2PRounds:
         self.flat, self.x_state, self.lam_eff = x_next, x_next.copy(), lam_next
 
     def on_residuals(self, host: str, residuals) -> list[tuple[str, Round]]:
+        sums = (residuals.aa_col, residuals.aa_rhs, residuals.aa_f_sq)
+        if self._aa_sums is not None:  # refuse a bad answer whole, before anything is counted
+            if any(a is None or a.shape != b.shape for a, b in zip(sums, self._aa_sums)):
+                raise ValueError(f"host {host} sent acceleration sums of shapes "
+                                 f"{[None if a is None else a.shape for a in sums]}, expected {[b.shape for b in self._aa_sums]}")
+        elif residuals.aa_col is not None:
+            raise ValueError(f"host {host} sent acceleration sums that were not asked for")
         self._account(host, residuals.peers)
+        if self._aa_sums is not None:
+            for total, part in zip(self._aa_sums, sums):
+                total += part
         return self._maybe_complete()
+
+    def _accelerate_mesh(self) -> None:
+        """Mesh: the coefficients of the open hours from the hosts' sums (the hosts extrapolate)."""
+        cols = np.flatnonzero(self.open)
+        if self._aa_cols is not None and len(cols) != len(self._aa_cols):
+            self.aa_coef.keep(np.isin(self._aa_cols, cols))
+        self._aa_cols = cols
+        solved = np.arange(self.hours) if self.solving is None else self.solving
+        rows = np.isin(solved, cols)
+        gamma, reject = self.aa_coef.step(*(a[rows] for a in self._aa_sums))
+        self._aa_next = (gamma, np.flatnonzero(reject))
 
     def _maybe_complete(self) -> list[tuple[str, Round]]:
         if self._waiting:
@@ -275,6 +313,8 @@ class P2PRounds:
         elif self.anderson is not None and local >= st.aa_start:
             self._accelerate(lam_new)
             accelerated = True
+        elif self._aa_sums is not None:
+            self._accelerate_mesh()
         else:
             self.rho = self.policy.update(local, primal, dual)
         if self.anderson is not None and not accelerated:  # the plain step: the peers update themselves

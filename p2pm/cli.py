@@ -179,7 +179,7 @@ HourStopOpt = Annotated[Optional[bool], typer.Option("--hour-stopping/--no-hour-
                                                     help="Full P2P market: close each hour once its residuals are "
                                                          "below tolerance (overrides the scenario).")]
 AccelOpt = Annotated[Optional[bool], typer.Option("--acceleration/--no-acceleration",
-                                                  help="Anderson acceleration of the ADMM (full P2P market in relay, community market) "
+                                                  help="Anderson acceleration of the ADMM (full P2P market, relay and mesh; community market) "
                                                        "(overrides the scenario).")]
 
 

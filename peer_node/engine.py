@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from common.admm import LocalP2P, best_response
+from common.admm import AndersonMemory, LocalP2P, best_response
 from common.engine import COORDINATOR, Finish, Log, Received, Send, Started
 from common.models import PARAMETERS, EVModel, apply_parameters, flex_penalty_eur, reactive_mvar
 from common.protocol import ProtocolError
@@ -62,6 +62,10 @@ class PeerEngine:
         self._mesh_rho = 0.0
         self.solved: np.ndarray | None = None  # the hours solved in the last iteration (None: every hour)
         self.p_last: dict[str, np.ndarray] = {}  # community market: the last injection of each hosted peer
+        # mesh Anderson acceleration: this host's part of the state's differences (one memory per clearing)
+        self.aa: AndersonMemory | None = None
+        self._aa_z: np.ndarray | None = None  # the state this iteration started from, (hours, n)
+        self._aa_hours: np.ndarray | None = None  # the hours of the recorded blocks
 
     # -- events ---------------------------------------------------------------------------------
     def handle(self, event) -> list:
@@ -203,9 +207,18 @@ class PeerEngine:
                     self.solved_since_receive[pid] = False
         if msg.stop:
             self.solved = None  # the next clearing starts with every hour open
+            self.aa = self._aa_z = None
             return [self._result(k)]
+        if msg.aa_gamma is not None:
+            self._aa_extrapolate(msg)
         self.iteration = k
         self.solved = msg.hours
+        if msg.aa_memory:
+            if self.aa is None or self.aa.memory != msg.aa_memory:
+                self.aa = AndersonMemory(msg.aa_memory)
+            self._aa_z = self._aa_pack(msg.rho)
+        else:
+            self._aa_z = None
         records = {}
         for pid, loc in self.locals.items():
             t = self.timer()
@@ -279,7 +292,46 @@ class PeerEngine:
             _, dx, s = self._records[pid]
             res[pid] = ResidualsPeer(primal_sq=primal_sq, dual_sq=dx, solve_s=s)
         self._records = {}
-        return [Send(COORDINATOR, Residuals(peers=res), k)]
+        if self._aa_z is None:
+            return [Send(COORDINATOR, Residuals(peers=res), k)]
+        self._aa_hours = np.arange(self.hours) if self.solved is None else self.solved
+        col, rhs, f_sq = self.aa.record(self._aa_z, self._aa_pack(self._mesh_rho), counted=2 * self._aa_rows())
+        return [Send(COORDINATOR, Residuals(peers=res, aa_col=col, aa_rhs=rhs, aa_f_sq=f_sq), k)]
+
+    # -- mesh Anderson acceleration ------------------------------------------------------------
+    def _aa_rows(self) -> int:
+        return sum(loc.x.shape[0] for loc in self.locals.values())
+
+    def _aa_pack(self, rho: float) -> np.ndarray:
+        """This host's part of the state in the solved hours, one row per hour: its peers' scaled
+        trades and prices (counted in the sums, as in the relay's ``P2PRounds._accelerate``), then
+        their partners' scaled trades (mirrored: extrapolated with the same coefficients)."""
+        c, sq = self._cols(self.solved), np.sqrt(rho)
+        locs = self.locals.values()
+        return np.concatenate([sq * np.concatenate([loc.x[:, c] for loc in locs]),
+                               np.concatenate([loc.lam[:, c] for loc in locs]) / sq,
+                               sq * np.concatenate([loc.y[:, c] for loc in locs])]).T
+
+    def _aa_extrapolate(self, msg: Round) -> None:
+        """Set the hosted peers' state of the open hours to the extrapolated point."""
+        if self.aa is None or self._aa_hours is None:
+            raise ProtocolError("body", "acceleration coefficients without recorded differences")
+        hours = np.arange(self.hours) if msg.hours is None else msg.hours
+        keep = np.isin(self._aa_hours, hours)
+        if keep.sum() != len(hours) or msg.aa_gamma.shape != (len(hours), self.aa.memory):
+            raise ProtocolError("body", f"acceleration coefficients of shape {msg.aa_gamma.shape} for {len(hours)} hours")
+        self.aa.keep(keep)
+        self._aa_hours = hours
+        reject = np.zeros(len(hours), dtype=bool)
+        reject[msg.aa_rejected] = True
+        out = self.aa.extrapolate(msg.aa_gamma, reject).T
+        sq, K, row = np.sqrt(msg.rho), self._aa_rows(), 0
+        for loc in self.locals.values():
+            m = loc.x.shape[0]
+            loc.x[:, hours] = out[row:row + m] / sq
+            loc.lam[:, hours] = out[K + row:K + row + m] * sq
+            loc.y[:, hours] = out[2 * K + row:2 * K + row + m] / sq
+            row += m
 
     def _on_community_round(self, msg: Round, k: int) -> list:
         """Community market: p = argmin f(p) + rho/2 ||p - target||^2 for this peer's own target z - u."""

@@ -16,7 +16,11 @@ ROUND (coordinator -> peer host; relay topology)
     at the previous iteration, in the hours solved then (the first ROUND of a clearing: every hour); optional ``price_eur_per_mwh``: (n_partners, hours), the
     prices of the peer's trades to start this iteration from (a pool-price start, an accelerated
     state), and then optional ``p_own_mw``: (n_partners, hours), its own trades to start from
-    (default: the reciprocal of ``p_in_mw``)}}.
+    (default: the reciprocal of ``p_in_mw``)}}. Mesh topology with Anderson acceleration: optional
+    ``aa_memory``: int, record this iteration's differences in a memory of this many (the host
+    answers the sums in RESIDUALS); optional ``aa_gamma``: (h, memory), the coefficients of each open
+    hour, to extrapolate the host's state from before solving; optional ``aa_rejected``: int64 (r,),
+    the rows of ``aa_gamma`` whose hours take the plain step from their last accepted point.
 UPDATE (peer host -> coordinator; relay topology)
     ``peers``: {peer_id: {``p_out_mw``: (n_partners, h), this peer's new trades in the hours it was
     asked to solve; ``primal_sq``: (h,), local squared primal residual per hour [MW^2]; ``dual_sq``:
@@ -28,7 +32,10 @@ TRADES (peer host -> peer host; mesh topology; one per pair of hosts and iterati
     the hours solved in this iteration.
 RESIDUALS (peer host -> coordinator; mesh topology)
     ``peers``: {peer_id: {``primal_sq``, ``dual_sq``: (h,) per solved hour; ``solve_s``: float;
-    optional ``status``: str}}.
+    optional ``status``: str}}; when the ROUND asked for them (Anderson acceleration), the host's
+    sums over its peers' scaled trades and prices per solved hour: ``aa_col``: (h, memory), the new
+    column of the Gram matrix of the residual differences; ``aa_rhs``: (h, memory), the differences
+    times the residual; ``aa_f_sq``: (h,), the squared residual.
 RESULT (peer host -> coordinator; at the end)
     ``peers``: {peer_id: {``p_mw``: (hours,), net injection; ``trades_mw``: (n_partners, hours);
     ``price_eur_per_mwh``: (n_partners, hours), the trades' prices; optional ``partner_ids``:
@@ -69,6 +76,7 @@ from common.protocol import (
     AnyValue,
     Array,
     Bool,
+    Int,
     Float,
     ListOf,
     MapOf,
@@ -116,6 +124,10 @@ class Round(Message):
     stop: bool
     peers: dict[str, RoundPeer] = field(default_factory=dict)
     hours: np.ndarray | None = None  # the open hours (None: every hour)
+    # mesh Anderson acceleration: record this iteration (memory size), coefficients to extrapolate with
+    aa_memory: int = 0
+    aa_gamma: np.ndarray | None = None  # (open hours, memory)
+    aa_rejected: np.ndarray | None = None  # int64 rows of aa_gamma that take the plain step
 
     def to_body(self) -> dict[str, Any]:
         body = {
@@ -125,12 +137,19 @@ class Round(Message):
         }
         if self.hours is not None:
             body["hours"] = np.ascontiguousarray(self.hours, dtype=np.int64)
+        if self.aa_memory:
+            body["aa_memory"] = int(self.aa_memory)
+        if self.aa_gamma is not None:
+            body["aa_gamma"] = f64(self.aa_gamma)
+            body["aa_rejected"] = np.ascontiguousarray(self.aa_rejected if self.aa_rejected is not None else [],
+                                                       dtype=np.int64)
         return body
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Round:
         peers = {k: RoundPeer.from_body(v) for k, v in body["peers"].items()}
-        return cls(float(body["rho"]), body["stop"], peers, body.get("hours"))
+        return cls(float(body["rho"]), body["stop"], peers, body.get("hours"), int(body.get("aa_memory", 0)),
+                   body.get("aa_gamma"), body.get("aa_rejected"))
 
 
 # ------------------------------------------------------------------------------------------ UPDATE
@@ -238,13 +257,21 @@ class Residuals(Message):
 
     TYPE: ClassVar[MsgType] = MsgType.RESIDUALS
     peers: dict[str, ResidualsPeer] = field(default_factory=dict)
+    # Anderson acceleration (when the ROUND asked): the host's sums per solved hour
+    aa_col: np.ndarray | None = None  # (h, memory)
+    aa_rhs: np.ndarray | None = None  # (h, memory)
+    aa_f_sq: np.ndarray | None = None  # (h,)
 
     def to_body(self) -> dict[str, Any]:
-        return {"peers": {k: v.to_body() for k, v in self.peers.items()}}
+        body = {"peers": {k: v.to_body() for k, v in self.peers.items()}}
+        if self.aa_col is not None:
+            body.update(aa_col=f64(self.aa_col), aa_rhs=f64(self.aa_rhs), aa_f_sq=f64(self.aa_f_sq))
+        return body
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Residuals:
-        return cls({k: ResidualsPeer.from_body(v) for k, v in body["peers"].items()})
+        return cls({k: ResidualsPeer.from_body(v) for k, v in body["peers"].items()}, body.get("aa_col"),
+                   body.get("aa_rhs"), body.get("aa_f_sq"))
 
 
 # ------------------------------------------------------------------------------------------ RESULT
@@ -471,6 +498,21 @@ def _check_round(rec: dict[str, Any]) -> str | None:
     hours = rec.get("hours")
     if hours is not None and (hours.size == 0 or np.any(hours < 0) or np.any(np.diff(hours) <= 0)):
         return "hours must be increasing, non-negative and not empty"
+    gamma, rejected = rec.get("aa_gamma"), rec.get("aa_rejected")
+    if (gamma is None) != (rejected is None):
+        return "aa_gamma and aa_rejected go together"
+    if gamma is not None and (np.any(rejected < 0) or np.any(rejected >= gamma.shape[0])):
+        return f"aa_rejected rows outside the {gamma.shape[0]} rows of aa_gamma"
+    return None
+
+
+def _check_residual_sums(rec: dict[str, Any]) -> str | None:
+    parts = [rec.get(k) for k in ("aa_col", "aa_rhs", "aa_f_sq")]
+    if any(p is None for p in parts) and any(p is not None for p in parts):
+        return "aa_col, aa_rhs and aa_f_sq go together"
+    col, rhs, f_sq = parts
+    if col is not None and (col.shape != rhs.shape or col.shape[0] != f_sq.shape[0] or np.any(f_sq < 0)):
+        return f"aa_col {col.shape}, aa_rhs {rhs.shape} and aa_f_sq {f_sq.shape} do not match"
     return None
 
 SCHEMAS: dict[MsgType, Record] = {
@@ -486,7 +528,8 @@ SCHEMAS: dict[MsgType, Record] = {
                 )
             ),
         },
-        optional={"hours": Array("int64", (1,))},
+        optional={"hours": Array("int64", (1,)), "aa_memory": Int(min=1, max=1000), "aa_gamma": float_array(2),
+                  "aa_rejected": Array("int64", (1,))},
         check_fn=_check_round,
     ),
     MsgType.UPDATE: Record(
@@ -503,7 +546,9 @@ SCHEMAS: dict[MsgType, Record] = {
     ),
     MsgType.RESIDUALS: Record(
         required={"peers": MapOf(Record(required=dict(_RESIDUALS), optional={"status": Str(max_len=256)},
-                                        check_fn=_check_residuals))}
+                                        check_fn=_check_residuals))},
+        optional={"aa_col": float_array(2), "aa_rhs": float_array(2), "aa_f_sq": float_array(1)},
+        check_fn=_check_residual_sums,
     ),
     MsgType.RESULT: Record(
         required={
