@@ -14,7 +14,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml requirements.lock
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test,experiments]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,7 +35,7 @@ bench: $(STAMP)
 
 lock: $(BIN)/python  # requirements.lock: the versions install uses (pyproject.toml keeps the lower bounds)
 	$(BIN)/python -m pip install --quiet uv
-	$(BIN)/python -m uv pip compile pyproject.toml --extra test --universal --python-version 3.11 --quiet -o requirements.lock --custom-compile-command "make lock"
+	$(BIN)/python -m uv pip compile pyproject.toml --extra test --extra experiments --universal --python-version 3.11 --quiet -o requirements.lock --custom-compile-command "make lock"
 
 lowest:  # the lowest versions pyproject.toml allows, in a fresh virtualenv, against the fast tests
 	.ci/lowest-versions

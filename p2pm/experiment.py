@@ -10,7 +10,7 @@ on the wire, the network model on a simulated clock), and leaves its own folder
 repetition (its ``row.json`` exists) is skipped when the experiment is run again: an interrupted
 experiment resumes where it stopped.
 
-Results: ``<out>/results.csv`` (and ``results.parquet`` when pyarrow is installed), one row per cell
+Results: ``<out>/results.csv`` and ``results.parquet`` (pyarrow, the ``experiments`` extra), one row per cell
 and repetition (columns in :data:`COLUMNS` plus ``messages_<type>``, ``bytes_<type>``,
 ``messages_<link>``, ``bytes_<link>``), and ``<out>/report.html`` with the figures
 (:mod:`p2pm.experiment_report`).
@@ -522,9 +522,10 @@ def write_table(out: Path, rows: list[dict]) -> list[Path]:
     paths = [out / "results.csv"]
     df.to_csv(paths[0], index=False)
     try:
-        import pyarrow  # noqa: F401
+        import pyarrow  # noqa: F401  (the "experiments" extra; make install has it)
     except ImportError:
-        (out / "results.parquet.txt").write_text("pyarrow is not installed: results.csv only\n")
+        (out / "results.parquet.txt").write_text("pyarrow is not installed (pip install 'p2pm[experiments]'): "
+                                                 "results.csv only\n")
         return paths
     df.to_parquet(out / "results.parquet", index=False)
     paths.append(out / "results.parquet")

@@ -122,6 +122,8 @@ def test_resume_after_interruption_skips_finished_cells(tmp_path, monkeypatch):
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # finished cells untouched
     assert not list(out.glob("cells/*/rep0/partial.txt"))
     assert len(pd.read_csv(out / "results.csv")) == 4
+    parquet = pd.read_parquet(out / "results.parquet")  # the same table (pyarrow: the experiments extra)
+    pd.testing.assert_frame_equal(parquet.reset_index(drop=True), pd.read_csv(out / "results.csv"), check_dtype=False)
     ran[:] = []
     _, counts = run_experiment(exp, out, quiet=True, report=False)
     assert counts["ran"] == 0 and counts["resumed"] == 4 and not ran
