@@ -71,7 +71,14 @@ _DTYPE_CHAR_CODE = {"d": 1, "q": 2, "l": 2, "?": 3}  # dtype.char is much cheape
 _CODE_DTYPE = {1: np.dtype("<f8"), 2: np.dtype("<i8"), 3: np.dtype("|b1")}
 _HEAD = struct.Struct("<BB")
 _SHAPES = {n: struct.Struct(f"<{n}I") for n in range(MAX_NDIM + 1)}
+_HEADS = {n: struct.Struct(f"<BB{n}I") for n in range(MAX_NDIM + 1)}  # dtype code, ndim, shape
+_F8 = np.dtype("<f8")
 _INT64_MAX = 2**63 - 1
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or infinity in the float array ``a``."""
+    return bool(np.isfinite(a).all())
 
 
 # ------------------------------------------------------------------------------------------ arrays
@@ -80,8 +87,8 @@ _INT64_MAX = 2**63 - 1
 def _canonical_array(arr: np.ndarray) -> np.ndarray:
     kind = arr.dtype.kind
     if kind == "f":
-        out = np.ascontiguousarray(arr, dtype="<f8")
-        if not np.isfinite(out).all():
+        out = np.ascontiguousarray(arr, dtype=_F8)
+        if not _all_finite(out):
             raise ProtocolError("nonfinite", f"an array of shape {arr.shape}")
         return out
     if kind in "iu":
@@ -97,9 +104,9 @@ def _pack_array(arr: np.ndarray) -> msgspec.msgpack.Ext:
     arr = _canonical_array(arr)
     if arr.ndim > MAX_NDIM:
         raise ProtocolError("body", f"array of {arr.ndim} dimensions (at most {MAX_NDIM})")
-    if any(d > 0xFFFFFFFF for d in arr.shape):
+    if arr.ndim and max(arr.shape) > 0xFFFFFFFF:
         raise ProtocolError("body", f"array dimension too large: {arr.shape}")
-    head = _HEAD.pack(_DTYPE_CHAR_CODE[arr.dtype.char], arr.ndim) + _SHAPES[arr.ndim].pack(*arr.shape)
+    head = _HEADS[arr.ndim].pack(_DTYPE_CHAR_CODE[arr.dtype.char], arr.ndim, *arr.shape)
     return msgspec.msgpack.Ext(EXT_NDARRAY, head + arr.tobytes())
 
 
@@ -125,7 +132,7 @@ def _unpack_array(payload: memoryview, finite: bool) -> np.ndarray:
     if code == 3 and np.frombuffer(payload, np.uint8, count, offset).max() > 1:
         raise ProtocolError("malformed", "bool array holds values other than 0/1")
     out = np.frombuffer(payload, dtype, count, offset).reshape(shape).copy()
-    if finite and code == 1 and not np.isfinite(out).all():
+    if finite and code == 1 and not _all_finite(out):
         raise ProtocolError("nonfinite", f"an array of shape {shape}")
     return out
 
@@ -190,6 +197,8 @@ _PLAIN = msgspec.msgpack.Decoder(ext_hook=_ext_hook_plain)
 
 # ------------------------------------------------------------------------------------- body walks
 
+_LEAVES = {str, int, bool, bytes, type(None)}  # plain values with nothing more to check
+
 
 def _scan(value: Any, path: str, depth: int) -> None:
     """Free-form values: only plain values and arrays, str map keys, bounded depth and length,
@@ -201,7 +210,7 @@ def _scan(value: Any, path: str, depth: int) -> None:
             raise ProtocolError("nonfinite", path)
         return
     if isinstance(value, np.ndarray):
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
+        if value.dtype.kind == "f" and not _all_finite(value):
             raise ProtocolError("nonfinite", path)
         return
     if depth >= MAX_DEPTH:
@@ -209,6 +218,8 @@ def _scan(value: Any, path: str, depth: int) -> None:
     if isinstance(value, (list, dict)) and len(value) > MAX_CONTAINER_LEN:
         raise ProtocolError("malformed", f"{path}: {len(value)} elements (at most {MAX_CONTAINER_LEN})")
     if isinstance(value, list):
+        if set(map(type, value)) <= _LEAVES:  # a column of names, ...: nothing to look into
+            return
         for i, v in enumerate(value):
             _scan(v, f"{path}[{i}]", depth + 1)
         return
@@ -249,6 +260,8 @@ def _check_iteration_field(value: Any) -> int:
 
 
 def _check_type(value: Any) -> MsgType:
+    if type(value) is MsgType:
+        return value
     try:
         return MsgType(value)
     except (ValueError, TypeError):

@@ -398,3 +398,39 @@ def test_from_envelope_checks_the_type() -> None:
 def test_protocol_error_reasons_are_closed() -> None:
     with pytest.raises(ValueError):
         ProtocolError("whatever")
+
+
+def test_huge_finite_values_travel_and_nonfinite_ones_do_not() -> None:
+    big = np.full((2, H), 1e200)  # its sum of squares overflows: the exact test decides
+    out = decode(encode(make_envelope(MsgType.ROUND, good_round(peers={"p1": {"p_in_mw": big}}), run_id=RUN, sender="c")))
+    np.testing.assert_array_equal(out.body.peers["p1"].p_in_mw, big)
+    big[1, 3] = math.nan
+    assert reason_of(raw(PROTOCOL_VERSION, RUN, "c", "round", 1, good_round(peers={"p1": {"p_in_mw": big}}))) == "nonfinite"
+
+
+@pytest.mark.parametrize("mtype", list(MsgType), ids=lambda t: t.value)
+def test_fuzzed_bytes_decode_or_are_refused_with_a_reason(mtype: MsgType) -> None:
+    """Flipped, dropped and inserted bytes anywhere in a valid message of every type: decode returns
+    a message that encodes again, or raises ProtocolError with one of the reasons, never anything else."""
+    fuzz = np.random.default_rng(sorted(MsgType).index(mtype))
+    data = encode(samples()[mtype].envelope(run_id=RUN, sender="c", iteration=2))
+    outcomes = set()
+    for _ in range(300):
+        b = bytearray(data)
+        for _ in range(int(fuzz.integers(1, 4))):
+            i = int(fuzz.integers(0, len(b)))
+            op = fuzz.integers(0, 3)
+            if op == 0:
+                b[i] = int(fuzz.integers(0, 256))
+            elif op == 1:
+                del b[i]
+            else:
+                b.insert(i, int(fuzz.integers(0, 256)))
+        try:
+            env = decode(bytes(b), expect_run=RUN)
+        except ProtocolError as exc:
+            outcomes.add(exc.reason)
+        else:
+            encode(env)  # what was accepted is a valid message
+            outcomes.add("accepted")
+    assert outcomes - {"accepted"}, outcomes  # some mutations are refused
