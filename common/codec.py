@@ -355,7 +355,7 @@ def decode(
         body = _BODIES[head.type].decode(head.body)
         for name in body.FREE:
             _scan(getattr(body, name), f"body.{name}", 1)
-    except (ProtocolError, msgspec.DecodeError, RecursionError) as exc:
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:  # ProtocolError too
         raise _diagnose(data, expect_run, exc) from None
     return Envelope(PROTOCOL_VERSION, head.run_id, head.sender, head.type, head.iteration, body)
 
@@ -382,7 +382,7 @@ def body_from_plain(mtype: MsgType, body: dict[str, Any]) -> Message:
         for name in msg.FREE:
             _scan(getattr(msg, name), f"body.{name}", 1)
         return msg
-    except (ProtocolError, msgspec.DecodeError, RecursionError) as exc:
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:  # ProtocolError too
         try:
             plain = _PLAIN.decode(raw)
         except ProtocolError as err:
