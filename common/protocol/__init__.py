@@ -166,7 +166,7 @@ I1 = Annotated[np.ndarray, Arr("int64", 1)]
 """An int64 vector."""
 I2 = Annotated[np.ndarray, Arr("int64", 2)]
 """An int64 matrix."""
-Arrays = Annotated[dict[str, FN], _LEN]
+Arrays = Annotated[dict[Id, FN], _LEN]
 """Named float64 arrays."""
 
 

@@ -45,6 +45,7 @@ from common.protocol import (
     Float,
     Id,
     Ids,
+    Int,
     Message,
     MsgType,
     NonNegFloat,
@@ -88,7 +89,7 @@ class Violation(Record, frozen=True):
     """A limit the AC power flow found broken."""
 
     kind: Kind
-    element: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | Id
+    element: Int | Id
     hour: NonNegInt
     value: Float
     limit: Float
