@@ -110,7 +110,7 @@ def _pack_array(arr: np.ndarray) -> msgspec.msgpack.Ext:
     return msgspec.msgpack.Ext(EXT_NDARRAY, head + arr.tobytes())
 
 
-def _unpack_array(payload: memoryview, finite: bool) -> np.ndarray:
+def _unpack_array(payload: memoryview, finite: bool, copy: bool = True) -> np.ndarray:
     if len(payload) < _HEAD.size:
         raise ProtocolError("malformed", "array payload too short")
     code, ndim = _HEAD.unpack_from(payload)
@@ -131,7 +131,9 @@ def _unpack_array(payload: memoryview, finite: bool) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)
     if code == 3 and np.frombuffer(payload, np.uint8, count, offset).max() > 1:
         raise ProtocolError("malformed", "bool array holds values other than 0/1")
-    out = np.frombuffer(payload, dtype, count, offset).reshape(shape).copy()
+    out = np.frombuffer(payload, dtype, count, offset).reshape(shape)
+    if copy:
+        out = out.copy()
     if finite and code == 1 and not _all_finite(out):
         raise ProtocolError("nonfinite", f"an array of shape {shape}")
     return out
@@ -149,6 +151,13 @@ def _ext_hook_plain(code: int, payload: memoryview) -> np.ndarray:
     if code != EXT_NDARRAY:
         raise ProtocolError("malformed", f"unknown msgpack ext type {code}")
     return _unpack_array(payload, False)
+
+
+def _ext_hook_view(code: int, payload: memoryview) -> np.ndarray:
+    """Checking what :func:`encode` produced: a read-only view (the encoder checked finiteness)."""
+    if code != EXT_NDARRAY:
+        raise ProtocolError("malformed", f"unknown msgpack ext type {code}")
+    return _unpack_array(payload, False, False)
 
 
 def _enc_hook(obj: Any) -> Any:
@@ -192,6 +201,7 @@ class _Header(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
 _ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _HEADER = msgspec.msgpack.Decoder(_Header)
 _BODIES = {t: msgspec.msgpack.Decoder(cls, ext_hook=_ext_hook, dec_hook=_dec_hook) for t, cls in MESSAGES.items()}
+_CHECKS = {t: msgspec.msgpack.Decoder(cls, ext_hook=_ext_hook_view, dec_hook=_dec_hook) for t, cls in MESSAGES.items()}
 _PLAIN = msgspec.msgpack.Decoder(ext_hook=_ext_hook_plain)
 
 
@@ -325,7 +335,13 @@ def encode(env: Envelope, *, max_bytes: int = MAX_MESSAGE_BYTES, validate: bool 
     if len(data) > max_bytes:
         raise ProtocolError("oversized", f"{len(data)} bytes > {max_bytes}")
     if validate:
-        decode(data, max_bytes=max_bytes)
+        try:  # the body as a receiver decodes it (arrays as views: their values were checked above)
+            body = _CHECKS[mtype].decode(_HEADER.decode(data).body)
+            for name in body.FREE:
+                _scan(getattr(body, name), f"body.{name}", 1)
+        except (msgspec.DecodeError, ValueError, TypeError, RecursionError):
+            decode(data, max_bytes=max_bytes)  # raises the receiver's reason
+            raise
     return data
 
 
