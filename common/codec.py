@@ -1,24 +1,30 @@
 """The single codec: :class:`~common.protocol.Envelope` <-> bytes, with limits and validation.
 
-Wire format: a msgpack array ``[version, run_id, sender, type, iteration, body]``. Numpy arrays in
-the body travel as msgpack ExtType :data:`EXT_NDARRAY` whose payload is::
+Wire format: a msgpack array ``[version, run_id, sender, type, iteration, body]``; the body is the
+map of the message's fields (:mod:`common.protocol`). Numpy arrays in the body travel as msgpack
+ExtType :data:`EXT_NDARRAY` whose payload is::
 
     uint8 dtype code (1 float64, 2 int64, 3 bool) | uint8 ndim | ndim x uint32 LE shape | raw LE data
 
 so a float costs 8 bytes, never a list of msgpack floats. Nothing is ever unpickled or executed.
 
-``encode`` validates too (a sender learns of a bad body before it travels): it accepts numpy
-arrays of any float/int/bool dtype and numpy scalars and normalizes them (floats -> float64,
-integers -> int64), tuples become lists. ``decode`` is strict. Every failure of either raises
-:class:`~common.protocol.ProtocolError` whose ``reason`` is one of ``common.protocol.REASONS``:
+``decode`` reads the header, then decodes the body straight into the message type the header
+names (msgspec checks types, bounds, required and unknown fields; the message checks array
+dtypes, dimensions and cross-field consistency; free-form values are scanned). When anything
+fails, the message is read again as plain values and checked step by step, in the order of the
+wire format, to name the reason. ``encode`` normalizes arrays (floats -> float64, integers ->
+int64) and numpy scalars; with ``validate`` it also decodes what it produced, so a sender learns of
+a bad body before it travels. Every failure raises :class:`~common.protocol.ProtocolError` whose
+``reason`` is one of ``common.protocol.REASONS``:
 
 - ``oversized``: more than ``max_bytes``;
 - ``malformed``: not msgpack, truncated, trailing bytes, not an envelope, a bad array payload, an
-  unknown ext type, header fields of the wrong kind;
+  unknown ext type, header fields of the wrong kind, a list or map longer than ``MAX_CONTAINER_LEN``;
 - ``version``: another protocol version;
 - ``run``: another run id than ``expect_run``;
 - ``type``: an unknown message type;
-- ``body``: a body that does not match ``SCHEMAS[type]`` (missing/unknown field, wrong kind/shape);
+- ``body``: a body that does not fit its message type (missing/unknown field, wrong kind, bound,
+  dtype or shape, nested deeper than ``MAX_DEPTH``);
 - ``nonfinite``: a NaN or infinity anywhere in the body (float or array);
 - ``stale``: raised by :func:`check_iteration` for a message of another iteration.
 """
@@ -27,10 +33,9 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-import msgpack
+import msgspec
 import numpy as np
 
 from common.protocol import (
@@ -39,9 +44,10 @@ from common.protocol import (
     MAX_DEPTH,
     MAX_ID_LEN,
     MAX_MESSAGE_BYTES,
+    MESSAGES,
     PROTOCOL_VERSION,
-    SCHEMAS,
     Envelope,
+    Message,
     MsgType,
     ProtocolError,
 )
@@ -49,10 +55,11 @@ from common.protocol import (
 __all__ = [
     "EXT_NDARRAY",
     "ProtocolError",
+    "body_from_plain",
     "check_iteration",
     "decode",
     "encode",
-    "validate_body",
+    "plain_body",
 ]
 
 EXT_NDARRAY = 1
@@ -60,42 +67,50 @@ EXT_NDARRAY = 1
 
 MAX_NDIM = 8
 
-_DTYPE_CODE = {"float64": 1, "int64": 2, "bool": 3}
 _DTYPE_CHAR_CODE = {"d": 1, "q": 2, "l": 2, "?": 3}  # dtype.char is much cheaper than dtype.name
 _CODE_DTYPE = {1: np.dtype("<f8"), 2: np.dtype("<i8"), 3: np.dtype("|b1")}
 _HEAD = struct.Struct("<BB")
+_SHAPES = {n: struct.Struct(f"<{n}I") for n in range(MAX_NDIM + 1)}
+_HEADS = {n: struct.Struct(f"<BB{n}I") for n in range(MAX_NDIM + 1)}  # dtype code, ndim, shape
+_F8 = np.dtype("<f8")
 _INT64_MAX = 2**63 - 1
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or infinity in the float array ``a``."""
+    return bool(np.isfinite(a).all())
 
 
 # ------------------------------------------------------------------------------------------ arrays
 
 
-def _canonical_array(arr: np.ndarray, path: str) -> np.ndarray:
+def _canonical_array(arr: np.ndarray) -> np.ndarray:
     kind = arr.dtype.kind
     if kind == "f":
-        out = np.ascontiguousarray(arr, dtype="<f8")
-        if not np.isfinite(out).all():
-            raise ProtocolError("nonfinite", path)
+        out = np.ascontiguousarray(arr, dtype=_F8)
+        if not _all_finite(out):
+            raise ProtocolError("nonfinite", f"an array of shape {arr.shape}")
         return out
     if kind in "iu":
         if kind == "u" and arr.size and int(arr.max()) > _INT64_MAX:
-            raise ProtocolError("body", f"{path}: unsigned value beyond int64")
+            raise ProtocolError("body", "unsigned value beyond int64")
         return np.ascontiguousarray(arr, dtype="<i8")
     if kind == "b":
         return np.ascontiguousarray(arr, dtype="|b1")
-    raise ProtocolError("body", f"{path}: arrays of dtype {arr.dtype} cannot travel (float64, int64, bool only)")
+    raise ProtocolError("body", f"arrays of dtype {arr.dtype} cannot travel (float64, int64, bool only)")
 
 
-def _pack_array(arr: np.ndarray) -> msgpack.ExtType:
+def _pack_array(arr: np.ndarray) -> msgspec.msgpack.Ext:
+    arr = _canonical_array(arr)
     if arr.ndim > MAX_NDIM:
         raise ProtocolError("body", f"array of {arr.ndim} dimensions (at most {MAX_NDIM})")
-    if any(d > 0xFFFFFFFF for d in arr.shape):
+    if arr.ndim and max(arr.shape) > 0xFFFFFFFF:
         raise ProtocolError("body", f"array dimension too large: {arr.shape}")
-    head = _HEAD.pack(_DTYPE_CHAR_CODE[arr.dtype.char], arr.ndim) + struct.pack(f"<{arr.ndim}I", *arr.shape)
-    return msgpack.ExtType(EXT_NDARRAY, head + arr.tobytes())
+    head = _HEADS[arr.ndim].pack(_DTYPE_CHAR_CODE[arr.dtype.char], arr.ndim, *arr.shape)
+    return msgspec.msgpack.Ext(EXT_NDARRAY, head + arr.tobytes())
 
 
-def _unpack_array(payload: bytes) -> np.ndarray:
+def _unpack_array(payload: memoryview, finite: bool, copy: bool = True) -> np.ndarray:
     if len(payload) < _HEAD.size:
         raise ProtocolError("malformed", "array payload too short")
     code, ndim = _HEAD.unpack_from(payload)
@@ -107,71 +122,97 @@ def _unpack_array(payload: bytes) -> np.ndarray:
     offset = _HEAD.size + 4 * ndim
     if len(payload) < offset:
         raise ProtocolError("malformed", "array header truncated")
-    shape = struct.unpack_from(f"<{ndim}I", payload, _HEAD.size)
+    shape = _SHAPES[ndim].unpack_from(payload, _HEAD.size)
     count = math.prod(shape)
     nbytes = len(payload) - offset
     if count * dtype.itemsize != nbytes:
         raise ProtocolError("malformed", f"array shape {shape} of {dtype.name} does not match {nbytes} bytes")
     if count == 0:
         return np.zeros(shape, dtype=dtype)
-    if dtype.kind == "b" and np.frombuffer(payload, np.uint8, count, offset).max() > 1:
+    if code == 3 and np.frombuffer(payload, np.uint8, count, offset).max() > 1:
         raise ProtocolError("malformed", "bool array holds values other than 0/1")
-    return np.frombuffer(payload, dtype, count, offset).reshape(shape).copy()
+    out = np.frombuffer(payload, dtype, count, offset).reshape(shape)
+    if copy:
+        out = out.copy()
+    if finite and code == 1 and not _all_finite(out):
+        raise ProtocolError("nonfinite", f"an array of shape {shape}")
+    return out
 
 
-def _ext_hook(code: int, payload: bytes) -> np.ndarray:
+def _ext_hook(code: int, payload: memoryview) -> np.ndarray:
+    """Decoding a message: a valid array of finite values, or ProtocolError."""
     if code != EXT_NDARRAY:
         raise ProtocolError("malformed", f"unknown msgpack ext type {code}")
-    return _unpack_array(payload)
+    return _unpack_array(payload, True)
 
 
-def _default(obj: Any) -> Any:
+def _ext_hook_plain(code: int, payload: memoryview) -> np.ndarray:
+    """Diagnosing a message: a valid array (finiteness is checked later, in wire order)."""
+    if code != EXT_NDARRAY:
+        raise ProtocolError("malformed", f"unknown msgpack ext type {code}")
+    return _unpack_array(payload, False)
+
+
+def _ext_hook_view(code: int, payload: memoryview) -> np.ndarray:
+    """Checking what :func:`encode` produced: a read-only view (the encoder checked finiteness)."""
+    if code != EXT_NDARRAY:
+        raise ProtocolError("malformed", f"unknown msgpack ext type {code}")
+    return _unpack_array(payload, False, False)
+
+
+def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return _pack_array(obj)
-    raise TypeError(f"cannot encode {type(obj).__name__}")
+    if isinstance(obj, np.generic):
+        if isinstance(obj, np.bool_):
+            return bool(obj)
+        if isinstance(obj, np.integer):
+            value = int(obj)
+            if value > _INT64_MAX:
+                raise ProtocolError("body", f"{value} beyond int64")
+            return value
+        if isinstance(obj, np.floating):
+            return float(obj)
+    raise ProtocolError("body", f"{type(obj).__name__} cannot travel")
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is np.ndarray and isinstance(obj, np.ndarray):
+        return obj
+    raise TypeError(f"expected an array, got {type(obj).__name__}")
+
+
+# --------------------------------------------------------------------------------- msgspec objects
+
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LEN)]
+
+
+class _Header(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """The envelope as it travels, the body left undecoded (the fast path of :func:`decode`)."""
+
+    version: int
+    run_id: _Id
+    sender: _Id
+    type: MsgType
+    iteration: Annotated[int, msgspec.Meta(ge=0, le=_INT64_MAX)]
+    body: msgspec.Raw
+
+
+_ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_HEADER = msgspec.msgpack.Decoder(_Header)
+_BODIES = {t: msgspec.msgpack.Decoder(cls, ext_hook=_ext_hook, dec_hook=_dec_hook) for t, cls in MESSAGES.items()}
+_CHECKS = {t: msgspec.msgpack.Decoder(cls, ext_hook=_ext_hook_view, dec_hook=_dec_hook) for t, cls in MESSAGES.items()}
+_PLAIN = msgspec.msgpack.Decoder(ext_hook=_ext_hook_plain)
 
 
 # ------------------------------------------------------------------------------------- body walks
 
-
-def _normalize(value: Any, path: str, depth: int) -> Any:
-    """Encode side: plain msgpack values and canonical arrays; NaN/inf and foreign types refused."""
-    if value is None or isinstance(value, (bool, str, bytes)):
-        return value
-    if isinstance(value, float):  # also numpy float64
-        if not math.isfinite(value):
-            raise ProtocolError("nonfinite", path)
-        return float(value)
-    if isinstance(value, int):
-        if not -(2**63) <= value <= 2**64 - 1:
-            raise ProtocolError("body", f"{path}: int beyond 64 bits")
-        return value
-    if isinstance(value, np.ndarray):
-        return _canonical_array(value, path)
-    if isinstance(value, np.generic):
-        if isinstance(value, np.bool_):
-            return bool(value)
-        if isinstance(value, np.integer):
-            return _normalize(int(value), path, depth)
-        if isinstance(value, np.floating):
-            return _normalize(float(value), path, depth)
-        raise ProtocolError("body", f"{path}: {type(value).__name__} cannot travel")
-    if depth >= MAX_DEPTH:
-        raise ProtocolError("body", f"{path}: nested deeper than {MAX_DEPTH}")
-    if isinstance(value, (list, tuple)):
-        return [_normalize(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ProtocolError("body", f"{path}: map key {k!r} is not a str")
-            out[k] = _normalize(v, f"{path}.{k}", depth + 1)
-        return out
-    raise ProtocolError("body", f"{path}: {type(value).__name__} cannot travel")
+_LEAVES = {str, int, bool, bytes, type(None)}  # plain values with nothing more to check
 
 
 def _scan(value: Any, path: str, depth: int) -> None:
-    """Decode side: only plain values and arrays, str map keys, bounded depth, finite floats."""
+    """Free-form values: only plain values and arrays, str map keys, bounded depth and length,
+    finite floats."""
     if value is None or isinstance(value, (bool, int, str, bytes)):
         return
     if isinstance(value, float):
@@ -179,12 +220,16 @@ def _scan(value: Any, path: str, depth: int) -> None:
             raise ProtocolError("nonfinite", path)
         return
     if isinstance(value, np.ndarray):
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
+        if value.dtype.kind == "f" and not _all_finite(value):
             raise ProtocolError("nonfinite", path)
         return
     if depth >= MAX_DEPTH:
         raise ProtocolError("body", f"{path}: nested deeper than {MAX_DEPTH}")
+    if isinstance(value, (list, dict)) and len(value) > MAX_CONTAINER_LEN:
+        raise ProtocolError("malformed", f"{path}: {len(value)} elements (at most {MAX_CONTAINER_LEN})")
     if isinstance(value, list):
+        if set(map(type, value)) <= _LEAVES:  # a column of names, ...: nothing to look into
+            return
         for i, v in enumerate(value):
             _scan(v, f"{path}[{i}]", depth + 1)
         return
@@ -197,13 +242,17 @@ def _scan(value: Any, path: str, depth: int) -> None:
     raise ProtocolError("body", f"{path}: {type(value).__name__} is not a plain value")
 
 
-def validate_body(type: MsgType | str, body: Any) -> None:
-    """Check a (decoded or normalized) body against ``SCHEMAS[type]``; ProtocolError if it fails."""
-    try:
-        t = MsgType(type)
-    except ValueError:
-        raise ProtocolError("type", f"unknown message type {type!r}") from None
-    SCHEMAS[t].check(body, "body")
+def _body_error(mtype: MsgType, plain: Any, exc: Exception) -> ProtocolError:
+    """Why a body (read as plain values: ``plain``) does not decode into its message type."""
+    if not isinstance(plain, dict):
+        return ProtocolError("malformed", "body must be a map")
+    _scan(plain, "body", 0)
+    if isinstance(exc, ProtocolError):
+        return exc
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ProtocolError):
+        return cause
+    return ProtocolError("body", f"{mtype.value}: {exc}"[:300])
 
 
 def _check_id(value: Any, what: str) -> str:
@@ -221,20 +270,52 @@ def _check_iteration_field(value: Any) -> int:
 
 
 def _check_type(value: Any) -> MsgType:
+    if type(value) is MsgType:
+        return value
     try:
         return MsgType(value)
     except (ValueError, TypeError):
         raise ProtocolError("type", f"unknown message type {value!r}") from None
 
 
+def _diagnose(data: Any, expect_run: str | None, exc: Exception) -> ProtocolError:
+    """The reason a message failed the fast path, found by checking it step by step in wire order."""
+    try:
+        obj = _PLAIN.decode(data)
+    except ProtocolError as err:
+        return err
+    except Exception as err:  # whatever msgspec raises on hostile input is "malformed"
+        return ProtocolError("malformed", f"{type(err).__name__}: {err}"[:200])
+    try:
+        if not isinstance(obj, list) or not obj:
+            raise ProtocolError("malformed", "not an envelope (expected a msgpack array)")
+        version = obj[0]
+        if isinstance(version, bool) or not isinstance(version, int) or version != PROTOCOL_VERSION:
+            raise ProtocolError("version", f"got {version!r}, this is version {PROTOCOL_VERSION}")
+        if len(obj) != 6:
+            raise ProtocolError("malformed", f"envelope of {len(obj)} fields, expected 6")
+        _, run_id, sender, mtype, iteration, body = obj
+        run_id = _check_id(run_id, "run_id")
+        if expect_run is not None and run_id != expect_run and not (run_id == ANY_RUN and mtype == MsgType.HELLO.value):
+            raise ProtocolError("run", f"run {run_id!r}, expected {expect_run!r}")
+        _check_id(sender, "sender")
+        mtype = _check_type(mtype)
+        _check_iteration_field(iteration)
+        return _body_error(mtype, body, exc)
+    except ProtocolError as err:
+        return err
+
+
 # -------------------------------------------------------------------------------------- public API
 
 
 def encode(env: Envelope, *, max_bytes: int = MAX_MESSAGE_BYTES, validate: bool = True) -> bytes:
-    """The wire bytes of ``env``, after validating it exactly as :func:`decode` would.
+    """The wire bytes of ``env``.
 
-    ``validate=False`` skips the schema walk (the envelope fields, finiteness and size are still
-    checked): the hot ADMM path sends messages it built itself, and every receiver validates."""
+    The envelope fields, the finiteness of every array and the size are always checked;
+    ``validate`` (the default) also decodes the bytes exactly as :func:`decode` would, so that a bad
+    body never leaves. The hot ADMM path sends messages it built itself with ``validate=False``
+    (every receiver validates)."""
     if not isinstance(env, Envelope):
         raise ProtocolError("malformed", f"expected an Envelope, got {type(env).__name__}")
     if env.version != PROTOCOL_VERSION:
@@ -243,23 +324,24 @@ def encode(env: Envelope, *, max_bytes: int = MAX_MESSAGE_BYTES, validate: bool 
     sender = _check_id(env.sender, "sender")
     mtype = _check_type(env.type)
     iteration = _check_iteration_field(env.iteration)
-    if not isinstance(env.body, Mapping):
-        raise ProtocolError("malformed", "body must be a map")
-    body = _normalize(env.body, "body", 0)
-    if validate:
-        SCHEMAS[mtype].check(body, "body")
+    if type(env.body) is not MESSAGES[mtype]:
+        raise ProtocolError("body", f"a {type(env.body).__name__} in a {mtype.value} envelope")
     try:
-        data = msgpack.packb(
-            [PROTOCOL_VERSION, run_id, sender, mtype.value, iteration, body],
-            default=_default,
-            use_bin_type=True,
-        )
+        data = _ENCODER.encode((PROTOCOL_VERSION, run_id, sender, mtype.value, iteration, env.body))
     except ProtocolError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError("body", f"cannot encode: {exc}") from None
     if len(data) > max_bytes:
         raise ProtocolError("oversized", f"{len(data)} bytes > {max_bytes}")
+    if validate:
+        try:  # the body as a receiver decodes it (arrays as views: their values were checked above)
+            body = _CHECKS[mtype].decode(_HEADER.decode(data).body)
+            for name in body.FREE:
+                _scan(getattr(body, name), f"body.{name}", 1)
+        except (msgspec.DecodeError, ValueError, TypeError, RecursionError):
+            decode(data, max_bytes=max_bytes)  # raises the receiver's reason
+            raise
     return data
 
 
@@ -269,7 +351,8 @@ def decode(
     expect_run: str | None = None,
     max_bytes: int = MAX_MESSAGE_BYTES,
 ) -> Envelope:
-    """The validated :class:`Envelope` carried by ``data``; :class:`ProtocolError` otherwise."""
+    """The validated :class:`Envelope` carried by ``data`` (its body the typed message);
+    :class:`ProtocolError` otherwise."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError("malformed", f"expected bytes, got {type(data).__name__}")
     size = data.nbytes if isinstance(data, memoryview) else len(data)
@@ -278,42 +361,19 @@ def decode(
     if size == 0:
         raise ProtocolError("malformed", "empty message")
     try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            ext_hook=_ext_hook,
-            timestamp=0,
-            max_str_len=max_bytes,
-            max_bin_len=max_bytes,
-            max_ext_len=max_bytes,
-            max_array_len=MAX_CONTAINER_LEN,
-            max_map_len=MAX_CONTAINER_LEN,
-        )
-    except ProtocolError:
-        raise
-    except Exception as exc:  # whatever msgpack raises on hostile input is "malformed"
-        raise ProtocolError("malformed", f"{type(exc).__name__}: {exc}"[:200]) from None
-    if not isinstance(obj, list) or not obj:
-        raise ProtocolError("malformed", "not an envelope (expected a msgpack array)")
-    version = obj[0]
-    if isinstance(version, bool) or not isinstance(version, int) or version != PROTOCOL_VERSION:
-        raise ProtocolError("version", f"got {version!r}, this is version {PROTOCOL_VERSION}")
-    if len(obj) != 6:
-        raise ProtocolError("malformed", f"envelope of {len(obj)} fields, expected 6")
-    _, run_id, sender, mtype, iteration, body = obj
-    run_id = _check_id(run_id, "run_id")
-    if expect_run is not None and run_id != expect_run and not (run_id == ANY_RUN and mtype == MsgType.HELLO.value):
-        raise ProtocolError("run", f"run {run_id!r}, expected {expect_run!r}")
-    sender = _check_id(sender, "sender")
-    mtype = _check_type(mtype)
-    iteration = _check_iteration_field(iteration)
-    if not isinstance(body, dict):
-        raise ProtocolError("malformed", "body must be a map")
-    _scan(body, "body", 0)
-    SCHEMAS[mtype].check(body, "body")
-    return Envelope(version, run_id, sender, mtype, iteration, body)
+        head = _HEADER.decode(data)
+        if head.version != PROTOCOL_VERSION:
+            raise ProtocolError("version", f"got {head.version!r}")
+        if expect_run is not None and head.run_id != expect_run and not (
+            head.run_id == ANY_RUN and head.type is MsgType.HELLO
+        ):
+            raise ProtocolError("run", f"run {head.run_id!r}, expected {expect_run!r}")
+        body = _BODIES[head.type].decode(head.body)
+        for name in body.FREE:
+            _scan(getattr(body, name), f"body.{name}", 1)
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:  # ProtocolError too
+        raise _diagnose(data, expect_run, exc) from None
+    return Envelope(PROTOCOL_VERSION, head.run_id, head.sender, head.type, head.iteration, body)
 
 
 def check_iteration(env: Envelope, expected: int) -> None:
@@ -322,3 +382,30 @@ def check_iteration(env: Envelope, expected: int) -> None:
         raise ProtocolError(
             "stale", f"{env.type.value} from {env.sender} of iteration {env.iteration}, expected {expected}"
         )
+
+
+def body_from_plain(mtype: MsgType, body: dict[str, Any]) -> Message:
+    """The message of type ``mtype`` whose body is the map ``body`` (plain values and arrays), checked
+    as a receiver would check it; ProtocolError otherwise."""
+    try:
+        raw = _ENCODER.encode(body)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError("body", f"cannot encode: {exc}") from None
+    try:
+        msg = _BODIES[mtype].decode(raw)
+        for name in msg.FREE:
+            _scan(getattr(msg, name), f"body.{name}", 1)
+        return msg
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:  # ProtocolError too
+        try:
+            plain = _PLAIN.decode(raw)
+        except ProtocolError as err:
+            raise err from None
+        raise _body_error(mtype, plain, exc) from None
+
+
+def plain_body(msg: Message) -> dict[str, Any]:
+    """The body of ``msg`` as it travels, as plain values (maps, lists, arrays)."""
+    return _PLAIN.decode(_ENCODER.encode(msg))

@@ -20,8 +20,7 @@ import json
 import logging
 import time
 import traceback
-from dataclasses import replace
-
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -206,7 +205,7 @@ class Shell:
         if isinstance(message, Result) and not self.is_coordinator:
             # the host's own traffic outside the coordinator's sight (mesh TRADES) goes with its result
             rows = tuple(r for r in self.transport.sent.rows() if r[1] == MsgType.TRADES.value)
-            message = replace(message, traffic=rows)
+            message = msgspec.structs.replace(message, traffic=rows)
         env = message.envelope(run_id=self.run_id, sender=self.role, iteration=ins.iteration)
         try:
             data = encode(env, max_bytes=self.transport.max_bytes, validate=False)

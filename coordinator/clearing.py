@@ -29,7 +29,7 @@ import numpy as np
 from common.admm import Anderson, AndersonCoefficients, BlockAnderson, InfeasibilityWatch, RhoPolicy, converged, infeasible_hours
 from common.market import TradeGraph
 from common.protocol.grid import NetworkUpdate
-from common.protocol.market import Round, RoundPeer
+from common.protocol.market import ResidualsPeer, Round, RoundPeer
 
 
 @dataclass
@@ -205,7 +205,8 @@ class P2PRounds:
         host_solve = 0.0
         for pid, rec in records.items():
             self._dual_sq += rec.dual_sq
-            self._primal_sq += rec.primal_sq
+            if isinstance(rec, ResidualsPeer):  # mesh; in the relay topology the trades give the primal residual
+                self._primal_sq += rec.primal_sq
             host_solve += rec.solve_s
             if rec.status != "ok":
                 self.statuses[pid] = rec.status

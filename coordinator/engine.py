@@ -633,7 +633,7 @@ class CoordinatorEngine:
             rounds = cleared.rounds
             its = rounds.iteration - rounds.start_iteration if rounds is not None else 0
             n_viol = len(report.violations)
-            history.append((outer, its, n_viol, len({int(v["hour"]) for v in report.violations}), step, actions))
+            history.append((outer, its, n_viol, len({v.hour for v in report.violations}), step, actions))
             self._note("outer", outer=outer, iterations=its, violations=n_viol, step=step)
             self._log(f"outer iteration {outer}: {its} ADMM iterations, {n_viol} violation(s)")
             return cleared, report

@@ -12,12 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import msgspec
 import numpy as np
 import pandas as pd
 
 from common.engine import COORDINATOR, Finish, Log, Received, Send, Started
 from common.protocol.control import Hello, Shutdown, Welcome
-from common.protocol.grid import Dispatch, GridReport, NetworkResult, NetworkUpdate
+from common.protocol.grid import Dispatch, GridReport, NetworkResult, NetworkUpdate, Violation
 from common.public import voltage_setpoints
 from common.report_codec import ac_to_tables, frames_to_tables
 
@@ -33,22 +34,14 @@ def dispatch_to_frame(msg: Dispatch) -> pd.DataFrame:
 
 def grid_report(ac, network: bool = True) -> GridReport:
     """``network``: send the network's drawing (bus coordinates, branch ends) too."""
-    vm = ac.buses.pivot(index="bus", columns="hour", values="vm_pu").sort_index()
-    loading = ac.lines.pivot_table(index="line", columns="hour", values="loading_percent", aggfunc="max",
-                                   dropna=False).sort_index()
-    violations = tuple({"kind": str(r.kind), "element": str(r.element), "hour": int(r.hour) - 1,
-                        "value": float(np.nan_to_num(r.value)), "limit": float(np.nan_to_num(r.limit))}
+    violations = tuple(Violation(kind=str(r.kind), element=str(r.element), hour=int(r.hour) - 1,
+                                 value=float(np.nan_to_num(r.value)), limit=float(np.nan_to_num(r.limit)))
                        for r in ac.violations.itertuples())
-    return GridReport(
-        vm_pu=np.nan_to_num(vm.to_numpy(dtype=float)), loading_percent=np.nan_to_num(loading.to_numpy(dtype=float)),
-        losses_mw=np.nan_to_num(ac.hours["losses_mw"].to_numpy(dtype=float)), violations=violations,
-        converged=tuple(bool(c) for c in ac.hours["converged"]), bus_ids=tuple(int(b) for b in vm.index),
-        tables=ac_to_tables(ac, network=network),
-    )
+    return GridReport(violations=violations, tables=ac_to_tables(ac, network=network))
 
 
 def _failed_report(reason: str) -> GridReport:
-    return GridReport(vm_pu=np.zeros((0, 0)), loading_percent=np.zeros((0, 0)), losses_mw=np.zeros(0), status=reason)
+    return GridReport(violations=(), tables={}, status=reason)
 
 
 class DSOEngine:
@@ -128,8 +121,7 @@ class DSOEngine:
                                                         "export_mw": sol.export_mw, "vm_pu": sol.vm_pu,
                                                         "prices_eur_per_mwh": sol.prices_eur_per_mwh,
                                                         "losses_mw": sol.losses_mw,
-                                                        "cone_gap": np.array([sol.max_cone_gap])},
-                                                solve_s=sol.solve_time_s, status="ok"), k)]
+                                                        "cone_gap": np.array([sol.max_cone_gap])}), k)]
 
     def _on_dispatch(self, msg: Dispatch, k: int) -> list:
         from dso_service.powerflow import run_ac
@@ -150,9 +142,8 @@ class DSOEngine:
                     out.append(Log(f"outer loop {plan.status}: {plan.reason}"))
                 tables = dict(report.tables)
                 tables.update(frames_to_tables({"outer_hours": pd.DataFrame(self.planner.hour_table())}))
-                report = GridReport(report.vm_pu, report.loading_percent, report.losses_mw, report.violations,
-                                    report.converged, report.bus_ids, penalties=plan.updates, tables=tables,
-                                    outer_status=plan.status, outer_reason=plan.reason, actions=tuple(plan.actions))
+                report = msgspec.structs.replace(report, penalties=plan.updates, tables=tables, outer_status=plan.status,
+                                                 outer_reason=plan.reason, actions=tuple(plan.actions))
         except Exception as exc:  # noqa: BLE001 - the coordinator gets the reason, the service lives on
             return [Log(f"could not check the dispatch of iteration {k}: {type(exc).__name__}: {exc}", "error"),
                     Send(COORDINATOR, _failed_report(f"{type(exc).__name__}: {exc}"), k)]

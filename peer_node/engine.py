@@ -227,8 +227,7 @@ class PeerEngine:
             self.solved_since_receive[pid] = True
             records[pid] = (x, dx, self.timer() - t)
         if self.topology == "relay":
-            return [Send(COORDINATOR, Update(peers={pid: UpdatePeer(p_out_mw=x, primal_sq=np.zeros_like(dx), dual_sq=dx,
-                                                                    solve_s=s)
+            return [Send(COORDINATOR, Update(peers={pid: UpdatePeer(p_out_mw=x, dual_sq=dx, solve_s=s)
                                                     for pid, (x, dx, s) in records.items()}), k)]
         # mesh: trades go straight to the partners' hosts, residual sums to the coordinator
         # mesh: one TRADES per partner host, every trade of this host's peers towards that host's peers
@@ -349,7 +348,7 @@ class PeerEngine:
                 p, status = self.p_last.get(pid, np.zeros(msg.peers[pid].p_in_mw.shape[1])), f"local solve failed: {exc}"
             dx = (p - self.p_last.get(pid, 0.0)) ** 2
             self.p_last[pid] = p
-            records[pid] = UpdatePeer(p_out_mw=p[None, :], primal_sq=np.zeros_like(dx), dual_sq=dx, solve_s=self.timer() - t,
+            records[pid] = UpdatePeer(p_out_mw=p[None, :], dual_sq=dx, solve_s=self.timer() - t,
                                       status=status)
         return [Send(COORDINATOR, Update(peers=records), k)]
 
@@ -395,7 +394,7 @@ class PeerEngine:
             p = loc.p_mw
             outer = bool(self.params[pid])
             fees = bool(self.models[pid].trade_weights) or outer
-            peers[pid] = ResultPeer(p_mw=p, trades_mw=loc.x, price_eur_per_mwh=loc.lam, partner_ids=tuple(self.partners[pid]),
+            peers[pid] = ResultPeer(p_mw=p, trades_mw=loc.x, price_eur_per_mwh=loc.lam,
                                     q_mvar=reactive_mvar(model, p), cost_masked_ueur=masked[pid],
                                     diff_cost_eur=np.sum(loc.weights * loc.x, axis=0) if fees else None,
                                     flex_penalty_eur=flex_penalty_eur(base, self.params[pid]) if outer else None,

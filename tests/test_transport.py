@@ -73,11 +73,11 @@ def test_router_dealer_exchange(transport: Transport) -> None:
     welcome = control.Welcome({"hours": H}).envelope(run_id=RUN, sender="coordinator")
     transport.send(router, welcome, to=ident)
     ident2, env2 = transport.recv(dealer, 5)
-    assert ident2 is None and env2.type == MsgType.WELCOME and env2.body["config"] == {"hours": H}
+    assert ident2 is None and env2.type == MsgType.WELCOME and env2.body.config == {"hours": H}
 
     transport.send(router, round_env(1), to="host1")  # str identities work too
     _, env3 = transport.recv(dealer, 5)
-    np.testing.assert_array_equal(env3.body["peers"]["p1"]["p_in_mw"], np.full((2, H), 1.0))
+    np.testing.assert_array_equal(env3.body.peers["p1"].p_in_mw, np.full((2, H), 1.0))
     assert sum(transport.rejected.values()) == 0
 
 
@@ -90,7 +90,7 @@ def test_garbage_is_counted_and_the_next_good_message_arrives(transport: Transpo
         rogue.connect(addr)
         rogue.send(b"garbage")
         rogue.send_multipart([b"two", b"frames"])
-        rogue.send(encode(make_envelope(MsgType.HEARTBEAT, run_id="another-run", sender="ghost")))
+        rogue.send(encode(make_envelope(MsgType.READY, run_id="another-run", sender="ghost")))
         rogue.send(encode(make_envelope(MsgType.READY, run_id=RUN, sender="rogue")))
         ident, env = transport.recv(router, 5)
     finally:
@@ -105,7 +105,7 @@ def test_garbage_is_counted_and_the_next_good_message_arrives(transport: Transpo
 def test_check_drops_stale_messages(transport: Transport) -> None:
     router, dealer, _ = pair(transport)
     for it in (3, 4, 5):
-        transport.send(dealer, make_envelope(MsgType.HEARTBEAT, run_id=RUN, sender="host1", iteration=it))
+        transport.send(dealer, make_envelope(MsgType.READY, run_id=RUN, sender="host1", iteration=it))
     _, env = transport.recv(router, 5, check=lambda e: check_iteration(e, 5))
     assert env.iteration == 5
     assert transport.rejected == {"stale": 2}
@@ -171,9 +171,9 @@ def test_router_send_to_unknown_identity_raises(transport: Transport) -> None:
     router = transport.router()
     bind_random_port(router)
     with pytest.raises(Unreachable):
-        transport.send(router, make_envelope(MsgType.HEARTBEAT, run_id=RUN, sender="c"), to=b"nobody")
+        transport.send(router, make_envelope(MsgType.READY, run_id=RUN, sender="c"), to=b"nobody")
     with pytest.raises(ValueError):
-        transport.send(router, make_envelope(MsgType.HEARTBEAT, run_id=RUN, sender="c"))
+        transport.send(router, make_envelope(MsgType.READY, run_id=RUN, sender="c"))
     assert transport.sent.rows() == []
 
 
@@ -182,8 +182,8 @@ def test_dealer_send_without_receiver_times_out(raw_ctx: zmq.Context) -> None:
     addr = f"ipc:///tmp/p2pm-test-nobody-{uuid.uuid4().hex}"
     with Transport(run_id=RUN, send_timeout_s=0.2) as tr:
         dealer = tr.dealer(addr, "lonely")
-        with pytest.raises(TimeoutError, match="could not send heartbeat"):
-            tr.send(dealer, make_envelope(MsgType.HEARTBEAT, run_id=RUN, sender="lonely"))
+        with pytest.raises(TimeoutError, match="could not send ready"):
+            tr.send(dealer, make_envelope(MsgType.READY, run_id=RUN, sender="lonely"))
 
 
 def test_oversized_frames_never_reach_the_receiver(raw_ctx: zmq.Context) -> None:
@@ -234,9 +234,9 @@ def test_fault_injection_drop_and_latency() -> None:
         router = tr.router()
         dealer = tr.dealer(bind_random_port(router), "h")
         t0 = time.monotonic()
-        assert tr.send(dealer, make_envelope(MsgType.HEARTBEAT, run_id=RUN, sender="h")) == 0
+        assert tr.send(dealer, make_envelope(MsgType.READY, run_id=RUN, sender="h")) == 0
         assert time.monotonic() - t0 >= 0.05
-        assert tr.dropped == {"heartbeat": 1} and tr.sent.rows() == []
+        assert tr.dropped == {"ready": 1} and tr.sent.rows() == []
         with pytest.raises(TimeoutError):
             tr.recv(router, 0.2)
 
@@ -248,7 +248,7 @@ def test_recv_any_and_drain(transport: Transport) -> None:
     sock, ident, env = transport.recv_any([r1, r2], 5)
     assert sock is r2 and ident == b"b"
     for it in range(3):
-        transport.send(d1, make_envelope(MsgType.HEARTBEAT, run_id=RUN, sender="a", iteration=it))
+        transport.send(d1, make_envelope(MsgType.READY, run_id=RUN, sender="a", iteration=it))
     deadline = time.monotonic() + 5
     got: list[int] = []
     while len(got) < 3 and time.monotonic() < deadline:

@@ -1,53 +1,61 @@
-"""The message contract shared by every role: constants, the envelope, the schema registry.
+"""The message contract shared by every role: constants, the envelope, the message base.
 
 Wire format (SPEC section 4): one ZeroMQ frame holding a msgpack array
 ``[version, run_id, sender, type, iteration, body]``; the version comes first so that a receiver can
 refuse a message of another version before looking at the rest. ``body`` is a map of plain msgpack
-values (str, int, float, bool, nil, bin, lists, maps with str keys) in which every numeric vector or
+values (str, int, float, bool, nil, lists, maps with str keys) in which every numeric vector or
 matrix is a numpy array (float64, int64 or bool) packed as binary by :mod:`common.codec`.
 
-The message sets live in one module each, with typed frozen definitions and their schemas:
+Every message type has one definition: a frozen :class:`msgspec.Struct` (a subclass of
+:class:`Message`) whose fields are the body's fields, with their types and bounds
+(``msgspec.Meta``), array dtypes and numbers of dimensions (:class:`Arr`) and cross-field checks
+(``check``). The codec decodes a body straight into its message type, chosen by the envelope's
+``type`` (the tag of the union of all message types, :data:`MESSAGES`). A body may not carry
+fields that its message does not name; optional fields may be absent or nil and are left out when
+they hold their default. The message sets live in one module each:
 
-- :mod:`common.protocol.control`: HELLO, WELCOME, ERROR, SHUTDOWN, HEARTBEAT, READY
-- :mod:`common.protocol.market`: ROUND, UPDATE, TRADES, RESIDUALS, RESULT, PENALTY
+- :mod:`common.protocol.control`: HELLO, WELCOME, SHUTDOWN, READY
+- :mod:`common.protocol.market`: ROUND, UPDATE, TRADES, RESIDUALS, RESULT, PENALTY, PRICE_PROBE,
+  QUANTITY_SUM, POOL_PRICE, POOL_QUANTITY
 - :mod:`common.protocol.grid`: DISPATCH, GRID_REPORT, NETWORK_UPDATE, NETWORK_RESULT
 - :mod:`common.protocol.frequency`: FREQ_QUERY, FREQ_REQUEST
 
-:data:`SCHEMAS` merges their schemas; it is the single definition the codec validates every body
-against, on encode and on decode. A body may not carry fields that its schema does not name (add the
-field to the schema; a change that old receivers cannot read needs a new :data:`PROTOCOL_VERSION`).
-Optional fields may be absent or nil.
-
-This package imports only numpy (no cvxpy, no pandapower): every role can import it cheaply.
+This package imports only numpy and msgspec (no cvxpy, no pandapower): every role can import it cheaply.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import sys
+import types
+import typing
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar, Self
 
+import msgspec
 import numpy as np
 
 PROTOCOL_VERSION = 1
-# run id of a HELLO from a role that does not know the run yet (started by hand); the
-# coordinator's WELCOME tells it the run id, and every later message must carry it.
+"""Version of the wire format and of the messages; a receiver refuses any other version."""
+
 ANY_RUN = "*"
-"""Version of the wire format and of the schemas; a receiver refuses any other version."""
+"""Run id of a HELLO from a role that does not know the run yet (started by hand); the coordinator's
+WELCOME tells it the run id, and every later message must carry it."""
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Largest encoded message accepted, in bytes (16 MiB); also the sockets' ZMQ MAXMSGSIZE."""
 
 MAX_CONTAINER_LEN = 1 << 17
-"""Largest msgpack list or map accepted by the decoder (elements)."""
+"""Largest list or map accepted inside a body (elements)."""
 
 MAX_DEPTH = 16
 """Deepest nesting of lists/maps accepted inside a body."""
 
 MAX_ID_LEN = 256
-"""Longest run id or sender id accepted (characters)."""
+"""Longest run id, sender id or peer id accepted (characters)."""
+
+MAX_TEXT_LEN = 1 << 20
+"""Longest free text accepted (characters)."""
 
 ARRAY_DTYPES = ("float64", "int64", "bool")
 """The only array dtypes that travel; everything is little-endian on the wire."""
@@ -73,9 +81,7 @@ class MsgType(StrEnum):
     # control (common.protocol.control)
     HELLO = "hello"
     WELCOME = "welcome"
-    ERROR = "error"
     SHUTDOWN = "shutdown"
-    HEARTBEAT = "heartbeat"
     READY = "ready"
     # market rounds (common.protocol.market)
     ROUND = "round"
@@ -98,13 +104,146 @@ class MsgType(StrEnum):
     FREQ_REQUEST = "freq_request"
 
 
-@dataclass(frozen=True, eq=False)
-class Envelope:
+# --------------------------------------------------------------------------------------------------
+# Field types: msgspec checks them (and their Meta bounds) while decoding.
+# --------------------------------------------------------------------------------------------------
+
+_DBL_MAX = sys.float_info.max
+_LEN = msgspec.Meta(max_length=MAX_CONTAINER_LEN)
+
+Float = Annotated[float, msgspec.Meta(ge=-_DBL_MAX, le=_DBL_MAX)]
+"""A finite float (an int is accepted too); NaN and infinities are refused (reason ``nonfinite``)."""
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0, le=_DBL_MAX)]
+"""A finite float >= 0."""
+Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+"""An int64 (not a bool)."""
+NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+"""An int64 >= 0."""
+Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_LEN)]
+"""A peer, host or role id."""
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT_LEN)]
+"""Free text (reasons, statuses, ...)."""
+Ids = Annotated[tuple[Id, ...], _LEN]
+"""A list of ids (a tuple in Python)."""
+
+
+class Arr:
+    """What an array field holds: ``Annotated[np.ndarray, Arr("float64", 2)]`` is a float64 array of
+    2 dimensions (no ``ndim``: any number). Checked by :meth:`Record.__post_init__`."""
+
+    __slots__ = ("dtype", "ndim")
+
+    def __init__(self, dtype: str, *ndim: int) -> None:
+        if dtype not in ARRAY_DTYPES:
+            raise ValueError(f"arrays of {dtype} cannot travel")
+        self.dtype = np.dtype(dtype)
+        self.ndim = ndim
+
+
+def check_array(name: str, a: Any, spec: Arr) -> None:
+    """ProtocolError("body") unless ``a`` is an array as ``spec`` says."""
+    if not isinstance(a, np.ndarray):
+        raise ProtocolError("body", f"{name}: expected a {spec.dtype.name} array, got {type(a).__name__}")
+    if a.dtype != spec.dtype:
+        raise ProtocolError("body", f"{name}: expected a {spec.dtype.name} array, got {a.dtype.name}")
+    if spec.ndim and a.ndim not in spec.ndim:
+        raise ProtocolError("body", f"{name}: expected {'/'.join(map(str, spec.ndim))} dimensions, got shape {a.shape}")
+
+
+def check_arrays(name: str, arrays: Mapping[str, Any], spec: Arr) -> None:
+    """:func:`check_array` on every value of a map of arrays."""
+    for key, a in arrays.items():
+        check_array(f"{name}.{key}", a, spec)
+
+
+F1 = Annotated[np.ndarray, Arr("float64", 1)]
+"""A float64 vector (hours, ...)."""
+F2 = Annotated[np.ndarray, Arr("float64", 2)]
+"""A float64 matrix (partners x hours, ...)."""
+FN = Annotated[np.ndarray, Arr("float64")]
+"""A float64 array of any number of dimensions."""
+I1 = Annotated[np.ndarray, Arr("int64", 1)]
+"""An int64 vector."""
+I2 = Annotated[np.ndarray, Arr("int64", 2)]
+"""An int64 matrix."""
+Arrays = Annotated[dict[Id, FN], _LEN]
+"""Named float64 arrays."""
+
+
+def _arrays_of(cls: type) -> tuple[tuple[str, Arr, bool], ...]:
+    """(field name, array spec, may be None) of every array field of a Struct class."""
+    out = []
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        if name not in cls.__struct_fields__:
+            continue
+        optional = False
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional, hint = True, args[0] if len(args) == 1 else hint
+        if typing.get_origin(hint) is Annotated:
+            spec = next((m for m in hint.__metadata__ if isinstance(m, Arr)), None)
+            if spec is not None:
+                out.append((name, spec, optional))
+    return tuple(out)
+
+
+_ARRAY_FIELDS: dict[type, tuple[tuple[str, Arr, bool], ...]] = {}
+
+
+class Record(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True, eq=False):
+    """Base of every message and of the records inside messages.
+
+    After construction and after decoding, :meth:`__post_init__` checks the array fields' dtypes
+    and dimensions (their :class:`Arr`) and then :meth:`check`, the cross-field consistency; both
+    raise ``ProtocolError("body")``.
+    """
+
+    def __post_init__(self) -> None:
+        cls = type(self)
+        fields = _ARRAY_FIELDS.get(cls)
+        if fields is None:
+            fields = _ARRAY_FIELDS[cls] = _arrays_of(cls)
+        for name, spec, optional in fields:
+            a = getattr(self, name)
+            if a is not None or not optional:
+                check_array(name, a, spec)
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field consistency; raises ``ProtocolError("body", ...)``."""
+
+
+class Message(Record, frozen=True, forbid_unknown_fields=True, omit_defaults=True, eq=False):
+    """Base of the message types. ``TYPE`` is the envelope's type (the tag) of the message."""
+
+    TYPE: ClassVar[MsgType]
+    FREE: ClassVar[tuple[str, ...]] = ()
+    """Fields holding free-form plain values (``Any``), which the codec scans (depth, finiteness)."""
+
+    def envelope(self, *, run_id: str, sender: str, iteration: int = 0) -> Envelope:
+        """This message in an envelope of the current protocol version."""
+        return Envelope(PROTOCOL_VERSION, run_id, sender, self.TYPE, iteration, self)
+
+    @classmethod
+    def from_envelope(cls, env: Envelope) -> Self:
+        """The typed message carried by ``env``; ProtocolError("type") if it is another type."""
+        if env.type != cls.TYPE:
+            raise ProtocolError("type", f"expected {cls.TYPE.value}, got {env.type.value}")
+        return env.body
+
+    def to_body(self) -> dict[str, Any]:
+        """The body as it travels, as plain values (maps, lists, arrays)."""
+        from common.codec import plain_body
+
+        return plain_body(self)
+
+
+class Envelope(msgspec.Struct, frozen=True, eq=False):
     """One message: who sent it, in which run, of which type, at which ADMM iteration, and its body.
 
     ``iteration`` is the ADMM iteration the message belongs to (0 for control messages and before the
-    first round); receivers drop messages of another iteration as stale. ``body`` is validated against
-    ``SCHEMAS[type]``.
+    first round); receivers drop messages of another iteration as stale. ``body`` is the typed
+    message (a :class:`Message` of type ``type``).
     """
 
     version: int
@@ -112,249 +251,40 @@ class Envelope:
     sender: str
     type: MsgType
     iteration: int
-    body: dict[str, Any] = field(default_factory=dict)
+    body: Message
 
 
 def make_envelope(
-    type: MsgType, body: Mapping[str, Any] | None = None, *, run_id: str, sender: str, iteration: int = 0
+    type: MsgType, body: Message | Mapping[str, Any] | None = None, *, run_id: str, sender: str, iteration: int = 0
 ) -> Envelope:
-    """An :class:`Envelope` of the current :data:`PROTOCOL_VERSION`."""
-    return Envelope(PROTOCOL_VERSION, run_id, sender, MsgType(type), int(iteration), dict(body or {}))
+    """An :class:`Envelope` of the current :data:`PROTOCOL_VERSION`. ``body`` is the typed message,
+    or a map of its fields (converted and checked: ProtocolError "body" or "nonfinite" if it does not fit)."""
+    mtype = MsgType(type)
+    if not isinstance(body, Message):
+        from common.codec import body_from_plain
 
-
-# --------------------------------------------------------------------------------------------------
-# Schema language: small, explicit, checked by common.codec.validate_body.
-# --------------------------------------------------------------------------------------------------
-
-
-class Spec:
-    """Base of the value specifications below."""
-
-    def check(self, value: Any, path: str) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    @staticmethod
-    def fail(path: str, what: str) -> ProtocolError:
-        return ProtocolError("body", f"{path}: {what}")
-
-
-@dataclass(frozen=True)
-class Str(Spec):
-    """A str, optionally one of ``choices``, at most ``max_len`` characters."""
-
-    choices: tuple[str, ...] = ()
-    max_len: int = 1 << 20
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, str):
-            raise self.fail(path, f"expected str, got {type(value).__name__}")
-        if len(value) > self.max_len:
-            raise self.fail(path, f"str longer than {self.max_len}")
-        if self.choices and value not in self.choices:
-            raise self.fail(path, f"{value!r} is not one of {list(self.choices)}")
-
-
-@dataclass(frozen=True)
-class Int(Spec):
-    """An int (not a bool) within ``[min, max]``; int64 range by default."""
-
-    min: int = -(2**63)
-    max: int = 2**63 - 1
-
-    def check(self, value: Any, path: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(path, f"expected int, got {type(value).__name__}")
-        if not self.min <= value <= self.max:
-            raise self.fail(path, f"{value} outside [{self.min}, {self.max}]")
-
-
-@dataclass(frozen=True)
-class Float(Spec):
-    """A finite float (an int is accepted too) not below ``min``."""
-
-    min: float = -math.inf
-
-    def check(self, value: Any, path: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(path, f"expected float, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise ProtocolError("nonfinite", path)
-        if value < self.min:
-            raise self.fail(path, f"{value} below {self.min}")
-
-
-@dataclass(frozen=True)
-class Bool(Spec):
-    """A bool."""
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, bool):
-            raise self.fail(path, f"expected bool, got {type(value).__name__}")
-
-
-_DTYPES = {"float64": np.dtype("float64"), "int64": np.dtype("int64"), "bool": np.dtype("bool")}
-
-
-@dataclass(frozen=True)
-class Array(Spec):
-    """A numpy array of dtype ``dtype`` with a number of dimensions in ``ndim`` (empty: any)."""
-
-    dtype: str = "float64"
-    ndim: tuple[int, ...] = ()
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, np.ndarray):
-            raise self.fail(path, f"expected {self.dtype} array, got {type(value).__name__}")
-        if value.dtype != _DTYPES[self.dtype]:  # dtype equality is much cheaper than dtype.name
-            raise self.fail(path, f"expected {self.dtype} array, got {value.dtype.name}")
-        if self.ndim and value.ndim not in self.ndim:
-            raise self.fail(path, f"expected an array with ndim in {list(self.ndim)}, got shape {value.shape}")
-        # finiteness of float arrays is checked once, by the codec's scan of every decoded body
-
-
-@dataclass(frozen=True)
-class ListOf(Spec):
-    """A list whose items all match ``item``."""
-
-    item: Spec
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, list):
-            raise self.fail(path, f"expected list, got {type(value).__name__}")
-        for i, v in enumerate(value):
-            self.item.check(v, f"{path}[{i}]")
-
-
-@dataclass(frozen=True)
-class MapOf(Spec):
-    """A map from str keys (peer ids, array names, ...) to values matching ``value``."""
-
-    value: Spec
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, dict):
-            raise self.fail(path, f"expected map, got {type(value).__name__}")
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise self.fail(path, f"map key {k!r} is not a str")
-            self.value.check(v, f"{path}.{k}")
-
-
-@dataclass(frozen=True)
-class AnyValue(Spec):
-    """Any plain msgpack value (the codec has already checked types, depth and finiteness)."""
-
-    def check(self, value: Any, path: str) -> None:
-        return None
-
-
-@dataclass(frozen=True)
-class Record(Spec):
-    """A map with named ``required`` and ``optional`` fields and no others.
-
-    ``check`` (optional) receives the record after its fields passed and returns an error text for
-    a cross-field inconsistency (e.g. two arrays whose shapes disagree), or None.
-    """
-
-    required: Mapping[str, Spec] = field(default_factory=dict)
-    optional: Mapping[str, Spec] = field(default_factory=dict)
-    check_fn: Callable[[dict[str, Any]], str | None] | None = None
-
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, dict):
-            raise self.fail(path, f"expected map, got {type(value).__name__}")
-        for name, spec in self.required.items():
-            if name not in value:
-                raise self.fail(path, f"missing field {name!r}")
-            spec.check(value[name], f"{path}.{name}")
-        for name, spec in self.optional.items():
-            if value.get(name) is not None:
-                spec.check(value[name], f"{path}.{name}")
-        unknown = [k for k in value if k not in self.required and k not in self.optional]
-        if unknown:
-            raise self.fail(path, f"unknown field(s) {sorted(map(str, unknown))}")
-        if self.check_fn is not None:
-            error = self.check_fn(value)
-            if error:
-                raise self.fail(path, error)
-
-    @property
-    def fields(self) -> dict[str, tuple[Spec, bool]]:
-        """Every field name with its spec and whether it is required."""
-        out = {k: (v, True) for k, v in self.required.items()}
-        out.update({k: (v, False) for k, v in self.optional.items()})
-        return out
-
-
-def float_array(*ndim: int) -> Array:
-    """A float64 array spec with the given numbers of dimensions."""
-    return Array("float64", tuple(ndim))
-
-
-# --------------------------------------------------------------------------------------------------
-# Typed messages
-# --------------------------------------------------------------------------------------------------
-
-
-class Message:
-    """Base of the typed frozen message definitions: a thin ``to_body``/``from_body`` pair.
-
-    ``from_body`` expects a body that the codec has already validated against ``SCHEMAS[TYPE]``.
-    """
-
-    TYPE: ClassVar[MsgType]
-
-    def to_body(self) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Self:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def envelope(self, *, run_id: str, sender: str, iteration: int = 0) -> Envelope:
-        """This message in an envelope of the current protocol version."""
-        return make_envelope(self.TYPE, self.to_body(), run_id=run_id, sender=sender, iteration=iteration)
-
-    @classmethod
-    def from_envelope(cls, env: Envelope) -> Self:
-        """The typed message carried by ``env``; ProtocolError("type") if it is another type."""
-        if env.type != cls.TYPE:
-            raise ProtocolError("type", f"expected {cls.TYPE.value}, got {env.type.value}")
-        return cls.from_body(env.body)
-
-
-def f64(value: Any) -> np.ndarray:
-    """``value`` as a C-contiguous float64 numpy array (a helper for ``to_body``)."""
-    return np.ascontiguousarray(value, dtype=np.float64)
+        body = body_from_plain(mtype, dict(body or {}))
+    return Envelope(PROTOCOL_VERSION, run_id, sender, mtype, int(iteration), body)
 
 
 # The message-set modules import the names above, so they are imported last.
 from common.protocol import control, frequency, grid, market  # noqa: E402
 
-SCHEMAS: dict[MsgType, Record] = {
-    **control.SCHEMAS,
-    **market.SCHEMAS,
-    **grid.SCHEMAS,
-    **frequency.SCHEMAS,
-}
-"""Body schema of every message type: the single definition the codec validates against."""
-
 MESSAGES: dict[MsgType, type[Message]] = {
-    **control.MESSAGES,
-    **market.MESSAGES,
-    **grid.MESSAGES,
-    **frequency.MESSAGES,
+    cls.TYPE: cls
+    for module in (control, market, grid, frequency)
+    for cls in vars(module).values()
+    if isinstance(cls, type) and issubclass(cls, Message) and cls.__module__ == module.__name__
 }
-"""The typed definition of every message type (for ``parse``)."""
+"""The message type of every envelope type: the tagged union the codec decodes into."""
 
-_missing = set(MsgType) - set(SCHEMAS)
-if _missing or set(MESSAGES) != set(SCHEMAS):  # pragma: no cover - a programming error
-    raise RuntimeError(f"message types without schema or typed definition: {sorted(_missing)}")
+if set(MESSAGES) != set(MsgType):  # pragma: no cover - a programming error
+    raise RuntimeError(f"message types without a definition: {sorted(set(MsgType) - set(MESSAGES))}")
 
 
 def parse(env: Envelope) -> Message:
-    """The typed message carried by a validated envelope."""
-    return MESSAGES[env.type].from_body(env.body)
+    """The typed message carried by a decoded envelope (its body)."""
+    return env.body
 
 
 __all__ = [
@@ -364,27 +294,31 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_ID_LEN",
     "MAX_MESSAGE_BYTES",
+    "MAX_TEXT_LEN",
     "MESSAGES",
     "PROTOCOL_VERSION",
     "REASONS",
-    "SCHEMAS",
-    "AnyValue",
-    "Array",
-    "Bool",
+    "Arr",
     "Envelope",
+    "F1",
+    "F2",
+    "FN",
     "Float",
+    "I1",
+    "I2",
+    "Id",
+    "Ids",
     "Int",
-    "ListOf",
-    "MapOf",
     "Message",
     "MsgType",
+    "NonNegFloat",
+    "NonNegInt",
     "ProtocolError",
     "Record",
-    "Spec",
-    "Str",
+    "Text",
+    "check_array",
+    "check_arrays",
     "control",
-    "f64",
-    "float_array",
     "frequency",
     "grid",
     "make_envelope",

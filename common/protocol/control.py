@@ -1,6 +1,5 @@
-"""Control dialog: registration, configuration, errors, liveness, shutdown.
+"""Control dialog: registration, configuration, shutdown.
 
-The chatty part of the protocol (STYLE "Contracts first"): an ERROR here is answered, not dropped.
 Control messages carry iteration 0 unless they concern a given ADMM iteration.
 
 HELLO (role -> coordinator)
@@ -11,155 +10,53 @@ HELLO (role -> coordinator)
     (``public_keys``) for the masked cost sums (``common.secagg``).
 WELCOME (coordinator -> role)
     ``config``: map, the run settings the role needs (free-form plain msgpack values).
-ERROR (either way)
-    ``code``: str, short machine-readable code (e.g. "unknown_peer", "solver_failed"); ``text``: str.
 SHUTDOWN (coordinator -> role)
     ``reason``: str (e.g. "done", "aborted: peer p7 lost").
-HEARTBEAT (either way)
-    empty body; application-level liveness (ZMQ heartbeats do not notice a process stuck in Python).
 READY (role -> coordinator)
     empty body; the role has built its models and waits for rounds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
-from common.protocol import AnyValue, Int, ListOf, MapOf, Message, MsgType, Record, Str
+import msgspec
 
-ROLES = ("peer", "dso", "tso")
+from common.protocol import MAX_CONTAINER_LEN, Id, Ids, Message, MsgType, NonNegInt, Text
+
+Role = Literal["peer", "dso", "tso"]
+Address = Annotated[str, msgspec.Meta(max_length=1024)]
+PublicKeys = Annotated[dict[Id, Annotated[str, msgspec.Meta(max_length=64)]], msgspec.Meta(max_length=MAX_CONTAINER_LEN)]
 
 
-@dataclass(frozen=True)
-class Hello(Message):
+class Hello(Message, frozen=True, eq=True):
     """A role registers with the coordinator."""
 
     TYPE: ClassVar[MsgType] = MsgType.HELLO
-    role: str
-    peer_ids: tuple[str, ...]
-    pid: int
-    host: str
-    address: str | None = None
-    public_keys: dict[str, str] | None = None  # host name -> X25519 public key (hex), for masked cost sums
-
-    def to_body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "role": self.role,
-            "peer_ids": list(self.peer_ids),
-            "pid": int(self.pid),
-            "host": self.host,
-        }
-        if self.address is not None:
-            body["address"] = self.address
-        if self.public_keys is not None:
-            body["public_keys"] = dict(self.public_keys)
-        return body
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Hello:
-        keys = body.get("public_keys")
-        return cls(body["role"], tuple(body["peer_ids"]), body["pid"], body["host"], body.get("address"),
-                   dict(keys) if keys is not None else None)
+    role: Role
+    peer_ids: Ids
+    pid: NonNegInt
+    host: Address
+    address: Address | None = None
+    public_keys: PublicKeys | None = None  # host name -> X25519 public key (hex), for masked cost sums
 
 
-@dataclass(frozen=True, eq=False)
-class Welcome(Message):
+class Welcome(Message, frozen=True):
     """The coordinator accepts a role and hands it the run settings."""
 
     TYPE: ClassVar[MsgType] = MsgType.WELCOME
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def to_body(self) -> dict[str, Any]:
-        return {"config": dict(self.config)}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Welcome:
-        return cls(dict(body["config"]))
+    FREE: ClassVar[tuple[str, ...]] = ("config",)
+    config: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class Error(Message):
-    """An error answered in the control dialog."""
-
-    TYPE: ClassVar[MsgType] = MsgType.ERROR
-    code: str
-    text: str
-
-    def to_body(self) -> dict[str, Any]:
-        return {"code": self.code, "text": self.text}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Error:
-        return cls(body["code"], body["text"])
-
-
-@dataclass(frozen=True)
-class Shutdown(Message):
+class Shutdown(Message, frozen=True, eq=True):
     """Stop: the receiver exits cleanly."""
 
     TYPE: ClassVar[MsgType] = MsgType.SHUTDOWN
-    reason: str
-
-    def to_body(self) -> dict[str, Any]:
-        return {"reason": self.reason}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Shutdown:
-        return cls(body["reason"])
+    reason: Text
 
 
-@dataclass(frozen=True)
-class Heartbeat(Message):
-    """Application-level liveness."""
-
-    TYPE: ClassVar[MsgType] = MsgType.HEARTBEAT
-
-    def to_body(self) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Heartbeat:
-        return cls()
-
-
-@dataclass(frozen=True)
-class Ready(Message):
+class Ready(Message, frozen=True, eq=True):
     """The role is ready for rounds."""
 
     TYPE: ClassVar[MsgType] = MsgType.READY
-
-    def to_body(self) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Ready:
-        return cls()
-
-
-SCHEMAS: dict[MsgType, Record] = {
-    MsgType.HELLO: Record(
-        required={
-            "role": Str(choices=ROLES),
-            "peer_ids": ListOf(Str(max_len=256)),
-            "pid": Int(min=0),
-            "host": Str(max_len=1024),
-        },
-        optional={"address": Str(max_len=1024), "public_keys": MapOf(Str(max_len=64))},
-    ),
-    MsgType.WELCOME: Record(required={"config": MapOf(AnyValue())}),
-    MsgType.ERROR: Record(required={"code": Str(max_len=256), "text": Str()}),
-    MsgType.SHUTDOWN: Record(required={"reason": Str()}),
-    MsgType.HEARTBEAT: Record(),
-    MsgType.READY: Record(),
-}
-
-MESSAGES: dict[MsgType, type[Message]] = {
-    MsgType.HELLO: Hello,
-    MsgType.WELCOME: Welcome,
-    MsgType.ERROR: Error,
-    MsgType.SHUTDOWN: Shutdown,
-    MsgType.HEARTBEAT: Heartbeat,
-    MsgType.READY: Ready,
-}

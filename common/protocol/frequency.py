@@ -10,51 +10,22 @@ FREQ_REQUEST (TSO -> coordinator)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, ClassVar
 
-import numpy as np
+import msgspec
 
-from common.protocol import Int, Message, MsgType, Record, f64, float_array
+from common.protocol import F1, Message, MsgType
 
 
-@dataclass(frozen=True)
-class FreqQuery(Message):
+class FreqQuery(Message, frozen=True, eq=True):
     """Coordinator -> TSO: ask for the frequency-regulation request."""
 
     TYPE: ClassVar[MsgType] = MsgType.FREQ_QUERY
-    hours: int
-
-    def to_body(self) -> dict[str, Any]:
-        return {"hours": int(self.hours)}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> FreqQuery:
-        return cls(body["hours"])
+    hours: Annotated[int, msgspec.Meta(ge=1, le=8784)]
 
 
-@dataclass(frozen=True, eq=False)
-class FreqRequest(Message):
+class FreqRequest(Message, frozen=True):
     """TSO -> coordinator: the virtual load per hour."""
 
     TYPE: ClassVar[MsgType] = MsgType.FREQ_REQUEST
-    virtual_load_mw: np.ndarray
-
-    def to_body(self) -> dict[str, Any]:
-        return {"virtual_load_mw": f64(self.virtual_load_mw)}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> FreqRequest:
-        return cls(body["virtual_load_mw"])
-
-
-SCHEMAS: dict[MsgType, Record] = {
-    MsgType.FREQ_QUERY: Record(required={"hours": Int(min=1, max=8784)}),
-    MsgType.FREQ_REQUEST: Record(required={"virtual_load_mw": float_array(1)}),
-}
-
-MESSAGES: dict[MsgType, type[Message]] = {
-    MsgType.FREQ_QUERY: FreqQuery,
-    MsgType.FREQ_REQUEST: FreqRequest,
-}
+    virtual_load_mw: F1

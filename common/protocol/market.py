@@ -19,13 +19,13 @@ ROUND (coordinator -> peer host; relay topology)
     (default: the reciprocal of ``p_in_mw``)}}. Mesh topology with Anderson acceleration: optional
     ``aa_memory``: int, record this iteration's differences in a memory of this many (the host
     answers the sums in RESIDUALS); optional ``aa_gamma``: (h, memory), the coefficients of each open
-    hour, to extrapolate the host's state from before solving; optional ``aa_rejected``: int64 (r,),
+    hour, to extrapolate the host's state from before solving; with it ``aa_rejected``: int64 (r,),
     the rows of ``aa_gamma`` whose hours take the plain step from their last accepted point.
 UPDATE (peer host -> coordinator; relay topology)
     ``peers``: {peer_id: {``p_out_mw``: (n_partners, h), this peer's new trades in the hours it was
-    asked to solve; ``primal_sq``: (h,), local squared primal residual per hour [MW^2]; ``dual_sq``:
-    (h,), local squared dual residual per hour [MW^2]; ``solve_s``: float, local solve time [s];
-    optional ``status``: str, the solver status ("ok" when absent)}}.
+    asked to solve; ``dual_sq``: (h,), local squared dual residual per hour [MW^2]; ``solve_s``:
+    float, local solve time [s]; optional ``status``: str, the solver status ("ok" when absent)}}
+    (the coordinator computes the primal residual from the trades).
 TRADES (peer host -> peer host; mesh topology; one per pair of hosts and iteration)
     ``from_peers``, ``to_peers``: list[str] (n,), ``p_mw``: (n, h): row i is the trades of
     ``from_peers[i]`` (hosted by the sender) towards ``to_peers[i]`` (hosted by the receiver) in
@@ -38,9 +38,14 @@ RESIDUALS (peer host -> coordinator; mesh topology)
     times the residual; ``aa_f_sq``: (h,), the squared residual.
 RESULT (peer host -> coordinator; at the end)
     ``peers``: {peer_id: {``p_mw``: (hours,), net injection; ``trades_mw``: (n_partners, hours);
-    ``price_eur_per_mwh``: (n_partners, hours), the trades' prices; optional ``partner_ids``:
-    list[str] (n_partners); optional ``q_mvar``: (hours,); optional ``soc_mwh``: (hours,), EV state
-    of charge at the end of each hour; optional ``status``: str}}.
+    ``price_eur_per_mwh``: (n_partners, hours), the trades' prices; ``q_mvar``: (hours,);
+    ``cost_masked_ueur``: int64 (hours,), the peer's share of its host's masked cost sum in
+    micro-euro (only the sum over all peers means anything, ``common.secagg``);
+    optional ``soc_mwh``: (hours,), EV state of charge at the end of each hour; optional
+    ``diff_cost_eur``, ``flex_penalty_eur``: (hours,), and ``trade_fee_eur``: (n_partners, hours),
+    what it paid for product differentiation and flexibility (outer loop)}}; optional ``traffic``:
+    rows [iteration, type, count, bytes] of the messages the host sent outside the coordinator's
+    sight (mesh TRADES).
 PRICE_PROBE (coordinator -> peer host; the pool-price start of a clearing, before the ADMM)
     ``price_eur_per_mwh``: (candidates, hours), candidate prices per hour.
 QUANTITY_SUM (peer host -> coordinator; the answer to a PRICE_PROBE)
@@ -64,534 +69,269 @@ PENALTY (coordinator -> peer host; between outer iterations; from the DSO or TSO
     host, an unknown name or a wrong shape.
 """
 
+
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, ClassVar
 
+import msgspec
 import numpy as np
 
 from common.protocol import (
-    AnyValue,
-    Array,
-    Bool,
-    Int,
-    Float,
-    ListOf,
-    MapOf,
+    F1,
+    F2,
+    FN,
+    I1,
+    I2,
+    MAX_CONTAINER_LEN,
+    Arr,
+    Id,
+    Ids,
     Message,
     MsgType,
+    NonNegFloat,
+    NonNegInt,
+    ProtocolError,
     Record,
-    Str,
-    f64,
-    float_array,
+    check_arrays,
 )
 
 STATUS_OK = "ok"
+Status = Annotated[str, msgspec.Meta(max_length=256)]
+_FLOATS = Arr("float64")
+_LEN = msgspec.Meta(max_length=MAX_CONTAINER_LEN)
+
+
+def _fail(text: str) -> ProtocolError:
+    return ProtocolError("body", text)
+
+
+def _same_shape(what: str, a: np.ndarray | None, b: np.ndarray, b_name: str) -> None:
+    if a is not None and a.shape != b.shape:
+        raise _fail(f"{what} {a.shape} and {b_name} {b.shape} differ in shape")
 
 
 # ------------------------------------------------------------------------------------------- ROUND
 
 
-@dataclass(frozen=True, eq=False)
-class RoundPeer:
+class RoundPeer(Record, frozen=True):
     """What one hosted peer receives in a ROUND."""
 
-    p_in_mw: np.ndarray
-    price_eur_per_mwh: np.ndarray | None = None
-    p_own_mw: np.ndarray | None = None  # the peer's own trades to start from (an accelerated state)
+    p_in_mw: F2
+    price_eur_per_mwh: F2 | None = None
+    p_own_mw: F2 | None = None  # the peer's own trades to start from (an accelerated state)
 
-    def to_body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"p_in_mw": f64(self.p_in_mw)}
-        if self.price_eur_per_mwh is not None:
-            out["price_eur_per_mwh"] = f64(self.price_eur_per_mwh)
-        if self.p_own_mw is not None:
-            out["p_own_mw"] = f64(self.p_own_mw)
-        return out
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> RoundPeer:
-        return cls(body["p_in_mw"], body.get("price_eur_per_mwh"), body.get("p_own_mw"))
+    def check(self) -> None:
+        _same_shape("price_eur_per_mwh", self.price_eur_per_mwh, self.p_in_mw, "p_in_mw")
+        _same_shape("p_own_mw", self.p_own_mw, self.p_in_mw, "p_in_mw")
+        if self.p_own_mw is not None and self.price_eur_per_mwh is None:
+            raise _fail("p_own_mw without price_eur_per_mwh")
 
 
-@dataclass(frozen=True, eq=False)
-class Round(Message):
+class Round(Message, frozen=True):
     """Coordinator -> peer host: start an ADMM iteration (or stop)."""
 
     TYPE: ClassVar[MsgType] = MsgType.ROUND
-    rho: float
+    rho: NonNegFloat
     stop: bool
-    peers: dict[str, RoundPeer] = field(default_factory=dict)
-    hours: np.ndarray | None = None  # the open hours (None: every hour)
+    peers: Annotated[dict[Id, RoundPeer], _LEN]
+    hours: I1 | None = None  # the open hours (None: every hour)
     # mesh Anderson acceleration: record this iteration (memory size), coefficients to extrapolate with
-    aa_memory: int = 0
-    aa_gamma: np.ndarray | None = None  # (open hours, memory)
-    aa_rejected: np.ndarray | None = None  # int64 rows of aa_gamma that take the plain step
+    aa_memory: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
+    aa_gamma: F2 | None = None  # (open hours, memory)
+    aa_rejected: I1 | None = None  # rows of aa_gamma that take the plain step
 
-    def to_body(self) -> dict[str, Any]:
-        body = {
-            "rho": float(self.rho),
-            "stop": bool(self.stop),
-            "peers": {k: v.to_body() for k, v in self.peers.items()},
-        }
-        if self.hours is not None:
-            body["hours"] = np.ascontiguousarray(self.hours, dtype=np.int64)
-        if self.aa_memory:
-            body["aa_memory"] = int(self.aa_memory)
-        if self.aa_gamma is not None:
-            body["aa_gamma"] = f64(self.aa_gamma)
-            body["aa_rejected"] = np.ascontiguousarray(self.aa_rejected if self.aa_rejected is not None else [],
-                                                       dtype=np.int64)
-        return body
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Round:
-        peers = {k: RoundPeer.from_body(v) for k, v in body["peers"].items()}
-        return cls(float(body["rho"]), body["stop"], peers, body.get("hours"), int(body.get("aa_memory", 0)),
-                   body.get("aa_gamma"), body.get("aa_rejected"))
+    def check(self) -> None:
+        h = self.hours
+        if h is not None and (h.size == 0 or h[0] < 0 or np.any(np.diff(h) <= 0)):
+            raise _fail("hours must be increasing, non-negative and not empty")
+        gamma, rejected = self.aa_gamma, self.aa_rejected
+        if (gamma is None) != (rejected is None):
+            raise _fail("aa_gamma and aa_rejected go together")
+        if gamma is not None and (np.any(rejected < 0) or np.any(rejected >= gamma.shape[0])):
+            raise _fail(f"aa_rejected rows outside the {gamma.shape[0]} rows of aa_gamma")
 
 
-# ------------------------------------------------------------------------------------------ UPDATE
+# ------------------------------------------------------------------------------- UPDATE / RESIDUALS
 
 
-@dataclass(frozen=True, eq=False)
-class UpdatePeer:
+def _check_residuals(dual_sq: np.ndarray, primal_sq: np.ndarray | None = None) -> None:
+    _same_shape("primal_sq", primal_sq, dual_sq, "dual_sq")
+    if np.any(dual_sq < 0) or (primal_sq is not None and np.any(primal_sq < 0)):
+        raise _fail("a negative squared residual")
+
+
+class UpdatePeer(Record, frozen=True):
     """One hosted peer's answer to a ROUND."""
 
-    p_out_mw: np.ndarray
-    primal_sq: np.ndarray  # (h,) per solved hour
-    dual_sq: np.ndarray  # (h,) per solved hour
-    solve_s: float
-    status: str = STATUS_OK
+    p_out_mw: F2
+    dual_sq: F1  # (h,) per solved hour
+    solve_s: NonNegFloat
+    status: Status = STATUS_OK
 
-    def to_body(self) -> dict[str, Any]:
-        return {
-            "p_out_mw": f64(self.p_out_mw),
-            "primal_sq": f64(np.atleast_1d(self.primal_sq)),
-            "dual_sq": f64(np.atleast_1d(self.dual_sq)),
-            "solve_s": float(self.solve_s),
-            "status": self.status,
-        }
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> UpdatePeer:
-        return cls(
-            body["p_out_mw"],
-            body["primal_sq"],
-            body["dual_sq"],
-            float(body["solve_s"]),
-            body.get("status") or STATUS_OK,
-        )
+    def check(self) -> None:
+        if self.p_out_mw.shape[1:] != self.dual_sq.shape:
+            raise _fail(f"p_out_mw {self.p_out_mw.shape} and dual_sq {self.dual_sq.shape} cover different hours")
+        _check_residuals(self.dual_sq)
 
 
-@dataclass(frozen=True, eq=False)
-class Update(Message):
+class Update(Message, frozen=True):
     """Peer host -> coordinator: the hosted peers' new trades and local residuals."""
 
     TYPE: ClassVar[MsgType] = MsgType.UPDATE
-    peers: dict[str, UpdatePeer] = field(default_factory=dict)
+    peers: Annotated[dict[Id, UpdatePeer], _LEN]
 
-    def to_body(self) -> dict[str, Any]:
-        return {"peers": {k: v.to_body() for k, v in self.peers.items()}}
 
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Update:
-        return cls({k: UpdatePeer.from_body(v) for k, v in body["peers"].items()})
+class ResidualsPeer(Record, frozen=True):
+    """One hosted peer's local residuals per solved hour (mesh topology)."""
+
+    primal_sq: F1  # (h,)
+    dual_sq: F1  # (h,)
+    solve_s: NonNegFloat
+    status: Status = STATUS_OK
+
+    def check(self) -> None:
+        _check_residuals(self.dual_sq, self.primal_sq)
+
+
+class Residuals(Message, frozen=True):
+    """Peer host -> coordinator (mesh topology): local residuals of the hosted peers."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RESIDUALS
+    peers: Annotated[dict[Id, ResidualsPeer], _LEN]
+    # Anderson acceleration (when the ROUND asked): the host's sums per solved hour
+    aa_col: F2 | None = None  # (h, memory)
+    aa_rhs: F2 | None = None  # (h, memory)
+    aa_f_sq: F1 | None = None  # (h,)
+
+    def check(self) -> None:
+        parts = (self.aa_col, self.aa_rhs, self.aa_f_sq)
+        if any(p is None for p in parts) and any(p is not None for p in parts):
+            raise _fail("aa_col, aa_rhs and aa_f_sq go together")
+        col, rhs, f_sq = parts
+        if col is not None and (col.shape != rhs.shape or col.shape[0] != f_sq.shape[0] or np.any(f_sq < 0)):
+            raise _fail(f"aa_col {col.shape}, aa_rhs {rhs.shape} and aa_f_sq {f_sq.shape} do not match")
 
 
 # ------------------------------------------------------------------------------------------ TRADES
 
 
-@dataclass(frozen=True, eq=False)
-class Trades(Message):
+class Trades(Message, frozen=True):
     """Peer host -> peer host (mesh topology): every trade of the sender's peers towards the
     receiver's peers, row i from ``from_peers[i]`` to ``to_peers[i]``."""
 
     TYPE: ClassVar[MsgType] = MsgType.TRADES
-    from_peers: tuple[str, ...]
-    to_peers: tuple[str, ...]
-    p_mw: np.ndarray  # (n, h)
+    from_peers: Ids
+    to_peers: Ids
+    p_mw: F2  # (n, h)
 
-    def to_body(self) -> dict[str, Any]:
-        return {"from_peers": list(self.from_peers), "to_peers": list(self.to_peers), "p_mw": f64(self.p_mw)}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Trades:
-        return cls(tuple(body["from_peers"]), tuple(body["to_peers"]), body["p_mw"])
-
-
-# --------------------------------------------------------------------------------------- RESIDUALS
-
-
-@dataclass(frozen=True, eq=False)
-class ResidualsPeer:
-    """One hosted peer's local residuals per solved hour (mesh topology)."""
-
-    primal_sq: np.ndarray  # (h,)
-    dual_sq: np.ndarray  # (h,)
-    solve_s: float
-    status: str = STATUS_OK
-
-    def to_body(self) -> dict[str, Any]:
-        return {
-            "primal_sq": f64(np.atleast_1d(self.primal_sq)),
-            "dual_sq": f64(np.atleast_1d(self.dual_sq)),
-            "solve_s": float(self.solve_s),
-            "status": self.status,
-        }
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> ResidualsPeer:
-        return cls(
-            body["primal_sq"],
-            body["dual_sq"],
-            float(body["solve_s"]),
-            body.get("status") or STATUS_OK,
-        )
-
-
-@dataclass(frozen=True, eq=False)
-class Residuals(Message):
-    """Peer host -> coordinator (mesh topology): local residuals of the hosted peers."""
-
-    TYPE: ClassVar[MsgType] = MsgType.RESIDUALS
-    peers: dict[str, ResidualsPeer] = field(default_factory=dict)
-    # Anderson acceleration (when the ROUND asked): the host's sums per solved hour
-    aa_col: np.ndarray | None = None  # (h, memory)
-    aa_rhs: np.ndarray | None = None  # (h, memory)
-    aa_f_sq: np.ndarray | None = None  # (h,)
-
-    def to_body(self) -> dict[str, Any]:
-        body = {"peers": {k: v.to_body() for k, v in self.peers.items()}}
-        if self.aa_col is not None:
-            body.update(aa_col=f64(self.aa_col), aa_rhs=f64(self.aa_rhs), aa_f_sq=f64(self.aa_f_sq))
-        return body
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Residuals:
-        return cls({k: ResidualsPeer.from_body(v) for k, v in body["peers"].items()}, body.get("aa_col"),
-                   body.get("aa_rhs"), body.get("aa_f_sq"))
+    def check(self) -> None:
+        n = len(self.from_peers)
+        if len(self.to_peers) != n or self.p_mw.shape[0] != n or n == 0:
+            raise _fail(f"{n} senders, {len(self.to_peers)} receivers and {self.p_mw.shape[0]} rows of trades")
 
 
 # ------------------------------------------------------------------------------------------ RESULT
 
 
-@dataclass(frozen=True, eq=False)
-class ResultPeer:
+class ResultPeer(Record, frozen=True):
     """One hosted peer's final dispatch, trades and prices."""
 
-    p_mw: np.ndarray
-    trades_mw: np.ndarray
-    price_eur_per_mwh: np.ndarray
-    partner_ids: tuple[str, ...] | None = None
-    q_mvar: np.ndarray | None = None
-    soc_mwh: np.ndarray | None = None
-    status: str = STATUS_OK
+    p_mw: F1
+    trades_mw: F2
+    price_eur_per_mwh: F2
+    q_mvar: F1
     # (hours,) the peer's own cost C_n(P_n) in micro-euro plus its secure-aggregation mask (int64,
     # wrapping): only the sum over all peers means anything (common.secagg)
-    cost_masked_ueur: np.ndarray | None = None
-    diff_cost_eur: np.ndarray | None = None  # (hours,) product-differentiation cost it paid (outer loop)
-    flex_penalty_eur: np.ndarray | None = None  # (hours,) beta times the extra flexibility it offered (outer loop)
-    trade_fee_eur: np.ndarray | None = None  # (partners, hours) the differentiation fee it paid on each trade
+    cost_masked_ueur: I1
+    soc_mwh: F1 | None = None  # (hours,) EV state of charge at the end of each hour
+    diff_cost_eur: F1 | None = None  # (hours,) product-differentiation cost it paid (outer loop)
+    flex_penalty_eur: F1 | None = None  # (hours,) beta times the extra flexibility it offered (outer loop)
+    trade_fee_eur: F2 | None = None  # (partners, hours) the differentiation fee it paid on each trade
 
-    def to_body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "p_mw": f64(self.p_mw),
-            "trades_mw": f64(self.trades_mw),
-            "price_eur_per_mwh": f64(self.price_eur_per_mwh),
-            "status": self.status,
-        }
-        if self.partner_ids is not None:
-            out["partner_ids"] = list(self.partner_ids)
-        if self.q_mvar is not None:
-            out["q_mvar"] = f64(self.q_mvar)
-        if self.soc_mwh is not None:
-            out["soc_mwh"] = f64(self.soc_mwh)
-        if self.cost_masked_ueur is not None:
-            out["cost_masked_ueur"] = np.ascontiguousarray(self.cost_masked_ueur, dtype=np.int64)
-        for name in ("diff_cost_eur", "flex_penalty_eur", "trade_fee_eur"):
-            if getattr(self, name) is not None:
-                out[name] = f64(getattr(self, name))
-        return out
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> ResultPeer:
-        partners = body.get("partner_ids")
-        return cls(
-            body["p_mw"],
-            body["trades_mw"],
-            body["price_eur_per_mwh"],
-            tuple(partners) if partners is not None else None,
-            body.get("q_mvar"),
-            body.get("soc_mwh"),
-            body.get("status") or STATUS_OK,
-            body.get("cost_masked_ueur"),
-            body.get("diff_cost_eur"),
-            body.get("flex_penalty_eur"),
-            body.get("trade_fee_eur"),
-        )
+    def check(self) -> None:
+        p, trades = self.p_mw, self.trades_mw
+        _same_shape("trades_mw", trades, self.price_eur_per_mwh, "price_eur_per_mwh")
+        _same_shape("trade_fee_eur", self.trade_fee_eur, trades, "trades_mw")
+        if trades.shape[1] != p.shape[0]:
+            raise _fail(f"trades_mw has {trades.shape[1]} hours, p_mw {p.shape[0]}")
+        for name in ("q_mvar", "cost_masked_ueur", "soc_mwh", "diff_cost_eur", "flex_penalty_eur"):
+            _same_shape(name, getattr(self, name), p, "p_mw")
 
 
-@dataclass(frozen=True, eq=False)
-class Result(Message):
+TrafficRow = tuple[NonNegInt, Annotated[str, msgspec.Meta(max_length=64)], NonNegInt, NonNegInt]
+
+
+class Result(Message, frozen=True):
     """Peer host -> coordinator at the end of the run."""
 
     TYPE: ClassVar[MsgType] = MsgType.RESULT
-    peers: dict[str, ResultPeer] = field(default_factory=dict)
+    peers: Annotated[dict[Id, ResultPeer], _LEN]
     # messages the host sent outside the coordinator's sight (mesh trades): rows of
     # [iteration, type, count, bytes]
-    traffic: tuple[tuple[int, str, int, int], ...] = ()
-
-    def to_body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"peers": {k: v.to_body() for k, v in self.peers.items()}}
-        if self.traffic:
-            body["traffic"] = [[int(i), str(t), int(c), int(b)] for i, t, c, b in self.traffic]
-        return body
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Result:
-        return cls({k: ResultPeer.from_body(v) for k, v in body["peers"].items()},
-                   tuple(tuple(row) for row in body.get("traffic") or ()))
+    traffic: Annotated[tuple[TrafficRow, ...], _LEN] = ()
 
 
 # ------------------------------------------------------------------------- PRICE_PROBE / QUANTITY
 
 
-@dataclass(frozen=True, eq=False)
-class PriceProbe(Message):
+class PriceProbe(Message, frozen=True):
     """Coordinator -> peer host: what would your peers inject at these prices (candidates x hours)?"""
 
     TYPE: ClassVar[MsgType] = MsgType.PRICE_PROBE
-    price_eur_per_mwh: np.ndarray
-
-    def to_body(self) -> dict[str, Any]:
-        return {"price_eur_per_mwh": f64(self.price_eur_per_mwh)}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> PriceProbe:
-        return cls(body["price_eur_per_mwh"])
+    price_eur_per_mwh: F2
 
 
-@dataclass(frozen=True, eq=False)
-class QuantitySum(Message):
+class QuantitySum(Message, frozen=True):
     """Peer host -> coordinator: its peers' best responses, summed and masked."""
 
     TYPE: ClassVar[MsgType] = MsgType.QUANTITY_SUM
-    q_low_masked: np.ndarray
-    q_high_masked: np.ndarray
+    q_low_masked: I2
+    q_high_masked: I2
 
-    def to_body(self) -> dict[str, Any]:
-        return {"q_low_masked": np.ascontiguousarray(self.q_low_masked, dtype=np.int64),
-                "q_high_masked": np.ascontiguousarray(self.q_high_masked, dtype=np.int64)}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> QuantitySum:
-        return cls(body["q_low_masked"], body["q_high_masked"])
+    def check(self) -> None:
+        _same_shape("q_low_masked", self.q_low_masked, self.q_high_masked, "q_high_masked")
 
 
-@dataclass(frozen=True, eq=False)
-class PoolPrice(Message):
+class PoolPrice(Message, frozen=True):
     """Coordinator -> peer host: the settled pool price and how to take the starting injection."""
 
     TYPE: ClassVar[MsgType] = MsgType.POOL_PRICE
-    price_a_eur_per_mwh: np.ndarray
-    price_b_eur_per_mwh: np.ndarray
-    share: np.ndarray
+    price_a_eur_per_mwh: F1
+    price_b_eur_per_mwh: F1
+    share: F1
 
-    def to_body(self) -> dict[str, Any]:
-        return {"price_a_eur_per_mwh": f64(self.price_a_eur_per_mwh),
-                "price_b_eur_per_mwh": f64(self.price_b_eur_per_mwh), "share": f64(self.share)}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> PoolPrice:
-        return cls(body["price_a_eur_per_mwh"], body["price_b_eur_per_mwh"], body["share"])
+    def check(self) -> None:
+        _same_shape("price_a_eur_per_mwh", self.price_a_eur_per_mwh, self.share, "share")
+        _same_shape("price_b_eur_per_mwh", self.price_b_eur_per_mwh, self.share, "share")
 
 
-@dataclass(frozen=True, eq=False)
-class PoolQuantity(Message):
+class PoolQuantity(Message, frozen=True):
     """Peer host -> coordinator: each hosted peer's starting injection at the pool price."""
 
     TYPE: ClassVar[MsgType] = MsgType.POOL_QUANTITY
-    peers: dict[str, np.ndarray] = field(default_factory=dict)
+    peers: Annotated[dict[Id, F1], _LEN]
 
-    def to_body(self) -> dict[str, Any]:
-        return {"peers": {k: f64(v) for k, v in self.peers.items()}}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> PoolQuantity:
-        return cls(dict(body["peers"]))
+    def check(self) -> None:
+        check_arrays("peers", self.peers, F1.__metadata__[0])
 
 
 # ----------------------------------------------------------------------------------------- PENALTY
 
+Parameters = Annotated[dict[Id, Annotated[dict[Id, FN], _LEN]], _LEN]
+"""{peer_id: {parameter name: float64 array}}"""
 
-@dataclass(frozen=True, eq=False)
-class Penalty(Message):
+
+def check_parameters(name: str, peers: dict) -> None:
+    for pid, params in peers.items():
+        check_arrays(f"{name}.{pid}", params, _FLOATS)
+
+
+class Penalty(Message, frozen=True):
     """Coordinator -> peer host: penalty/parameter updates per hosted peer (named float64 arrays)."""
 
     TYPE: ClassVar[MsgType] = MsgType.PENALTY
-    peers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    peers: Parameters
 
-    def to_body(self) -> dict[str, Any]:
-        return {"peers": {k: {n: f64(a) for n, a in v.items()} for k, v in self.peers.items()}}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Penalty:
-        return cls({k: dict(v) for k, v in body["peers"].items()})
-
-
-# ----------------------------------------------------------------------------------------- schemas
-
-
-def _check_result_peer(rec: dict[str, Any]) -> str | None:
-    p, trades, price = rec["p_mw"], rec["trades_mw"], rec["price_eur_per_mwh"]
-    if trades.shape != price.shape:
-        return f"trades_mw {trades.shape} and price_eur_per_mwh {price.shape} differ in shape"
-    if trades.shape[1] != p.shape[0]:
-        return f"trades_mw has {trades.shape[1]} hours, p_mw {p.shape[0]}"
-    for name in ("q_mvar", "soc_mwh"):
-        a = rec.get(name)
-        if a is not None and a.shape != p.shape:
-            return f"{name} {a.shape} and p_mw {p.shape} differ in shape"
-    partners = rec.get("partner_ids")
-    if partners is not None and len(partners) != trades.shape[0]:
-        return f"{len(partners)} partner_ids for {trades.shape[0]} rows of trades_mw"
-    return None
-
-
-def _check_round_peer(rec: dict[str, Any]) -> str | None:
-    for name in ("price_eur_per_mwh", "p_own_mw"):
-        a = rec.get(name)
-        if a is not None and a.shape != rec["p_in_mw"].shape:
-            return f"{name} {a.shape} and p_in_mw {rec['p_in_mw'].shape} differ in shape"
-    if rec.get("p_own_mw") is not None and rec.get("price_eur_per_mwh") is None:
-        return "p_own_mw without price_eur_per_mwh"
-    return None
-
-
-_RESIDUALS = {"primal_sq": float_array(1), "dual_sq": float_array(1), "solve_s": Float(min=0.0)}
-
-
-def _check_residuals(rec: dict[str, Any]) -> str | None:
-    if rec["primal_sq"].shape != rec["dual_sq"].shape:
-        return f"primal_sq {rec['primal_sq'].shape} and dual_sq {rec['dual_sq'].shape} differ in shape"
-    if np.any(rec["primal_sq"] < 0) or np.any(rec["dual_sq"] < 0):
-        return "a negative squared residual"
-    return None
-
-
-def _check_update(rec: dict[str, Any]) -> str | None:
-    if rec["p_out_mw"].shape[1:] != rec["dual_sq"].shape:
-        return f"p_out_mw {rec['p_out_mw'].shape} and dual_sq {rec['dual_sq'].shape} cover different hours"
-    return _check_residuals(rec)
-
-
-def _check_trades(rec: dict[str, Any]) -> str | None:
-    n = len(rec["from_peers"])
-    if len(rec["to_peers"]) != n or rec["p_mw"].shape[0] != n or n == 0:
-        return f"{n} senders, {len(rec['to_peers'])} receivers and {rec['p_mw'].shape[0]} rows of trades"
-    return None
-
-
-def _check_round(rec: dict[str, Any]) -> str | None:
-    hours = rec.get("hours")
-    if hours is not None and (hours.size == 0 or np.any(hours < 0) or np.any(np.diff(hours) <= 0)):
-        return "hours must be increasing, non-negative and not empty"
-    gamma, rejected = rec.get("aa_gamma"), rec.get("aa_rejected")
-    if (gamma is None) != (rejected is None):
-        return "aa_gamma and aa_rejected go together"
-    if gamma is not None and (np.any(rejected < 0) or np.any(rejected >= gamma.shape[0])):
-        return f"aa_rejected rows outside the {gamma.shape[0]} rows of aa_gamma"
-    return None
-
-
-def _check_residual_sums(rec: dict[str, Any]) -> str | None:
-    parts = [rec.get(k) for k in ("aa_col", "aa_rhs", "aa_f_sq")]
-    if any(p is None for p in parts) and any(p is not None for p in parts):
-        return "aa_col, aa_rhs and aa_f_sq go together"
-    col, rhs, f_sq = parts
-    if col is not None and (col.shape != rhs.shape or col.shape[0] != f_sq.shape[0] or np.any(f_sq < 0)):
-        return f"aa_col {col.shape}, aa_rhs {rhs.shape} and aa_f_sq {f_sq.shape} do not match"
-    return None
-
-SCHEMAS: dict[MsgType, Record] = {
-    MsgType.ROUND: Record(
-        required={
-            "rho": Float(min=0.0),
-            "stop": Bool(),
-            "peers": MapOf(
-                Record(
-                    required={"p_in_mw": float_array(2)},
-                    optional={"price_eur_per_mwh": float_array(2), "p_own_mw": float_array(2)},
-                    check_fn=_check_round_peer,
-                )
-            ),
-        },
-        optional={"hours": Array("int64", (1,)), "aa_memory": Int(min=1, max=1000), "aa_gamma": float_array(2),
-                  "aa_rejected": Array("int64", (1,))},
-        check_fn=_check_round,
-    ),
-    MsgType.UPDATE: Record(
-        required={
-            "peers": MapOf(
-                Record(required={"p_out_mw": float_array(2), **_RESIDUALS}, optional={"status": Str(max_len=256)},
-                       check_fn=_check_update)
-            )
-        }
-    ),
-    MsgType.TRADES: Record(
-        required={"from_peers": ListOf(Str(max_len=256)), "to_peers": ListOf(Str(max_len=256)), "p_mw": float_array(2)},
-        check_fn=_check_trades,
-    ),
-    MsgType.RESIDUALS: Record(
-        required={"peers": MapOf(Record(required=dict(_RESIDUALS), optional={"status": Str(max_len=256)},
-                                        check_fn=_check_residuals))},
-        optional={"aa_col": float_array(2), "aa_rhs": float_array(2), "aa_f_sq": float_array(1)},
-        check_fn=_check_residual_sums,
-    ),
-    MsgType.RESULT: Record(
-        required={
-            "peers": MapOf(
-                Record(
-                    required={
-                        "p_mw": float_array(1),
-                        "trades_mw": float_array(2),
-                        "price_eur_per_mwh": float_array(2),
-                    },
-                    optional={
-                        "partner_ids": ListOf(Str(max_len=256)),
-                        "q_mvar": float_array(1),
-                        "soc_mwh": float_array(1),
-                        "cost_masked_ueur": Array("int64", (1,)),
-                        "diff_cost_eur": float_array(1),
-                        "flex_penalty_eur": float_array(1),
-                        "trade_fee_eur": float_array(2),
-                        "status": Str(max_len=256),
-                    },
-                    check_fn=_check_result_peer,
-                )
-            )
-        },
-        optional={"traffic": ListOf(ListOf(AnyValue()))},
-    ),
-    MsgType.PENALTY: Record(required={"peers": MapOf(MapOf(Array("float64")))}),
-    MsgType.PRICE_PROBE: Record(required={"price_eur_per_mwh": float_array(2)}),
-    MsgType.QUANTITY_SUM: Record(required={"q_low_masked": Array("int64", (2,)), "q_high_masked": Array("int64", (2,))}),
-    MsgType.POOL_PRICE: Record(required={"price_a_eur_per_mwh": float_array(1), "price_b_eur_per_mwh": float_array(1),
-                                         "share": float_array(1)}),
-    MsgType.POOL_QUANTITY: Record(required={"peers": MapOf(float_array(1))}),
-}
-
-MESSAGES: dict[MsgType, type[Message]] = {
-    MsgType.ROUND: Round,
-    MsgType.UPDATE: Update,
-    MsgType.TRADES: Trades,
-    MsgType.RESIDUALS: Residuals,
-    MsgType.RESULT: Result,
-    MsgType.PENALTY: Penalty,
-    MsgType.PRICE_PROBE: PriceProbe,
-    MsgType.QUANTITY_SUM: QuantitySum,
-    MsgType.POOL_PRICE: PoolPrice,
-    MsgType.POOL_QUANTITY: PoolQuantity,
-}
+    def check(self) -> None:
+        check_parameters("peers", self.peers)

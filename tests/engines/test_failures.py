@@ -69,9 +69,9 @@ def test_stale_forged_and_malformed_answers_are_rejected_and_counted(p2p_peers):
             if isinstance(event, Received) and type(event.message).__name__ == "Round" and not event.message.stop:
                 k = event.iteration
                 H = event.message.peers["g0"].p_in_mw.shape[1]
-                forged = [Update(peers={"l0": UpdatePeer(np.zeros((2, H)), np.zeros(H), np.zeros(H), 0.0)}),  # not its peer
-                          Update(peers={"g0": UpdatePeer(np.zeros((5, H)), np.zeros(H), np.zeros(H), 0.0),
-                                        "g1": UpdatePeer(np.zeros((2, H)), np.zeros(H), np.zeros(H), 0.0)})]  # wrong shape
+                forged = [Update(peers={"l0": UpdatePeer(np.zeros((2, H)), np.zeros(H), 0.0)}),  # not its peer
+                          Update(peers={"g0": UpdatePeer(np.zeros((5, H)), np.zeros(H), 0.0),
+                                        "g1": UpdatePeer(np.zeros((2, H)), np.zeros(H), 0.0)})]  # wrong shape
                 out = [Send("coordinator", m, k) for m in forged] + [Send("coordinator", forged[0], k - 1)] + out
             return out
 
