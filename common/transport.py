@@ -18,9 +18,11 @@ encoded envelope's size (ZeroMQ framing and routing-identity frames are not coun
 
 Fault injection and security go here and nowhere else: the constructor's ``latency_s`` (a delay
 before every send) and ``drop_prob`` (a probability of silently dropping a send, counted in
-:attr:`Transport.dropped`) are the first hooks; duplication, garbage and CURVE authentication and
-encryption (sender identity from its key) belong in :meth:`Transport._configure` and
-:meth:`Transport.send` as well. Latency with jitter and bandwidth per link, the same model as the
+:attr:`Transport.dropped`) are the first hooks; duplication and garbage belong in
+:meth:`Transport._configure` and :meth:`Transport.send` as well. CURVE (``curve``: the role's
+:class:`common.security.Identity`): routers are CURVE servers behind the process's ZAP handler
+(:class:`common.security.ZapHandler`, started with the first router; its refusals are counted in
+:attr:`Transport.rejected`), dealers CURVE clients pinning their server's key from the roster. Latency with jitter and bandwidth per link, the same model as the
 in-process driver's clock, is :mod:`common.network`; the socket shell applies it to every send.
 """
 
@@ -36,6 +38,7 @@ import zmq
 
 from common.codec import decode, encode
 from common.protocol import MAX_MESSAGE_BYTES, Envelope, ProtocolError
+from common.security import Refused
 
 __all__ = ["TrafficCounter", "Transport", "Unreachable", "bind_random_port"]
 
@@ -125,6 +128,7 @@ class Transport:
         seed: int | None = None,
         validate_outgoing: bool = True,
         context: zmq.Context | None = None,
+        curve=None,
     ) -> None:
         if latency_s < 0 or not 0.0 <= drop_prob <= 1.0 or send_timeout_s <= 0:
             raise ValueError("latency_s >= 0, 0 <= drop_prob <= 1 and send_timeout_s > 0 are required")
@@ -146,6 +150,8 @@ class Transport:
         self.last_rejection: ProtocolError | None = None
         self._sockets: dict[zmq.Socket, str] = {}
         self._closed = False
+        self.curve = curve  # common.security.Identity, or None: no CURVE
+        self.zap = None
 
     # -------------------------------------------------------------------------------- sockets
 
@@ -162,12 +168,21 @@ class Transport:
             sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, int(self.keepalive_idle_s) // 3))
             sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
 
-    def router(self, bind_addr: str | None = None) -> zmq.Socket:
-        """A ROUTER socket, bound to ``bind_addr`` if given (else bind it with :func:`bind_random_port`)."""
+    def router(self, bind_addr: str | None = None, *, domain: str = "p2pm") -> zmq.Socket:
+        """A ROUTER socket, bound to ``bind_addr`` if given (else bind it with :func:`bind_random_port`).
+        With CURVE: a CURVE server of ZAP ``domain`` (``p2pm``: every role of the roster;
+        ``p2pm-mesh``: peer hosts only) and no handover of identities."""
         sock = self.ctx.socket(zmq.ROUTER)
         self._configure(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if self.curve is not None:
+            from common.security import ZapHandler, configure_server  # noqa: PLC0415
+
+            if self.zap is None:
+                self.zap = ZapHandler(self.ctx, self.curve.roster, self.rejected)
+            configure_server(sock, self.curve, domain)
+            self.zap.watch(sock)
         self._sockets[sock] = "router"
         if bind_addr is not None:
             try:
@@ -178,8 +193,9 @@ class Transport:
             self._sockets[sock] = f"router {bind_addr}"
         return sock
 
-    def dealer(self, connect_addr: str | None, identity: str | bytes) -> zmq.Socket:
-        """A DEALER socket with routing ``identity``, connected to ``connect_addr`` if given."""
+    def dealer(self, connect_addr: str | None, identity: str | bytes, *, server: str = "coordinator") -> zmq.Socket:
+        """A DEALER socket with routing ``identity``, connected to ``connect_addr`` if given; with
+        CURVE a client of ``server``'s key (a role of the roster)."""
         ident = identity.encode() if isinstance(identity, str) else bytes(identity)
         if not ident or len(ident) > 255 or ident[0] == 0:
             raise ValueError("a dealer identity is 1-255 bytes and does not start with a zero byte")
@@ -187,6 +203,10 @@ class Transport:
         self._configure(sock)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.ROUTING_ID, ident)
+        if self.curve is not None:
+            from common.security import configure_client
+
+            configure_client(sock, self.curve, server)
         self._sockets[sock] = f"dealer {ident.decode(errors='replace')}"
         if connect_addr is not None:
             sock.connect(connect_addr)
@@ -228,6 +248,8 @@ class Transport:
             sock.close(linger=linger_ms)
         self._sockets.clear()
         self._pollers.clear()
+        if self.zap is not None:
+            self.zap.stop()
         self.ctx.term()
 
     def __enter__(self) -> Transport:
@@ -334,12 +356,25 @@ class Transport:
         self.rejected_bytes[reason] += nbytes
         self.last_rejection = error
 
+    def authenticated(self, frames: list[zmq.Frame]) -> str:
+        """The role that sent a message received on a CURVE server socket (``copy=False`` frames,
+        routing identity first): the ``User-Id`` the ZAP handler gave its connection. ProtocolError
+        (:class:`common.security.Refused`) ``identity`` when the routing identity claims another role (the sender is never taken from it)."""
+        user = frames[-1].get("User-Id")
+        if not user:
+            raise Refused("identity", "a connection without an authenticated role")
+        if frames[0].bytes != user.encode():
+            raise Refused("identity", f"routing identity {frames[0].bytes[:64]!r} on the connection of {user!r}")
+        return user
+
     def _recv_one(self, sock: zmq.Socket, check: Check | None) -> tuple[bytes | None, Envelope] | None:
+        is_router = sock.socket_type == zmq.ROUTER
+        secure = self.curve is not None and is_router
         try:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            raw = sock.recv_multipart(zmq.NOBLOCK, copy=not secure)
         except zmq.Again:
             return None
-        is_router = sock.socket_type == zmq.ROUTER
+        frames = [f.bytes for f in raw] if secure else raw
         ident: bytes | None = frames[0] if is_router else None
         payload = frames[1:] if is_router else frames
         nbytes = sum(len(f) for f in payload)
@@ -347,11 +382,16 @@ class Transport:
             self._reject("malformed", nbytes, ProtocolError("malformed", f"{len(payload)} payload frames"))
             return None
         try:
+            if secure:
+                ident = self.authenticated(raw).encode()
             env = decode(payload[0], expect_run=self.run_id, max_bytes=self.max_bytes)
             if check is not None:
                 check(env)
         except ProtocolError as exc:
             self._reject(exc.reason, nbytes, exc)
+            return None
+        except Refused as exc:
+            self._reject(exc.reason, nbytes, None)
             return None
         self.received.add(env.iteration, env.type.value, nbytes)
         return ident, env

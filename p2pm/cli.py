@@ -206,6 +206,11 @@ def run(
                                                 "role (peers grouped by --peers-per-process) on a podman network.")] = Launch.local,
     image: Annotated[Optional[str], typer.Option(help="--launch podman: the p2pm image to run (default: built from this "
                                                       "source tree, or reused when built already).", envvar="P2PM_IMAGE")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Without CURVE: no authentication and no encryption "
+                                                              "between the roles (by default every role has a throwaway "
+                                                              "key pair made for the run).")] = False,
+    keys: Annotated[Optional[Path], typer.Option("--keys", help="The run's key folder from 'p2pm keys SCENARIO --out DIR' "
+                                                                "(same --peers-per-process) instead of throwaway keys.")] = None,
 ):
     """Clear a market and write the results folder."""
     t0 = time.time()
@@ -219,6 +224,11 @@ def run(
               EXIT_BAD_INPUT)
     if launch is Launch.podman and solver is Solver.centralized:
         _fail("--launch podman: the centralized reference runs in this process (use --solver admm)", EXIT_BAD_INPUT)
+    if insecure and keys is not None:
+        _fail("--keys and --insecure: give one of them", EXIT_BAD_INPUT)
+    if keys is not None and not (keys / "roster.json").is_file():
+        _fail(f"--keys: {keys}/roster.json does not exist (make the keys with 'p2pm keys {scenario} --out {keys}')",
+              EXIT_BAD_INPUT)
     out = out or Path("results") / f"{sc.name}-{solver.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out(out)
     from common.report import format_summary, write_results
@@ -252,10 +262,12 @@ def run(
                 from p2pm.containers import run_podman
 
                 summary = run_podman(sc, out, topology=topology.value, peers_per_process=peers_per_process,
-                                     timeout_s=timeout_s, t0=t0, quiet=quiet, report=report, image=image)
+                                     timeout_s=timeout_s, t0=t0, quiet=quiet, report=report, image=image,
+                                     security=not insecure, keys=keys)
             else:
                 summary = run_distributed(sc, out, topology=topology.value, peers_per_process=peers_per_process,
-                                          timeout_s=timeout_s, t0=t0, quiet=quiet, report=report)
+                                          timeout_s=timeout_s, t0=t0, quiet=quiet, report=report,
+                                          security=not insecure, keys=keys)
         except LaunchError as exc:
             _fail(str(exc), EXIT_FAILED)
     typer.echo(format_summary(summary))
@@ -267,6 +279,64 @@ def run(
         _fail(f"ADMM did not converge within {summary.get('iterations')} iterations (primal residual "
               f"{summary.get('primal_residual'):.3g} MW, dual {summary.get('dual_residual'):.3g} EUR/MWh, tolerance "
               f"{sc.market.tolerance:g}); the results of the last iterate are in {out}", EXIT_FAILED)
+
+
+KeysOpt = Annotated[Optional[Path], typer.Option(
+    "--keys", envvar="P2PM_KEYS",
+    help="This role's CURVE key folder (DIR/<role> from 'p2pm keys SCENARIO --out DIR': its secret key and the "
+         "public roster). Required unless --insecure.")]
+InsecureOpt = Annotated[bool, typer.Option(
+    "--insecure", envvar="P2PM_INSECURE",
+    help="Without CURVE: no authentication and no encryption; anyone who reaches the sockets can join or forge "
+         "messages (experiments only).")]
+
+
+def _identity(keys: Optional[Path], insecure: bool, role: Optional[str]):
+    """A role's CURVE identity from --keys (None with --insecure); exit 2 naming the option otherwise."""
+    from common.security import KeysError, load_identity
+
+    if insecure:
+        if keys is not None:
+            _fail("--keys and --insecure: give one of them", EXIT_BAD_INPUT)
+        return None
+    if keys is None:
+        _fail("--keys: a role started by hand authenticates with CURVE: give its key folder (p2pm keys SCENARIO --out "
+              "DIR, then --keys DIR/<role>), or --insecure to run without authentication and encryption",
+              EXIT_BAD_INPUT)
+    try:
+        me = load_identity(keys)
+    except KeysError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    if role is not None and me.role != role:
+        _fail(f"--keys: {keys} holds the key of {me.role!r}, not of the {role}", EXIT_BAD_INPUT)
+    return me
+
+
+@app.command()
+def keys(scenario: ScenarioArg,
+         out: Annotated[Path, typer.Option(help="Folder to write roster.json and one folder per role to.")],
+         peers_per_process: Annotated[int, typer.Option(help="Peers hosted by one peer process (names the peer "
+                                                             "hosts as the launcher does: h0000-<first peer>, ...).",
+                                                        min=1)] = 1):
+    """Make a CURVE key pair per role of a scenario's run: the coordinator, the DSO, the TSO and each
+    peer host. OUT/roster.json is the public roster (every role's public key; anyone may read it);
+    OUT/<role>/ holds the role's secret key (0600, folder 0700) and a copy of the roster: give each
+    role only its own folder (p2pm coordinator|dso|tso|peer --keys OUT/<role>)."""
+    from common.security import write_keys
+    from p2pm.launcher import peer_hosts
+
+    sc = _load(scenario)
+    if out.exists() and not out.is_dir():
+        _fail(f"--out: {out} exists and is not a folder", EXIT_BAD_INPUT)
+    hosts = peer_hosts(sc, peers_per_process)
+    try:
+        write_keys(out, ["coordinator", "dso", "tso", *hosts], hosts, sc.name)
+    except OSError as exc:
+        _fail(f"--out: cannot write to {out}: {exc.strerror or exc}", EXIT_BAD_INPUT)
+    first = next(iter(hosts))
+    typer.echo(f"{out / 'roster.json'}: public keys of the coordinator, dso, tso and {len(hosts)} peer hosts\n"
+               f"secret keys: {out}/<role>/<role>.key_secret (give each role only its own folder, e.g. "
+               f"p2pm peer --keys {out / first} --model ... for peers {', '.join(hosts[first])})")
 
 
 PublicOpt = Annotated[str, typer.Option(
@@ -292,6 +362,8 @@ def coordinator(
     max_iterations: MaxItOpt = None,
     residual_balancing: RbOpt = None,
     log_level: LogLevelOpt = None,
+    keys: KeysOpt = None,
+    insecure: InsecureOpt = False,
 ):
     """Start the coordinator: registration, ADMM rounds, DSO/TSO dialogs, results. It reads only the
     public scenario."""
@@ -303,8 +375,9 @@ def coordinator(
                           max_iterations=max_iterations, residual_balancing=residual_balancing)
     if public.market.kind == "community" and topology is Topology.mesh:
         _fail("--topology mesh: the community market runs in the relay topology", EXIT_BAD_INPUT)
+    curve = _identity(keys, insecure, "coordinator")
     code = coordinator_main(public, bind, run_id or uuid.uuid4().hex[:12], topology.value, str(out), timeout_s,
-                            t0 or time.time(), str(ready_file) if ready_file else None, processes, report)
+                            t0 or time.time(), str(ready_file) if ready_file else None, processes, report, curve=curve)
     raise typer.Exit(code)
 
 
@@ -317,16 +390,28 @@ def peer(
     bind_host: Annotated[str, typer.Option(help="Interface for the mesh socket.", envvar="P2PM_BIND_HOST")] = "127.0.0.1",
     advertise_host: Annotated[Optional[str], typer.Option(help="Address the partners use to reach this peer (mesh).", envvar="P2PM_ADVERTISE_HOST")] = None,
     log_level: LogLevelOpt = None,
+    keys: KeysOpt = None,
+    insecure: InsecureOpt = False,
 ):
     """Start one peer process (hosting one or more peers) that connects to the coordinator. It reads
     only its own peers' private files."""
     from peer_node.main import load_models, main as peer_main
 
+    curve = _identity(keys, insecure, None)
+    if curve is not None and curve.role in ("coordinator", "dso", "tso"):
+        _fail(f"--keys: {keys} holds the key of the {curve.role}, not of a peer host", EXIT_BAD_INPUT)
+    if curve is not None and host_id is not None and host_id != curve.role:
+        _fail(f"--host-id: {host_id!r}, but --keys {keys} holds the key of {curve.role!r} (the host id is the key's "
+              "role; leave --host-id out)", EXIT_BAD_INPUT)
     try:
         models = load_models([str(f) for f in model_file])
     except (KeyError, ValueError, TypeError, OSError) as exc:
         _fail(f"peer: {exc}", EXIT_BAD_INPUT)
-    raise typer.Exit(peer_main(models, coordinator, host_id, timeout_s, bind_host, advertise_host))
+    hosted = curve.roster.hosts.get(curve.role) if curve is not None else None
+    if hosted is not None and sorted(hosted) != sorted(m.id for m in models):
+        _fail(f"--model: the roster gives host {curve.role!r} the peers {', '.join(hosted)}; the models are of "
+              f"{', '.join(m.id for m in models)}", EXIT_BAD_INPUT)
+    raise typer.Exit(peer_main(models, coordinator, host_id, timeout_s, bind_host, advertise_host, curve=curve))
 
 
 CoordinatorAddr = Annotated[str, typer.Option(help="Coordinator address.", envvar="P2PM_COORDINATOR")]
@@ -336,22 +421,28 @@ IdleTimeout = Annotated[float, typer.Option(help="Longest wait for the next requ
 
 @app.command()
 def dso(scenario: PublicOpt, coordinator: CoordinatorAddr, timeout_s: ServiceTimeout = 30.0,
-        idle_timeout_s: IdleTimeout = 3600.0, log_level: LogLevelOpt = None):
+        idle_timeout_s: IdleTimeout = 3600.0, log_level: LogLevelOpt = None, keys: KeysOpt = None,
+        insecure: InsecureOpt = False):
     """Start the DSO service: AC power-flow validation of every dispatch (and the network agent of
     the community market). It reads only the public scenario."""
     from dso_service.main import main as dso_main
 
-    raise typer.Exit(dso_main(_load_public(scenario), coordinator, timeout_s, idle_timeout_s))
+    public = _load_public(scenario)
+    curve = _identity(keys, insecure, "dso")
+    raise typer.Exit(dso_main(public, coordinator, timeout_s, idle_timeout_s, curve=curve))
 
 
 @app.command()
 def tso(scenario: PublicOpt, coordinator: CoordinatorAddr, timeout_s: ServiceTimeout = 30.0,
-        idle_timeout_s: IdleTimeout = 3600.0, log_level: LogLevelOpt = None):
+        idle_timeout_s: IdleTimeout = 3600.0, log_level: LogLevelOpt = None, keys: KeysOpt = None,
+        insecure: InsecureOpt = False):
     """Start the TSO service: frequency-regulation requests (virtual load per hour). It reads only
     the public scenario."""
     from tso_service.main import main as tso_main
 
-    raise typer.Exit(tso_main(_load_public(scenario), coordinator, timeout_s, idle_timeout_s))
+    public = _load_public(scenario)
+    curve = _identity(keys, insecure, "tso")
+    raise typer.Exit(tso_main(public, coordinator, timeout_s, idle_timeout_s, curve=curve))
 
 
 @app.command()
