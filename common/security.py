@@ -19,9 +19,11 @@ On the wire (:class:`common.transport.Transport` and :class:`common.shell.Shell`
   role (ZeroMQ's ``User-Id`` metadata of every message); refused connections and failed handshakes
   are counted (reasons ``unauthenticated`` and ``handshake``);
 - the receiving shell takes a message's sender from that ``User-Id``, never from the envelope or
-  the routing identity: a message whose envelope sender or routing identity differs is refused
-  (reason ``sender`` / ``identity``), as is a message type the sender's role may not send
-  (:func:`may_send`, reason ``role``); identities are not handed over (``ROUTER_HANDOVER`` off).
+  the routing identity: a message whose envelope names another sender is refused (reason
+  ``sender``), as is a message type the sender's role may not send (:func:`may_send`, reason
+  ``role``). Clients set no routing identity: the server names each connection, and the coordinator
+  answers a role on the connection its key last authenticated, so that claiming a role's name
+  reaches nothing of that role (and ``ROUTER_HANDOVER`` is off: a claimed name is never taken over).
 
 ``--insecure`` (``security: none``) turns all of this off for experiments; the in-process driver has
 no sockets and is unaffected.

@@ -83,6 +83,9 @@ class Shell:
         self.addresses: dict[str, str] = {}
         self.run_id = run_id or ANY_RUN
         self.internal_errors = 0
+        # CURVE: each role's connection (the routing identity ZeroMQ gave it), learnt from the messages
+        # its key authenticated; a role that connects anew (a restart) is reached on its new connection
+        self.routes: dict[str, bytes] = {}
         if self.is_coordinator:
             self.main = self.transport.router(bind)
             self.address = self.main.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -163,6 +166,8 @@ class Shell:
                 if secure:
                     sender = self.transport.authenticated(frames)
                     data = payload[0].bytes
+                    if sock is self.main:
+                        self.routes[sender] = frames[0].bytes
                 else:
                     sender = frames[0].decode() if is_router else COORDINATOR
                     data = payload[0]
@@ -249,7 +254,11 @@ class Shell:
             self.transport.rejected["outgoing"] += 1
             return
         if self.is_coordinator:
-            sock, frames = self.main, [ins.to.encode(), data]
+            route = self.routes.get(ins.to) if self.curve is not None else ins.to.encode()
+            if route is None:  # never heard from with its key: nowhere to send
+                self.transport.dropped[env.type.value] += 1
+                return
+            sock, frames = self.main, [route, data]
         elif ins.to == COORDINATOR:
             sock, frames = self.main, [data]
         else:

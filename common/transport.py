@@ -8,7 +8,7 @@ and receives :class:`~common.protocol.Envelope` objects through :mod:`common.cod
 - routers: ``ROUTER_MANDATORY`` (sending to an unknown identity raises :class:`Unreachable` instead
   of vanishing) and ``ROUTER_HANDOVER`` (a peer that restarts with the same identity takes over);
 - dealers: ``IMMEDIATE`` (no queueing towards a connection that does not exist) and a fixed
-  routing identity.
+  routing identity (with CURVE none: the server names the connection, and knows the role from its key).
 
 Receiving never raises on a bad message: it is counted in :attr:`Transport.rejected` by reason
 (see ``common.protocol.REASONS``) and the wait goes on until the deadline, which ends in
@@ -202,11 +202,12 @@ class Transport:
         sock = self.ctx.socket(zmq.DEALER)
         self._configure(sock)
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.ROUTING_ID, ident)
-        if self.curve is not None:
+        if self.curve is not None:  # the server names the connection; the role is the key's
             from common.security import configure_client
 
             configure_client(sock, self.curve, server)
+        else:
+            sock.setsockopt(zmq.ROUTING_ID, ident)
         self._sockets[sock] = f"dealer {ident.decode(errors='replace')}"
         if connect_addr is not None:
             sock.connect(connect_addr)
@@ -356,15 +357,14 @@ class Transport:
         self.rejected_bytes[reason] += nbytes
         self.last_rejection = error
 
-    def authenticated(self, frames: list[zmq.Frame]) -> str:
-        """The role that sent a message received on a CURVE server socket (``copy=False`` frames,
-        routing identity first): the ``User-Id`` the ZAP handler gave its connection. ProtocolError
-        (:class:`common.security.Refused`) ``identity`` when the routing identity claims another role (the sender is never taken from it)."""
+    @staticmethod
+    def authenticated(frames: list[zmq.Frame]) -> str:
+        """The role that sent a message received on a CURVE server socket (``copy=False`` frames):
+        the ``User-Id`` the ZAP handler gave its connection, whatever routing identity the
+        connection claims (:class:`common.security.Refused` ``identity`` without one)."""
         user = frames[-1].get("User-Id")
         if not user:
             raise Refused("identity", "a connection without an authenticated role")
-        if frames[0].bytes != user.encode():
-            raise Refused("identity", f"routing identity {frames[0].bytes[:64]!r} on the connection of {user!r}")
         return user
 
     def _recv_one(self, sock: zmq.Socket, check: Check | None) -> tuple[bytes | None, Envelope] | None:

@@ -44,6 +44,12 @@ class Launch(str, Enum):
     podman = "podman"
 
 
+class Security(str, Enum):
+    curve = "curve"
+    none = "none"
+    compare = "compare"
+
+
 def _fail(message: str, code: int) -> None:
     typer.secho(("bad input: " if code == EXIT_BAD_INPUT else "run failed: ") + message, err=True, fg="red")
     raise typer.Exit(code)
@@ -459,6 +465,10 @@ def bench(
     pool_price: PoolOpt = None,
     acceleration: AccelOpt = None,
     hour_stopping: HourStopOpt = None,
+    security: Annotated[Security, typer.Option(help="curve: CURVE between the roles (the default of every run); none: "
+                                                    "without (--insecure); compare: the cost of CURVE, runs alternating "
+                                                    "without and with CURVE (--pairs of them).")] = Security.curve,
+    pairs: Annotated[int, typer.Option(help="--security compare: pairs of runs (without, with CURVE).", min=1)] = 2,
 ):
     """Benchmark the distributed clearing: start-up, iterations, time per iteration and where it
     goes, peak memory per process, messages, and the comparison with the centralized solve."""
@@ -474,8 +484,11 @@ def bench(
     sc = _load(scenario, **overrides)
     out = out or Path(tempfile.mkdtemp(prefix="p2pm-bench-"))
     _check_out(out)
+    if security is Security.compare:
+        return _bench_security(sc, out, topology.value, peers_per_process, timeout_s, pairs)
+    secure = security is Security.curve
     if sc.market.model != "benchmark":
-        return _bench_outer(sc, out, topology.value, peers_per_process, timeout_s)
+        return _bench_outer(sc, out, topology.value, peers_per_process, timeout_s, secure)
     community = sc.market.kind == "community"
     t = time.perf_counter()
     try:
@@ -483,11 +496,12 @@ def bench(
     except SolveError as exc:
         _fail(str(exc), EXIT_FAILED)
     central_s = time.perf_counter() - t
-    s = _bench_run(sc, out, topology.value, peers_per_process, timeout_s)
+    s = _bench_run(sc, out, topology.value, peers_per_process, timeout_s, secure)
     cmp = compare_community(out, sc, ref) if community else compare_p2p(out, sc, ref)
     lines = [
         f"benchmark {sc.name}: {len(sc.peers)} peers, {sc.market.hours} h, topology {topology.value}, "
-        f"{s['peer_processes']} peer processes ({s['processes']} processes in all)",
+        f"{s['peer_processes']} peer processes ({s['processes']} processes in all), "
+        f"{'CURVE' if secure else 'without CURVE (insecure)'}",
         *_bench_lines_common(s),
         f"  centralized solve ({'SOCP' if community else 'QP'}, cvxpy + Clarabel) {central_s:6.2f} s   -> distributed wall / centralized = "
         f"{s['wall_s'] / central_s:.1f}",
@@ -501,15 +515,57 @@ def bench(
     _bench_print(out, lines, s, cmp, central_s)
 
 
-def _bench_run(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float) -> dict:
+def _bench_run(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float, secure: bool = True) -> dict:
     """The benchmark's distributed run (real processes); its summary."""
     from p2pm.launcher import LaunchError, run_distributed
 
     try:
         return run_distributed(sc, out, topology=topology, peers_per_process=peers_per_process, timeout_s=timeout_s,
-                               t0=time.time(), quiet=True)
+                               t0=time.time(), quiet=True, security=secure)
     except LaunchError as exc:
         _fail(str(exc), EXIT_FAILED)
+
+
+def _bench_security(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float, pairs: int) -> None:
+    """The cost of CURVE: ``pairs`` pairs of runs alternating without and with CURVE on the same
+    machine in one go; time per iteration and start-up of each, and the ratios of their medians."""
+    import json
+    import statistics
+
+    runs = []
+    for i in range(pairs):
+        for secure in (False, True):
+            folder = out / f"{i:02d}-{'curve' if secure else 'plain'}"
+            s = _bench_run(sc, folder, topology, peers_per_process, timeout_s, secure)
+            runs.append({"pair": i, "curve": secure, "iterations": s["iterations"], "converged": s["converged"],
+                         "time_per_iteration_ms": s["time_per_iteration_ms"], "startup_s": s["startup_s"],
+                         "wall_s": s["wall_s"], "social_welfare_eur": s["social_welfare_eur"],
+                         "messaging_ms_per_iteration": s["messaging_ms_per_iteration"], "out": str(folder)})
+            typer.echo(f"  run {len(runs)}: {'CURVE  ' if secure else 'without'}  {s['iterations']:6d} iterations  "
+                       f"{s['time_per_iteration_ms']:8.2f} ms per iteration  start-up {s['startup_s']:6.2f} s  "
+                       f"welfare {s['social_welfare_eur']:.6f} EUR", err=True)
+
+    def median(key: str, secure: bool) -> float:
+        return statistics.median(r[key] for r in runs if r["curve"] is secure)
+
+    tpi = {c: median("time_per_iteration_ms", c) for c in (False, True)}
+    up = {c: median("startup_s", c) for c in (False, True)}
+    pair_ratios = [on["time_per_iteration_ms"] / off["time_per_iteration_ms"] for off, on in zip(runs[::2], runs[1::2])]
+    result = {"scenario": sc.name, "topology": topology, "peers_per_process": peers_per_process, "pairs": pairs,
+              "runs": runs, "time_per_iteration_ms": {"plain": tpi[False], "curve": tpi[True]},
+              "time_per_iteration_ratio": tpi[True] / tpi[False], "pair_ratios": pair_ratios,
+              "startup_s": {"plain": up[False], "curve": up[True]}, "startup_ratio": up[True] / up[False],
+              "same_results": len({(r["iterations"], round(r["social_welfare_eur"], 6)) for r in runs}) == 1}
+    typer.echo("\n".join([
+        f"cost of CURVE on {sc.name}: topology {topology}, {len(sc.peers)} peers, {pairs} pairs of runs alternating "
+        f"without / with CURVE",
+        f"  time per iteration (median)   without {tpi[False]:8.2f} ms   with {tpi[True]:8.2f} ms   ratio "
+        f"{result['time_per_iteration_ratio']:.3f}   (per pair: {', '.join(f'{r:.3f}' for r in pair_ratios)})",
+        f"  start-up (median)             without {up[False]:8.2f} s    with {up[True]:8.2f} s    ratio "
+        f"{result['startup_ratio']:.3f}",
+        f"  same iterations and welfare in every run: {result['same_results']}",
+        f"  results: {out}"]))
+    (out / "bench-security.json").write_text(json.dumps(result, indent=2))
 
 
 def _bench_print(out: Path, lines: list[str], s: dict, cmp: dict, central_s: float) -> None:
@@ -590,7 +646,7 @@ def _bench_lines_common(s: dict) -> list[str]:
     ]
 
 
-def _bench_outer(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float) -> None:
+def _bench_outer(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float, secure: bool = True) -> None:
     """``p2pm bench`` of an outer-loop scenario: the distributed outer loop against the centralized
     one (same outer steps, violations, final dispatch and welfare) and the cost of its re-clears."""
     from p2pm.compare import compare_outer
@@ -599,7 +655,7 @@ def _bench_outer(sc, out: Path, topology: str, peers_per_process: int, timeout_s
     t = time.perf_counter()
     ref = run_centralized(sc)
     central_s = time.perf_counter() - t
-    s = _bench_run(sc, out, topology, peers_per_process, timeout_s)
+    s = _bench_run(sc, out, topology, peers_per_process, timeout_s, secure)
     cmp = compare_outer(out, ref)
     clearings = max(cmp["outer_iterations"], 1)
     lines = [
