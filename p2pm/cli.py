@@ -403,16 +403,16 @@ def peer(
     only its own peers' private files."""
     from peer_node.main import load_models, main as peer_main
 
+    try:
+        models = load_models([str(f) for f in model_file])
+    except (KeyError, ValueError, TypeError, OSError) as exc:
+        _fail(f"peer: {exc}", EXIT_BAD_INPUT)
     curve = _identity(keys, insecure, None)
     if curve is not None and curve.role in ("coordinator", "dso", "tso"):
         _fail(f"--keys: {keys} holds the key of the {curve.role}, not of a peer host", EXIT_BAD_INPUT)
     if curve is not None and host_id is not None and host_id != curve.role:
         _fail(f"--host-id: {host_id!r}, but --keys {keys} holds the key of {curve.role!r} (the host id is the key's "
               "role; leave --host-id out)", EXIT_BAD_INPUT)
-    try:
-        models = load_models([str(f) for f in model_file])
-    except (KeyError, ValueError, TypeError, OSError) as exc:
-        _fail(f"peer: {exc}", EXIT_BAD_INPUT)
     hosted = curve.roster.hosts.get(curve.role) if curve is not None else None
     if hosted is not None and sorted(hosted) != sorted(m.id for m in models):
         _fail(f"--model: the roster gives host {curve.role!r} the peers {', '.join(hosted)}; the models are of "
