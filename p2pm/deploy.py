@@ -238,7 +238,7 @@ def kube_documents(scenario, public_text: str, hosts: list[tuple[str, list[tuple
     sec = _security_env(keys is not None)
 
     def key_vol(role: str) -> list[dict]:
-        return ([{"name": "key", "secret": {"secretName": key_secret_name(role), "defaultMode": 0o400,
+        return ([{"name": "key", "secret": {"secretName": key_secret_name(role), "defaultMode": 0o440,
                                              "optional": False}}] if keys is not None else [])
 
     def key_mount(role: str) -> list[dict]:

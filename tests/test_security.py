@@ -230,6 +230,74 @@ async def test_strangers_wrong_keys_and_forged_senders_are_refused_and_counted(t
     assert coord.routes["h0000-a"] != b"h0000-a"  # the claimed name reaches nothing of a's
 
 
+async def test_a_captured_session_replayed_on_the_wire_is_refused(tmp_path):
+    """The bytes a peer host sent in one run (recorded by a TCP relay between it and the coordinator:
+    CURVE handshake, then its encrypted HELLO) replayed to the coordinator of a later run, with new
+    keys and with the same keys: the handshake fails, nothing is delivered, the failure is counted."""
+    hosts = {"h0000-a": ["a"]}
+    ids = {}
+    for run in ("first", "second"):
+        write_keys(tmp_path / run, ["coordinator", "dso", "tso", *hosts], hosts, "test")
+        ids[run] = {role: load_identity(tmp_path / run / role) for role in ["coordinator", "h0000-a"]}
+    captured: list[bytes] = []
+
+    async def relay_to(target_port: int):
+        async def handle(reader, writer):
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+
+            async def pipe(src, dst, record):
+                while data := await src.read(65536):
+                    if record:
+                        captured.append(data)
+                    dst.write(data)
+                    await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False), return_exceptions=True)
+
+        return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+    async def session(keys: dict, *, replay: bytes | None = None):
+        coord = Shell(Registrar(last="h0000-a"), bind="tcp://127.0.0.1:*", run_id=f"run-{id(keys)}", timeout_s=10,
+                      notes=lambda n: None, curve=keys["coordinator"])
+        port = int(coord.address.rsplit(":", 1)[1])
+        server = None
+
+        async def client():
+            nonlocal server
+            if replay is not None:  # the recorded bytes, as they were sent
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(replay)
+                await writer.drain()
+                await _until(lambda: coord.transport.rejected["handshake"] >= 1)
+                writer.close()
+            server = await relay_to(port)
+            relay = f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            a = Shell(Host("h0000-a", ("a",)), connect=relay if replay is None else coord.address,
+                      curve=keys["h0000-a"])
+            try:
+                return await a.serve()
+            finally:
+                a.close()
+
+        try:
+            got, _ = await asyncio.wait_for(asyncio.gather(coord.serve(), client()), 20)
+        finally:
+            coord.close()
+            if server is not None:
+                server.close()
+        return got, dict(coord.transport.rejected)
+
+    got, rejected = await session(ids["first"])  # the recorded run
+    assert got == [("h0000-a", "hello")] and not rejected
+    recorded = b"".join(captured)
+    assert len(recorded) > 200 and b"hello" not in recorded  # the handshake and the HELLO, encrypted
+    for keys in (ids["second"], ids["first"]):  # a later run: new keys; the same keys
+        got, rejected = await session(keys, replay=recorded)
+        assert got == [("h0000-a", "hello")]  # only the live host's HELLO
+        assert rejected.get("handshake", 0) >= 1 and set(rejected) <= {"handshake"}, rejected
+
+
 async def test_a_mesh_socket_admits_only_peer_hosts_and_their_own_trades(tmp_path):
     hosts = {"h0000-a": ["a"], "h0001-b": ["b"]}
     keys = tmp_path / "keys"
