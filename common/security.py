@@ -193,7 +193,7 @@ _KEY_LINE = re.compile(rb'(public|secret)-key\s*=\s*"([^"]{40})"')
 
 def load_identity(folder: str | Path, roster_path: str | Path | None = None) -> Identity:
     """A role's key folder (``DIR/<role>`` of ``p2pm keys``): its one ``*.key_secret`` file, which
-    must not be readable by others, and the roster (``roster.json`` in the folder or its parent, or
+    must not be readable by others when it is this user's, and the roster (``roster.json`` in the folder or its parent, or
     ``roster_path``). KeysError naming the file otherwise."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -204,8 +204,11 @@ def load_identity(folder: str | Path, roster_path: str | Path | None = None) -> 
                         "holds exactly its own")
     path = secrets[0]
     role = path.name[: -len(SECRET_SUFFIX)]
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o007:
+    st = path.stat()
+    mode = st.st_mode & 0o777
+    # a key of this user's that others may read is refused (the user can fix it); a mounted Secret
+    # owned by someone else is as the container engine made it (podman kube play ignores defaultMode)
+    if mode & 0o007 and st.st_uid == os.geteuid():
         raise KeysError(f"--keys: {path} is readable by others (mode {mode:04o}); chmod 600 it")
     found = dict((k.decode(), v) for k, v in _KEY_LINE.findall(_maybe_base64(path.read_bytes())))
     if set(found) != {"public", "secret"}:
