@@ -6,7 +6,8 @@ and receives :class:`~common.protocol.Envelope` objects through :mod:`common.cod
 - ``LINGER 0`` (closing never blocks), ``MAXMSGSIZE = max_bytes`` (a peer sending more is
   disconnected by ZeroMQ), ``SNDTIMEO`` (a send never blocks forever), TCP keepalive;
 - routers: ``ROUTER_MANDATORY`` (sending to an unknown identity raises :class:`Unreachable` instead
-  of vanishing) and ``ROUTER_HANDOVER`` (a peer that restarts with the same identity takes over);
+  of vanishing) and ``ROUTER_HANDOVER`` (a peer that restarts with the same identity takes over;
+  off with CURVE, where no client names its connection);
 - dealers: ``IMMEDIATE`` (no queueing towards a connection that does not exist) and a fixed
   routing identity (with CURVE none: the server names the connection, and knows the role from its key).
 
@@ -22,8 +23,9 @@ before every send) and ``drop_prob`` (a probability of silently dropping a send,
 :meth:`Transport._configure` and :meth:`Transport.send` as well. CURVE (``curve``: the role's
 :class:`common.security.Identity`): routers are CURVE servers behind the process's ZAP handler
 (:class:`common.security.ZapHandler`, started with the first router; its refusals are counted in
-:attr:`Transport.rejected`), dealers CURVE clients pinning their server's key from the roster. Latency with jitter and bandwidth per link, the same model as the
-in-process driver's clock, is :mod:`common.network`; the socket shell applies it to every send.
+:attr:`Transport.rejected`), dealers CURVE clients pinning their server's key from the roster.
+Latency with jitter and bandwidth per link, the same model as the in-process driver's clock, is
+:mod:`common.network`; the socket shell applies it to every send.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import zmq
 
 from common.codec import decode, encode
 from common.protocol import MAX_MESSAGE_BYTES, Envelope, ProtocolError
-from common.security import Refused
+from common.security import DOMAIN_MAIN, Refused, ZapHandler, configure_client, configure_server
 
 __all__ = ["TrafficCounter", "Transport", "Unreachable", "bind_random_port"]
 
@@ -168,7 +170,7 @@ class Transport:
             sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, int(self.keepalive_idle_s) // 3))
             sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
 
-    def router(self, bind_addr: str | None = None, *, domain: str = "p2pm") -> zmq.Socket:
+    def router(self, bind_addr: str | None = None, *, domain: str = DOMAIN_MAIN) -> zmq.Socket:
         """A ROUTER socket, bound to ``bind_addr`` if given (else bind it with :func:`bind_random_port`).
         With CURVE: a CURVE server of ZAP ``domain`` (``p2pm``: every role of the roster;
         ``p2pm-mesh``: peer hosts only) and no handover of identities."""
@@ -177,8 +179,6 @@ class Transport:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if self.curve is not None:
-            from common.security import ZapHandler, configure_server  # noqa: PLC0415
-
             if self.zap is None:
                 self.zap = ZapHandler(self.ctx, self.curve.roster, self.rejected)
             configure_server(sock, self.curve, domain)
@@ -203,8 +203,6 @@ class Transport:
         self._configure(sock)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         if self.curve is not None:  # the server names the connection; the role is the key's
-            from common.security import configure_client
-
             configure_client(sock, self.curve, server)
         else:
             sock.setsockopt(zmq.ROUTING_ID, ident)
