@@ -528,13 +528,15 @@ def _bench_run(sc, out: Path, topology: str, peers_per_process: int, timeout_s: 
 
 def _bench_security(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float, pairs: int) -> None:
     """The cost of CURVE: ``pairs`` pairs of runs alternating without and with CURVE on the same
-    machine in one go; time per iteration and start-up of each, and the ratios of their medians."""
+    machine in one go, in the order without-with, with-without, ... (a drift of the machine's load
+    over the runs weighs on both alike); time per iteration and start-up of each, the ratio of
+    their medians and the ratio within each pair."""
     import json
     import statistics
 
     runs = []
     for i in range(pairs):
-        for secure in (False, True):
+        for secure in ((False, True) if i % 2 == 0 else (True, False)):
             folder = out / f"{i:02d}-{'curve' if secure else 'plain'}"
             s = _bench_run(sc, folder, topology, peers_per_process, timeout_s, secure)
             runs.append({"pair": i, "curve": secure, "iterations": s["iterations"], "converged": s["converged"],
@@ -550,7 +552,10 @@ def _bench_security(sc, out: Path, topology: str, peers_per_process: int, timeou
 
     tpi = {c: median("time_per_iteration_ms", c) for c in (False, True)}
     up = {c: median("startup_s", c) for c in (False, True)}
-    pair_ratios = [on["time_per_iteration_ms"] / off["time_per_iteration_ms"] for off, on in zip(runs[::2], runs[1::2])]
+    pair_ratios = []
+    for a, b in zip(runs[::2], runs[1::2]):
+        off, on = (a, b) if b["curve"] else (b, a)
+        pair_ratios.append(on["time_per_iteration_ms"] / off["time_per_iteration_ms"])
     result = {"scenario": sc.name, "topology": topology, "peers_per_process": peers_per_process, "pairs": pairs,
               "runs": runs, "time_per_iteration_ms": {"plain": tpi[False], "curve": tpi[True]},
               "time_per_iteration_ratio": tpi[True] / tpi[False], "pair_ratios": pair_ratios,
@@ -558,7 +563,7 @@ def _bench_security(sc, out: Path, topology: str, peers_per_process: int, timeou
               "same_results": len({(r["iterations"], round(r["social_welfare_eur"], 6)) for r in runs}) == 1}
     typer.echo("\n".join([
         f"cost of CURVE on {sc.name}: topology {topology}, {len(sc.peers)} peers, {pairs} pairs of runs alternating "
-        f"without / with CURVE",
+        f"without / with CURVE (ABBA order)",
         f"  time per iteration (median)   without {tpi[False]:8.2f} ms   with {tpi[True]:8.2f} ms   ratio "
         f"{result['time_per_iteration_ratio']:.3f}   (per pair: {', '.join(f'{r:.3f}' for r in pair_ratios)})",
         f"  start-up (median)             without {up[False]:8.2f} s    with {up[True]:8.2f} s    ratio "
