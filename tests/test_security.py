@@ -109,6 +109,11 @@ def test_roles_by_hand_need_a_key_or_an_explicit_insecure(tmp_path):
     assert r.exit_code == 2 and "the roster gives host 'h0000-grid' the peers grid" in r.output
     r = invoke("peer", "--coordinator", "tcp://127.0.0.1:9", "--model", model, "--keys", tmp_path / "k" / "tso")
     assert r.exit_code == 2 and "not of a peer host" in r.output
+    # p2pm run: its own throwaway keys by default; --keys must be a key folder, and not with --insecure
+    r = invoke("run", "mv37", "--out", tmp_path / "r", "--keys", tmp_path / "nowhere")
+    assert r.exit_code == 2 and "roster.json does not exist" in r.output
+    r = invoke("run", "mv37", "--out", tmp_path / "r", "--keys", tmp_path / "k", "--insecure")
+    assert r.exit_code == 2 and "--insecure" in r.output
 
 
 def test_each_role_may_send_only_its_own_message_types():
