@@ -542,9 +542,12 @@ def _bench_security(sc, out: Path, topology: str, peers_per_process: int, timeou
             runs.append({"pair": i, "curve": secure, "iterations": s["iterations"], "converged": s["converged"],
                          "time_per_iteration_ms": s["time_per_iteration_ms"], "startup_s": s["startup_s"],
                          "wall_s": s["wall_s"], "social_welfare_eur": s["social_welfare_eur"],
-                         "messaging_ms_per_iteration": s["messaging_ms_per_iteration"], "out": str(folder)})
+                         "messaging_ms_per_iteration": s["messaging_ms_per_iteration"], "out": str(folder),
+                         "cpu_s_coordinator": s.get("cpu_s_coordinator", float("nan")),
+                         "cpu_s_total": s.get("cpu_s_total", float("nan"))})
             typer.echo(f"  run {len(runs)}: {'CURVE  ' if secure else 'without'}  {s['iterations']:6d} iterations  "
                        f"{s['time_per_iteration_ms']:8.2f} ms per iteration  start-up {s['startup_s']:6.2f} s  "
+                       f"CPU coordinator {runs[-1]['cpu_s_coordinator']:6.2f} s, all {runs[-1]['cpu_s_total']:7.2f} s  "
                        f"welfare {s['social_welfare_eur']:.6f} EUR", err=True)
 
     def median(key: str, secure: bool) -> float:
@@ -552,6 +555,8 @@ def _bench_security(sc, out: Path, topology: str, peers_per_process: int, timeou
 
     tpi = {c: median("time_per_iteration_ms", c) for c in (False, True)}
     up = {c: median("startup_s", c) for c in (False, True)}
+    cpu_coord = {c: median("cpu_s_coordinator", c) for c in (False, True)}
+    cpu_all = {c: median("cpu_s_total", c) for c in (False, True)}
     pair_ratios = []
     for a, b in zip(runs[::2], runs[1::2]):
         off, on = (a, b) if b["curve"] else (b, a)
@@ -560,6 +565,8 @@ def _bench_security(sc, out: Path, topology: str, peers_per_process: int, timeou
               "runs": runs, "time_per_iteration_ms": {"plain": tpi[False], "curve": tpi[True]},
               "time_per_iteration_ratio": tpi[True] / tpi[False], "pair_ratios": pair_ratios,
               "startup_s": {"plain": up[False], "curve": up[True]}, "startup_ratio": up[True] / up[False],
+              "cpu_s_coordinator": {"plain": cpu_coord[False], "curve": cpu_coord[True]},
+              "cpu_s_total": {"plain": cpu_all[False], "curve": cpu_all[True]},
               "same_results": len({(r["iterations"], round(r["social_welfare_eur"], 6)) for r in runs}) == 1}
     typer.echo("\n".join([
         f"cost of CURVE on {sc.name}: topology {topology}, {len(sc.peers)} peers, {pairs} pairs of runs alternating "
@@ -568,6 +575,10 @@ def _bench_security(sc, out: Path, topology: str, peers_per_process: int, timeou
         f"{result['time_per_iteration_ratio']:.3f}   (per pair: {', '.join(f'{r:.3f}' for r in pair_ratios)})",
         f"  start-up (median)             without {up[False]:8.2f} s    with {up[True]:8.2f} s    ratio "
         f"{result['startup_ratio']:.3f}",
+        f"  CPU, coordinator (median)     without {cpu_coord[False]:8.2f} s    with {cpu_coord[True]:8.2f} s    ratio "
+        f"{cpu_coord[True] / cpu_coord[False]:.3f}",
+        f"  CPU, all processes (median)   without {cpu_all[False]:8.2f} s    with {cpu_all[True]:8.2f} s    ratio "
+        f"{cpu_all[True] / cpu_all[False]:.3f}",
         f"  same iterations and welfare in every run: {result['same_results']}",
         f"  results: {out}"]))
     (out / "bench-security.json").write_text(json.dumps(result, indent=2))

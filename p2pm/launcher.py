@@ -62,6 +62,7 @@ class Role:
     forked_pid: int | None = None
     exitcode: int | None = None
     peak_rss_kib: int | None = None
+    cpu_s: float | None = None  # user + system CPU time of the process, from the OS accounting at its exit
     is_peer: bool = False
     container: str | None = None  # --launch podman: the role's container (popen is its ``podman run``)
 
@@ -81,6 +82,7 @@ class Role:
                 self.exitcode = os.waitstatus_to_exitcode(status)
                 self.popen.returncode = self.exitcode
                 self.peak_rss_kib = rusage.ru_maxrss
+                self.cpu_s = rusage.ru_utime + rusage.ru_stime
         return self.exitcode
 
     def stop(self, sig=signal.SIGTERM) -> None:
@@ -120,6 +122,7 @@ class Launch:
             if r.popen is not None and r.exitcode is None:
                 try:
                     _, status, rusage = os.wait4(r.popen.pid, 0)
+                    r.cpu_s = rusage.ru_utime + rusage.ru_stime
                     r.exitcode = os.waitstatus_to_exitcode(status)
                     r.popen.returncode = r.exitcode
                 except ChildProcessError:
@@ -155,6 +158,7 @@ class Launch:
                     if r.is_peer and r.forked_pid == ev["pid"]:
                         r.exitcode = ev["code"]
                         r.peak_rss_kib = ev["peak_rss_kib"]
+                        r.cpu_s = ev.get("cpu_s")
 
 
 def _spawn(module: str, args: list[str], log: Path, stdout=None, stdin=subprocess.DEVNULL) -> subprocess.Popen:
@@ -404,6 +408,16 @@ def _memory(launch: Launch) -> dict:
         out["peak_rss_mib_peer_median"] = round(sorted(peers)[len(peers) // 2], 1)
         out["peak_rss_mib_peers_total"] = round(sum(peers), 1)
     out["peak_rss_mib_total"] = round(sum(peers) + sum(by_role.values()), 1)
+    # CPU time per process (less sensitive to a busy machine than wall times; start-up included)
+    cpu = {r.name: r.cpu_s for r in launch.roles if r.cpu_s is not None and r.name != "peer fork server"}
+    for role in ("coordinator", "dso", "tso"):
+        if role in cpu:
+            out[f"cpu_s_{role}"] = round(cpu[role], 3)
+    peer_cpu = [r.cpu_s for r in launch.roles if r.is_peer and r.cpu_s is not None]
+    if peer_cpu:
+        out["cpu_s_peers_total"] = round(sum(peer_cpu), 3)
+    if cpu:
+        out["cpu_s_total"] = round(sum(cpu.values()), 3)
     return out
 
 

@@ -5,7 +5,7 @@ peer costs ~0.3 s of CPU in imports alone).
 Protocol on stdin/stdout, one JSON object per line:
   in:  {"host_id", "model_files": [paths of the hosted peers' private files], "coordinator", "timeout_s", "log",
         "keys": the host's own CURVE key folder or null}
-  out: {"event": "started", "host_id", "pid"} / {"event": "exit", "pid", "code", "peak_rss_kib"}
+  out: {"event": "started", "host_id", "pid"} / {"event": "exit", "pid", "code", "peak_rss_kib", "cpu_s"}
 After stdin closes, the zygote reaps its children and exits when the last one has.
 Each child reads only its own peers' private files (the zygote never loads a scenario).
 """
@@ -63,7 +63,8 @@ def main() -> int:
         except ChildProcessError:
             break
         children -= 1
-        _say(event="exit", pid=pid, code=os.waitstatus_to_exitcode(status), peak_rss_kib=rusage.ru_maxrss)
+        _say(event="exit", pid=pid, code=os.waitstatus_to_exitcode(status), peak_rss_kib=rusage.ru_maxrss,
+             cpu_s=rusage.ru_utime + rusage.ru_stime)
     return 0
 
 
