@@ -284,10 +284,15 @@ def test_launch_podman_names_a_killed_peer_container_and_cleans_up(image, tmp_pa
     victim = f"p2pm-{run_id}-peers-1"
     try:
         wait_running(victim)
-        # the peer container has its own private files only, read-only, and no other mount of the run
+        # the peer container has its own private files and its own CURVE key only, read-only, and no
+        # other mount of the run
         mounts = json.loads(podman("inspect", victim, "--format", "{{json .Mounts}}").stdout)
-        assert [m["Destination"] for m in mounts] == ["/p2pm/private"]
+        assert [m["Destination"] for m in mounts] == ["/p2pm/private", "/p2pm/keys"]
+        assert all(not m["RW"] for m in mounts)
         assert len(podman("exec", victim, "ls", "/p2pm/private").stdout.split()) == 10
+        host = podman("exec", victim, "printenv", "P2PM_HOST_ID").stdout.strip()
+        assert podman("exec", victim, "ls", "/p2pm/keys").stdout.split() == [f"{host}.key", f"{host}.key_secret",
+                                                                              "roster.json"]
         podman("kill", victim)
         _, err = proc.communicate(timeout=180)
     finally:
