@@ -11,6 +11,13 @@ serves every role:
 
 An exception inside a peer's or service's engine is logged with its traceback and counted; the
 process lives on. The coordinator's engine failing is the run failing.
+
+Who sent a message: with CURVE (``curve``, :mod:`common.security`) the role the ZAP handler
+authenticated from the connection's key (``User-Id``), never the routing identity or the envelope;
+without, the routing identity. Either way a message is refused (and counted) when its envelope
+names another sender, when its type is not one its sender's role may send on that socket
+(:func:`common.security.may_send`), and a HELLO when it registers another role (or, with a roster
+that says which peers a host hosts, other peers).
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ from common.codec import decode, encode
 from common.engine import COORDINATOR, Deadline, Fail, Finish, Log, Note, Received, Send, Started
 from common.logs import role_logger
 from common.protocol import ANY_RUN, MsgType, ProtocolError, parse
+from common.protocol.control import Hello
 from common.protocol.market import Result
 from common.network import LinkNetwork
+from common.security import DOMAIN_MESH, Refused, may_send, role_kind
 from common.transport import Transport
 
 
@@ -52,7 +61,7 @@ class Shell:
 
     def __init__(self, engine, *, bind: str | None = None, connect: str | None = None, run_id: str | None = None,
                  timeout_s: float = 30.0, mesh_host: str | None = None, advertise_host: str | None = None,
-                 t0: float | None = None, notes=None):
+                 t0: float | None = None, notes=None, curve=None):
         self.engine = engine
         self.role = engine.name
         self.log = role_logger(self.role if len(self.role) < 40 else self.role[:40])
@@ -61,7 +70,10 @@ class Shell:
         self.t0 = time.time() if t0 is None else t0
         self.notes = notes if notes is not None else self._print_note
         self.ctx = zmq.asyncio.Context()
-        self.transport = Transport(run_id=run_id, validate_outgoing=False, context=self.ctx)
+        if curve is not None and curve.role != self.role:
+            raise ValueError(f"the key of {curve.role!r} given to {self.role!r}")
+        self.curve = curve  # common.security.Identity or None
+        self.transport = Transport(run_id=run_id, validate_outgoing=False, context=self.ctx, curve=curve)
         self.is_coordinator = bind is not None
         self.address = None
         self.mesh_address = None
@@ -70,13 +82,16 @@ class Shell:
         self.addresses: dict[str, str] = {}
         self.run_id = run_id or ANY_RUN
         self.internal_errors = 0
+        # CURVE: each role's connection (the routing identity ZeroMQ gave it), learnt from the messages
+        # its key authenticated; a role that connects anew (a restart) is reached on its new connection
+        self.routes: dict[str, bytes] = {}
         if self.is_coordinator:
             self.main = self.transport.router(bind)
             self.address = self.main.getsockopt(zmq.LAST_ENDPOINT).decode()
         else:
             self.main = self.transport.dealer(connect, identity=self.role)
         if mesh_host is not None:
-            self.mesh_in = self.transport.router(f"tcp://{mesh_host}:*")
+            self.mesh_in = self.transport.router(f"tcp://{mesh_host}:*", domain=DOMAIN_MESH)
             endpoint = self.mesh_in.getsockopt(zmq.LAST_ENDPOINT).decode()
             if advertise_host:
                 endpoint = f"tcp://{advertise_host}:{endpoint.rsplit(':', 1)[1]}"
@@ -134,29 +149,44 @@ class Shell:
     async def _receive(self, sock) -> bool:
         """Receive what is waiting on ``sock``; True when a valid message was delivered."""
         delivered = False
+        is_router = sock.socket_type == zmq.ROUTER
+        secure = self.curve is not None and is_router  # the sender's role is in the frames' metadata
+        channel = "mesh" if sock is self.mesh_in else "main"
         while not self.finished:
             try:  # the socket's synchronous shadow: no future per message on the hot path
-                frames = self._sync(sock).recv_multipart(zmq.NOBLOCK)
+                frames = self._sync(sock).recv_multipart(zmq.NOBLOCK, copy=not secure)
             except zmq.Again:
                 break
-            is_router = sock.socket_type == zmq.ROUTER
             payload = frames[1:] if is_router else frames
             nbytes = sum(len(f) for f in payload)
             try:
                 if len(payload) != 1:
                     raise ProtocolError("malformed", f"{len(payload)} payload frames")
-                sender = frames[0].decode() if is_router else COORDINATOR
-                env = decode(payload[0], expect_run=self.transport.run_id, max_bytes=self.transport.max_bytes)
-                if is_router and sock is self.main and env.sender != sender:
-                    raise ProtocolError("body", f"sender {env.sender!r} on the connection of {sender!r}")
+                if secure:
+                    sender = self.transport.authenticated(frames)
+                    data = payload[0].bytes
+                    if sock is self.main:
+                        self.routes[sender] = frames[0].bytes
+                else:
+                    sender = frames[0].decode() if is_router else COORDINATOR
+                    data = payload[0]
+                env = decode(data, expect_run=self.transport.run_id, max_bytes=self.transport.max_bytes)
+                if is_router and env.sender != sender:
+                    raise Refused("sender", f"sender {env.sender!r} on the connection of {sender!r}")
+                if not may_send(sender, channel, env.type):
+                    raise Refused("role", f"{env.type.value} from {sender!r} ({role_kind(sender)}) on the {channel} socket")
                 message = parse(env)
+                if isinstance(message, Hello):
+                    self._check_hello(sender, message)
             except UnicodeDecodeError:
                 self.transport._reject("malformed", nbytes, ProtocolError("malformed", "identity is not UTF-8"))
                 continue
-            except ProtocolError as exc:
-                self.transport._reject(exc.reason, nbytes, exc)
+            except (ProtocolError, Refused) as exc:
+                self.transport._reject(exc.reason, nbytes, exc if isinstance(exc, ProtocolError) else None)
                 if self.trace:
                     self.log.debug("rejected %d B (%s): %s", nbytes, exc.reason, exc)
+                elif isinstance(exc, Refused) and self.transport.rejected[exc.reason] <= 3:  # the first few, not a flood
+                    self.log.warning("refused %d B (%s): %s", nbytes, exc.reason, exc)
                 continue
             except (KeyError, TypeError, ValueError) as exc:
                 self.transport._reject("body", nbytes, ProtocolError("body", str(exc)[:200]))
@@ -170,6 +200,15 @@ class Shell:
             await self._deliver(Received(sender, message, env.iteration, self.now_s()))
             delivered = True
         return delivered
+
+    def _check_hello(self, sender: str, hello: Hello) -> None:
+        """A HELLO registers its sender's own role (and, with a roster that says so, its own peers)."""
+        if hello.role != role_kind(sender):
+            raise Refused("role", f"a {hello.role} HELLO from {sender!r} ({role_kind(sender)})")
+        hosts = self.curve.roster.hosts if self.curve is not None else {}
+        if hello.role == "peer" and sender in hosts and sorted(hello.peer_ids) != sorted(hosts[sender]):
+            raise Refused("role", f"{sender!r} registers peers {list(hello.peer_ids)[:5]}, the roster gives it "
+                                  f"{hosts[sender][:5]}")
 
     def _on_welcome(self, config: dict) -> None:
         self.run_id = str(config.get("run_id", self.run_id))
@@ -214,7 +253,11 @@ class Shell:
             self.transport.rejected["outgoing"] += 1
             return
         if self.is_coordinator:
-            sock, frames = self.main, [ins.to.encode(), data]
+            route = self.routes.get(ins.to) if self.curve is not None else ins.to.encode()
+            if route is None:  # never heard from with its key: nowhere to send
+                self.transport.dropped[env.type.value] += 1
+                return
+            sock, frames = self.main, [route, data]
         elif ins.to == COORDINATOR:
             sock, frames = self.main, [data]
         else:
@@ -270,7 +313,7 @@ class Shell:
             address = self.addresses.get(host)
             if address is None:
                 raise ShellFailure(self.role, f"no address for peer host {host} (mesh)")
-            sock = self.transport.dealer(address, identity=self.role)
+            sock = self.transport.dealer(address, identity=self.role, server=host)
             self.mesh_out[host] = sock
         return sock
 

@@ -6,9 +6,10 @@ and receives :class:`~common.protocol.Envelope` objects through :mod:`common.cod
 - ``LINGER 0`` (closing never blocks), ``MAXMSGSIZE = max_bytes`` (a peer sending more is
   disconnected by ZeroMQ), ``SNDTIMEO`` (a send never blocks forever), TCP keepalive;
 - routers: ``ROUTER_MANDATORY`` (sending to an unknown identity raises :class:`Unreachable` instead
-  of vanishing) and ``ROUTER_HANDOVER`` (a peer that restarts with the same identity takes over);
+  of vanishing) and ``ROUTER_HANDOVER`` (a peer that restarts with the same identity takes over;
+  off with CURVE, where no client names its connection);
 - dealers: ``IMMEDIATE`` (no queueing towards a connection that does not exist) and a fixed
-  routing identity.
+  routing identity (with CURVE none: the server names the connection, and knows the role from its key).
 
 Receiving never raises on a bad message: it is counted in :attr:`Transport.rejected` by reason
 (see ``common.protocol.REASONS``) and the wait goes on until the deadline, which ends in
@@ -18,10 +19,13 @@ encoded envelope's size (ZeroMQ framing and routing-identity frames are not coun
 
 Fault injection and security go here and nowhere else: the constructor's ``latency_s`` (a delay
 before every send) and ``drop_prob`` (a probability of silently dropping a send, counted in
-:attr:`Transport.dropped`) are the first hooks; duplication, garbage and CURVE authentication and
-encryption (sender identity from its key) belong in :meth:`Transport._configure` and
-:meth:`Transport.send` as well. Latency with jitter and bandwidth per link, the same model as the
-in-process driver's clock, is :mod:`common.network`; the socket shell applies it to every send.
+:attr:`Transport.dropped`) are the first hooks; duplication and garbage belong in
+:meth:`Transport._configure` and :meth:`Transport.send` as well. CURVE (``curve``: the role's
+:class:`common.security.Identity`): routers are CURVE servers behind the process's ZAP handler
+(:class:`common.security.ZapHandler`, started with the first router; its refusals are counted in
+:attr:`Transport.rejected`), dealers CURVE clients pinning their server's key from the roster.
+Latency with jitter and bandwidth per link, the same model as the in-process driver's clock, is
+:mod:`common.network`; the socket shell applies it to every send.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import zmq
 
 from common.codec import decode, encode
 from common.protocol import MAX_MESSAGE_BYTES, Envelope, ProtocolError
+from common.security import DOMAIN_MAIN, Refused, ZapHandler, configure_client, configure_server
 
 __all__ = ["TrafficCounter", "Transport", "Unreachable", "bind_random_port"]
 
@@ -125,6 +130,7 @@ class Transport:
         seed: int | None = None,
         validate_outgoing: bool = True,
         context: zmq.Context | None = None,
+        curve=None,
     ) -> None:
         if latency_s < 0 or not 0.0 <= drop_prob <= 1.0 or send_timeout_s <= 0:
             raise ValueError("latency_s >= 0, 0 <= drop_prob <= 1 and send_timeout_s > 0 are required")
@@ -146,6 +152,8 @@ class Transport:
         self.last_rejection: ProtocolError | None = None
         self._sockets: dict[zmq.Socket, str] = {}
         self._closed = False
+        self.curve = curve  # common.security.Identity, or None: no CURVE
+        self.zap = None
 
     # -------------------------------------------------------------------------------- sockets
 
@@ -162,12 +170,19 @@ class Transport:
             sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, int(self.keepalive_idle_s) // 3))
             sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
 
-    def router(self, bind_addr: str | None = None) -> zmq.Socket:
-        """A ROUTER socket, bound to ``bind_addr`` if given (else bind it with :func:`bind_random_port`)."""
+    def router(self, bind_addr: str | None = None, *, domain: str = DOMAIN_MAIN) -> zmq.Socket:
+        """A ROUTER socket, bound to ``bind_addr`` if given (else bind it with :func:`bind_random_port`).
+        With CURVE: a CURVE server of ZAP ``domain`` (``p2pm``: every role of the roster;
+        ``p2pm-mesh``: peer hosts only) and no handover of identities."""
         sock = self.ctx.socket(zmq.ROUTER)
         self._configure(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if self.curve is not None:
+            if self.zap is None:
+                self.zap = ZapHandler(self.ctx, self.curve.roster, self.rejected)
+            configure_server(sock, self.curve, domain)
+            self.zap.watch(sock)
         self._sockets[sock] = "router"
         if bind_addr is not None:
             try:
@@ -178,15 +193,19 @@ class Transport:
             self._sockets[sock] = f"router {bind_addr}"
         return sock
 
-    def dealer(self, connect_addr: str | None, identity: str | bytes) -> zmq.Socket:
-        """A DEALER socket with routing ``identity``, connected to ``connect_addr`` if given."""
+    def dealer(self, connect_addr: str | None, identity: str | bytes, *, server: str = "coordinator") -> zmq.Socket:
+        """A DEALER socket with routing ``identity``, connected to ``connect_addr`` if given; with
+        CURVE a client of ``server``'s key (a role of the roster)."""
         ident = identity.encode() if isinstance(identity, str) else bytes(identity)
         if not ident or len(ident) > 255 or ident[0] == 0:
             raise ValueError("a dealer identity is 1-255 bytes and does not start with a zero byte")
         sock = self.ctx.socket(zmq.DEALER)
         self._configure(sock)
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.ROUTING_ID, ident)
+        if self.curve is not None:  # the server names the connection; the role is the key's
+            configure_client(sock, self.curve, server)
+        else:
+            sock.setsockopt(zmq.ROUTING_ID, ident)
         self._sockets[sock] = f"dealer {ident.decode(errors='replace')}"
         if connect_addr is not None:
             sock.connect(connect_addr)
@@ -228,6 +247,8 @@ class Transport:
             sock.close(linger=linger_ms)
         self._sockets.clear()
         self._pollers.clear()
+        if self.zap is not None:
+            self.zap.stop()
         self.ctx.term()
 
     def __enter__(self) -> Transport:
@@ -334,12 +355,24 @@ class Transport:
         self.rejected_bytes[reason] += nbytes
         self.last_rejection = error
 
+    @staticmethod
+    def authenticated(frames: list[zmq.Frame]) -> str:
+        """The role that sent a message received on a CURVE server socket (``copy=False`` frames):
+        the ``User-Id`` the ZAP handler gave its connection, whatever routing identity the
+        connection claims (:class:`common.security.Refused` ``identity`` without one)."""
+        user = frames[-1].get("User-Id")
+        if not user:
+            raise Refused("identity", "a connection without an authenticated role")
+        return user
+
     def _recv_one(self, sock: zmq.Socket, check: Check | None) -> tuple[bytes | None, Envelope] | None:
+        is_router = sock.socket_type == zmq.ROUTER
+        secure = self.curve is not None and is_router
         try:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            raw = sock.recv_multipart(zmq.NOBLOCK, copy=not secure)
         except zmq.Again:
             return None
-        is_router = sock.socket_type == zmq.ROUTER
+        frames = [f.bytes for f in raw] if secure else raw
         ident: bytes | None = frames[0] if is_router else None
         payload = frames[1:] if is_router else frames
         nbytes = sum(len(f) for f in payload)
@@ -347,11 +380,16 @@ class Transport:
             self._reject("malformed", nbytes, ProtocolError("malformed", f"{len(payload)} payload frames"))
             return None
         try:
+            if secure:
+                ident = self.authenticated(raw).encode()
             env = decode(payload[0], expect_run=self.run_id, max_bytes=self.max_bytes)
             if check is not None:
                 check(env)
         except ProtocolError as exc:
             self._reject(exc.reason, nbytes, exc)
+            return None
+        except Refused as exc:
+            self._reject(exc.reason, nbytes, None)
             return None
         self.received.add(env.iteration, env.type.value, nbytes)
         return ident, env

@@ -46,7 +46,7 @@ def _preload_results(figures: bool) -> None:
 
 
 def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s: float, t0: float,
-         ready_file: str | None, processes: int = 0, report: bool = True) -> int:
+         ready_file: str | None, processes: int = 0, report: bool = True, curve=None) -> int:
     setup_logging("coordinator")
     engine = CoordinatorEngine(public, topology=topology)
     engine.run_id = run_id
@@ -57,8 +57,9 @@ def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s:
             fields["startup_s"] = time.time() - t0
         emit(n.event, **fields)
 
-    shell = Shell(engine, bind=bind, run_id=run_id, timeout_s=timeout_s, t0=t0, notes=note)
-    log.info(f"listening on {shell.address}, run {run_id}")
+    shell = Shell(engine, bind=bind, run_id=run_id, timeout_s=timeout_s, t0=t0, notes=note, curve=curve)
+    log.info(f"listening on {shell.address}, run {run_id}"
+             + (f", CURVE: {len(curve.roster.keys)} roles in the roster" if curve else ", without CURVE (insecure)"))
     if ready_file:
         Path(ready_file).write_text(shell.address)
     # the results libraries (pandera, matplotlib, Jinja2) load while the peers start

@@ -9,8 +9,9 @@ from common.logs import setup_logging
 from common.shell import run_role
 
 
-def main(public, coordinator: str, timeout_s: float, idle_timeout_s: float) -> int:
+def main(public, coordinator: str, timeout_s: float, idle_timeout_s: float, curve=None) -> int:
     from dso_service.engine import DSOEngine
 
     setup_logging("dso").info(f"connecting to {coordinator}")
-    return run_role(DSOEngine(public, pid=os.getpid(), host=socket.gethostname()), coordinator, idle_timeout_s)
+    return run_role(DSOEngine(public, pid=os.getpid(), host=socket.gethostname()), coordinator, idle_timeout_s,
+                    curve=curve)

@@ -44,6 +44,12 @@ class Launch(str, Enum):
     podman = "podman"
 
 
+class Security(str, Enum):
+    curve = "curve"
+    none = "none"
+    compare = "compare"
+
+
 def _fail(message: str, code: int) -> None:
     typer.secho(("bad input: " if code == EXIT_BAD_INPUT else "run failed: ") + message, err=True, fg="red")
     raise typer.Exit(code)
@@ -206,6 +212,11 @@ def run(
                                                 "role (peers grouped by --peers-per-process) on a podman network.")] = Launch.local,
     image: Annotated[Optional[str], typer.Option(help="--launch podman: the p2pm image to run (default: built from this "
                                                       "source tree, or reused when built already).", envvar="P2PM_IMAGE")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Without CURVE: no authentication and no encryption "
+                                                              "between the roles (by default every role has a throwaway "
+                                                              "key pair made for the run).")] = False,
+    keys: Annotated[Optional[Path], typer.Option("--keys", help="The run's key folder from 'p2pm keys SCENARIO --out DIR' "
+                                                                "(same --peers-per-process) instead of throwaway keys.")] = None,
 ):
     """Clear a market and write the results folder."""
     t0 = time.time()
@@ -219,6 +230,11 @@ def run(
               EXIT_BAD_INPUT)
     if launch is Launch.podman and solver is Solver.centralized:
         _fail("--launch podman: the centralized reference runs in this process (use --solver admm)", EXIT_BAD_INPUT)
+    if insecure and keys is not None:
+        _fail("--keys and --insecure: give one of them", EXIT_BAD_INPUT)
+    if keys is not None and not (keys / "roster.json").is_file():
+        _fail(f"--keys: {keys}/roster.json does not exist (make the keys with 'p2pm keys {scenario} --out {keys}')",
+              EXIT_BAD_INPUT)
     out = out or Path("results") / f"{sc.name}-{solver.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out(out)
     from common.report import format_summary, write_results
@@ -252,10 +268,12 @@ def run(
                 from p2pm.containers import run_podman
 
                 summary = run_podman(sc, out, topology=topology.value, peers_per_process=peers_per_process,
-                                     timeout_s=timeout_s, t0=t0, quiet=quiet, report=report, image=image)
+                                     timeout_s=timeout_s, t0=t0, quiet=quiet, report=report, image=image,
+                                     security=not insecure, keys=keys)
             else:
                 summary = run_distributed(sc, out, topology=topology.value, peers_per_process=peers_per_process,
-                                          timeout_s=timeout_s, t0=t0, quiet=quiet, report=report)
+                                          timeout_s=timeout_s, t0=t0, quiet=quiet, report=report,
+                                          security=not insecure, keys=keys)
         except LaunchError as exc:
             _fail(str(exc), EXIT_FAILED)
     typer.echo(format_summary(summary))
@@ -267,6 +285,64 @@ def run(
         _fail(f"ADMM did not converge within {summary.get('iterations')} iterations (primal residual "
               f"{summary.get('primal_residual'):.3g} MW, dual {summary.get('dual_residual'):.3g} EUR/MWh, tolerance "
               f"{sc.market.tolerance:g}); the results of the last iterate are in {out}", EXIT_FAILED)
+
+
+KeysOpt = Annotated[Optional[Path], typer.Option(
+    "--keys", envvar="P2PM_KEYS",
+    help="This role's CURVE key folder (DIR/<role> from 'p2pm keys SCENARIO --out DIR': its secret key and the "
+         "public roster). Required unless --insecure.")]
+InsecureOpt = Annotated[bool, typer.Option(
+    "--insecure", envvar="P2PM_INSECURE",
+    help="Without CURVE: no authentication and no encryption; anyone who reaches the sockets can join or forge "
+         "messages (experiments only).")]
+
+
+def _identity(keys: Optional[Path], insecure: bool, role: Optional[str]):
+    """A role's CURVE identity from --keys (None with --insecure); exit 2 naming the option otherwise."""
+    from common.security import KeysError, load_identity
+
+    if insecure:
+        if keys is not None:
+            _fail("--keys and --insecure: give one of them", EXIT_BAD_INPUT)
+        return None
+    if keys is None:
+        _fail("--keys: a role started by hand authenticates with CURVE: give its key folder (p2pm keys SCENARIO --out "
+              "DIR, then --keys DIR/<role>), or --insecure to run without authentication and encryption",
+              EXIT_BAD_INPUT)
+    try:
+        me = load_identity(keys)
+    except KeysError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    if role is not None and me.role != role:
+        _fail(f"--keys: {keys} holds the key of {me.role!r}, not of the {role}", EXIT_BAD_INPUT)
+    return me
+
+
+@app.command()
+def keys(scenario: ScenarioArg,
+         out: Annotated[Path, typer.Option(help="Folder to write roster.json and one folder per role to.")],
+         peers_per_process: Annotated[int, typer.Option(help="Peers hosted by one peer process (names the peer "
+                                                             "hosts as the launcher does: h0000-<first peer>, ...).",
+                                                        min=1)] = 1):
+    """Make a CURVE key pair per role of a scenario's run: the coordinator, the DSO, the TSO and each
+    peer host. OUT/roster.json is the public roster (every role's public key; anyone may read it);
+    OUT/<role>/ holds the role's secret key (0600, folder 0700) and a copy of the roster: give each
+    role only its own folder (p2pm coordinator|dso|tso|peer --keys OUT/<role>)."""
+    from common.security import write_keys
+    from p2pm.launcher import peer_hosts
+
+    sc = _load(scenario)
+    if out.exists() and not out.is_dir():
+        _fail(f"--out: {out} exists and is not a folder", EXIT_BAD_INPUT)
+    hosts = peer_hosts(sc, peers_per_process)
+    try:
+        write_keys(out, ["coordinator", "dso", "tso", *hosts], hosts, sc.name)
+    except OSError as exc:
+        _fail(f"--out: cannot write to {out}: {exc.strerror or exc}", EXIT_BAD_INPUT)
+    first = next(iter(hosts))
+    typer.echo(f"{out / 'roster.json'}: public keys of the coordinator, dso, tso and {len(hosts)} peer hosts\n"
+               f"secret keys: {out}/<role>/<role>.key_secret (give each role only its own folder, e.g. "
+               f"p2pm peer --keys {out / first} --model ... for peers {', '.join(hosts[first])})")
 
 
 PublicOpt = Annotated[str, typer.Option(
@@ -292,6 +368,8 @@ def coordinator(
     max_iterations: MaxItOpt = None,
     residual_balancing: RbOpt = None,
     log_level: LogLevelOpt = None,
+    keys: KeysOpt = None,
+    insecure: InsecureOpt = False,
 ):
     """Start the coordinator: registration, ADMM rounds, DSO/TSO dialogs, results. It reads only the
     public scenario."""
@@ -303,8 +381,9 @@ def coordinator(
                           max_iterations=max_iterations, residual_balancing=residual_balancing)
     if public.market.kind == "community" and topology is Topology.mesh:
         _fail("--topology mesh: the community market runs in the relay topology", EXIT_BAD_INPUT)
+    curve = _identity(keys, insecure, "coordinator")
     code = coordinator_main(public, bind, run_id or uuid.uuid4().hex[:12], topology.value, str(out), timeout_s,
-                            t0 or time.time(), str(ready_file) if ready_file else None, processes, report)
+                            t0 or time.time(), str(ready_file) if ready_file else None, processes, report, curve=curve)
     raise typer.Exit(code)
 
 
@@ -317,6 +396,8 @@ def peer(
     bind_host: Annotated[str, typer.Option(help="Interface for the mesh socket.", envvar="P2PM_BIND_HOST")] = "127.0.0.1",
     advertise_host: Annotated[Optional[str], typer.Option(help="Address the partners use to reach this peer (mesh).", envvar="P2PM_ADVERTISE_HOST")] = None,
     log_level: LogLevelOpt = None,
+    keys: KeysOpt = None,
+    insecure: InsecureOpt = False,
 ):
     """Start one peer process (hosting one or more peers) that connects to the coordinator. It reads
     only its own peers' private files."""
@@ -326,7 +407,17 @@ def peer(
         models = load_models([str(f) for f in model_file])
     except (KeyError, ValueError, TypeError, OSError) as exc:
         _fail(f"peer: {exc}", EXIT_BAD_INPUT)
-    raise typer.Exit(peer_main(models, coordinator, host_id, timeout_s, bind_host, advertise_host))
+    curve = _identity(keys, insecure, None)
+    if curve is not None and curve.role in ("coordinator", "dso", "tso"):
+        _fail(f"--keys: {keys} holds the key of the {curve.role}, not of a peer host", EXIT_BAD_INPUT)
+    if curve is not None and host_id is not None and host_id != curve.role:
+        _fail(f"--host-id: {host_id!r}, but --keys {keys} holds the key of {curve.role!r} (the host id is the key's "
+              "role; leave --host-id out)", EXIT_BAD_INPUT)
+    hosted = curve.roster.hosts.get(curve.role) if curve is not None else None
+    if hosted is not None and sorted(hosted) != sorted(m.id for m in models):
+        _fail(f"--model: the roster gives host {curve.role!r} the peers {', '.join(hosted)}; the models are of "
+              f"{', '.join(m.id for m in models)}", EXIT_BAD_INPUT)
+    raise typer.Exit(peer_main(models, coordinator, host_id, timeout_s, bind_host, advertise_host, curve=curve))
 
 
 CoordinatorAddr = Annotated[str, typer.Option(help="Coordinator address.", envvar="P2PM_COORDINATOR")]
@@ -336,22 +427,28 @@ IdleTimeout = Annotated[float, typer.Option(help="Longest wait for the next requ
 
 @app.command()
 def dso(scenario: PublicOpt, coordinator: CoordinatorAddr, timeout_s: ServiceTimeout = 30.0,
-        idle_timeout_s: IdleTimeout = 3600.0, log_level: LogLevelOpt = None):
+        idle_timeout_s: IdleTimeout = 3600.0, log_level: LogLevelOpt = None, keys: KeysOpt = None,
+        insecure: InsecureOpt = False):
     """Start the DSO service: AC power-flow validation of every dispatch (and the network agent of
     the community market). It reads only the public scenario."""
     from dso_service.main import main as dso_main
 
-    raise typer.Exit(dso_main(_load_public(scenario), coordinator, timeout_s, idle_timeout_s))
+    public = _load_public(scenario)
+    curve = _identity(keys, insecure, "dso")
+    raise typer.Exit(dso_main(public, coordinator, timeout_s, idle_timeout_s, curve=curve))
 
 
 @app.command()
 def tso(scenario: PublicOpt, coordinator: CoordinatorAddr, timeout_s: ServiceTimeout = 30.0,
-        idle_timeout_s: IdleTimeout = 3600.0, log_level: LogLevelOpt = None):
+        idle_timeout_s: IdleTimeout = 3600.0, log_level: LogLevelOpt = None, keys: KeysOpt = None,
+        insecure: InsecureOpt = False):
     """Start the TSO service: frequency-regulation requests (virtual load per hour). It reads only
     the public scenario."""
     from tso_service.main import main as tso_main
 
-    raise typer.Exit(tso_main(_load_public(scenario), coordinator, timeout_s, idle_timeout_s))
+    public = _load_public(scenario)
+    curve = _identity(keys, insecure, "tso")
+    raise typer.Exit(tso_main(public, coordinator, timeout_s, idle_timeout_s, curve=curve))
 
 
 @app.command()
@@ -368,6 +465,10 @@ def bench(
     pool_price: PoolOpt = None,
     acceleration: AccelOpt = None,
     hour_stopping: HourStopOpt = None,
+    security: Annotated[Security, typer.Option(help="curve: CURVE between the roles (the default of every run); none: "
+                                                    "without (--insecure); compare: the cost of CURVE, runs alternating "
+                                                    "without and with CURVE (--pairs of them).")] = Security.curve,
+    pairs: Annotated[int, typer.Option(help="--security compare: pairs of runs (without, with CURVE).", min=1)] = 2,
 ):
     """Benchmark the distributed clearing: start-up, iterations, time per iteration and where it
     goes, peak memory per process, messages, and the comparison with the centralized solve."""
@@ -383,8 +484,11 @@ def bench(
     sc = _load(scenario, **overrides)
     out = out or Path(tempfile.mkdtemp(prefix="p2pm-bench-"))
     _check_out(out)
+    if security is Security.compare:
+        return _bench_security(sc, out, topology.value, peers_per_process, timeout_s, pairs)
+    secure = security is Security.curve
     if sc.market.model != "benchmark":
-        return _bench_outer(sc, out, topology.value, peers_per_process, timeout_s)
+        return _bench_outer(sc, out, topology.value, peers_per_process, timeout_s, secure)
     community = sc.market.kind == "community"
     t = time.perf_counter()
     try:
@@ -392,11 +496,12 @@ def bench(
     except SolveError as exc:
         _fail(str(exc), EXIT_FAILED)
     central_s = time.perf_counter() - t
-    s = _bench_run(sc, out, topology.value, peers_per_process, timeout_s)
+    s = _bench_run(sc, out, topology.value, peers_per_process, timeout_s, secure)
     cmp = compare_community(out, sc, ref) if community else compare_p2p(out, sc, ref)
     lines = [
         f"benchmark {sc.name}: {len(sc.peers)} peers, {sc.market.hours} h, topology {topology.value}, "
-        f"{s['peer_processes']} peer processes ({s['processes']} processes in all)",
+        f"{s['peer_processes']} peer processes ({s['processes']} processes in all), "
+        f"{'CURVE' if secure else 'without CURVE (insecure)'}",
         *_bench_lines_common(s),
         f"  centralized solve ({'SOCP' if community else 'QP'}, cvxpy + Clarabel) {central_s:6.2f} s   -> distributed wall / centralized = "
         f"{s['wall_s'] / central_s:.1f}",
@@ -410,15 +515,73 @@ def bench(
     _bench_print(out, lines, s, cmp, central_s)
 
 
-def _bench_run(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float) -> dict:
+def _bench_run(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float, secure: bool = True) -> dict:
     """The benchmark's distributed run (real processes); its summary."""
     from p2pm.launcher import LaunchError, run_distributed
 
     try:
         return run_distributed(sc, out, topology=topology, peers_per_process=peers_per_process, timeout_s=timeout_s,
-                               t0=time.time(), quiet=True)
+                               t0=time.time(), quiet=True, security=secure)
     except LaunchError as exc:
         _fail(str(exc), EXIT_FAILED)
+
+
+def _bench_security(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float, pairs: int) -> None:
+    """The cost of CURVE: ``pairs`` pairs of runs alternating without and with CURVE on the same
+    machine in one go, in the order without-with, with-without, ... (a drift of the machine's load
+    over the runs weighs on both alike); time per iteration and start-up of each, the ratio of
+    their medians and the ratio within each pair."""
+    import json
+    import statistics
+
+    runs = []
+    for i in range(pairs):
+        for secure in ((False, True) if i % 2 == 0 else (True, False)):
+            folder = out / f"{i:02d}-{'curve' if secure else 'plain'}"
+            s = _bench_run(sc, folder, topology, peers_per_process, timeout_s, secure)
+            runs.append({"pair": i, "curve": secure, "iterations": s["iterations"], "converged": s["converged"],
+                         "time_per_iteration_ms": s["time_per_iteration_ms"], "startup_s": s["startup_s"],
+                         "wall_s": s["wall_s"], "social_welfare_eur": s["social_welfare_eur"],
+                         "messaging_ms_per_iteration": s["messaging_ms_per_iteration"], "out": str(folder),
+                         "cpu_s_coordinator": s.get("cpu_s_coordinator", float("nan")),
+                         "cpu_s_total": s.get("cpu_s_total", float("nan"))})
+            typer.echo(f"  run {len(runs)}: {'CURVE  ' if secure else 'without'}  {s['iterations']:6d} iterations  "
+                       f"{s['time_per_iteration_ms']:8.2f} ms per iteration  start-up {s['startup_s']:6.2f} s  "
+                       f"CPU coordinator {runs[-1]['cpu_s_coordinator']:6.2f} s, all {runs[-1]['cpu_s_total']:7.2f} s  "
+                       f"welfare {s['social_welfare_eur']:.6f} EUR", err=True)
+
+    def median(key: str, secure: bool) -> float:
+        return statistics.median(r[key] for r in runs if r["curve"] is secure)
+
+    tpi = {c: median("time_per_iteration_ms", c) for c in (False, True)}
+    up = {c: median("startup_s", c) for c in (False, True)}
+    cpu_coord = {c: median("cpu_s_coordinator", c) for c in (False, True)}
+    cpu_all = {c: median("cpu_s_total", c) for c in (False, True)}
+    pair_ratios = []
+    for a, b in zip(runs[::2], runs[1::2]):
+        off, on = (a, b) if b["curve"] else (b, a)
+        pair_ratios.append(on["time_per_iteration_ms"] / off["time_per_iteration_ms"])
+    result = {"scenario": sc.name, "topology": topology, "peers_per_process": peers_per_process, "pairs": pairs,
+              "runs": runs, "time_per_iteration_ms": {"plain": tpi[False], "curve": tpi[True]},
+              "time_per_iteration_ratio": tpi[True] / tpi[False], "pair_ratios": pair_ratios,
+              "startup_s": {"plain": up[False], "curve": up[True]}, "startup_ratio": up[True] / up[False],
+              "cpu_s_coordinator": {"plain": cpu_coord[False], "curve": cpu_coord[True]},
+              "cpu_s_total": {"plain": cpu_all[False], "curve": cpu_all[True]},
+              "same_results": len({(r["iterations"], round(r["social_welfare_eur"], 6)) for r in runs}) == 1}
+    typer.echo("\n".join([
+        f"cost of CURVE on {sc.name}: topology {topology}, {len(sc.peers)} peers, {pairs} pairs of runs alternating "
+        f"without / with CURVE (ABBA order)",
+        f"  time per iteration (median)   without {tpi[False]:8.2f} ms   with {tpi[True]:8.2f} ms   ratio "
+        f"{result['time_per_iteration_ratio']:.3f}   (per pair: {', '.join(f'{r:.3f}' for r in pair_ratios)})",
+        f"  start-up (median)             without {up[False]:8.2f} s    with {up[True]:8.2f} s    ratio "
+        f"{result['startup_ratio']:.3f}",
+        f"  CPU, coordinator (median)     without {cpu_coord[False]:8.2f} s    with {cpu_coord[True]:8.2f} s    ratio "
+        f"{cpu_coord[True] / cpu_coord[False]:.3f}",
+        f"  CPU, all processes (median)   without {cpu_all[False]:8.2f} s    with {cpu_all[True]:8.2f} s    ratio "
+        f"{cpu_all[True] / cpu_all[False]:.3f}",
+        f"  same iterations and welfare in every run: {result['same_results']}",
+        f"  results: {out}"]))
+    (out / "bench-security.json").write_text(json.dumps(result, indent=2))
 
 
 def _bench_print(out: Path, lines: list[str], s: dict, cmp: dict, central_s: float) -> None:
@@ -499,7 +662,7 @@ def _bench_lines_common(s: dict) -> list[str]:
     ]
 
 
-def _bench_outer(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float) -> None:
+def _bench_outer(sc, out: Path, topology: str, peers_per_process: int, timeout_s: float, secure: bool = True) -> None:
     """``p2pm bench`` of an outer-loop scenario: the distributed outer loop against the centralized
     one (same outer steps, violations, final dispatch and welfare) and the cost of its re-clears."""
     from p2pm.compare import compare_outer
@@ -508,7 +671,7 @@ def _bench_outer(sc, out: Path, topology: str, peers_per_process: int, timeout_s
     t = time.perf_counter()
     ref = run_centralized(sc)
     central_s = time.perf_counter() - t
-    s = _bench_run(sc, out, topology, peers_per_process, timeout_s)
+    s = _bench_run(sc, out, topology, peers_per_process, timeout_s, secure)
     cmp = compare_outer(out, ref)
     clearings = max(cmp["outer_iterations"], 1)
     lines = [

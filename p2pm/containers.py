@@ -30,7 +30,8 @@ import time
 import uuid
 from pathlib import Path
 
-from p2pm.launcher import Launch, LaunchError, Role, _peer_groups, _Progress, _reader, interruptible, supervise
+from p2pm.launcher import (Launch, LaunchError, Role, _peer_groups, _Progress, _reader, host_id as host_name, interruptible,
+                           supervise)
 
 IMAGE_REPO = "localhost/p2pm"
 DEFAULT_BASE = "python:3.11-slim"
@@ -176,9 +177,27 @@ def cleanup(run_label: str, network: str | None = None, names: list[str] = ()) -
 
 
 def run_podman(scenario, out: Path, *, topology: str = "relay", peers_per_process: int = 1, timeout_s: float = 30.0,
-               t0: float | None = None, quiet: bool = False, report: bool = True, image: str | None = None) -> dict:
+               t0: float | None = None, quiet: bool = False, report: bool = True, image: str | None = None,
+               security: bool = True, keys: Path | None = None) -> dict:
     """Run the distributed clearing of ``scenario`` with one podman container per role; returns the
-    summary dict (as ``p2pm.launcher.run_distributed``)."""
+    summary dict (as ``p2pm.launcher.run_distributed``). CURVE as there: each container mounts only
+    its own role's key folder (throwaway keys, unless ``keys``), or none with ``security=False``."""
+    from p2pm.launcher import run_keys
+
+    with run_keys(scenario, peers_per_process, security, keys) as key_dir:
+        return _run_podman(scenario, out, topology=topology, peers_per_process=peers_per_process, timeout_s=timeout_s,
+                           t0=t0, quiet=quiet, report=report, image=image, keys=key_dir)
+
+
+def _key_mount(keys: Path | None, role: str) -> tuple[list[str], dict]:
+    """A role's key folder as its own read-only mount (or --insecure): (mounts, environment)."""
+    if keys is None:
+        return [], {"P2PM_INSECURE": "1"}
+    return [f"{keys / role}:/p2pm/keys:ro"], {"P2PM_KEYS": "/p2pm/keys"}
+
+
+def _run_podman(scenario, out: Path, *, topology: str, peers_per_process: int, timeout_s: float, t0: float | None,
+                quiet: bool, report: bool, image: str | None, keys: Path | None) -> dict:
     from common.public import write_split
 
     out = Path(out)
@@ -212,7 +231,9 @@ def run_podman(scenario, out: Path, *, topology: str = "relay", peers_per_proces
                 for pid, path in group:
                     shutil.move(str(path), d / f"{pid}.json")
                 host_dirs.append(d)
-            _give_to_image_user([d for d in host_dirs] + [f for d in host_dirs for f in d.iterdir()])
+            key_dirs = [d for d in keys.iterdir() if d.is_dir()] if keys is not None else []
+            _give_to_image_user([d for d in host_dirs] + [f for d in host_dirs for f in d.iterdir()]
+                                + key_dirs + [f for d in key_dirs for f in d.iterdir()])
             podman("network", "create", "--label", f"p2pm.run={run_id}", network, timeout=60)
             progress_log(f"run {run_id}: containers {prefix}-* on network {network}, image {image}")
 
@@ -238,28 +259,33 @@ def run_podman(scenario, out: Path, *, topology: str = "relay", peers_per_proces
 
             public_mount = f"{public_dir}:/p2pm/public:ro"
             coord = Role("coordinator", logs / "coordinator.log")
+            key_mounts, key_env = _key_mount(keys, "coordinator")
             start(coord, f"{prefix}-coordinator",
                   ["coordinator", "--run-id", run_id, "--t0", repr(t0), "--processes", str(n_processes),
-                   *([] if report else ["--no-report"])], [public_mount],
+                   *([] if report else ["--no-report"])], [public_mount, *key_mounts],
                   {"P2PM_SCENARIO": "/p2pm/public/public.json", "P2PM_BIND": f"tcp://0.0.0.0:{PORT}",
-                   "P2PM_TOPOLOGY": topology, "P2PM_OUT": "/results", "P2PM_TIMEOUT_S": f"{timeout_s:g}"},
+                   "P2PM_TOPOLOGY": topology, "P2PM_OUT": "/results", "P2PM_TIMEOUT_S": f"{timeout_s:g}", **key_env},
                   stdout=subprocess.PIPE, keep=True)
             threading.Thread(target=_reader, args=("coordinator", coord.popen.stdout, events), daemon=True).start()
             for svc in ("dso", "tso"):
-                start(Role(svc, logs / f"{svc}.log"), f"{prefix}-{svc}", [svc], [public_mount],
+                key_mounts, key_env = _key_mount(keys, svc)
+                start(Role(svc, logs / f"{svc}.log"), f"{prefix}-{svc}", [svc], [public_mount, *key_mounts],
                       {"P2PM_SCENARIO": "/p2pm/public/public.json", "P2PM_COORDINATOR": coordinator,
-                       "P2PM_TIMEOUT_S": f"{timeout_s:g}"})
+                       "P2PM_TIMEOUT_S": f"{timeout_s:g}", **key_env})
             for i, (group, d) in enumerate(zip(groups, host_dirs)):
                 name = f"peer {group[0][0]}" if len(group) == 1 else f"peers {group[0][0]}..{group[-1][0]}"
-                host_id = f"h{i:04d}-{group[0][0]}"
+                host_id = host_name(i, group)
                 cname = f"{prefix}-peers-{i}"
-                env = {"P2PM_COORDINATOR": coordinator, "P2PM_HOST_ID": host_id, "P2PM_TIMEOUT_S": f"{timeout_s:g}"}
+                key_mounts, key_env = _key_mount(keys, host_id)
+                env = {"P2PM_COORDINATOR": coordinator, "P2PM_HOST_ID": host_id, "P2PM_TIMEOUT_S": f"{timeout_s:g}",
+                       **key_env}
                 if topology == "mesh":
                     env.update(P2PM_BIND_HOST="0.0.0.0", P2PM_ADVERTISE_HOST=cname)
                 args = ["peer"]
                 for pid, _ in group:
                     args += ["--model", f"/p2pm/private/{pid}.json"]
-                start(Role(name, logs / f"{host_id}.log", is_peer=True), cname, args, [f"{d}:/p2pm/private:ro"], env)
+                start(Role(name, logs / f"{host_id}.log", is_peer=True), cname, args,
+                      [f"{d}:/p2pm/private:ro", *key_mounts], env)
 
             supervise(launch, coord, events, progress, stop, timeout_s, what="containers")
             podman("cp", f"{prefix}-coordinator:/results/.", str(out), timeout=120)

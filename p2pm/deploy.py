@@ -13,6 +13,10 @@ scenario (``common.public``) and write everything a run needs:
 - the **DSO** and **TSO** services and the **peer hosts**; addresses by environment variables
   (``P2PM_COORDINATOR``, ``P2PM_SCENARIO``, ``P2PM_BIND``, ... are the ``envvar`` of the roles' options);
   in the mesh topology each peer host advertises its own name (Kubernetes: a headless Service each);
+- **CURVE keys** (``common.security``, unless ``--insecure``): a key pair per role made for the
+  deployment; each role gets only its own secret key with the public roster (Kubernetes: a Secret
+  ``p2pm-key-<role>`` per role; compose: its own read-only mount of ``keys/<role>/``), at
+  ``/p2pm/keys`` (``P2PM_KEYS``); ``--insecure`` sets ``P2PM_INSECURE`` instead;
 - resource requests per role.
 
 Every container runs as the image's unprivileged user (uid 10001) with absolute command paths, so
@@ -31,7 +35,7 @@ from pathlib import Path
 PORT = 5555
 UID = 10001  # the image's user (deploy/Containerfile)
 P2PM = "/opt/p2pm/venv/bin/p2pm"  # absolute: an image imported from a root file system has no PATH of its own
-PUBLIC_DIR, PRIVATE_DIR, RESULTS_DIR = "/p2pm/public", "/p2pm/private", "/results"
+PUBLIC_DIR, PRIVATE_DIR, RESULTS_DIR, KEYS_DIR = "/p2pm/public", "/p2pm/private", "/results", "/p2pm/keys"
 COORDINATOR = "p2pm-coordinator"
 LABEL = "app.kubernetes.io/name"
 
@@ -54,6 +58,27 @@ def peer_hosts(scenario, private_files: dict[str, Path], peers_per_process: int)
     from p2pm.launcher import _peer_groups
 
     return [(host_name(i), g) for i, g in enumerate(_peer_groups(scenario, private_files, peers_per_process))]
+
+
+def _security_env(secure: bool) -> dict[str, str]:
+    return {"P2PM_KEYS": KEYS_DIR} if secure else {"P2PM_INSECURE": "1"}
+
+
+def key_secret_name(role: str) -> str:
+    """The Kubernetes Secret of a role's key (its secret key and the public roster)."""
+    return f"p2pm-key-{role}"
+
+
+def _write_keys(scenario, out: Path, hosts) -> Path:
+    """out/keys/roster.json and out/keys/<role>/ (the role's secret key, 0600 in a folder of 0700)."""
+    from common.security import write_keys
+
+    folder = out / "keys"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(mode=0o755)
+    write_keys(folder, ["coordinator", "dso", "tso", *(h for h, _ in hosts)],
+               {h: [pid for pid, _ in g] for h, g in hosts}, scenario.name)
+    return folder
 
 
 def _coordinator_env(topology: str, timeout_s: float) -> dict[str, str]:
@@ -111,7 +136,7 @@ def _check(scenario, topology: str) -> None:
 # --------------------------------------------------------------------------------------- compose
 
 def compose(scenario, out: Path, *, image: str = "p2pm", topology: str = "relay", peers_per_process: int = 1,
-            timeout_s: float = 120.0) -> Path:
+            timeout_s: float = 120.0, secure: bool = True) -> Path:
     """Write ``out/compose.yaml`` with ``out/public/``, ``out/private/<host>/`` and ``out/results/``.
 
     A bind mount keeps the owner and mode of the host's files: the private files are 0600. Written by
@@ -122,11 +147,14 @@ def compose(scenario, out: Path, *, image: str = "p2pm", topology: str = "relay"
     _check(scenario, topology)
     out = Path(out).resolve()
     public_path, hosts = _write_inputs(scenario, out, peers_per_process)
+    shutil.rmtree(out / "keys", ignore_errors=True)
+    if secure:
+        _write_keys(scenario, out, hosts)
     results = out / "results"
     results.mkdir(exist_ok=True)
     user = None
     if os.geteuid() == 0:
-        for path in [results, *(out / "private").rglob("*")]:
+        for path in [results, *(out / "private").rglob("*"), *((out / "keys").rglob("*") if secure else [])]:
             os.chown(path, UID, UID)
         os.chown(out / "private", UID, UID)
     else:
@@ -141,19 +169,28 @@ def compose(scenario, out: Path, *, image: str = "p2pm", topology: str = "relay"
         return s
 
     public_mount = f"./public:{PUBLIC_DIR}:ro"
+    sec = _security_env(secure)
+
+    def key(role: str) -> list[str]:
+        return [f"./keys/{role}:{KEYS_DIR}:ro"] if secure else []
+
     services = {
-        COORDINATOR: {**service("coordinator", [P2PM, "coordinator"], _coordinator_env(topology, timeout_s),
-                                [public_mount, f"./results:{RESULTS_DIR}"], *REQUESTS["coordinator"]),
+        COORDINATOR: {**service("coordinator", [P2PM, "coordinator"], {**_coordinator_env(topology, timeout_s), **sec},
+                                [public_mount, f"./results:{RESULTS_DIR}", *key("coordinator")],
+                                *REQUESTS["coordinator"]),
                       "expose": [str(PORT)]},
-        "p2pm-dso": service("dso", [P2PM, "dso"], _service_env(timeout_s), [public_mount], *REQUESTS["dso"]),
-        "p2pm-tso": service("tso", [P2PM, "tso"], _service_env(timeout_s), [public_mount], *REQUESTS["tso"]),
+        "p2pm-dso": service("dso", [P2PM, "dso"], {**_service_env(timeout_s), **sec}, [public_mount, *key("dso")],
+                            *REQUESTS["dso"]),
+        "p2pm-tso": service("tso", [P2PM, "tso"], {**_service_env(timeout_s), **sec}, [public_mount, *key("tso")],
+                            *REQUESTS["tso"]),
     }
     for host, group in hosts:
-        services[host] = service("peer", _peer_command(group), _peer_env(host, topology, timeout_s),
-                                 [f"./private/{host}:{PRIVATE_DIR}:ro"], *peer_requests(len(group)))
+        services[host] = service("peer", _peer_command(group), {**_peer_env(host, topology, timeout_s), **sec},
+                                 [f"./private/{host}:{PRIVATE_DIR}:ro", *key(host)], *peer_requests(len(group)))
     spec = {"name": f"p2pm-{_dns(scenario.name)}", "services": services, "networks": {"market": {}}}
     path = out / "compose.yaml"
-    header = (f"# p2pm {scenario.name}: {len(hosts)} peer hosts, topology {topology}. Run:\n"
+    header = (f"# p2pm {scenario.name}: {len(hosts)} peer hosts, topology {topology}, "
+              f"{'CURVE keys in ./keys (one mount per role)' if secure else 'INSECURE: no CURVE'}. Run:\n"
               f"#   podman-compose -f compose.yaml up --abort-on-container-exit   (or docker compose)\n"
               f"# results: ./results (the coordinator's {RESULTS_DIR})\n")
     path.write_text(header + yaml.safe_dump(spec, sort_keys=False))
@@ -192,10 +229,20 @@ def _pod(name: str, role: str, container: dict, volumes: list[dict], labels: dic
 
 
 def kube_documents(scenario, public_text: str, hosts: list[tuple[str, list[tuple[str, bytes]]]], *, image: str,
-                   topology: str, timeout_s: float, results_size: str = "1Gi") -> list[dict]:
-    """The Kubernetes objects of a run (hosts: [(host, [(peer id, private file content), ...])])."""
+                   topology: str, timeout_s: float, results_size: str = "1Gi",
+                   keys: dict[str, dict[str, bytes]] | None = None) -> list[dict]:
+    """The Kubernetes objects of a run (hosts: [(host, [(peer id, private file content), ...])];
+    keys: {role: {file name: content}} of each role's key folder, None: without CURVE)."""
     public_vol = {"name": "public", "configMap": {"name": "p2pm-public"}}
     public_mount = {"name": "public", "mountPath": PUBLIC_DIR, "readOnly": True}
+    sec = _security_env(keys is not None)
+
+    def key_vol(role: str) -> list[dict]:
+        return ([{"name": "key", "secret": {"secretName": key_secret_name(role), "defaultMode": 0o440,
+                                             "optional": False}}] if keys is not None else [])
+
+    def key_mount(role: str) -> list[dict]:
+        return [{"name": "key", "mountPath": KEYS_DIR, "readOnly": True}] if keys is not None else []
     docs: list[dict] = [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "p2pm-public", "labels": {LABEL: "p2pm"}},
          "data": {"public.json": public_text}},
@@ -206,22 +253,30 @@ def kube_documents(scenario, public_text: str, hosts: list[tuple[str, list[tuple
          "spec": {"selector": {LABEL: "p2pm", "p2pm/role": "coordinator"},
                   "ports": [{"name": "zmq", "port": PORT, "targetPort": PORT, "protocol": "TCP"}]}},
         _pod(COORDINATOR, "coordinator",
-             _container("coordinator", image, [P2PM, "coordinator"], _coordinator_env(topology, timeout_s),
-                        [public_mount, {"name": "results", "mountPath": RESULTS_DIR}], *REQUESTS["coordinator"]),
-             [public_vol, {"name": "results", "persistentVolumeClaim": {"claimName": "p2pm-results"}}]),
+             _container("coordinator", image, [P2PM, "coordinator"], {**_coordinator_env(topology, timeout_s), **sec},
+                        [public_mount, {"name": "results", "mountPath": RESULTS_DIR}, *key_mount("coordinator")],
+                        *REQUESTS["coordinator"]),
+             [public_vol, {"name": "results", "persistentVolumeClaim": {"claimName": "p2pm-results"}},
+              *key_vol("coordinator")]),
     ]
+    for role, files in (keys or {}).items():
+        docs.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                     "metadata": {"name": key_secret_name(role), "labels": {LABEL: "p2pm", "p2pm/key": role}},
+                     "data": {name: base64.b64encode(content).decode() for name, content in files.items()}})
     for svc in ("dso", "tso"):
-        docs.append(_pod(f"p2pm-{svc}", svc, _container(svc, image, [P2PM, svc], _service_env(timeout_s),
-                                                         [public_mount], *REQUESTS[svc]), [public_vol]))
+        docs.append(_pod(f"p2pm-{svc}", svc, _container(svc, image, [P2PM, svc], {**_service_env(timeout_s), **sec},
+                                                         [public_mount, *key_mount(svc)], *REQUESTS[svc]),
+                         [public_vol, *key_vol(svc)]))
     for host, group in hosts:
         docs.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                      "metadata": {"name": host, "labels": {LABEL: "p2pm", "p2pm/host": host}},
                      "data": {f"{pid}.json": base64.b64encode(content).decode() for pid, content in group}})
         docs.append(_pod(host, "peer",
-                         _container("peer", image, _peer_command(group), _peer_env(host, topology, timeout_s),
-                                    [{"name": "private", "mountPath": PRIVATE_DIR, "readOnly": True}],
+                         _container("peer", image, _peer_command(group), {**_peer_env(host, topology, timeout_s), **sec},
+                                    [{"name": "private", "mountPath": PRIVATE_DIR, "readOnly": True}, *key_mount(host)],
                                     *peer_requests(len(group))),
-                         [{"name": "private", "secret": {"secretName": host, "defaultMode": 0o440, "optional": False}}],
+                         [{"name": "private", "secret": {"secretName": host, "defaultMode": 0o440, "optional": False}},
+                          *key_vol(host)],
                          labels={"p2pm/host": host}))
         if topology == "mesh":  # a stable name for the address the peer host advertises to its partners
             docs.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": host, "labels": {LABEL: "p2pm"}},
@@ -238,7 +293,7 @@ def collect_pod(image: str) -> dict:
 
 
 def kube(scenario, out: Path, *, image: str = "p2pm", topology: str = "relay", peers_per_process: int = 1,
-         timeout_s: float = 120.0) -> Path:
+         timeout_s: float = 120.0, secure: bool = True) -> Path:
     """Write ``out/kube.yaml`` (every object of the run) and ``out/collect.yaml`` (the results pod).
     The private files go into the Secrets only: nothing private is left in ``out`` besides kube.yaml
     (mode 0600)."""
@@ -248,13 +303,19 @@ def kube(scenario, out: Path, *, image: str = "p2pm", topology: str = "relay", p
     out = Path(out).resolve()
     public_path, hosts = _write_inputs(scenario, out, peers_per_process)
     contents = [(host, [(pid, path.read_bytes()) for pid, path in group]) for host, group in hosts]
+    keys = None
+    if secure:
+        folder = _write_keys(scenario, out, hosts)
+        keys = {d.name: {f.name: f.read_bytes() for f in d.iterdir() if f.name.endswith((".key_secret", "roster.json"))}
+                for d in sorted(folder.iterdir()) if d.is_dir()}
     docs = kube_documents(scenario, public_path.read_text(), contents, image=image, topology=topology,
-                          timeout_s=timeout_s)
-    for sub in ("private", "public"):  # both are inside kube.yaml now
+                          timeout_s=timeout_s, keys=keys)
+    for sub in ("private", "public", "keys"):  # all are inside kube.yaml now
         shutil.rmtree(out / sub, ignore_errors=True)
     path = out / "kube.yaml"
     header = (f"# p2pm {scenario.name}: {len(hosts)} peer hosts, topology {topology}; holds the peers' private data "
-              f"(Secrets).\n#   kubectl apply -f kube.yaml     or     podman kube play --network NET kube.yaml\n"
+              f"{'and every role' + chr(39) + 's CURVE key ' if secure else ''}(Secrets)"
+              f"{'' if secure else '; INSECURE: no CURVE'}.\n#   kubectl apply -f kube.yaml     or     podman kube play --network NET kube.yaml\n"
               f"# results: the PersistentVolumeClaim p2pm-results (see collect.yaml)\n")
     path.touch(mode=0o600)
     path.write_text(header + yaml.safe_dump_all(docs, sort_keys=False))
@@ -291,19 +352,25 @@ TimeoutOpt = Annotated[float, typer.Option(help="Deadline for any single wait; c
                                            min=0.1)]
 
 
+InsecureOpt = Annotated[bool, typer.Option("--insecure", help="Without CURVE keys: no authentication and no encryption "
+                                                             "between the roles (experiments only).")]
+
+
 def _generate(kind: str, scenario: str, out: Path, image: str, peers_per_process: int, topology: Topology,
-              timeout_s: float) -> None:
+              timeout_s: float, insecure: bool = False) -> None:
     from p2pm.cli import EXIT_BAD_INPUT, _fail, _load
 
     sc = _load(scenario)
     try:
         path = (compose if kind == "compose" else kube)(sc, out, image=image, topology=topology.value,
-                                                          peers_per_process=peers_per_process, timeout_s=timeout_s)
+                                                          peers_per_process=peers_per_process, timeout_s=timeout_s,
+                                                          secure=not insecure)
     except ValueError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     n_hosts = len(list(peer_hosts(sc, {p: Path() for p in _peer_ids(sc)}, peers_per_process)))
     typer.echo(f"wrote {path} ({sc.name}: coordinator, dso, tso and {n_hosts} peer hosts of up to "
-               f"{peers_per_process} peers; topology {topology.value}; image {image})")
+               f"{peers_per_process} peers; topology {topology.value}; image {image}; "
+               f"{'INSECURE: no CURVE' if insecure else 'CURVE: a key per role'})")
 
 
 def _peer_ids(sc) -> list[str]:
@@ -312,16 +379,17 @@ def _peer_ids(sc) -> list[str]:
 
 @deploy_app.command("compose")
 def compose_cmd(scenario: ScenarioArg, out: OutOpt, image: ImageOpt = "p2pm", peers_per_process: PppOpt = 1,
-                topology: TopologyOpt = Topology.relay, timeout_s: TimeoutOpt = 120.0):
+                topology: TopologyOpt = Topology.relay, timeout_s: TimeoutOpt = 120.0, insecure: InsecureOpt = False):
     """A compose folder: compose.yaml, public/ (read-only mount of the coordinator, DSO and TSO),
-    private/<host>/ (each peer host's own mount) and results/ (the coordinator's)."""
-    _generate("compose", scenario, out, image, peers_per_process, topology, timeout_s)
+    private/<host>/ (each peer host's own mount), keys/<role>/ (each role's own CURVE key and the
+    public roster) and results/ (the coordinator's)."""
+    _generate("compose", scenario, out, image, peers_per_process, topology, timeout_s, insecure)
 
 
 @deploy_app.command("kube")
 def kube_cmd(scenario: ScenarioArg, out: OutOpt, image: ImageOpt = "p2pm", peers_per_process: PppOpt = 1,
-             topology: TopologyOpt = Topology.relay, timeout_s: TimeoutOpt = 120.0):
+             topology: TopologyOpt = Topology.relay, timeout_s: TimeoutOpt = 120.0, insecure: InsecureOpt = False):
     """Kubernetes manifests: kube.yaml (ConfigMap of the public scenario, one Secret and one Pod per
-    peer host, coordinator Pod and Service, DSO and TSO Pods, results volume claim) and collect.yaml
-    (a pod to copy the results from)."""
-    _generate("kube", scenario, out, image, peers_per_process, topology, timeout_s)
+    peer host, a Secret with each role's CURVE key, coordinator Pod and Service, DSO and TSO Pods,
+    results volume claim) and collect.yaml (a pod to copy the results from)."""
+    _generate("kube", scenario, out, image, peers_per_process, topology, timeout_s, insecure)

@@ -170,6 +170,8 @@ class Experiment(_Strict):
     timeout_s: float = Field(60.0, gt=0)
     cell_timeout_s: float = Field(1800.0, gt=0, description="longest a cell may run (in-process driver)")
     processes_target: int = Field(20, ge=1, description="'auto' peers per process: about this many peer processes")
+    security: Literal["curve", "none"] = Field("curve", description="driver processes: CURVE between the roles "
+                                               "(throwaway keys per run), or none (no authentication, no encryption)")
 
     @field_validator("peers_per_process")
     @classmethod
@@ -477,7 +479,8 @@ def run_cell(exp: Experiment, cell: Cell, rep: int, out: Path, on_iteration=lamb
             os.environ["P2PM_NETWORK"] = model.to_json()
             try:
                 s = run_distributed(sc, folder, topology=cell.topology, peers_per_process=ppp,
-                                    timeout_s=exp.timeout_s, quiet=True, report=False, on_event=on_event)
+                                    timeout_s=exp.timeout_s, quiet=True, report=False, on_event=on_event,
+                                    security=exp.security == "curve")
             finally:
                 if old is None:
                     os.environ.pop("P2PM_NETWORK", None)

@@ -5,6 +5,9 @@ and stops all of them at the end, on error and on Ctrl-C.
   the TSO, one private file per peer in a folder only this user can read, removed after the run;
 - coordinator, DSO and TSO services: ``python -m <role>`` subprocesses with the public file, each
   with its own log;
+- CURVE (``common.security``, on unless ``security=False``): a throwaway key pair per role, made
+  for the run in a folder only this user can read and removed after the run (or the key folder of
+  ``p2pm keys``); each role is given only its own key folder;
 - peer processes: forked by a clean fork server (``peer_node.zygote``) that has imported only the
   peer code (no scenario, no solver), so that dozens of them start in well under a second; each
   gets the paths of its own peers' private files only. ``p2pm peer`` starts the same peer process by
@@ -59,6 +62,7 @@ class Role:
     forked_pid: int | None = None
     exitcode: int | None = None
     peak_rss_kib: int | None = None
+    cpu_s: float | None = None  # user + system CPU time of the process, from the OS accounting at its exit
     is_peer: bool = False
     container: str | None = None  # --launch podman: the role's container (popen is its ``podman run``)
 
@@ -78,6 +82,7 @@ class Role:
                 self.exitcode = os.waitstatus_to_exitcode(status)
                 self.popen.returncode = self.exitcode
                 self.peak_rss_kib = rusage.ru_maxrss
+                self.cpu_s = rusage.ru_utime + rusage.ru_stime
         return self.exitcode
 
     def stop(self, sig=signal.SIGTERM) -> None:
@@ -117,6 +122,7 @@ class Launch:
             if r.popen is not None and r.exitcode is None:
                 try:
                     _, status, rusage = os.wait4(r.popen.pid, 0)
+                    r.cpu_s = rusage.ru_utime + rusage.ru_stime
                     r.exitcode = os.waitstatus_to_exitcode(status)
                     r.popen.returncode = r.exitcode
                 except ChildProcessError:
@@ -152,6 +158,7 @@ class Launch:
                     if r.is_peer and r.forked_pid == ev["pid"]:
                         r.exitcode = ev["code"]
                         r.peak_rss_kib = ev["peak_rss_kib"]
+                        r.cpu_s = ev.get("cpu_s")
 
 
 def _spawn(module: str, args: list[str], log: Path, stdout=None, stdin=subprocess.DEVNULL) -> subprocess.Popen:
@@ -173,6 +180,47 @@ def _peer_groups(scenario, private_files: dict[str, Path], per_process: int) -> 
     return [files[i:i + per_process] for i in range(0, len(files), per_process)]
 
 
+def host_id(index: int, group: list) -> str:
+    """A peer host's name (its routing identity and its role in the key roster): ``h0000-<first peer>``."""
+    return f"h{index:04d}-{group[0][0]}"
+
+
+def peer_hosts(scenario, peers_per_process: int) -> dict[str, list[str]]:
+    """{host id: [peer ids]}, as the launcher groups them (``p2pm keys`` names hosts the same way)."""
+    groups = _peer_groups(scenario, {p.id: Path() for p in scenario.peers}, peers_per_process)
+    return {host_id(i, g): [pid for pid, _ in g] for i, g in enumerate(groups)}
+
+
+@contextmanager
+def run_keys(scenario, peers_per_process: int, security: bool = True, keys: Path | None = None):
+    """The run's key folder: ``keys`` (checked against the run's roles), throwaway keys made for the
+    run in a private temporary folder removed afterwards, or None without security."""
+    if not security:
+        yield None
+        return
+    from common.security import Roster, write_keys
+
+    hosts = peer_hosts(scenario, peers_per_process)
+    if keys is not None:
+        roster = Roster.load(Path(keys) / "roster.json")
+        missing = sorted({"coordinator", "dso", "tso", *hosts} - set(roster.keys))
+        if missing:
+            raise LaunchError(f"--keys: {keys}/roster.json has no key for {', '.join(missing[:5])} (make the keys with "
+                              f"the same --peers-per-process)")
+        yield Path(keys)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="p2pm-keys-"))  # mode 0700
+    try:
+        write_keys(folder, ["coordinator", "dso", "tso", *hosts], hosts, scenario.name)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _security_args(keys: Path | None, role: str) -> list[str]:
+    return ["--insecure"] if keys is None else ["--keys", str(keys / role)]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -187,10 +235,11 @@ def _reader(source: str, stream, q: queue.Queue) -> None:
 
 def run_distributed(scenario, out: Path, *, topology: str = "relay", peers_per_process: int = 1,
                     timeout_s: float = 30.0, t0: float | None = None, quiet: bool = False, report: bool = True,
-                    on_event=None) -> dict:
+                    on_event=None, security: bool = True, keys: Path | None = None) -> dict:
     """Run the distributed clearing of ``scenario`` (loaded, with any overrides applied) locally;
     returns the summary dict. ``on_event``, if given, is called with every progress event of the
-    coordinator (a dict: ready, iteration, outer, done)."""
+    coordinator (a dict: ready, iteration, outer, done). ``security``: CURVE with throwaway keys
+    (or the key folder ``keys`` of ``p2pm keys``); False: without (``--insecure``)."""
     t0 = time.time() if t0 is None else t0
     from p2pm.sizing import check_message_size
 
@@ -203,15 +252,16 @@ def run_distributed(scenario, out: Path, *, topology: str = "relay", peers_per_p
     run_id = uuid.uuid4().hex[:12]
     inputs = Path(tempfile.mkdtemp(prefix="p2pm-inputs-"))  # mode 0700: the peers' private files
     try:
-        public_path, private_files = write_split(scenario, inputs)
-        return _run(public_path, private_files, scenario, out, logs, run_id, topology, peers_per_process, timeout_s,
-                    t0, quiet, report, on_event)
+        with run_keys(scenario, peers_per_process, security, keys) as key_dir:
+            public_path, private_files = write_split(scenario, inputs)
+            return _run(public_path, private_files, scenario, out, logs, run_id, topology, peers_per_process,
+                        timeout_s, t0, quiet, report, on_event, key_dir)
     finally:
         shutil.rmtree(inputs, ignore_errors=True)
 
 
 def _run(public_path, private_files, scenario, out, logs, run_id, topology, peers_per_process, timeout_s, t0, quiet,
-         report, on_event=None) -> dict:
+         report, on_event=None, keys: Path | None = None) -> dict:
     groups = _peer_groups(scenario, private_files, peers_per_process)
     n_processes = len(groups) + 3
     launch = Launch()
@@ -234,7 +284,8 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
             coord.popen = _spawn("p2pm", ["coordinator",
                 "--scenario", str(public_path), "--bind", address, "--ready-file", str(ready_file),
                 "--run-id", run_id, "--topology", topology, "--out", str(out), "--timeout-s", str(timeout_s),
-                "--t0", repr(t0), "--processes", str(n_processes), *([] if report else ["--no-report"])],
+                "--t0", repr(t0), "--processes", str(n_processes), *([] if report else ["--no-report"]),
+                *_security_args(keys, "coordinator")],
                 coord.log, stdout=subprocess.PIPE)
             launch.roles.append(coord)
             threading.Thread(target=_reader, args=("coordinator", coord.popen.stdout, events), daemon=True).start()
@@ -242,7 +293,7 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
             for svc in ("dso", "tso"):
                 r = Role(svc, logs / f"{svc}.log")
                 r.popen = _spawn("p2pm", [svc, "--scenario", str(public_path), "--coordinator", address,
-                                       "--timeout-s", str(timeout_s)], r.log)
+                                       "--timeout-s", str(timeout_s), *_security_args(keys, svc)], r.log)
                 launch.roles.append(r)
 
             deadline = time.monotonic() + timeout_s
@@ -257,12 +308,14 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
 
             for i, group in enumerate(groups):
                 name = f"peer {group[0][0]}" if len(group) == 1 else f"peers {group[0][0]}..{group[-1][0]}"
-                host_id = f"h{i:04d}-{group[0][0]}"
-                r = Role(name, logs / f"{host_id}.log", is_peer=True)
+                host = host_id(i, group)
+                r = Role(name, logs / f"{host}.log", is_peer=True)
                 launch.roles.append(r)
-                zygote.popen.stdin.write((json.dumps({"host_id": host_id, "model_files": [str(f) for _, f in group],
+                zygote.popen.stdin.write((json.dumps({"host_id": host, "model_files": [str(f) for _, f in group],
                                                       "coordinator": address, "timeout_s": timeout_s,
-                                                      "log": str(r.log)}) + "\n").encode())
+                                                      "log": str(r.log),
+                                                      "keys": None if keys is None else str(keys / host)})
+                                          + "\n").encode())
             zygote.popen.stdin.close()
             supervise(launch, coord, events, progress, stop, timeout_s, on_event=on_event)
         finally:
@@ -355,6 +408,16 @@ def _memory(launch: Launch) -> dict:
         out["peak_rss_mib_peer_median"] = round(sorted(peers)[len(peers) // 2], 1)
         out["peak_rss_mib_peers_total"] = round(sum(peers), 1)
     out["peak_rss_mib_total"] = round(sum(peers) + sum(by_role.values()), 1)
+    # CPU time per process (less sensitive to a busy machine than wall times; start-up included)
+    cpu = {r.name: r.cpu_s for r in launch.roles if r.cpu_s is not None and r.name != "peer fork server"}
+    for role in ("coordinator", "dso", "tso"):
+        if role in cpu:
+            out[f"cpu_s_{role}"] = round(cpu[role], 3)
+    peer_cpu = [r.cpu_s for r in launch.roles if r.is_peer and r.cpu_s is not None]
+    if peer_cpu:
+        out["cpu_s_peers_total"] = round(sum(peer_cpu), 3)
+    if cpu:
+        out["cpu_s_total"] = round(sum(cpu.values()), 3)
     return out
 
 

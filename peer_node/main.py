@@ -39,16 +39,16 @@ def _private_bytes(path: Path) -> bytes:
 
 
 def main(models: list, coordinator: str, host_id: str | None, timeout_s: float, bind_host: str = "127.0.0.1",
-         advertise_host: str | None = None) -> int:
+         advertise_host: str | None = None, curve=None) -> int:
     from peer_node.engine import PeerEngine
 
-    host_id = host_id or f"host-{models[0].id}"
+    host_id = host_id or (curve.role if curve is not None else f"host-{models[0].id}")
     log = setup_logging(host_id)  # a forked peer: its own role in every line, not its parent's
     names = ", ".join(m.id for m in models)
     engine = PeerEngine(models, host_id, pid=os.getpid(), host=socket.gethostname())
     # the peer waits for the coordinator's next round for at most twice the coordinator's deadline
     shell = Shell(engine, connect=coordinator, timeout_s=2 * timeout_s + 5, mesh_host=bind_host,
-                  advertise_host=advertise_host)
+                  advertise_host=advertise_host, curve=curve)
     engine.address = shell.mesh_address
     log.info(f"hosting {names}; mesh socket {shell.mesh_address}")
     try:
@@ -63,15 +63,22 @@ def main(models: list, coordinator: str, host_id: str | None, timeout_s: float, 
         shell.close()
 
 
-def child_main(model_files: list[str], coordinator: str, host_id: str, timeout_s: float, log_path: str) -> None:
-    """Entry point of a peer process forked by ``peer_node.zygote``: logs to ``log_path``. An
-    exception is written to the log with its traceback before the process ends."""
+def child_main(model_files: list[str], coordinator: str, host_id: str, timeout_s: float, log_path: str,
+               keys: str | None = None) -> None:
+    """Entry point of a peer process forked by ``peer_node.zygote``: logs to ``log_path``; ``keys``:
+    its own key folder (None: without CURVE). An exception is written to the log with its traceback
+    before the process ends."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     code = 1
     try:
-        code = main(load_models(model_files), coordinator, host_id, timeout_s)
+        curve = None
+        if keys is not None:
+            from common.security import load_identity
+
+            curve = load_identity(keys)
+        code = main(load_models(model_files), coordinator, host_id, timeout_s, curve=curve)
     except BaseException:  # noqa: BLE001 - the reason must reach the log before os._exit
         traceback.print_exc()
         code = 1

@@ -3,8 +3,9 @@ per request, so that dozens of peers start in a fraction of a second (a fresh in
 peer costs ~0.3 s of CPU in imports alone).
 
 Protocol on stdin/stdout, one JSON object per line:
-  in:  {"host_id", "model_files": [paths of the hosted peers' private files], "coordinator", "timeout_s", "log"}
-  out: {"event": "started", "host_id", "pid"} / {"event": "exit", "pid", "code", "peak_rss_kib"}
+  in:  {"host_id", "model_files": [paths of the hosted peers' private files], "coordinator", "timeout_s", "log",
+        "keys": the host's own CURVE key folder or null}
+  out: {"event": "started", "host_id", "pid"} / {"event": "exit", "pid", "code", "peak_rss_kib", "cpu_s"}
 After stdin closes, the zygote reaps its children and exits when the last one has.
 Each child reads only its own peers' private files (the zygote never loads a scenario).
 """
@@ -51,7 +52,8 @@ def main() -> int:
                 os.close(0)
             except OSError:
                 pass
-            child_main(req["model_files"], req["coordinator"], req["host_id"], float(req["timeout_s"]), req["log"])
+            child_main(req["model_files"], req["coordinator"], req["host_id"], float(req["timeout_s"]), req["log"],
+                       req.get("keys"))
             os._exit(1)  # child_main never returns
         children += 1
         _say(event="started", host_id=req["host_id"], pid=pid)
@@ -61,7 +63,8 @@ def main() -> int:
         except ChildProcessError:
             break
         children -= 1
-        _say(event="exit", pid=pid, code=os.waitstatus_to_exitcode(status), peak_rss_kib=rusage.ru_maxrss)
+        _say(event="exit", pid=pid, code=os.waitstatus_to_exitcode(status), peak_rss_kib=rusage.ru_maxrss,
+             cpu_s=rusage.ru_utime + rusage.ru_stime)
     return 0
 
 

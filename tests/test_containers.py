@@ -188,18 +188,19 @@ def test_a_peer_pod_holds_no_other_peers_private_file(image, tmp_path):
     subset = [d for d in docs if d["metadata"]["name"] not in ("p2pm-dso", "p2pm-tso")]
     play = tmp_path / "peers.yaml"
     play.write_text(yaml.safe_dump_all(subset))
-    own = {d["metadata"]["name"]: sorted(d["data"]) for d in subset if d["kind"] == "Secret"}
+    own = {d["metadata"]["name"]: sorted(d["data"]) for d in subset
+           if d["kind"] == "Secret" and "p2pm/host" in d["metadata"]["labels"]}
     network = f"p2pm-test-{uuid.uuid4().hex[:8]}"
     podman("network", "create", network)
     look = ("id -u; ls /p2pm/private; echo ---; for f in /p2pm/private/*; do test -r $f && echo readable $f; done; "
             "echo ---; find / \\( -path /proc -o -path /sys \\) -prune -o -name '*.json' -print 2>/dev/null; echo ---; "
-            "ls /p2pm/public")
+            "ls /p2pm/public; echo ---; ls /p2pm/keys")
     try:
         kube_down(play, subset)
         podman("kube", "play", "--network", network, play)
         wait_running("p2pm-coordinator-coordinator")
         for host, files in own.items():
-            head, readable, found, public = podman("exec", f"{host}-peer", "sh", "-c", look).stdout.split("---")
+            head, readable, found, public, keys = podman("exec", f"{host}-peer", "sh", "-c", look).stdout.split("---")
             uid, *listing = head.split()
             assert uid == "10001"  # the image's unprivileged user
             assert listing == files  # its own peers' files, nothing else
@@ -208,6 +209,7 @@ def test_a_peer_pod_holds_no_other_peers_private_file(image, tmp_path):
             leaked = sorted(p for p in found.split() if Path(p).name in others)
             assert not leaked, f"{host} sees other peers' files: {leaked}"
             assert public.split() == []  # nor the public scenario: a peer needs only its own files
+            assert keys.split() == [f"{host}.key_secret", "roster.json"]  # its own CURVE key and the public roster
     finally:
         kube_down(play, subset)
         podman("network", "rm", "-f", network, check=False)
@@ -282,10 +284,15 @@ def test_launch_podman_names_a_killed_peer_container_and_cleans_up(image, tmp_pa
     victim = f"p2pm-{run_id}-peers-1"
     try:
         wait_running(victim)
-        # the peer container has its own private files only, read-only, and no other mount of the run
+        # the peer container has its own private files and its own CURVE key only, read-only, and no
+        # other mount of the run
         mounts = json.loads(podman("inspect", victim, "--format", "{{json .Mounts}}").stdout)
-        assert [m["Destination"] for m in mounts] == ["/p2pm/private"]
+        assert [m["Destination"] for m in mounts] == ["/p2pm/private", "/p2pm/keys"]
+        assert all(not m["RW"] for m in mounts)
         assert len(podman("exec", victim, "ls", "/p2pm/private").stdout.split()) == 10
+        host = podman("exec", victim, "printenv", "P2PM_HOST_ID").stdout.strip()
+        assert podman("exec", victim, "ls", "/p2pm/keys").stdout.split() == [f"{host}.key", f"{host}.key_secret",
+                                                                              "roster.json"]
         podman("kill", victim)
         _, err = proc.communicate(timeout=180)
     finally:

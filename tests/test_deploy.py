@@ -45,8 +45,9 @@ def test_kube_peer_hosts_grouped_each_with_its_own_secret(tmp_path):
     seen = set()
     for pod in peer_pods:
         host = pod["metadata"]["name"]
-        (vol,) = pod["spec"]["volumes"]
-        assert vol["secret"]["secretName"] == host  # its own Secret, nothing else
+        vol, key = pod["spec"]["volumes"]
+        assert vol["secret"]["secretName"] == host  # its own Secret and its own key, nothing else
+        assert key["secret"]["secretName"] == f"p2pm-key-{host}"
         ids = {k.removesuffix(".json") for k in by[("Secret", host)]["data"]}
         assert len(ids) == 10 and not ids & seen
         seen |= ids
@@ -66,8 +67,22 @@ def test_kube_peer_hosts_grouped_each_with_its_own_secret(tmp_path):
     for role in ("coordinator", "dso", "tso"):
         pod = by[("Pod", f"p2pm-{role}")]
         assert [v.get("configMap", {}).get("name") for v in pod["spec"]["volumes"]][0] == "p2pm-public"
-        assert not any("secret" in v for v in pod["spec"]["volumes"])
+        assert [v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v] == [f"p2pm-key-{role}"]
     assert ("Service", "p2pm-coordinator") in by and ("PersistentVolumeClaim", "p2pm-results") in by
+    # CURVE: a key Secret per role holding its own secret key and the public roster, nothing else
+    key_secrets = {d["metadata"]["name"]: d["data"] for d in docs
+                   if d["kind"] == "Secret" and d["metadata"]["name"].startswith("p2pm-key-")}
+    hosts = {p["metadata"]["name"] for p in peer_pods}
+    assert set(key_secrets) == {f"p2pm-key-{r}" for r in ("coordinator", "dso", "tso", *hosts)}
+    roster = json.loads(base64.b64decode(key_secrets["p2pm-key-dso"]["roster.json"]))
+    assert set(roster["roles"]) == {"coordinator", "dso", "tso", *hosts}
+    for name, data in key_secrets.items():
+        role = name.removeprefix("p2pm-key-")
+        assert sorted(data) == sorted([f"{role}.key_secret", "roster.json"])
+        assert b"secret-key" in base64.b64decode(data[f"{role}.key_secret"])
+    envs = [{e["name"]: e["value"] for e in d["spec"]["containers"][0]["env"]} for d in docs if d["kind"] == "Pod"
+            and d["metadata"]["name"] != "p2pm-results"]
+    assert all(e.get("P2PM_KEYS") == "/p2pm/keys" and "P2PM_INSECURE" not in e for e in envs)
 
 
 def test_compose_folder_mounts_each_peer_host_its_own_folder(tmp_path):
@@ -79,14 +94,28 @@ def test_compose_folder_mounts_each_peer_host_its_own_folder(tmp_path):
     hosts = [n for n, s in services.items() if s["labels"]["p2pm.role"] == "peer"]
     assert len(hosts) == 5 and all(s["image"] == "p2pm:test" for s in services.values())
     for host in hosts:
-        (mount,) = services[host]["volumes"]
-        assert mount == f"./private/{host}:/p2pm/private:ro"
+        mount, key = services[host]["volumes"]
+        assert mount == f"./private/{host}:/p2pm/private:ro" and key == f"./keys/{host}:/p2pm/keys:ro"
+        secret = out / "keys" / host / f"{host}.key_secret"
+        assert secret.stat().st_mode & 0o077 == 0 and secret.parent.stat().st_mode & 0o077 == 0
+        assert sorted(p.name for p in secret.parent.glob("*.key_secret")) == [secret.name]  # only its own
         folder = out / "private" / host
         assert len(list(folder.iterdir())) == 10 and folder.stat().st_mode & 0o077 == 0
         assert all(f.stat().st_mode & 0o077 == 0 for f in folder.iterdir())
     for role in ("p2pm-coordinator", "p2pm-dso", "p2pm-tso"):
         assert "./public:/p2pm/public:ro" in services[role]["volumes"]
         assert not any("private" in v for v in services[role]["volumes"])
+        assert f"./keys/{role.removeprefix('p2pm-')}:/p2pm/keys:ro" in services[role]["volumes"]
+        assert services[role]["environment"]["P2PM_KEYS"] == "/p2pm/keys"
+    roster = json.loads((out / "keys" / "roster.json").read_text())
+    assert set(roster["roles"]) == {"coordinator", "dso", "tso", *hosts}
+    # --insecure: clearly without keys
+    r = invoke("deploy", "compose", "mv37", "--out", tmp_path / "plain", "--insecure")
+    assert r.exit_code == 0 and "INSECURE" in r.output, r.output
+    plain = yaml.safe_load((tmp_path / "plain" / "compose.yaml").read_text())["services"]
+    assert all(s["environment"].get("P2PM_INSECURE") == "1" and "P2PM_KEYS" not in s["environment"]
+               for s in plain.values())
+    assert not (tmp_path / "plain" / "keys").exists()
     assert "./results:/results" in services["p2pm-coordinator"]["volumes"]
     assert json.loads((out / "public" / "public.json").read_text())["schema"] == "p2pm.public/1"
 

@@ -136,7 +136,8 @@ def test_bad_messages_are_rejected_counted_and_survived(tmp_path):
     """Roles started by hand from ``p2pm scenarios split``, all at once (the others connect until
     the coordinator listens), relay topology: the coordinator, DSO and TSO get the public part, each
     peer process only its own peers' private files. Garbage sent to the coordinator and to a peer's
-    mesh socket is refused and counted; the run goes on to the centralized clearing."""
+    mesh socket is refused and counted; the run goes on to the centralized clearing. Without CURVE
+    (``--insecure``), so that the garbage reaches the codec (tests/test_security.py attacks CURVE)."""
     scen = small_market(tmp_path / "small.yaml", 3, hours=2)
     public, private = split(scen, tmp_path / "split")
     out = tmp_path / "out"
@@ -146,7 +147,7 @@ def test_bad_messages_are_rejected_counted_and_survived(tmp_path):
     ctx = zmq.Context()
     try:
         coord = subprocess.Popen([*P2PM, "coordinator", "--scenario", public, "--bind", address, "--run-id", run,
-                                  "--out", out, "--timeout-s", "60", "--no-report"],
+                                  "--out", out, "--timeout-s", "60", "--no-report", "--insecure"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         procs.append(coord)
         coord_log: list[str] = []
@@ -157,12 +158,14 @@ def test_bad_messages_are_rejected_counted_and_survived(tmp_path):
         others = [pid for pid in private if pid != "load0"]
         for host, ids in (("h-load0", ["load0"]), ("h-others", others)):
             models = [a for pid in ids for a in ("--model", private[pid])]
-            pr = subprocess.Popen([*P2PM, "peer", "--coordinator", address, *models, "--host-id", host, "--timeout-s", "60"],
+            pr = subprocess.Popen([*P2PM, "peer", "--coordinator", address, *models, "--host-id", host, "--timeout-s", "60",
+                                   "--insecure"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             procs.append(pr)
             threading.Thread(target=_reader, args=(pr.stderr, peer_logs if host == "h-load0" else []), daemon=True).start()
         for svc in ("dso", "tso"):
-            procs.append(subprocess.Popen([*P2PM, svc, "--scenario", public, "--coordinator", address, "--timeout-s", "60"],
+            procs.append(subprocess.Popen([*P2PM, svc, "--scenario", public, "--coordinator", address, "--timeout-s", "60",
+                                           "--insecure"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
         # garbage for the coordinator (queued until it listens)

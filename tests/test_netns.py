@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from p2pm_support import P2PM, assert_no_private_data, small_market, split
+from p2pm_support import P2PM, assert_no_private_data, invoke, small_market, split
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -52,6 +52,8 @@ def test_roles_on_two_hosts_clear_the_market(tmp_path, two_hosts):
     a, b = two_hosts
     scen = small_market(tmp_path / "small.yaml", 3, hours=3)
     public, private = split(scen, tmp_path / "split")
+    keys = tmp_path / "keys"  # CURVE across the two hosts: each role its own key folder
+    assert invoke("keys", scen, "--out", keys, "--peers-per-process", 4).exit_code == 0
     out = tmp_path / "out"
     coord = "tcp://10.78.0.1:5555"
     procs = []
@@ -59,16 +61,18 @@ def test_roles_on_two_hosts_clear_the_market(tmp_path, two_hosts):
         # every role starts at once: the others connect (and retry) until the coordinator listens
         procs.append(subprocess.Popen(["ip", "netns", "exec", a, *P2PM, "coordinator", "--scenario", str(public),
                                        "--bind", coord, "--out", str(out), "--timeout-s", "60", "--topology", "mesh",
-                                       "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                       "--no-report", "--keys", str(keys / "coordinator")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for role in ("dso", "tso"):
             procs.append(subprocess.Popen(["ip", "netns", "exec", b, *P2PM, role, "--scenario", str(public),
-                                           "--coordinator", coord], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                           "--coordinator", coord, "--keys", str(keys / role)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         # two peer processes (sellers, buyers), each with its own peers' private files only
-        groups = {"sellers": ["grid", "chp1", "pv1", "wind1"], "buyers": ["load0", "load1", "load2"]}
+        groups = {"h0000-grid": ["grid", "chp1", "pv1", "wind1"], "h0001-load0": ["load0", "load1", "load2"]}
         assert sorted(sum(groups.values(), [])) == sorted(private)
         for host, ids in groups.items():
             models = [x for pid in ids for x in ("--model", str(private[pid]))]
-            procs.append(subprocess.Popen(["ip", "netns", "exec", b, *P2PM, "peer", *models, "--host-id", host,
+            procs.append(subprocess.Popen(["ip", "netns", "exec", b, *P2PM, "peer", *models, "--keys", str(keys / host),
                                            "--coordinator", coord, "--bind-host", "10.78.0.2",
                                            "--advertise-host", "10.78.0.2", "--timeout-s", "60"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

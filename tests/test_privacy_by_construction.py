@@ -67,13 +67,18 @@ def test_roles_started_by_hand_open_only_their_own_files(tmp_path):
             procs[name] = subprocess.Popen([*p2pm, *args], env=env, stdout=subprocess.DEVNULL, stderr=log)
 
     public = str(split / "public.json")
+    keys = tmp_path / "keys"  # a CURVE key per role; each role is given its own folder only
+    subprocess.run([*p2pm, "keys", "mv37", "--out", str(keys), "--peers-per-process", "10"], check=True,
+                   capture_output=True)
     start("coordinator", "coordinator", "--scenario", public, "--bind", address, "--out", str(tmp_path / "out"),
-          "--max-iterations", "20", "--no-report", "--timeout-s", "60")
-    start("dso", "dso", "--scenario", public, "--coordinator", address)
-    start("tso", "tso", "--scenario", public, "--coordinator", address)
-    groups = [private[i:i + 10] for i in range(0, len(private), 10)]
-    for i, group in enumerate(groups):
-        start(f"host{i}", "peer", "--coordinator", address, "--host-id", f"host{i}",
+          "--max-iterations", "20", "--no-report", "--timeout-s", "60", "--keys", str(keys / "coordinator"))
+    start("dso", "dso", "--scenario", public, "--coordinator", address, "--keys", str(keys / "dso"))
+    start("tso", "tso", "--scenario", public, "--coordinator", address, "--keys", str(keys / "tso"))
+    hosts = json.loads((keys / "roster.json").read_text())["hosts"]
+    groups = {host: [split / "peers" / f"{pid}.json" for pid in pids] for host, pids in hosts.items()}
+    assert len(groups) == 5 and sorted(p for g in groups.values() for p in g) == private
+    for host, group in groups.items():
+        start(host, "peer", "--coordinator", address, "--keys", str(keys / host),
               *[a for f in group for a in ("--model", str(f))])
     try:
         code = procs["coordinator"].wait(timeout=120)
@@ -93,14 +98,18 @@ def test_roles_started_by_hand_open_only_their_own_files(tmp_path):
         return files
 
     private_set = {p.resolve() for p in private}
+    secrets = {p.resolve() for p in keys.glob("*/*.key_secret")}
+    assert len(secrets) == 3 + 5
     for name in ("coordinator", "dso", "tso"):
         files = opened(name)
         assert Path(public).resolve() in files, name
         assert not files & private_set, f"{name} opened a peer's private file"
-    for i, group in enumerate(groups):
-        files = opened(f"host{i}")
-        assert files & private_set == {p.resolve() for p in group}, f"host{i} opened another peer's file"
+        assert files & secrets == {(keys / name / f"{name}.key_secret").resolve()}, f"{name} opened another's key"
+    for host, group in groups.items():
+        files = opened(host)
+        assert files & private_set == {p.resolve() for p in group}, f"{host} opened another peer's file"
         assert Path(public).resolve() not in files
+        assert files & secrets == {(keys / host / f"{host}.key_secret").resolve()}, f"{host} opened another's key"
 
 
 def test_a_peer_host_receives_nothing_of_another_peers():

@@ -94,7 +94,7 @@ async def test_malformed_and_forged_messages_are_counted_never_delivered():
         coord.close()
         client.close()
     assert outcome == ("c",)  # only the valid HELLO reached the engine
-    assert dict(coord.transport.rejected) == {"malformed": 2, "body": 1}, coord.transport.rejected
+    assert dict(coord.transport.rejected) == {"malformed": 2, "sender": 1}, coord.transport.rejected
 
 
 async def test_a_deadline_names_the_silent_side_and_an_engine_error_does_not_kill_a_role():

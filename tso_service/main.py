@@ -11,7 +11,7 @@ from common.shell import run_role
 from tso_service.engine import TSOEngine
 
 
-def main(public, coordinator: str, timeout_s: float, idle_timeout_s: float) -> int:
+def main(public, coordinator: str, timeout_s: float, idle_timeout_s: float, curve=None) -> int:
     setup_logging("tso").info(f"connecting to {coordinator}")
     return run_role(TSOEngine(public.tso_virtual_load_mw, pid=os.getpid(), host=socket.gethostname()), coordinator,
-                    idle_timeout_s)
+                    idle_timeout_s, curve=curve)
