@@ -40,6 +40,12 @@ class MaskKeys:
                 shared = self._private.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(key_hex)))
                 self._secrets[other] = hashlib.blake2b(shared, digest_size=32, person=b"p2pm-secagg").digest()
 
+    def forget(self, peer_ids) -> None:
+        """Leave the pairs with ``peer_ids`` (peers that left the market): the masks then cancel in
+        the sum over the peers that remain."""
+        for other in peer_ids:
+            self._secrets.pop(other, None)
+
     def mask(self, label: str, size: int) -> np.ndarray:
         """This peer's total mask (int64, ``size`` values) for the report ``label``."""
         total = np.zeros(size, dtype=np.int64)

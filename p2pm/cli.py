@@ -44,6 +44,30 @@ class Launch(str, Enum):
     podman = "podman"
 
 
+class PeerLoss(str, Enum):
+    abort = "abort"
+    drop = "drop"
+
+
+PeerLossOpt = Annotated[PeerLoss, typer.Option(
+    "--on-peer-loss", envvar="P2PM_ON_PEER_LOSS",
+    help="When a peer host is lost (killed, stopped, disconnected): abort the run naming it, or drop its peers and "
+         "clear on without them, warm-started (full P2P market, relay topology, benchmark model); summary.json says "
+         "who was dropped and when.")]
+HeartbeatOpt = Annotated[float, typer.Option(
+    "--heartbeat-s", envvar="P2PM_HEARTBEAT_S", min=0.05, max=60.0,
+    help="Heartbeat interval of every role (ZeroMQ and application heartbeats); a role silent for 5 intervals is lost.")]
+
+
+def _check_peer_loss(policy: PeerLoss, market, topology: str) -> None:
+    """--on-peer-loss drop where it cannot apply is refused before any process starts (exit 2)."""
+    from coordinator.engine import drop_unsupported
+
+    why = drop_unsupported(market, topology) if policy is PeerLoss.drop else None
+    if why:
+        _fail(f"--on-peer-loss drop: not available for {why}", EXIT_BAD_INPUT)
+
+
 def _fail(message: str, code: int) -> None:
     typer.secho(("bad input: " if code == EXIT_BAD_INPUT else "run failed: ") + message, err=True, fg="red")
     raise typer.Exit(code)
@@ -206,6 +230,8 @@ def run(
                                                 "role (peers grouped by --peers-per-process) on a podman network.")] = Launch.local,
     image: Annotated[Optional[str], typer.Option(help="--launch podman: the p2pm image to run (default: built from this "
                                                       "source tree, or reused when built already).", envvar="P2PM_IMAGE")] = None,
+    on_peer_loss: PeerLossOpt = PeerLoss.abort,
+    heartbeat_s: HeartbeatOpt = 1.0,
 ):
     """Clear a market and write the results folder."""
     t0 = time.time()
@@ -219,6 +245,8 @@ def run(
               EXIT_BAD_INPUT)
     if launch is Launch.podman and solver is Solver.centralized:
         _fail("--launch podman: the centralized reference runs in this process (use --solver admm)", EXIT_BAD_INPUT)
+    if solver is Solver.admm:
+        _check_peer_loss(on_peer_loss, sc.market, topology.value)
     out = out or Path("results") / f"{sc.name}-{solver.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out(out)
     from common.report import format_summary, write_results
@@ -255,7 +283,8 @@ def run(
                                      timeout_s=timeout_s, t0=t0, quiet=quiet, report=report, image=image)
             else:
                 summary = run_distributed(sc, out, topology=topology.value, peers_per_process=peers_per_process,
-                                          timeout_s=timeout_s, t0=t0, quiet=quiet, report=report)
+                                          timeout_s=timeout_s, t0=t0, quiet=quiet, report=report,
+                                          on_peer_loss=on_peer_loss.value, heartbeat_s=heartbeat_s)
         except LaunchError as exc:
             _fail(str(exc), EXIT_FAILED)
     typer.echo(format_summary(summary))
@@ -292,6 +321,8 @@ def coordinator(
     max_iterations: MaxItOpt = None,
     residual_balancing: RbOpt = None,
     log_level: LogLevelOpt = None,
+    on_peer_loss: PeerLossOpt = PeerLoss.abort,
+    heartbeat_s: HeartbeatOpt = 1.0,
 ):
     """Start the coordinator: registration, ADMM rounds, DSO/TSO dialogs, results. It reads only the
     public scenario."""
@@ -303,8 +334,10 @@ def coordinator(
                           max_iterations=max_iterations, residual_balancing=residual_balancing)
     if public.market.kind == "community" and topology is Topology.mesh:
         _fail("--topology mesh: the community market runs in the relay topology", EXIT_BAD_INPUT)
+    _check_peer_loss(on_peer_loss, public.market, topology.value)
     code = coordinator_main(public, bind, run_id or uuid.uuid4().hex[:12], topology.value, str(out), timeout_s,
-                            t0 or time.time(), str(ready_file) if ready_file else None, processes, report)
+                            t0 or time.time(), str(ready_file) if ready_file else None, processes, report,
+                            heartbeat_s=heartbeat_s, on_peer_loss=on_peer_loss.value)
     raise typer.Exit(code)
 
 

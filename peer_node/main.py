@@ -39,7 +39,7 @@ def _private_bytes(path: Path) -> bytes:
 
 
 def main(models: list, coordinator: str, host_id: str | None, timeout_s: float, bind_host: str = "127.0.0.1",
-         advertise_host: str | None = None) -> int:
+         advertise_host: str | None = None, heartbeat_s: float = 1.0) -> int:
     from peer_node.engine import PeerEngine
 
     host_id = host_id or f"host-{models[0].id}"
@@ -47,8 +47,9 @@ def main(models: list, coordinator: str, host_id: str | None, timeout_s: float, 
     names = ", ".join(m.id for m in models)
     engine = PeerEngine(models, host_id, pid=os.getpid(), host=socket.gethostname())
     # the peer waits for the coordinator's next round for at most twice the coordinator's deadline
+    # (the coordinator's WELCOME sets the heartbeat interval; a coordinator silent for 5 of them is lost)
     shell = Shell(engine, connect=coordinator, timeout_s=2 * timeout_s + 5, mesh_host=bind_host,
-                  advertise_host=advertise_host)
+                  advertise_host=advertise_host, heartbeat_s=heartbeat_s)
     engine.address = shell.mesh_address
     log.info(f"hosting {names}; mesh socket {shell.mesh_address}")
     try:
@@ -63,7 +64,8 @@ def main(models: list, coordinator: str, host_id: str | None, timeout_s: float, 
         shell.close()
 
 
-def child_main(model_files: list[str], coordinator: str, host_id: str, timeout_s: float, log_path: str) -> None:
+def child_main(model_files: list[str], coordinator: str, host_id: str, timeout_s: float, log_path: str,
+               heartbeat_s: float = 1.0) -> None:
     """Entry point of a peer process forked by ``peer_node.zygote``: logs to ``log_path``. An
     exception is written to the log with its traceback before the process ends."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -71,7 +73,7 @@ def child_main(model_files: list[str], coordinator: str, host_id: str, timeout_s
     os.dup2(fd, 2)
     code = 1
     try:
-        code = main(load_models(model_files), coordinator, host_id, timeout_s)
+        code = main(load_models(model_files), coordinator, host_id, timeout_s, heartbeat_s=heartbeat_s)
     except BaseException:  # noqa: BLE001 - the reason must reach the log before os._exit
         traceback.print_exc()
         code = 1

@@ -10,7 +10,7 @@ import zmq
 import zmq.asyncio
 
 from common.engine import COORDINATOR, Deadline, Finish, Log, Received, Send, Started
-from common.protocol.control import Heartbeat, Hello, Shutdown
+from common.protocol.control import Error, Heartbeat, Hello, Shutdown
 from common.shell import Shell, ShellFailure
 
 
@@ -34,7 +34,7 @@ class Echo:
 
 
 class Client:
-    """A role that says HELLO and stops at SHUTDOWN; ``explode`` raises on the first HEARTBEAT."""
+    """A role that says HELLO and stops at SHUTDOWN; ``explode`` raises on the first ERROR."""
 
     def __init__(self, name: str, explode: bool = False):
         self.name, self.explode, self.got = name, explode, []
@@ -44,7 +44,7 @@ class Client:
             return [Send(COORDINATOR, Hello(role="peer", peer_ids=(self.name,), pid=1, host="test"))]
         if isinstance(event, Received):
             self.got.append(type(event.message).__name__)
-            if isinstance(event.message, Heartbeat) and self.explode:
+            if isinstance(event.message, Error) and self.explode:
                 raise RuntimeError("a bug in the engine")
             if isinstance(event.message, Shutdown):
                 return [Log("done"), Finish("stopped")]
@@ -108,8 +108,8 @@ async def test_a_deadline_names_the_silent_side_and_an_engine_error_does_not_kil
 
         async def poke():
             ident, _ = await router.recv_multipart()  # the HELLO
-            beat = Heartbeat().envelope(run_id="*", sender=COORDINATOR)
-            await router.send_multipart([ident, encode(beat)])
+            error = Error(code="x", text="an error").envelope(run_id="*", sender=COORDINATOR)
+            await router.send_multipart([ident, encode(error)])
 
         with pytest.raises(ShellFailure, match="no message within 0.5 s from the coordinator"):
             await asyncio.wait_for(asyncio.gather(client.serve(), poke()), 10)
@@ -117,4 +117,5 @@ async def test_a_deadline_names_the_silent_side_and_an_engine_error_does_not_kil
         router.close(0)
         coord_ctx.term()
         client.close()
-    assert client.internal_errors == 1 and client.engine.got == ["Heartbeat"]
+    assert client.internal_errors == 1 and client.engine.got == ["Error"]
+    assert client.rejected_counts() == {"internal": 1}

@@ -9,7 +9,7 @@ matrix is a numpy array (float64, int64 or bool) packed as binary by :mod:`commo
 The message sets live in one module each, with typed frozen definitions and their schemas:
 
 - :mod:`common.protocol.control`: HELLO, WELCOME, ERROR, SHUTDOWN, HEARTBEAT, READY
-- :mod:`common.protocol.market`: ROUND, UPDATE, TRADES, RESIDUALS, RESULT, PENALTY
+- :mod:`common.protocol.market`: ROUND, UPDATE, TRADES, RESIDUALS, RESULT, PENALTY, DROP
 - :mod:`common.protocol.grid`: DISPATCH, GRID_REPORT, NETWORK_UPDATE, NETWORK_RESULT
 - :mod:`common.protocol.frequency`: FREQ_QUERY, FREQ_REQUEST
 
@@ -84,6 +84,7 @@ class MsgType(StrEnum):
     RESIDUALS = "residuals"
     RESULT = "result"
     PENALTY = "penalty"
+    DROP = "drop"
     PRICE_PROBE = "price_probe"
     QUANTITY_SUM = "quantity_sum"
     POOL_PRICE = "pool_price"

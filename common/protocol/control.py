@@ -16,7 +16,9 @@ ERROR (either way)
 SHUTDOWN (coordinator -> role)
     ``reason``: str (e.g. "done", "aborted: peer p7 lost").
 HEARTBEAT (either way)
-    empty body; application-level liveness (ZMQ heartbeats do not notice a process stuck in Python).
+    application-level liveness (ZMQ heartbeats do not notice a process stuck in Python), sent every
+    heartbeat interval by every role, also while its engine computes; optional ``rejected``:
+    {reason: count}, the messages the sending role has refused so far (for ``summary.json``).
 READY (role -> coordinator)
     empty body; the role has built its models and waits for rounds.
 """
@@ -115,13 +117,15 @@ class Heartbeat(Message):
     """Application-level liveness."""
 
     TYPE: ClassVar[MsgType] = MsgType.HEARTBEAT
+    rejected: dict[str, int] | None = None  # reason -> messages the sender has refused so far
 
     def to_body(self) -> dict[str, Any]:
-        return {}
+        return {} if self.rejected is None else {"rejected": {str(k): int(v) for k, v in self.rejected.items()}}
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Heartbeat:
-        return cls()
+        rejected = body.get("rejected")
+        return cls(dict(rejected) if rejected is not None else None)
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ SCHEMAS: dict[MsgType, Record] = {
     MsgType.WELCOME: Record(required={"config": MapOf(AnyValue())}),
     MsgType.ERROR: Record(required={"code": Str(max_len=256), "text": Str()}),
     MsgType.SHUTDOWN: Record(required={"reason": Str()}),
-    MsgType.HEARTBEAT: Record(),
+    MsgType.HEARTBEAT: Record(optional={"rejected": MapOf(Int(min=0))}),
     MsgType.READY: Record(),
 }
 

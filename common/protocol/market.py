@@ -55,6 +55,10 @@ PENALTY (coordinator -> peer host; between outer iterations; from the DSO or TSO
     ``virtual_load_mw`` (hours,) the TSO's request (virtual load); ``beta_eur_per_mwh`` (1,) the
     price of extra flexibility. A receiver refuses (and counts) a PENALTY for a peer it does not
     host, an unknown name or a wrong shape.
+DROP (coordinator -> peer host; policy ``--on-peer-loss drop``)
+    ``peers``: list[str], peers that have left the market (their host was lost): every hosted peer
+    stops trading with them (their rows leave its trades, prices and partners' trades, their masks
+    leave its secure-aggregation set); the next ROUND sets the state to go on from.
 """
 
 from __future__ import annotations
@@ -414,6 +418,21 @@ class Penalty(Message):
         return cls({k: dict(v) for k, v in body["peers"].items()})
 
 
+@dataclass(frozen=True)
+class Drop(Message):
+    """Coordinator -> peer host: these peers have left the market (their host was lost)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.DROP
+    peers: tuple[str, ...] = ()
+
+    def to_body(self) -> dict[str, Any]:
+        return {"peers": list(self.peers)}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Drop:
+        return cls(tuple(body["peers"]))
+
+
 # ----------------------------------------------------------------------------------------- schemas
 
 
@@ -531,6 +550,7 @@ SCHEMAS: dict[MsgType, Record] = {
         optional={"traffic": ListOf(ListOf(AnyValue()))},
     ),
     MsgType.PENALTY: Record(required={"peers": MapOf(MapOf(Array("float64")))}),
+    MsgType.DROP: Record(required={"peers": ListOf(Str(max_len=256))}),
     MsgType.PRICE_PROBE: Record(required={"price_eur_per_mwh": float_array(2)}),
     MsgType.QUANTITY_SUM: Record(required={"q_low_masked": Array("int64", (2,)), "q_high_masked": Array("int64", (2,))}),
     MsgType.POOL_PRICE: Record(required={"price_a_eur_per_mwh": float_array(1), "price_b_eur_per_mwh": float_array(1),
@@ -545,6 +565,7 @@ MESSAGES: dict[MsgType, type[Message]] = {
     MsgType.RESIDUALS: Residuals,
     MsgType.RESULT: Result,
     MsgType.PENALTY: Penalty,
+    MsgType.DROP: Drop,
     MsgType.PRICE_PROBE: PriceProbe,
     MsgType.QUANTITY_SUM: QuantitySum,
     MsgType.POOL_PRICE: PoolPrice,
