@@ -110,6 +110,7 @@ class Shell:
         # liveness: the coordinator's last sign of life (once welcomed), the last send to it, the
         # losses to report to the coordinator's engine after the current instructions
         self.welcomed = False
+        self.coordinator_lost = False
         self.coordinator_seen = time.monotonic()
         self.last_sent = 0.0
         self.reported: dict = {}  # the refusal counts the coordinator has last been sent
@@ -210,6 +211,7 @@ class Shell:
             await self._deliver(Tick(self.now_s()))
             return
         if self.welcomed and now - self.coordinator_seen > self.liveness_misses * self.heartbeat_s:
+            self.coordinator_lost = True  # nothing queued for it will ever leave: no linger at close
             raise ShellFailure(COORDINATOR, f"lost the coordinator: nothing from it for {now - self.coordinator_seen:.1f} s "
                                             f"(heartbeat every {self.heartbeat_s:g} s)")
         if self.welcomed and now - self.last_sent >= self.heartbeat_s:  # (before: of no run yet)
@@ -432,7 +434,7 @@ class Shell:
         intervals, to leave."""
         if self.transport.rejected:
             self.log.warning("rejected messages: %s", dict(self.transport.rejected))
-        self.transport.close(linger_ms=int(1000 * max(1.0, 2 * self.heartbeat_s)))
+        self.transport.close(linger_ms=0 if self.coordinator_lost else int(1000 * max(1.0, 2 * self.heartbeat_s)))
 
 
 def run_role(engine, coordinator: str, idle_timeout_s: float, **kw) -> int:

@@ -63,7 +63,9 @@ class Role:
     container: str | None = None  # --launch podman: the role's container (popen is its ``podman run``)
 
     def describe(self) -> str:
-        return f"{self.name} (container {self.container})" if self.container else f"{self.name} (pid {self.pid})"
+        if self.container:
+            return f"{self.name} (container {self.container})"
+        return f"{self.name} (host {self.log.stem}, pid {self.pid})" if self.is_peer else f"{self.name} (pid {self.pid})"
 
     @property
     def pid(self) -> int | None:
