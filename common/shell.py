@@ -224,10 +224,13 @@ class Shell:
         while self._lost and not self.finished:
             await self._deliver(self._lost.pop(0))
 
-    async def _receive(self, sock) -> bool:
-        """Receive what is waiting on ``sock``; True when a valid message was delivered."""
+    async def _receive(self, sock, batch: int = 512) -> bool:
+        """Receive what is waiting on ``sock`` (at most ``batch`` messages, so that a flood never
+        holds off the ticks); True when a valid message was delivered."""
         delivered = False
-        while not self.finished:
+        for _ in range(batch):
+            if self.finished:
+                break
             try:  # the socket's synchronous shadow: no future per message on the hot path
                 frames = self._sync(sock).recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -347,14 +350,17 @@ class Shell:
                 if mesh:  # the main socket is free meanwhile: the heartbeat thread keeps the role alive
                     with self._lock:
                         self._busy = True
+                # the coordinator waits at most a heartbeat interval: its loop keeps every role's liveness
+                wait_s = min(self.transport.send_timeout_s, self.heartbeat_s) if self.is_coordinator \
+                    else self.transport.send_timeout_s
                 try:
-                    await asyncio.wait_for(sock.send_multipart(frames, copy=False), self.transport.send_timeout_s)
+                    await asyncio.wait_for(sock.send_multipart(frames, copy=False), wait_s)
                 finally:
                     if mesh:
                         with self._lock:
                             self._busy = False
         except asyncio.TimeoutError:
-            what = f"could not send {env.type.value} to {ins.to} within {self.transport.send_timeout_s:g} s"
+            what = f"could not send {env.type.value} to {ins.to} within {wait_s:g} s"
             self.transport.dropped[env.type.value] += 1
             if self.is_coordinator:  # its engine decides (the receiver is lost; it is to blame, not the others)
                 self._lost.append(PeerLost(ins.to, self.now_s(), what))

@@ -191,3 +191,78 @@ def test_roles_started_by_hand_stop_soon_after_their_coordinator_is_killed(tmp_p
             if p.poll() is None:
                 p.kill()
             p.wait(timeout=10)
+
+
+def test_hostile_messages_during_a_run_never_end_it(tmp_path):
+    """Against a running clearing: HELLOs followed at once by a disconnect, a HELLO flood from many
+    identities, a connection whose identity is not UTF-8, forged answers of the right run, garbage
+    on a peer's mesh socket. The run ends as an undisturbed one would (the centralized optimum), and
+    every refusal is in summary.json by role and reason (the peer's with its heartbeats)."""
+    import zmq
+
+    from common.codec import encode
+    from common.protocol import MsgType, make_envelope
+    from common.protocol.control import Hello
+
+    scen = small_market(tmp_path / "small.yaml", 15, hours=3)
+    out = tmp_path / "out"
+    proc = _launch(scen, out, "abort")
+    log = out / "logs" / "coordinator.log"
+    ctx = zmq.Context()
+    socks = []
+
+    def dealer(identity: bytes, address: str):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 2000)
+        s.setsockopt(zmq.ROUTING_ID, identity)
+        s.connect(address)
+        socks.append(s)
+        return s
+
+    try:
+        deadline = time.monotonic() + 90
+        _wait_for(log, r"peers in 7 processes ready", deadline, proc)
+        text = log.read_text()
+        address = re.search(r"listening on (\S+), run (\w+)", text)
+        address, run = address.group(1), address.group(2)
+        for i in range(9):  # one HELLO, then gone
+            ident = f"stranger-{i}"
+            s = dealer(ident.encode(), address)
+            claim = Hello(role="tso" if i % 3 == 0 else "peer", peer_ids=() if i % 3 == 0 else ("load0",), pid=1,
+                          host="x")
+            s.send(encode(claim.envelope(run_id="*", sender=ident)))
+            time.sleep(0.05)
+            s.close(linger=0)
+        for i in range(20):  # a flood: 2000 HELLOs from 20 identities
+            ident = f"flood-{i}"
+            s = dealer(ident.encode(), address)
+            frame = encode(Hello(role="peer", peer_ids=("load0",), pid=1, host="x").envelope(run_id="*", sender=ident))
+            for _ in range(100):
+                s.send(frame)
+        dealer(b"\xff\xfe-not-utf8", address).send(encode(make_envelope(MsgType.READY, run_id=run, sender="x")))
+        forged = make_envelope(MsgType.RESULT, {"peers": {}}, run_id=run, sender="h0004-load0")
+        dealer(b"forger", address).send(encode(forged))  # a sender that is not its connection
+        mesh = re.search(r"mesh socket (\S+)", (out / "logs" / "h0004-load0.log").read_text()).group(1)
+        garbage = dealer(b"g", mesh)
+        for frame in (b"\xc1 not a message", encode(make_envelope(MsgType.READY, run_id="another", sender="g"))):
+            garbage.send(frame)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        for s in socks:
+            s.close(linger=0)
+        ctx.term()
+    s = json.loads((out / "summary.json").read_text())
+    ref = solve_p2p(peer_models(load_scenario(scen))).social_welfare_eur.sum()
+    assert s["converged"] and abs(s["social_welfare_eur"] - ref) <= 1e-4 * abs(ref)
+    by_role = s["rejected_by_role"]
+    coordinator = by_role["coordinator"]
+    assert coordinator.get("late_hello", 0) + coordinator.get("registration", 0) >= 2000 + 6, by_role
+    assert coordinator["malformed"] >= 1 and coordinator["body"] >= 1, by_role  # not UTF-8; forged sender
+    assert by_role["peers"] == {"malformed": 1, "run": 1}, by_role
+    assert s["rejected_messages"] == sum(sum(v.values()) for v in by_role.values())
+    _report(f"hostile: {s['rejected_messages']} refused, welfare rel diff "
+            f"{abs(s['social_welfare_eur'] - ref) / abs(ref):.1e}, by role {by_role}")
