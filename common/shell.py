@@ -117,7 +117,7 @@ class Shell:
         self.heartbeats_sent = 0
         self._lost: list[PeerLost] = []
         self._lock = threading.Lock()  # the main socket changes hands between the loop and the heartbeat thread
-        self._busy = False  # the loop is inside the engine (or waiting on a mesh send): the thread may beat
+        self._busy = False  # the loop is inside the engine (and touches no socket): the thread may beat
         self._stop_beats = threading.Event()
 
     def _sync(self, sock) -> zmq.Socket:
@@ -347,18 +347,10 @@ class Shell:
             except zmq.Again:  # not now (no connection yet, high-water mark): wait, up to the send timeout
                 if heartbeat:
                     return  # a heartbeat that cannot leave now is skipped
-                if mesh:  # the main socket is free meanwhile: the heartbeat thread keeps the role alive
-                    with self._lock:
-                        self._busy = True
                 # the coordinator waits at most a heartbeat interval: its loop keeps every role's liveness
                 wait_s = min(self.transport.send_timeout_s, self.heartbeat_s) if self.is_coordinator \
                     else self.transport.send_timeout_s
-                try:
-                    await asyncio.wait_for(sock.send_multipart(frames, copy=False), wait_s)
-                finally:
-                    if mesh:
-                        with self._lock:
-                            self._busy = False
+                await asyncio.wait_for(sock.send_multipart(frames, copy=False), wait_s)
         except asyncio.TimeoutError:
             what = f"could not send {env.type.value} to {ins.to} within {wait_s:g} s"
             self.transport.dropped[env.type.value] += 1

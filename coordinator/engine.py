@@ -253,7 +253,8 @@ class CoordinatorEngine:
         or the current wait's deadline (a ``Deadline``), or None."""
         for role in self.last_seen:
             self._send(role, Heartbeat())
-        for role, seen in self.last_seen.items():
+        if self.last_seen:  # the longest silent first: a host stuck behind a lost one is silent for less
+            role, seen = min(self.last_seen.items(), key=lambda item: item[1])
             if now_s - seen > self.liveness_s:
                 return PeerLost(role, now_s, f"no message or heartbeat for {now_s - seen:.1f} s "
                                              f"(heartbeat every {self.heartbeat_s:g} s)")

@@ -119,3 +119,68 @@ async def test_a_deadline_names_the_silent_side_and_an_engine_error_does_not_kil
         client.close()
     assert client.internal_errors == 1 and client.engine.got == ["Error"]
     assert client.rejected_counts() == {"internal": 1}
+
+
+class Busy:
+    """A role whose engine computes for ``busy_s`` (blocking) when it is welcomed."""
+
+    def __init__(self, busy_s: float):
+        self.name, self.busy_s = "busy", busy_s
+
+    def handle(self, event):
+        import time
+
+        if isinstance(event, Started):
+            return [Send(COORDINATOR, Hello(role="peer", peer_ids=("busy",), pid=1, host="test"))]
+        if isinstance(event, Received) and type(event.message).__name__ == "Welcome":
+            time.sleep(self.busy_s)  # a long local solve: the loop is blocked
+            return [Log("done computing")]
+        if isinstance(event, Received) and isinstance(event.message, Shutdown):
+            return [Finish("stopped")]
+        return []
+
+
+def test_a_role_busy_in_its_engine_still_sends_heartbeats_and_leaves_when_its_coordinator_does():
+    """A role computing for 1.5 s with a heartbeat every 0.1 s keeps beating (from its heartbeat
+    thread); then its coordinator goes silent and the role stops within a few intervals, naming it."""
+    import threading
+    import time
+
+    from common.codec import decode, encode
+    from common.protocol.control import Welcome
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    result = {}
+
+    def role():
+        shell = Shell(Busy(1.5), connect=f"tcp://127.0.0.1:{port}", timeout_s=30.0)
+        try:
+            shell.run()
+        except ShellFailure as exc:
+            result["failure"] = exc
+        finally:
+            shell.close()
+
+    thread = threading.Thread(target=role, daemon=True)
+    thread.start()
+    try:
+        assert router.poll(10_000)
+        ident, _ = router.recv_multipart()  # the HELLO
+        welcome = Welcome(config={"run_id": "r1", "hours": 1, "heartbeat_s": 0.1}).envelope(run_id="r1", sender=COORDINATOR)
+        router.send_multipart([ident, encode(welcome)])
+        t0 = time.monotonic()
+        beats = []
+        while time.monotonic() - t0 < 1.4:  # the role is computing all along
+            if router.poll(50):
+                _, data = router.recv_multipart()
+                if decode(data).type.value == "heartbeat":
+                    beats.append(time.monotonic() - t0)
+        assert len(beats) >= 6, beats  # (one every interval, give or take the scheduler)
+        thread.join(timeout=10)  # the coordinator (this test) says nothing more: 5 intervals later the role stops
+        assert not thread.is_alive()
+        assert result["failure"].role == COORDINATOR and "lost the coordinator" in result["failure"].reason
+    finally:
+        router.close(0)
+        ctx.term()
