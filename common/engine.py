@@ -158,12 +158,14 @@ class InProcessDriver:
     type) exactly as the sockets would. ``network`` delays each message on the simulated clock.
     ``trace``, if given, is called with ``(now_s, sender, to, iteration, message)`` for every delivery.
     ``lose``: ``{host: iteration}``, fault injection: the host is gone (it gets no more messages) once
-    a message of that iteration is sent to it, and the main engine learns it with ``PeerLost``.
+    a message of that iteration is sent to it, and the main engine learns it with ``PeerLost``;
+    ``restart``: ``{host: factory}``, a lost host started again at once (a new engine from ``factory()``
+    under the same name, e.g. ``p2pm peer`` run again).
     """
 
     def __init__(self, engines: list, *, main: str = COORDINATOR, wire: bool = True, run_id: str = "inproc",
                  network: NetworkModel | None = None, trace: Callable | None = None, max_events: int = 50_000_000,
-                 lose: dict[str, int] | None = None):
+                 lose: dict[str, int] | None = None, restart: dict[str, Callable] | None = None):
         self.engines = {e.name: e for e in engines}
         self.main = main
         self.wire = wire
@@ -180,6 +182,7 @@ class InProcessDriver:
         self._seq = 0
         self.finished: dict[str, Any] = {}
         self.lose = dict(lose or {})
+        self.restart = dict(restart or {})
         self.lost: dict[str, float] = {}  # host -> when it was lost (simulated clock)
 
     def _push(self, at_s: float, to: str, event) -> None:
@@ -205,6 +208,11 @@ class InProcessDriver:
         if ins.to in self.lose and ins.iteration >= self.lose[ins.to]:
             self.lost[ins.to] = self.now_s
             self._push(self.now_s, self.main, PeerLost(ins.to, self.now_s, "lost (fault injection)"))
+            factory = self.restart.pop(ins.to, None)
+            if factory is not None:
+                del self.lose[ins.to], self.lost[ins.to]
+                self.engines[ins.to] = factory()
+                self._execute(ins.to, self.engines[ins.to].handle(Started(self.now_s)))
             return
         if ins.to not in self.engines:
             raise RunFailed(source, f"sent {ins.message.TYPE.value} to {ins.to!r}, which is not part of the run")

@@ -275,6 +275,8 @@ class Shell:
         return delivered
 
     def _on_welcome(self, config: dict) -> None:
+        if config.get("rekey"):  # new public keys of a peer host that came back: nothing for the shell
+            return
         self.run_id = str(config.get("run_id", self.run_id))
         self.transport.run_id = self.run_id
         self.addresses = dict(config.get("addresses") or {})

@@ -48,11 +48,11 @@ from common.secagg import NANO_MW_PER_MW, unmask_sum
 from coordinator.clearing import CommunityRounds, P2PRounds, RoundSettings
 
 SERVICES = ("dso", "tso")
-LOSS_POLICIES = ("abort", "drop")
+LOSS_POLICIES = ("abort", "drop", "wait")
 
 
 def drop_unsupported(market, topology: str) -> str | None:
-    """Why ``--on-peer-loss drop`` cannot apply to this market, or None."""
+    """Why ``--on-peer-loss drop`` (or ``wait``) cannot apply to this market, or None."""
     if market.kind != "p2p":
         return "the community market's network agent couples every peer (use abort)"
     if topology != "relay":
@@ -165,7 +165,7 @@ class CoordinatorEngine:
     def __init__(self, public, *, topology: str = "relay", clearing: CentralizedClearing | None = None,
                  timer: Callable[[], float] = time.perf_counter, progress_every_s: float = 0.25,
                  timeout_s: float | None = None, heartbeat_s: float = 1.0, liveness_misses: int = 5,
-                 on_peer_loss: str = "abort"):
+                 on_peer_loss: str = "abort", grace_s: float = 60.0):
         if on_peer_loss not in LOSS_POLICIES:
             raise ValueError(f"on_peer_loss: {on_peer_loss!r} is not one of {', '.join(LOSS_POLICIES)}")
         self.name = COORDINATOR
@@ -173,6 +173,9 @@ class CoordinatorEngine:
         self.heartbeat_s = heartbeat_s
         self.liveness_s = liveness_misses * heartbeat_s
         self.on_peer_loss = on_peer_loss
+        self.grace_s = grace_s  # policy wait: how long a lost peer host may take to come back
+        self.rejoined: list[dict] = []
+        self._wait_timeout: float | None = None
         self.now_s = 0.0
         self.last_seen: dict[str, float] = {}  # registered role -> when it was last heard of
         self.role_rejected: dict[str, dict[str, int]] = {}  # role -> its refused messages by reason (heartbeats)
@@ -258,8 +261,9 @@ class CoordinatorEngine:
             if now_s - seen > self.liveness_s:
                 return PeerLost(role, now_s, f"no message or heartbeat for {now_s - seen:.1f} s "
                                              f"(heartbeat every {self.heartbeat_s:g} s)")
-        if self.timeout_s is not None and self._wait_since is not None and now_s - self._wait_since > self.timeout_s:
-            return Deadline(self.timeout_s, now_s)
+        timeout = self._wait_timeout if self._wait_timeout is not None else self.timeout_s
+        if timeout is not None and self._wait_since is not None and now_s - self._wait_since > timeout:
+            return Deadline(timeout, now_s)
         return None
 
     def _describe(self, role: str) -> str:
@@ -296,13 +300,15 @@ class CoordinatorEngine:
             self._send(to, Shutdown(reason=reason))
 
     # -- waiting --------------------------------------------------------------------------------
-    def _await(self, accept: Callable[[Received], bool], silent: Callable[[float], str], since: float | None = None):
+    def _await(self, accept: Callable[[Received], bool], silent: Callable[[float], str], since: float | None = None,
+               timeout_s: float | None = None):
         """The next event that ``accept`` takes; services' HELLOs are handled on the way, anything
         else is rejected and counted; a deadline is a failure (``silent(timeout_s)`` names who). The
         deadline counts from ``since`` (default: the start of this wait; a caller that collects several
         answers, or refuses some itself, gives the start of the whole wait): refused messages never
         extend it."""
         self._wait_since = self.now_s if since is None else since
+        self._wait_timeout = timeout_s  # None: the run's timeout_s
         while True:
             ev = yield
             if isinstance(ev, Deadline):
@@ -369,23 +375,8 @@ class CoordinatorEngine:
         while registered() != expected:
             ev = yield from self._await(lambda e: isinstance(e.message, Hello) and e.message.role == "peer", silent)
             self._peer_hello(ev.sender, ev.message)
-        keys = {p: k for h in self.host_info.values() for p, k in (h.public_keys or {}).items()}
-        index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
-        host_of = {p: h for h, ps in self.hosts.items() for p in ps}
-        for host, peer_ids in self.hosts.items():
-            config = {"run_id": self.run_id, "hours": self.H, "public_keys": keys, "heartbeat_s": self.heartbeat_s}
-            if self.community:
-                config.update(topology="relay", market="community")
-            else:
-                partners = {pid: [self.graph.peer_ids[m] for m in self.graph.partner[self.graph.partners_of(index[pid])]]
-                            for pid in peer_ids}
-                config.update(topology=self.topology, partners=partners, market="p2p",
-                              price_init_eur_per_mwh=self.market.price_init_eur_per_mwh)
-                if self.topology == "mesh":
-                    partner_hosts = {q: host_of[q] for ps in partners.values() for q in ps}
-                    config["hosts"] = partner_hosts
-                    config["addresses"] = {h: self.host_info[h].address for h in set(partner_hosts.values())}
-            self._send(host, Welcome(config=config))
+        for host in self.hosts:
+            self._send(host, Welcome(config=self._welcome_config(host)))
         waiting, since = set(self.hosts), self.now_s
         while waiting:
             ev = yield from self._await(
@@ -396,6 +387,26 @@ class CoordinatorEngine:
         self.timing["ready_s"] = ev.now_s
         self._note("ready", hosts=len(self.hosts), peers=len(expected))
         self._log(f"{len(expected)} peers in {len(self.hosts)} processes ready")
+
+    def _welcome_config(self, host: str) -> dict:
+        """The run settings of one peer host: its peers' partners, every peer's public key, the
+        mesh addresses."""
+        keys = {p: k for h in self.host_info.values() for p, k in (h.public_keys or {}).items()}
+        config = {"run_id": self.run_id, "hours": self.H, "public_keys": keys, "heartbeat_s": self.heartbeat_s}
+        if self.community:
+            config.update(topology="relay", market="community")
+            return config
+        index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
+        host_of = {p: h for h, ps in self.hosts.items() for p in ps}
+        partners = {pid: [self.graph.peer_ids[m] for m in self.graph.partner[self.graph.partners_of(index[pid])]]
+                    for pid in self.hosts[host]}
+        config.update(topology=self.topology, partners=partners, market="p2p",
+                      price_init_eur_per_mwh=self.market.price_init_eur_per_mwh)
+        if self.topology == "mesh":
+            partner_hosts = {q: host_of[q] for ps in partners.values() for q in ps}
+            config["hosts"] = partner_hosts
+            config["addresses"] = {h: self.host_info[h].address for h in set(partner_hosts.values())}
+        return config
 
     def _peer_hello(self, name: str, hello: Hello) -> None:
         roster = set(self.roster_ids)
@@ -436,7 +447,7 @@ class CoordinatorEngine:
             warm = dict(warm_trades_mw=trades, start_prices=prices)
         rounds = P2PRounds(self.graph, self.hosts, self.H, self._settings(None if prev is None else prev.rho),
                            timer=self.timer, **warm)
-        self._droppable = self.on_peer_loss == "drop" and drop_unsupported(self.market, self.topology) is None
+        self._droppable = self.on_peer_loss in ("drop", "wait") and drop_unsupported(self.market, self.topology) is None
         try:
             while True:
                 if self.topology == "relay":
@@ -448,7 +459,10 @@ class CoordinatorEngine:
                     cleared = yield from self._collect_p2p(rounds)
                     break
                 except HostLost as lost:
-                    rounds = self._drop(lost, rounds)
+                    if self.on_peer_loss == "drop":
+                        rounds = self._drop(lost, rounds)
+                    else:
+                        rounds = yield from self._wait_for(lost, rounds)
         finally:
             self._droppable = False
         if rounds.infeasible:
@@ -487,6 +501,48 @@ class CoordinatorEngine:
         return P2PRounds(graph, self.hosts, self.H, self._settings(rounds.rho), timer=self.timer, start_iteration=k,
                          warm_trades_mw=rounds.x_state[kept], start_prices=rounds.lam_eff[kept], start_own=True,
                          history=rounds.history)
+
+    def _wait_for(self, lost: HostLost, rounds: P2PRounds):
+        """Policy wait: the lost host may come back (``p2pm peer`` started again with the same host
+        id and peers) within ``grace_s``: it is welcomed again, every other host learns its peers'
+        new public keys (WELCOME with ``rekey``), and the clearing goes on from the state of the
+        last complete iteration, which the first ROUND hands to every peer (the returning ones too)."""
+        host, k = lost.host, rounds.iteration
+        described = self._describe(host)
+        peers = list(self.hosts[host])
+        self._log(f"{described} lost at iteration {k} ({lost.reason}); waiting up to {self.grace_s:g} s for it to "
+                  f"come back")
+        self._note("waiting", host=host, peers=peers, iteration=int(k), grace_s=self.grace_s)
+        since = self.now_s
+
+        def gone(t):
+            return RunFailure(host, f"{described} lost at iteration {k} ({lost.reason}) did not come back within "
+                                    f"{t:g} s")
+
+        while True:
+            ev = yield from self._await(lambda e: isinstance(e.message, Hello) and e.message.role == "peer"
+                                        and e.sender == host, gone, since, self.grace_s)
+            hello = ev.message
+            if list(hello.peer_ids) == peers and set(hello.public_keys or {}) == set(peers):
+                break
+            self.rejected["registration"] += 1
+            self._log(f"refused a HELLO of {host} for peers {', '.join(hello.peer_ids)}: it hosted {', '.join(peers)}")
+        self.host_info[host] = hello
+        self.last_seen[host] = self.now_s
+        self._send(host, Welcome(config=self._welcome_config(host)))
+        for other in self.hosts:
+            if other != host:
+                self._send(other, Welcome(config={"run_id": self.run_id, "rekey": True,
+                                                  "public_keys": dict(hello.public_keys)}))
+        yield from self._await(lambda e: isinstance(e.message, Ready) and e.sender == host,
+                               lambda t: RunFailure(host, f"{described} came back but was not ready within {t:g} s"))
+        self.rejoined.append({"host": host, "peers": peers, "iteration": int(k), "reason": lost.reason,
+                              "lost_s": round(float(since), 3), "back_s": round(float(self.now_s), 3)})
+        self._note("rejoined", host=host, iteration=int(k))
+        self._log(f"{described} is back after {self.now_s - since:.1f} s; the clearing goes on from iteration {k}")
+        return P2PRounds(self.graph, self.hosts, self.H, self._settings(rounds.rho), timer=self.timer,
+                         start_iteration=k, warm_trades_mw=rounds.x_state.copy(), start_prices=rounds.lam_eff.copy(),
+                         start_own=True, history=rounds.history)
 
     def _infeasible(self, rounds, hours: list[int]) -> None:
         what = "trades cannot be matched" if not self.community else "the peers' injections do not fit the network"

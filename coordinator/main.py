@@ -61,10 +61,10 @@ def rejected_by_role(shell: Shell, engine: CoordinatorEngine) -> dict[str, dict[
 
 def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s: float, t0: float,
          ready_file: str | None, processes: int = 0, report: bool = True, heartbeat_s: float = 1.0,
-         on_peer_loss: str = "abort") -> int:
+         on_peer_loss: str = "abort", grace_s: float = 60.0) -> int:
     setup_logging("coordinator")
     engine = CoordinatorEngine(public, topology=topology, timeout_s=timeout_s, heartbeat_s=heartbeat_s,
-                               on_peer_loss=on_peer_loss)
+                               on_peer_loss=on_peer_loss, grace_s=grace_s)
     engine.run_id = run_id
 
     def note(n: Note) -> None:

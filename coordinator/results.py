@@ -69,6 +69,7 @@ def build_result(outcome: RunOutcome, engine: CoordinatorEngine, traffic: list[t
         _timing(result, engine, outcome, rounds, rejected)
         result.extra["on_peer_loss"] = engine.on_peer_loss
         result.extra["dropped_peers"] = list(outcome.dropped)
+        result.extra["rejoined_peers"] = list(engine.rejoined)
     return result
 
 

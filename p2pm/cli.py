@@ -47,13 +47,18 @@ class Launch(str, Enum):
 class PeerLoss(str, Enum):
     abort = "abort"
     drop = "drop"
+    wait = "wait"
 
 
 PeerLossOpt = Annotated[PeerLoss, typer.Option(
     "--on-peer-loss", envvar="P2PM_ON_PEER_LOSS",
-    help="When a peer host is lost (killed, stopped, disconnected): abort the run naming it, or drop its peers and "
-         "clear on without them, warm-started (full P2P market, relay topology, benchmark model); summary.json says "
-         "who was dropped and when.")]
+    help="When a peer host is lost (killed, stopped, disconnected): abort the run naming it; drop its peers and "
+         "clear on without them, warm-started; or wait up to --grace-s for it to come back (`p2pm peer` started again "
+         "with the same --host-id) and go on from where it was lost. drop and wait: full P2P market, relay topology, "
+         "benchmark model; summary.json says who was dropped or came back, and when.")]
+GraceOpt = Annotated[float, typer.Option(
+    "--grace-s", envvar="P2PM_GRACE_S", min=0.1, max=86400.0,
+    help="--on-peer-loss wait: how long a lost peer host may take to come back.")]
 HeartbeatOpt = Annotated[float, typer.Option(
     "--heartbeat-s", envvar="P2PM_HEARTBEAT_S", min=0.05, max=60.0,
     help="Heartbeat interval of every role (ZeroMQ and application heartbeats); a role silent for 5 intervals is lost.")]
@@ -63,9 +68,9 @@ def _check_peer_loss(policy: PeerLoss, market, topology: str) -> None:
     """--on-peer-loss drop where it cannot apply is refused before any process starts (exit 2)."""
     from coordinator.engine import drop_unsupported
 
-    why = drop_unsupported(market, topology) if policy is PeerLoss.drop else None
+    why = drop_unsupported(market, topology) if policy is not PeerLoss.abort else None
     if why:
-        _fail(f"--on-peer-loss drop: not available for {why}", EXIT_BAD_INPUT)
+        _fail(f"--on-peer-loss {policy.value}: not available for {why}", EXIT_BAD_INPUT)
 
 
 def _fail(message: str, code: int) -> None:
@@ -232,6 +237,7 @@ def run(
                                                       "source tree, or reused when built already).", envvar="P2PM_IMAGE")] = None,
     on_peer_loss: PeerLossOpt = PeerLoss.abort,
     heartbeat_s: HeartbeatOpt = 1.0,
+    grace_s: GraceOpt = 60.0,
 ):
     """Clear a market and write the results folder."""
     t0 = time.time()
@@ -284,7 +290,7 @@ def run(
             else:
                 summary = run_distributed(sc, out, topology=topology.value, peers_per_process=peers_per_process,
                                           timeout_s=timeout_s, t0=t0, quiet=quiet, report=report,
-                                          on_peer_loss=on_peer_loss.value, heartbeat_s=heartbeat_s)
+                                          on_peer_loss=on_peer_loss.value, heartbeat_s=heartbeat_s, grace_s=grace_s)
         except LaunchError as exc:
             _fail(str(exc), EXIT_FAILED)
     typer.echo(format_summary(summary))
@@ -323,6 +329,7 @@ def coordinator(
     log_level: LogLevelOpt = None,
     on_peer_loss: PeerLossOpt = PeerLoss.abort,
     heartbeat_s: HeartbeatOpt = 1.0,
+    grace_s: GraceOpt = 60.0,
 ):
     """Start the coordinator: registration, ADMM rounds, DSO/TSO dialogs, results. It reads only the
     public scenario."""
@@ -337,7 +344,7 @@ def coordinator(
     _check_peer_loss(on_peer_loss, public.market, topology.value)
     code = coordinator_main(public, bind, run_id or uuid.uuid4().hex[:12], topology.value, str(out), timeout_s,
                             t0 or time.time(), str(ready_file) if ready_file else None, processes, report,
-                            heartbeat_s=heartbeat_s, on_peer_loss=on_peer_loss.value)
+                            heartbeat_s=heartbeat_s, on_peer_loss=on_peer_loss.value, grace_s=grace_s)
     raise typer.Exit(code)
 
 

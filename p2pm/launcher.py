@@ -191,7 +191,7 @@ def _reader(source: str, stream, q: queue.Queue) -> None:
 
 def run_distributed(scenario, out: Path, *, topology: str = "relay", peers_per_process: int = 1,
                     timeout_s: float = 30.0, t0: float | None = None, quiet: bool = False, report: bool = True,
-                    on_event=None, on_peer_loss: str = "abort", heartbeat_s: float = 1.0) -> dict:
+                    on_event=None, on_peer_loss: str = "abort", heartbeat_s: float = 1.0, grace_s: float = 60.0) -> dict:
     """Run the distributed clearing of ``scenario`` (loaded, with any overrides applied) locally;
     returns the summary dict. ``on_event``, if given, is called with every progress event of the
     coordinator (a dict: ready, iteration, outer, done)."""
@@ -209,13 +209,13 @@ def run_distributed(scenario, out: Path, *, topology: str = "relay", peers_per_p
     try:
         public_path, private_files = write_split(scenario, inputs)
         return _run(public_path, private_files, scenario, out, logs, run_id, topology, peers_per_process, timeout_s,
-                    t0, quiet, report, on_event, on_peer_loss, heartbeat_s)
+                    t0, quiet, report, on_event, on_peer_loss, heartbeat_s, grace_s)
     finally:
         shutil.rmtree(inputs, ignore_errors=True)
 
 
 def _run(public_path, private_files, scenario, out, logs, run_id, topology, peers_per_process, timeout_s, t0, quiet,
-         report, on_event=None, on_peer_loss: str = "abort", heartbeat_s: float = 1.0) -> dict:
+         report, on_event=None, on_peer_loss: str = "abort", heartbeat_s: float = 1.0, grace_s: float = 60.0) -> dict:
     groups = _peer_groups(scenario, private_files, peers_per_process)
     n_processes = len(groups) + 3
     launch = Launch()
@@ -239,7 +239,7 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
                 "--scenario", str(public_path), "--bind", address, "--ready-file", str(ready_file),
                 "--run-id", run_id, "--topology", topology, "--out", str(out), "--timeout-s", str(timeout_s),
                 "--t0", repr(t0), "--processes", str(n_processes), *([] if report else ["--no-report"]),
-                "--on-peer-loss", on_peer_loss, "--heartbeat-s", repr(heartbeat_s)],
+                "--on-peer-loss", on_peer_loss, "--heartbeat-s", repr(heartbeat_s), "--grace-s", repr(grace_s)],
                 coord.log, stdout=subprocess.PIPE)
             launch.roles.append(coord)
             threading.Thread(target=_reader, args=("coordinator", coord.popen.stdout, events), daemon=True).start()
@@ -270,7 +270,7 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
                                                       "heartbeat_s": heartbeat_s, "log": str(r.log)}) + "\n").encode())
             zygote.popen.stdin.close()
             supervise(launch, coord, events, progress, stop, timeout_s, on_event=on_event,
-                      dropped_ok=on_peer_loss == "drop")
+                      dropped_ok=on_peer_loss != "abort")
         finally:
             progress.close()
             launch.stop_all(events)

@@ -102,6 +102,12 @@ class PeerEngine:
 
     # -- setup ----------------------------------------------------------------------------------
     def _on_welcome(self, cfg: dict) -> list:
+        if cfg.get("rekey"):  # a peer host came back with new keys: only the pairs with its peers change
+            if not self.locals:
+                raise ProtocolError("body", "new public keys before the run's settings")
+            for keys in self.keys.values():
+                keys.agree({p: k for p, k in (cfg.get("public_keys") or {}).items() if p not in self.keys})
+            return [Log(f"new public keys of peer(s) {', '.join(sorted(cfg.get('public_keys') or {}))}")]
         self.run_id = cfg["run_id"]
         self.topology = cfg.get("topology", "relay")
         self.market = cfg.get("market", "p2p")

@@ -108,11 +108,15 @@ class Summary(BaseModel):
         None, description="Refused messages by role (coordinator, dso, tso, peers: the sum over the peer hosts) and "
                           "reason (common.protocol.REASONS, and the engines' own: stale, duplicate, registration, "
                           "late_hello, internal, ...).")
-    on_peer_loss: Optional[Literal["abort", "drop"]] = Field(
-        None, description="What the run did when a peer host was lost: end (abort) or go on without its peers (drop).")
+    on_peer_loss: Optional[Literal["abort", "drop", "wait"]] = Field(
+        None, description="What the run did when a peer host was lost: end (abort), go on without its peers (drop), "
+                          "or wait for it to come back (wait).")
     dropped_peers: Optional[list[DroppedHost]] = Field(
         None, description="Peer hosts lost and dropped during the run, in order; the result is the market without "
                           "their peers.")
+    rejoined_peers: Optional[list[dict]] = Field(
+        None, description="Peer hosts lost and back within the grace time (policy wait): host, peers, iteration, "
+                          "reason, lost_s and back_s (seconds since the launch).")
 
 
 def summary_json_schema() -> dict:

@@ -221,3 +221,46 @@ def test_a_grid_report_without_its_tables_is_refused_and_the_wait_goes_on(monkey
     outcome = InProcessDriver(engines).run()
     assert coordinator.rejected["body"] == 1
     assert "buses" in outcome.report.tables
+
+
+def test_a_lost_host_that_comes_back_within_the_grace_time_ends_at_the_same_optimum(p2p_peers):
+    """Policy wait: the host of l1 is lost during iteration 6 and started again at once (a new
+    engine: fresh state, fresh keys); it is welcomed again, the others learn its new keys, and the
+    clearing goes on from the last complete iteration to the optimum of the whole market."""
+    peers = list(p2p_peers)
+    public = market_public(peers, tolerance=1e-7, pool_price_start=False)
+
+    def hosts():
+        return [PeerEngine([p], f"h{i:04d}-{p.id}") for i, p in enumerate(peers)]
+
+    coordinator = CoordinatorEngine(public, on_peer_loss="wait", grace_s=30.0)
+    driver = InProcessDriver([coordinator, *hosts()], lose={"h0003-l1": 6},
+                             restart={"h0003-l1": lambda: PeerEngine([peers[3]], "h0003-l1")})
+    outcome = driver.run()
+    (back,) = coordinator.rejoined
+    assert back["host"] == "h0003-l1" and back["peers"] == ["l1"] and back["iteration"] == 6
+    assert coordinator.dropped == [] and [p.id for p in coordinator.roster] == ["g0", "g1", "l0", "l1"]
+    last = outcome.clearings[-1]
+    ref = solve_p2p(peers)
+    assert last.converged
+    np.testing.assert_allclose(last.p_mw, ref.p_mw, atol=1e-4)
+    # the welfare unmasks: every peer's pairs with l1 use its new key
+    assert abs(last.sw_eur.sum() - ref.social_welfare_eur.sum()) <= 1e-5 * abs(ref.social_welfare_eur.sum())
+
+
+def test_a_lost_host_that_does_not_come_back_ends_the_run_naming_it(p2p_peers):
+    coordinator, hosts = _market(p2p_peers, on_peer_loss="wait", grace_s=8.0)
+    net = Net(coordinator, hosts)
+    net.start(0.0)
+    for t in np.arange(0.1, 2.0, 0.1):
+        net.pump(float(t))
+    net.event(COORDINATOR, PeerLost("h0002-l0", 2.0, "disconnected"))
+    t = 2.0
+    while not net.ended:
+        t = round(t + 0.5, 1)
+        net.event(COORDINATOR, Received("h0000-g0", Heartbeat(), 0, t))
+        net.event(COORDINATOR, Tick(t))
+        net.pump(t)
+    fail = net.ended[0]
+    assert fail.role == "h0002-l0" and 10.0 <= t <= 11.0
+    assert "did not come back within 8 s" in fail.reason
