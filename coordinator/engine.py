@@ -375,8 +375,9 @@ class CoordinatorEngine:
         while registered() != expected:
             ev = yield from self._await(lambda e: isinstance(e.message, Hello) and e.message.role == "peer", silent)
             self._peer_hello(ev.sender, ev.message)
-        for host in self.hosts:
+        for host in self.hosts:  # a host beats once welcomed: its liveness counts from now
             self._send(host, Welcome(config=self._welcome_config(host)))
+            self.last_seen[host] = self.now_s
         waiting, since = set(self.hosts), self.now_s
         while waiting:
             ev = yield from self._await(
@@ -422,7 +423,6 @@ class CoordinatorEngine:
             return
         self.hosts[name] = list(hello.peer_ids)
         self.host_info[name] = hello
-        self.last_seen[name] = self.now_s
 
     # -- clearing -------------------------------------------------------------------------------
     def _settings(self, rho: float | None = None) -> RoundSettings:

@@ -266,3 +266,46 @@ def test_hostile_messages_during_a_run_never_end_it(tmp_path):
     assert s["rejected_messages"] == sum(sum(v.values()) for v in by_role.values())
     _report(f"hostile: {s['rejected_messages']} refused, welfare rel diff "
             f"{abs(s['social_welfare_eur'] - ref) / abs(ref):.1e}, by role {by_role}")
+
+
+def test_a_killed_peer_host_started_again_by_hand_rejoins_and_the_run_ends_at_the_same_optimum(tmp_path):
+    """Policy wait: the victim is killed; `p2pm peer` started again with its host id and private
+    file re-registers, gets its state with the next round, and the run ends at the optimum of the
+    whole market."""
+    scen = small_market(tmp_path / "small.yaml", 15, hours=3)
+    _, private = split(scen, tmp_path / "split")
+    out = tmp_path / "out"
+    proc = _launch(scen, out, "wait", "--grace-s", "30")
+    log = out / "logs" / "coordinator.log"
+    again = None
+    try:
+        deadline = time.monotonic() + 90
+        _wait_for(log, r"peers in 7 processes ready", deadline, proc)
+        address = re.search(r"listening on (\S+),", log.read_text()).group(1)
+        victim = int(re.search(r"pid (\d+)", (out / "logs" / f"{VICTIM}.log").read_text()).group(1))
+        time.sleep(random.Random(7).uniform(0.2, 1.5))
+        t_kill = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        _wait_for(log, rf"{VICTIM} \(peer load2\) lost at iteration \d+ .*waiting up to 30 s", time.monotonic() + 30, proc)
+        detect_s = time.monotonic() - t_kill
+        again = subprocess.Popen([*P2PM, "peer", "--coordinator", address, "--model", str(private["load2"]),
+                                  "--host-id", VICTIM], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 env=_env())
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        _, again_err = again.communicate(timeout=30)
+        assert again.returncode == 0, again_err
+    finally:
+        for p in (proc, again):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()
+    s = json.loads((out / "summary.json").read_text())
+    ref = solve_p2p(peer_models(load_scenario(scen))).social_welfare_eur.sum()
+    rel = abs(s["social_welfare_eur"] - ref) / abs(ref)
+    (back,) = s["rejoined_peers"]
+    _report(f"SIGKILL wait exit={proc.returncode} detect_s={detect_s:.2f} it={back['iteration']} "
+            f"back_after_s={back['back_s'] - back['lost_s']:.2f} welfare_rel_diff={rel:.2e}")
+    assert back["host"] == VICTIM and back["peers"] == ["load2"]
+    assert s["converged"] and s["dropped_peers"] == [] and rel <= 1e-4
+    assert "load2" in (out / "dispatch.csv").read_text()
