@@ -141,10 +141,13 @@ def test_a_lost_peer_host_is_dropped_and_the_market_clears_to_the_optimum_withou
     assert "load2" not in dispatch
 
 
-def test_roles_started_by_hand_stop_soon_after_their_coordinator_is_killed(tmp_path):
-    """Coordinator, DSO, TSO and two peer processes started by hand; the coordinator is killed
-    (SIGKILL) in the middle of the clearing: every other role exits within a few heartbeat
-    intervals (the DSO's idle timeout is an hour), naming the coordinator."""
+@pytest.mark.parametrize("fault", ["coordinator-kill9", "peer-sigstop"])
+def test_roles_started_by_hand_stop_soon_after_a_fault(tmp_path, fault):
+    """Coordinator, DSO, TSO and two peer processes started by hand, in the middle of the clearing:
+    - the coordinator is killed (SIGKILL): every other role exits within a few heartbeat intervals
+      (the DSO's idle timeout is an hour), naming the coordinator;
+    - a peer process is stopped (SIGSTOP): the coordinator ends the run naming it and sends every
+      role still connected its SHUTDOWN, which they get before it closes (flushed)."""
     scen = small_market(tmp_path / "small.yaml", 15, hours=3)
     public, private = split(scen, tmp_path / "split")
     address = f"tcp://127.0.0.1:{free_port()}"
@@ -171,24 +174,35 @@ def test_roles_started_by_hand_stop_soon_after_their_coordinator_is_killed(tmp_p
         for svc in ("dso", "tso"):  # (a service that never reached its coordinator waits for its idle timeout)
             _wait_for(logs / "coordinator.log", rf"{svc} service registered", deadline, procs["coordinator"])
         time.sleep(1.0)
-        t_kill = time.monotonic()
-        procs["coordinator"].kill()
+        t_fault = time.monotonic()
+        victim = "coordinator" if fault == "coordinator-kill9" else "h-b"
+        procs[victim].send_signal(signal.SIGKILL if victim == "coordinator" else signal.SIGSTOP)
         ended = {}
-        while len(ended) < 4 and time.monotonic() - t_kill < 30:
-            for name, p in procs.items():
-                if name != "coordinator" and name not in ended and p.poll() is not None:
-                    ended[name] = time.monotonic() - t_kill
+        others = [n for n in procs if n != victim]
+        while len(ended) < len(others) and time.monotonic() - t_fault < 30:
+            for name in others:
+                if name not in ended and procs[name].poll() is not None:
+                    ended[name] = time.monotonic() - t_fault
             time.sleep(0.02)
-        _report("by hand: coordinator SIGKILL -> " + ", ".join(f"{n} exit {procs[n].returncode} after {t:.2f} s"
-                                                            for n, t in sorted(ended.items())))
-        assert sorted(ended) == ["dso", "h-a", "h-b", "tso"], ended
-        for name in ended:
-            assert procs[name].returncode == 1
+        _report(f"by hand: {fault} -> " + ", ".join(f"{n} exit {procs[n].returncode} after {t:.2f} s"
+                                                    for n, t in sorted(ended.items())))
+        assert sorted(ended) == sorted(others), ended
+        for name in others:
             text = (logs / f"{name}.log").read_text()
-            assert "lost the coordinator" in text, text[-1500:]
+            if victim == "coordinator":
+                assert procs[name].returncode == 1 and "lost the coordinator" in text, text[-1500:]
+            elif name == "coordinator":
+                assert procs[name].returncode == 1 and "peer host h-b (peers" in text and " lost " in text, text[-1500:]
+            else:  # told by the coordinator's SHUTDOWN, not by its silence
+                assert procs[name].returncode == 0 and "shutdown: run failed: peer host h-b" in text, text[-1500:]
+        if victim == "h-b":  # once it runs again it finds its coordinator gone and stops too
+            procs["h-b"].send_signal(signal.SIGCONT)
+            assert procs["h-b"].wait(timeout=30) == 1
+            assert "lost the coordinator" in (logs / "h-b.log").read_text()
     finally:
         for p in procs.values():
             if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
                 p.kill()
             p.wait(timeout=10)
 
