@@ -349,10 +349,16 @@ class Shell:
             except zmq.Again:  # not now (no connection yet, high-water mark): wait, up to the send timeout
                 if heartbeat:
                     return  # a heartbeat that cannot leave now is skipped
-                # the coordinator waits at most a heartbeat interval: its loop keeps every role's liveness
-                wait_s = min(self.transport.send_timeout_s, self.heartbeat_s) if self.is_coordinator \
-                    else self.transport.send_timeout_s
-                await asyncio.wait_for(sock.send_multipart(frames, copy=False), wait_s)
+                # the coordinator waits at most a heartbeat interval (its loop keeps every role's
+                # liveness); a welcomed role at most as long as its coordinator may be silent
+                wait_s = self.transport.send_timeout_s
+                if self.is_coordinator:
+                    wait_s = min(wait_s, self.heartbeat_s)
+                elif self.welcomed:
+                    wait_s = min(wait_s, self.liveness_misses * self.heartbeat_s)
+                pending = sock.send_multipart(frames, copy=False)
+                pending.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: never logged
+                await asyncio.wait_for(pending, wait_s)
         except asyncio.TimeoutError:
             what = f"could not send {env.type.value} to {ins.to} within {wait_s:g} s"
             self.transport.dropped[env.type.value] += 1
@@ -362,6 +368,9 @@ class Shell:
             if mesh:  # a partner host that is gone: the coordinator notices and decides
                 self.log.warning(f"{what}: dropped")
                 return
+            if self.welcomed:
+                self.coordinator_lost = True
+                raise ShellFailure(COORDINATOR, f"lost the coordinator: {what}") from None
             raise ShellFailure(COORDINATOR, what) from None
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:  # the receiver is gone: counted; the coordinator's engine decides
