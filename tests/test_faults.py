@@ -329,3 +329,26 @@ def test_a_killed_peer_host_started_again_by_hand_rejoins_and_the_run_ends_at_th
     assert back["host"] == VICTIM and back["peers"] == ["load2"]
     assert s["converged"] and s["dropped_peers"] == [] and rel <= 1e-4
     assert "load2" in (out / "dispatch.csv").read_text()
+
+
+def test_a_killed_fork_server_is_named_not_its_peers(tmp_path):
+    """The peer fork server killed during the clearing takes its peer processes with it: the run
+    ends naming the fork server, and nothing is left."""
+    scen = small_market(tmp_path / "small.yaml", 15, hours=3)
+    out = tmp_path / "out"
+    proc = _launch(scen, out, "abort")
+    log = out / "logs" / "coordinator.log"
+    try:
+        _wait_for(log, r"peers in 7 processes ready", time.monotonic() + 90, proc)
+        pids = descendants(proc.pid)
+        server = next(p for p in pids if "peer_node.zygote" in Path(f"/proc/{p}/cmdline").read_text(errors="replace"))
+        time.sleep(0.5)
+        os.kill(server, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    _report(f"fork server SIGKILL: exit {proc.returncode}, {err.strip().splitlines()[0] if err.strip() else ''}")
+    assert proc.returncode == 1 and "the peer fork server" in err and "exited with code -9" in err, err
+    assert _leftovers(pids) == []
