@@ -58,13 +58,23 @@ class Deadline:
 
 @dataclass(frozen=True)
 class PeerLost:
-    """The driver learnt that a role's connection or process is gone."""
+    """The driver learnt that a role's connection or process is gone (``reason`` says how: a send
+    that could not leave, a disconnection)."""
 
     host: str
     now_s: float = 0.0
+    reason: str = ""
 
 
-Event = Started | Received | Deadline | PeerLost
+@dataclass(frozen=True)
+class Tick:
+    """Time passes (every heartbeat interval in the socket shell): the engine checks its deadlines
+    and the liveness of the roles it waits for, and may send heartbeats."""
+
+    now_s: float = 0.0
+
+
+Event = Started | Received | Deadline | PeerLost | Tick
 
 
 # ----------------------------------------------------------------------------------- instructions
@@ -147,10 +157,15 @@ class InProcessDriver:
     schema, size and finiteness checks) and ``traffic`` counts messages and bytes per (iteration,
     type) exactly as the sockets would. ``network`` delays each message on the simulated clock.
     ``trace``, if given, is called with ``(now_s, sender, to, iteration, message)`` for every delivery.
+    ``lose``: ``{host: iteration}``, fault injection: the host is gone (it gets no more messages) once
+    a message of that iteration is sent to it, and the main engine learns it with ``PeerLost``;
+    ``restart``: ``{host: factory}``, a lost host started again at once (a new engine from ``factory()``
+    under the same name, e.g. ``p2pm peer`` run again).
     """
 
     def __init__(self, engines: list, *, main: str = COORDINATOR, wire: bool = True, run_id: str = "inproc",
-                 network: NetworkModel | None = None, trace: Callable | None = None, max_events: int = 50_000_000):
+                 network: NetworkModel | None = None, trace: Callable | None = None, max_events: int = 50_000_000,
+                 lose: dict[str, int] | None = None, restart: dict[str, Callable] | None = None):
         self.engines = {e.name: e for e in engines}
         self.main = main
         self.wire = wire
@@ -166,6 +181,9 @@ class InProcessDriver:
         self._queue: list = []
         self._seq = 0
         self.finished: dict[str, Any] = {}
+        self.lose = dict(lose or {})
+        self.restart = dict(restart or {})
+        self.lost: dict[str, float] = {}  # host -> when it was lost (simulated clock)
 
     def _push(self, at_s: float, to: str, event) -> None:
         self._seq += 1
@@ -185,6 +203,17 @@ class InProcessDriver:
                 self.logs.append((source, ins.text))
 
     def _send(self, source: str, ins: Send) -> None:
+        if ins.to in self.lost:
+            return
+        if ins.to in self.lose and ins.iteration >= self.lose[ins.to]:
+            self.lost[ins.to] = self.now_s
+            self._push(self.now_s, self.main, PeerLost(ins.to, self.now_s, "lost (fault injection)"))
+            factory = self.restart.pop(ins.to, None)
+            if factory is not None:
+                del self.lose[ins.to], self.lost[ins.to]
+                self.engines[ins.to] = factory()
+                self._execute(ins.to, self.engines[ins.to].handle(Started(self.now_s)))
+            return
         if ins.to not in self.engines:
             raise RunFailed(source, f"sent {ins.message.TYPE.value} to {ins.to!r}, which is not part of the run")
         message, nbytes = ins.message, 0
@@ -220,17 +249,22 @@ class InProcessDriver:
                 raise RunFailed(self.main, "the run stalled: no message in flight and nothing finished")
             at_s, _, to, event = heapq.heappop(self._queue)
             self.now_s = max(self.now_s, at_s)
+            if isinstance(event, PeerLost):
+                self._execute(to, self.engines[to].handle(event))
+                continue
+            if event.sender in self.lost:
+                continue  # in flight when its sender was lost
             event = Received(event.sender, event.message, event.iteration, self.now_s)
             events += 1
             if events > self.max_events:
                 raise RunFailed(self.main, f"more than {self.max_events} messages")
-            if to in self.finished and to != self.main:
+            if (to in self.finished and to != self.main) or to in self.lost:
                 continue  # a role that has shut down gets no more messages
             self._execute(to, self.engines[to].handle(event))
         # deliver what is still in flight (SHUTDOWNs), so that every engine ends cleanly
         while self._queue:
             at_s, _, to, event = heapq.heappop(self._queue)
-            if to not in self.finished:
+            if to not in self.finished and to not in self.lost and isinstance(event, Received):
                 self.now_s = max(self.now_s, at_s)
                 self._execute(to, self.engines[to].handle(Received(event.sender, event.message, event.iteration,
                                                                    self.now_s)))

@@ -45,6 +45,12 @@ class MaskKeys:
                 shared = self._private.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(key_hex)))
                 self._secrets[other] = hashlib.blake2b(shared, digest_size=32, person=b"p2pm-secagg").digest()
 
+    def forget(self, members) -> None:
+        """Leave the pairs with ``members`` (hosts whose peers left the market): the masks then
+        cancel in the sum over the members that remain."""
+        for other in members:
+            self._secrets.pop(other, None)
+
     def mask(self, label: str, size: int) -> np.ndarray:
         """This member's total mask (int64, ``size`` values) for the report ``label``."""
         total = np.zeros(size, dtype=np.int64)

@@ -75,15 +75,15 @@ def role_kind(role: str) -> str:
 
 # What each role may send, by the socket it arrives on (main: to or from the coordinator; mesh: a
 # peer host's partners). Anything else from that role is refused (reason "role").
-_CONTROL = {MsgType.HELLO, MsgType.HEARTBEAT, MsgType.ERROR, MsgType.READY}
+_CONTROL = {MsgType.HELLO, MsgType.HEARTBEAT, MsgType.READY}
 MAY_SEND: dict[tuple[str, str], frozenset[MsgType]] = {
     ("peer", "main"): frozenset(_CONTROL | {MsgType.UPDATE, MsgType.RESIDUALS, MsgType.RESULT, MsgType.QUANTITY_SUM,
                                             MsgType.POOL_QUANTITY}),
     ("peer", "mesh"): frozenset({MsgType.TRADES, MsgType.HEARTBEAT}),
     ("dso", "main"): frozenset(_CONTROL | {MsgType.GRID_REPORT, MsgType.NETWORK_RESULT}),
     ("tso", "main"): frozenset(_CONTROL | {MsgType.FREQ_REQUEST}),
-    ("coordinator", "main"): frozenset({MsgType.WELCOME, MsgType.ERROR, MsgType.SHUTDOWN, MsgType.HEARTBEAT,
-                                        MsgType.ROUND, MsgType.PENALTY, MsgType.PRICE_PROBE, MsgType.POOL_PRICE,
+    ("coordinator", "main"): frozenset({MsgType.WELCOME, MsgType.SHUTDOWN, MsgType.HEARTBEAT,
+                                        MsgType.ROUND, MsgType.PENALTY, MsgType.DROP, MsgType.PRICE_PROBE, MsgType.POOL_PRICE,
                                         MsgType.DISPATCH, MsgType.NETWORK_UPDATE, MsgType.FREQ_QUERY,
                                         MsgType.RESULT}),
 }

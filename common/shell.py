@@ -18,6 +18,15 @@ without, the routing identity. Either way a message is refused (and counted) whe
 names another sender, when its type is not one its sender's role may send on that socket
 (:func:`common.security.may_send`), and a HELLO when it registers another role (or, with a roster
 that says which peers a host hosts, other peers).
+
+Liveness: every socket has ZeroMQ heartbeats (``common.transport``); on top of them, every
+``heartbeat_s`` the shell gives the engine a ``Tick`` and a non-coordinator role sends the
+coordinator a HEARTBEAT (with its counts of refused messages) when it has sent nothing else for an
+interval, also while its engine computes (a small thread sends it then, on the socket the busy
+loop is not using). Once welcomed, a role whose coordinator has been silent for ``liveness_misses``
+intervals stops ("lost the coordinator"); the coordinator's engine decides about the others. A send
+that cannot leave (no route, send timeout) becomes a ``PeerLost`` for the coordinator's engine, and a
+mesh TRADES that cannot leave is counted and dropped: neither ends the sender.
 """
 
 from __future__ import annotations
@@ -25,17 +34,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import traceback
+from collections import Counter
+
 import msgspec
 import zmq
 import zmq.asyncio
 
 from common.codec import decode, encode
-from common.engine import COORDINATOR, Deadline, Fail, Finish, Log, Note, Received, Send, Started
+from common.engine import COORDINATOR, Deadline, Fail, Finish, Log, Note, PeerLost, Received, Send, Started, Tick
 from common.logs import role_logger
 from common.protocol import ANY_RUN, MsgType, ProtocolError, parse
-from common.protocol.control import Hello
+from common.protocol.control import Heartbeat, Hello
 from common.protocol.market import Result
 from common.network import LinkNetwork
 from common.security import DOMAIN_MESH, Refused, may_send, role_kind
@@ -61,7 +73,8 @@ class Shell:
 
     def __init__(self, engine, *, bind: str | None = None, connect: str | None = None, run_id: str | None = None,
                  timeout_s: float = 30.0, mesh_host: str | None = None, advertise_host: str | None = None,
-                 t0: float | None = None, notes=None, curve=None):
+                 t0: float | None = None, notes=None, heartbeat_s: float = 1.0, liveness_misses: int = 5,
+                 curve=None):
         self.engine = engine
         self.role = engine.name
         self.log = role_logger(self.role if len(self.role) < 40 else self.role[:40])
@@ -69,11 +82,14 @@ class Shell:
         self.timeout_s = timeout_s
         self.t0 = time.time() if t0 is None else t0
         self.notes = notes if notes is not None else self._print_note
+        self.heartbeat_s = float(heartbeat_s)
+        self.liveness_misses = int(liveness_misses)
         self.ctx = zmq.asyncio.Context()
         if curve is not None and curve.role != self.role:
             raise ValueError(f"the key of {curve.role!r} given to {self.role!r}")
         self.curve = curve  # common.security.Identity or None
-        self.transport = Transport(run_id=run_id, validate_outgoing=False, context=self.ctx, curve=curve)
+        self.transport = Transport(run_id=run_id, validate_outgoing=False, context=self.ctx, curve=curve,
+                                   heartbeat_s=self.heartbeat_s, liveness_misses=self.liveness_misses)
         self.is_coordinator = bind is not None
         self.address = None
         self.mesh_address = None
@@ -106,6 +122,18 @@ class Shell:
         # injected latency, jitter and bandwidth per link (common.network; P2PM_NETWORK), or None
         self.netem = LinkNetwork.from_env()
         self._held = 0  # messages held back by the network model, not yet handed to ZeroMQ
+        # liveness: the coordinator's last sign of life (once welcomed), the last send to it, the
+        # losses to report to the coordinator's engine after the current instructions
+        self.welcomed = False
+        self.coordinator_lost = False
+        self.coordinator_seen = time.monotonic()
+        self.last_sent = 0.0
+        self.reported: dict = {}  # the refusal counts the coordinator has last been sent
+        self.heartbeats_sent = 0
+        self._lost: list[PeerLost] = []
+        self._lock = threading.Lock()  # the main socket changes hands between the loop and the heartbeat thread
+        self._busy = False  # the loop is inside the engine (and touches no socket): the thread may beat
+        self._stop_beats = threading.Event()
 
     def _sync(self, sock) -> zmq.Socket:
         """A synchronous shadow of an asyncio socket (the same ZeroMQ socket)."""
@@ -126,33 +154,101 @@ class Shell:
         return asyncio.run(self.serve())
 
     async def serve(self):
+        beats = None
+        if not self.is_coordinator:
+            beats = threading.Thread(target=self._beat_while_busy, name="heartbeats", daemon=True)
+            beats.start()
         try:
             await self._deliver(Started(self.now_s()))
             last_progress = time.monotonic()
+            next_tick = last_progress + self.heartbeat_s
             while not self.finished:
-                left_ms = max(0, int(1000 * (last_progress + self.timeout_s - time.monotonic())))
-                ready = dict(await self.poller.poll(left_ms))
-                if not ready:
+                now = time.monotonic()
+                wake = min(last_progress + self.timeout_s, next_tick)
+                ready = dict(await self.poller.poll(max(0, int(1000 * (wake - now)) + 1)))
+                for sock in (self.main, self.mesh_in):
+                    if sock is not None and sock in ready and not self.finished:
+                        if await self._receive(sock):
+                            last_progress = time.monotonic()
+                await self._report_losses()
+                now = time.monotonic()
+                if now >= next_tick and not self.finished:
+                    next_tick = now + self.heartbeat_s
+                    await self._tick(now)
+                    await self._report_losses()
+                if not self.finished and time.monotonic() >= last_progress + self.timeout_s:
                     await self._deliver(Deadline(self.timeout_s, self.now_s()))
                     if not self.finished:
                         raise ShellFailure(self.role, f"no message within {self.timeout_s:g} s"
                                                       + (" from the coordinator" if not self.is_coordinator else ""))
-                    break
-                for sock in (self.main, self.mesh_in):
-                    if sock is not None and sock in ready:
-                        if await self._receive(sock):
-                            last_progress = time.monotonic()
             return self.outcome
         finally:
+            self._stop_beats.set()
+            if beats is not None:
+                beats.join(timeout=2 * self.heartbeat_s + 1)
             await self._flush()
 
-    async def _receive(self, sock) -> bool:
-        """Receive what is waiting on ``sock``; True when a valid message was delivered."""
+    # -- liveness -------------------------------------------------------------------------------
+    def rejected_counts(self) -> dict[str, int]:
+        """Every message this role has refused, by reason: the codec's, the engine's and the
+        engine's internal errors."""
+        counts = Counter(self.transport.rejected)
+        counts.update(getattr(self.engine, "rejected", None) or {})
+        if self.internal_errors:
+            counts["internal"] += self.internal_errors
+        return {k: int(v) for k, v in counts.items() if v}
+
+    def _heartbeat_frames(self) -> list:
+        counts = self.rejected_counts()
+        self.reported = counts
+        env = Heartbeat(rejected=counts or None).envelope(run_id=self.run_id, sender=self.role)
+        return [encode(env, max_bytes=self.transport.max_bytes, validate=False)]
+
+    def _beat(self) -> None:
+        """A HEARTBEAT to the coordinator now (never blocks; one that cannot leave is skipped)."""
+        try:
+            self._sync(self.main).send_multipart(self._heartbeat_frames(), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return
+        self.last_sent = time.monotonic()
+        self.heartbeats_sent += 1
+
+    def _beat_while_busy(self) -> None:
+        """The heartbeat thread: beats while the loop is inside the engine (a long local solve, an
+        AC power flow) and has sent nothing for an interval."""
+        while not self._stop_beats.wait(self.heartbeat_s / 4):
+            with self._lock:
+                if self._busy and self.welcomed and time.monotonic() - self.last_sent >= self.heartbeat_s:
+                    self._beat()
+
+    async def _tick(self, now: float) -> None:
+        if self.is_coordinator:
+            await self._deliver(Tick(self.now_s()))
+            return
+        if self.welcomed and now - self.coordinator_seen > self.liveness_misses * self.heartbeat_s:
+            self.coordinator_lost = True  # nothing queued for it will ever leave: no linger at close
+            raise ShellFailure(COORDINATOR, f"lost the coordinator: nothing from it for {now - self.coordinator_seen:.1f} s "
+                                            f"(heartbeat every {self.heartbeat_s:g} s)")
+        if self.welcomed and now - self.last_sent >= self.heartbeat_s:  # (before: of no run yet)
+            self._beat()
+        await self._deliver(Tick(self.now_s()))
+
+    async def _report_losses(self) -> None:
+        """Hand the losses the sends met to the coordinator's engine (after the instructions that
+        met them, so that it never handles an event in the middle of its own instructions)."""
+        while self._lost and not self.finished:
+            await self._deliver(self._lost.pop(0))
+
+    async def _receive(self, sock, batch: int = 512) -> bool:
+        """Receive what is waiting on ``sock`` (at most ``batch`` messages, so that a flood never
+        holds off the ticks); True when a valid message was delivered."""
         delivered = False
         is_router = sock.socket_type == zmq.ROUTER
         secure = self.curve is not None and is_router  # the sender's role is in the frames' metadata
         channel = "mesh" if sock is self.mesh_in else "main"
-        while not self.finished:
+        for _ in range(batch):
+            if self.finished:
+                break
             try:  # the socket's synchronous shadow: no future per message on the hot path
                 frames = self._sync(sock).recv_multipart(zmq.NOBLOCK, copy=not secure)
             except zmq.Again:
@@ -191,6 +287,13 @@ class Shell:
             except (KeyError, TypeError, ValueError) as exc:
                 self.transport._reject("body", nbytes, ProtocolError("body", str(exc)[:200]))
                 continue
+            if sock is self.main and not self.is_coordinator:
+                self.coordinator_seen = time.monotonic()
+            if env.type == MsgType.HEARTBEAT:  # liveness, not traffic of the run
+                if self.is_coordinator:
+                    await self._deliver(Received(sender, message, env.iteration, self.now_s()))
+                delivered = True
+                continue
             self.transport.received.add(env.iteration, env.type.value, nbytes)
             if self.trace:
                 self.log.debug("received %s iteration %d from %s, %d B", env.type.value, env.iteration, env.sender,
@@ -211,13 +314,26 @@ class Shell:
                                   f"{hosts[sender][:5]}")
 
     def _on_welcome(self, config: dict) -> None:
+        if config.get("rekey"):  # new public keys of a peer host that came back: nothing for the shell
+            return
         self.run_id = str(config.get("run_id", self.run_id))
         self.transport.run_id = self.run_id
         self.addresses = dict(config.get("addresses") or {})
+        heartbeat_s = config.get("heartbeat_s")  # the coordinator's interval rules the run
+        if isinstance(heartbeat_s, (int, float)) and 0.01 <= heartbeat_s <= 3600:
+            self.heartbeat_s = float(heartbeat_s)
+        self.welcomed = True
+        self.coordinator_seen = time.monotonic()
 
     async def _deliver(self, event) -> None:
         try:
-            instructions = self.engine.handle(event)
+            with self._lock:
+                self._busy = True
+            try:
+                instructions = self.engine.handle(event)
+            finally:
+                with self._lock:
+                    self._busy = False
         except Exception as exc:  # noqa: BLE001
             if self.is_coordinator:
                 raise ShellFailure(COORDINATOR, f"internal error: {type(exc).__name__}: {exc}\n"
@@ -252,6 +368,8 @@ class Shell:
             self.log.error("could not encode %s to %s: %s", env.type.value, ins.to, exc)
             self.transport.rejected["outgoing"] += 1
             return
+        heartbeat = env.type == MsgType.HEARTBEAT
+        mesh = False
         if self.is_coordinator:
             route = self.routes.get(ins.to) if self.curve is not None else ins.to.encode()
             if route is None:  # never heard from with its key: nowhere to send
@@ -260,24 +378,52 @@ class Shell:
             sock, frames = self.main, [route, data]
         elif ins.to == COORDINATOR:
             sock, frames = self.main, [data]
+            if not heartbeat and self.welcomed and self.reported != self.rejected_counts():
+                self._beat()  # the coordinator learns of new refusals before the answer they may concern
+            self.last_sent = time.monotonic()
         else:
-            sock, frames = self._mesh_socket(ins.to), [data]
-        if self.netem is not None:
+            sock, frames, mesh = self._mesh_socket(ins.to), [data], True
+        if self.netem is not None and not heartbeat:
             self._hold(sock, frames, env, ins.to, len(data))
             return
         try:
             try:  # the usual case: the message is queued at once (no future, no timer)
                 self._sync(sock).send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.Again:  # not now (no connection yet, high-water mark): wait, up to the send timeout
-                await asyncio.wait_for(sock.send_multipart(frames, copy=False), self.transport.send_timeout_s)
+                if heartbeat:
+                    return  # a heartbeat that cannot leave now is skipped
+                # the coordinator waits at most a heartbeat interval (its loop keeps every role's
+                # liveness); a welcomed role at most as long as its coordinator may be silent
+                wait_s = self.transport.send_timeout_s
+                if self.is_coordinator:
+                    wait_s = min(wait_s, self.heartbeat_s)
+                elif self.welcomed:
+                    wait_s = min(wait_s, self.liveness_misses * self.heartbeat_s)
+                pending = sock.send_multipart(frames, copy=False)
+                pending.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: never logged
+                await asyncio.wait_for(pending, wait_s)
         except asyncio.TimeoutError:
-            raise ShellFailure(ins.to, f"could not send {env.type.value} to {ins.to} within "
-                                       f"{self.transport.send_timeout_s:g} s") from None
+            what = f"could not send {env.type.value} to {ins.to} within {wait_s:g} s"
+            self.transport.dropped[env.type.value] += 1
+            if self.is_coordinator:  # its engine decides (the receiver is lost; it is to blame, not the others)
+                self._lost.append(PeerLost(ins.to, self.now_s(), what))
+                return
+            if mesh:  # a partner host that is gone: the coordinator notices and decides
+                self.log.warning(f"{what}: dropped")
+                return
+            if self.welcomed:
+                self.coordinator_lost = True
+                raise ShellFailure(COORDINATOR, f"lost the coordinator: {what}") from None
+            raise ShellFailure(COORDINATOR, what) from None
         except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:  # the receiver is gone: counted; its silence is reported
+            if exc.errno == zmq.EHOSTUNREACH:  # the receiver is gone: counted; the coordinator's engine decides
                 self.transport.dropped[env.type.value] += 1
+                if self.is_coordinator:
+                    self._lost.append(PeerLost(ins.to, self.now_s(), f"disconnected (a {env.type.value} found no route)"))
                 return
             raise
+        if heartbeat:
+            return
         self.transport.sent.add(env.iteration, env.type.value, len(data))
         if self.trace:
             self.log.debug("sent %s iteration %d to %s, %d B", env.type.value, env.iteration, ins.to, len(data))
@@ -325,10 +471,28 @@ class Shell:
         while self._held > 0 and time.monotonic() < end:  # messages still held by the network model
             await asyncio.sleep(0.001)
 
+    def send_now(self, to: str, message) -> None:
+        """Queue ``message`` to ``to`` at once, outside the loop (a SHUTDOWN after a failure); one that
+        cannot leave is skipped."""
+        env = message.envelope(run_id=self.run_id, sender=self.role)
+        frames = [encode(env, validate=False)]
+        if self.is_coordinator:
+            route = self.routes.get(to) if self.curve is not None else to.encode()
+            if route is None:  # never heard from with its key: nowhere to send
+                self.transport.dropped[env.type.value] += 1
+                return
+            frames.insert(0, route)
+        try:
+            self._sync(self.main).send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.transport.dropped[env.type.value] += 1
+
     def close(self) -> None:
+        """Close the sockets; what is queued (SHUTDOWNs) has up to a second, or two heartbeat
+        intervals, to leave."""
         if self.transport.rejected:
             self.log.warning("rejected messages: %s", dict(self.transport.rejected))
-        self.transport.close(linger_ms=1000)
+        self.transport.close(linger_ms=0 if self.coordinator_lost else int(1000 * max(1.0, 2 * self.heartbeat_s)))
 
 
 def run_role(engine, coordinator: str, idle_timeout_s: float, **kw) -> int:

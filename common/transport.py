@@ -5,6 +5,9 @@ and receives :class:`~common.protocol.Envelope` objects through :mod:`common.cod
 
 - ``LINGER 0`` (closing never blocks), ``MAXMSGSIZE = max_bytes`` (a peer sending more is
   disconnected by ZeroMQ), ``SNDTIMEO`` (a send never blocks forever), TCP keepalive;
+- ZeroMQ heartbeats (``HEARTBEAT_IVL`` = ``heartbeat_s``, ``HEARTBEAT_TIMEOUT`` and ``HEARTBEAT_TTL``
+  = ``liveness_misses`` intervals): a connection whose other end stops answering (a stopped or
+  vanished process, a dead link) is closed, so that sends to it fail instead of queueing;
 - routers: ``ROUTER_MANDATORY`` (sending to an unknown identity raises :class:`Unreachable` instead
   of vanishing) and ``ROUTER_HANDOVER`` (a peer that restarts with the same identity takes over;
   off with CURVE, where no client names its connection);
@@ -110,6 +113,9 @@ class Transport:
         Longest a send may block (no connection yet, high-water mark reached) before TimeoutError.
     keepalive_idle_s:
         TCP keepalive idle time; None disables TCP keepalive.
+    heartbeat_s, liveness_misses:
+        ZeroMQ heartbeat interval (None: none) and the intervals without an answer after which a
+        connection is closed.
     latency_s, drop_prob, seed:
         Fault injection (zero by default): sleep ``latency_s`` before each send; drop a send with
         probability ``drop_prob`` (random generator seeded by ``seed``).
@@ -131,6 +137,8 @@ class Transport:
         validate_outgoing: bool = True,
         context: zmq.Context | None = None,
         curve=None,
+        heartbeat_s: float | None = 1.0,
+        liveness_misses: int = 5,
     ) -> None:
         if latency_s < 0 or not 0.0 <= drop_prob <= 1.0 or send_timeout_s <= 0:
             raise ValueError("latency_s >= 0, 0 <= drop_prob <= 1 and send_timeout_s > 0 are required")
@@ -140,6 +148,8 @@ class Transport:
         self.max_bytes = int(max_bytes)
         self.send_timeout_s = float(send_timeout_s)
         self.keepalive_idle_s = keepalive_idle_s
+        self.heartbeat_s = heartbeat_s
+        self.liveness_misses = int(liveness_misses)
         self.latency_s = float(latency_s)
         self.drop_prob = float(drop_prob)
         self._rng = random.Random(seed)
@@ -169,6 +179,11 @@ class Transport:
             sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, int(self.keepalive_idle_s)))
             sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, int(self.keepalive_idle_s) // 3))
             sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+        if self.heartbeat_s:
+            ivl_ms = max(1, int(1000 * self.heartbeat_s))
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl_ms * self.liveness_misses)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, ivl_ms * self.liveness_misses)
 
     def router(self, bind_addr: str | None = None, *, domain: str = DOMAIN_MAIN) -> zmq.Socket:
         """A ROUTER socket, bound to ``bind_addr`` if given (else bind it with :func:`bind_random_port`).

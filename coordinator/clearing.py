@@ -87,6 +87,10 @@ class P2PRounds:
     # the prices the peers hold when this clearing starts (K, H): the previous clearing's, or the
     # public starting price; the coordinator mirrors them to accelerate (relay)
     warm_prices: np.ndarray | None = None
+    # the first ROUND of a clearing from ``start_prices`` also sets each peer's own trades (from
+    # ``warm_trades_mw``) instead of the reciprocal of its partners' ones: a clearing that goes on
+    # from a running one (a peer host dropped)
+    start_own: bool = False
 
     def __post_init__(self):
         index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
@@ -153,7 +157,8 @@ class P2PRounds:
         if first:
             for pid in self.hosts[host]:
                 peers[pid] = RoundPeer(p_in_mw=self.flat[self.peer_incoming[pid]],
-                                       price_eur_per_mwh=self.start_prices[self.peer_trades[pid]])
+                                       price_eur_per_mwh=self.start_prices[self.peer_trades[pid]],
+                                       p_own_mw=self.flat[self.peer_trades[pid]] if self.start_own else None)
         elif self._override and not stop:  # an accelerated point: every peer's state is set
             for pid in self.hosts[host]:
                 own = self.peer_trades[pid]
@@ -304,7 +309,8 @@ class P2PRounds:
         if not done and self.watch.observe(primal, dual / rho_used, rho_used):
             self.infeasible = out_of_iterations = True
             self.infeasible_hours = infeasible_hours(self.primal_h, st.tolerance)
-        if self.anderson is not None:  # mirror the state the peers hold (only the acceleration needs it)
+        relay = self.settings.topology == "relay"
+        if relay:  # mirror the state the peers hold (the acceleration, and a clearing going on after a drop)
             lam_new = self.lam_eff.copy()
             lam_new[:, c] -= 0.5 * rho_used * mismatch
         accelerated = False
@@ -318,7 +324,7 @@ class P2PRounds:
             self._accelerate_mesh()
         else:
             self.rho = self.policy.update(local, primal, dual)
-        if self.anderson is not None and not accelerated:  # the plain step: the peers update themselves
+        if relay and not accelerated:  # the plain step: the peers update themselves
             self.x_state, self.lam_eff, self._override = self.flat.copy(), lam_new, False
         self.primal_residual, self.dual_residual = primal, dual
         self.history.append(IterationStats(self.iteration, primal, dual, rho_used, self._solve_max, self._solve_sum,

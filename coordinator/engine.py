@@ -14,8 +14,17 @@ message and gets the next event back, so that the order of the dialog reads top 
    concerned, warm re-clear) until the grid is feasible or the DSO gives up;
 4. ``Finish(RunOutcome)``: everything the results need (``coordinator.results`` builds the tables).
 
-Any wait ends on a ``Deadline`` with a failure that names the silent roles. The coordinator never
-sees a peer's cost: welfare is the unmasked sum of the peers' masked costs (``common.secagg``).
+Any wait has a deadline (``timeout_s`` from the start of the wait; messages it refuses do not extend
+it) and ends with a failure that names the silent roles. Liveness: every registered role sends a
+HEARTBEAT every ``heartbeat_s`` (also while its engine computes) and gets one on every ``Tick``; a
+role silent for ``liveness_misses`` intervals (or whose connection the driver reports gone,
+``PeerLost``) is lost: the run fails naming it, or, with ``on_peer_loss="drop"`` during a clearing
+of the full P2P market (relay), the clearing goes on without the lost host's peers, warm-started
+from the last complete iteration (``dropped`` says who and when). Every refused message is counted
+by reason; the other roles' counts come with their heartbeats (``role_rejected``).
+
+The coordinator never sees a peer's cost: welfare is the unmasked sum of the peers' masked costs
+(``common.secagg``).
 """
 
 from __future__ import annotations
@@ -27,17 +36,38 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.engine import COORDINATOR, Deadline, Fail, Finish, Log, Note, Received, Send, Started
+from common.engine import COORDINATOR, Deadline, Fail, Finish, Log, Note, PeerLost, Received, Send, Started, Tick
 from common.market import roster_graph
-from common.protocol.control import Hello, Ready, Shutdown, Welcome
+from common.protocol.control import Heartbeat, Hello, Ready, Shutdown, Welcome
 from common.protocol.frequency import FreqQuery, FreqRequest
 from common.protocol.grid import Dispatch, GridReport, NetworkResult
 from common.admm import pool_start
-from common.protocol.market import Penalty, PoolPrice, PoolQuantity, PriceProbe, QuantitySum, Residuals, Result, Update
+from common.protocol.market import (Drop, Penalty, PoolPrice, PoolQuantity, PriceProbe, QuantitySum, Residuals, Result,
+                                    Update)
 from common.secagg import NANO_MW_PER_MW, unmask_sum
 from coordinator.clearing import CommunityRounds, P2PRounds, RoundSettings
 
 SERVICES = ("dso", "tso")
+LOSS_POLICIES = ("abort", "drop", "wait")
+
+
+def drop_unsupported(market, topology: str) -> str | None:
+    """Why ``--on-peer-loss drop`` (or ``wait``) cannot apply to this market, or None."""
+    if market.kind != "p2p":
+        return "the community market's network agent couples every peer (use abort)"
+    if topology != "relay":
+        return "the mesh topology: the coordinator does not hold the trades to go on from (use relay)"
+    if market.model != "benchmark":
+        return f"model {market.model}: the outer loop's plans name every peer (use the benchmark model)"
+    return None
+
+
+class HostLost(Exception):
+    """A registered peer host is gone (raised inside a clearing that can go on without it)."""
+
+    def __init__(self, host: str, reason: str):
+        super().__init__(reason)
+        self.host, self.reason = host, reason
 
 
 class RunFailure(RuntimeError):
@@ -78,6 +108,7 @@ class RunOutcome:
     hosts: dict = field(default_factory=dict)
     services: tuple = ()
     rejected: dict = field(default_factory=dict)
+    dropped: list = field(default_factory=list)  # policy drop: {host, peers, iteration, reason, detected_s}
 
 
 class CentralizedClearing:
@@ -116,10 +147,43 @@ class CentralizedClearing:
                        fees_eur=weights * sol.trades_mw)
 
 
+def _report_problem(report: GridReport) -> str | None:
+    """What makes a grid report unusable for the results (its tables), or None."""
+    from common.report_codec import TABLES, ac_from_tables
+
+    missing = [name for name in TABLES if name not in (report.tables or {})]
+    if missing:
+        return f"no {', '.join(missing)} table(s)"
+    try:
+        ac_from_tables(report.tables)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        return f"unreadable tables: {type(exc).__name__}: {exc}"
+    return None
+
+
 class CoordinatorEngine:
     def __init__(self, public, *, topology: str = "relay", clearing: CentralizedClearing | None = None,
-                 timer: Callable[[], float] = time.perf_counter, progress_every_s: float = 0.25):
+                 timer: Callable[[], float] = time.perf_counter, progress_every_s: float = 0.25,
+                 timeout_s: float | None = None, heartbeat_s: float = 1.0, liveness_misses: int = 5,
+                 on_peer_loss: str = "abort", grace_s: float = 60.0):
+        if on_peer_loss not in LOSS_POLICIES:
+            raise ValueError(f"on_peer_loss: {on_peer_loss!r} is not one of {', '.join(LOSS_POLICIES)}")
         self.name = COORDINATOR
+        self.timeout_s = timeout_s  # a wait's deadline, checked on every Tick (None: the driver's Deadline only)
+        self.heartbeat_s = heartbeat_s
+        self.liveness_s = liveness_misses * heartbeat_s
+        self.on_peer_loss = on_peer_loss
+        self.grace_s = grace_s  # policy wait: how long a lost peer host may take to come back
+        self.rejoined: list[dict] = []
+        self._wait_timeout: float | None = None
+        self.now_s = 0.0
+        self.last_seen: dict[str, float] = {}  # registered role -> when it was last heard of
+        self.role_rejected: dict[str, dict[str, int]] = {}  # role -> its refused messages by reason (heartbeats)
+        self.dropped: list[dict] = []
+        self._wait_since: float | None = None
+        self._droppable = False
+        self._done = False
+        self.shutdown_sent = False
         self.public = public
         self.market = public.market
         self.topology = topology
@@ -150,22 +214,76 @@ class CoordinatorEngine:
     # -- driver interface -----------------------------------------------------------------------
     def handle(self, event) -> list:
         self._out = []
+        if self._done:
+            return []
         if self._gen is None:
             if not isinstance(event, Started):
                 return []
+            self.now_s = event.now_s
             self._gen = self._run()
             step = lambda: next(self._gen)  # noqa: E731
         else:
+            self.now_s = max(self.now_s, getattr(event, "now_s", self.now_s))
+            if isinstance(event, Received):
+                if event.sender in self.last_seen:
+                    self.last_seen[event.sender] = event.now_s
+                if isinstance(event.message, Heartbeat):
+                    if event.sender in self.last_seen and event.message.rejected is not None:
+                        self.role_rejected[event.sender] = dict(event.message.rejected)
+                    return self._out
+            elif isinstance(event, Tick):
+                event = self._on_tick(event.now_s)
+                if event is None:
+                    return self._out
+            elif isinstance(event, PeerLost) and event.host not in self.last_seen:
+                return self._out  # not a role of the run (a refused stranger), or already handled
             step = lambda: self._gen.send(event)  # noqa: E731
         try:
             step()
         except StopIteration as stop:
+            self._done = True
             self._shutdown("run complete")
             self._out.append(Finish(stop.value))
         except RunFailure as exc:
+            self._done = True
             self._shutdown(f"run failed: {exc}")
-            self._out += [Note("failed", {"reason": str(exc)}), Fail(exc.role, str(exc), getattr(exc, "outcome", None))]
+            self._out += [Note("failed", {"reason": str(exc), "role": exc.role}),
+                          Fail(exc.role, str(exc), getattr(exc, "outcome", None))]
         return self._out
+
+    def _on_tick(self, now_s: float):
+        """Heartbeats to every registered role; the first role silent for too long (a ``PeerLost``),
+        or the current wait's deadline (a ``Deadline``), or None."""
+        for role in self.last_seen:
+            self._send(role, Heartbeat())
+        if self.last_seen:  # the longest silent first: a host stuck behind a lost one is silent for less
+            role, seen = min(self.last_seen.items(), key=lambda item: item[1])
+            if now_s - seen > self.liveness_s:
+                return PeerLost(role, now_s, f"no message or heartbeat for {now_s - seen:.1f} s "
+                                             f"(heartbeat every {self.heartbeat_s:g} s)")
+        timeout = self._wait_timeout if self._wait_timeout is not None else self.timeout_s
+        if timeout is not None and self._wait_since is not None and now_s - self._wait_since > timeout:
+            return Deadline(timeout, now_s)
+        return None
+
+    def _describe(self, role: str) -> str:
+        if role in SERVICES:
+            return f"the {role} service"
+        peers = self.hosts.get(role, [])
+        return f"peer host {role} (peer{'s' if len(peers) > 1 else ''} {', '.join(peers[:5])}{' ...' if len(peers) > 5 else ''})"
+
+    def _lost(self, ev: PeerLost) -> None:
+        """A registered role is gone: fail naming it, or (policy drop, in a clearing) ``HostLost``."""
+        role = ev.host
+        seen = self.last_seen.pop(role, None)
+        if seen is None:
+            return
+        where = f" at iteration {self.iteration}" if self.iteration else ""
+        detail = f"{self._describe(role)} lost{where}: {ev.reason or 'gone'}"
+        self._log(detail)
+        if role in self.hosts and self._droppable:
+            raise HostLost(role, ev.reason or "gone")
+        raise RunFailure(role, detail)
 
     def _send(self, to: str, message, iteration: int = 0) -> None:
         self._out.append(Send(to, message, iteration))
@@ -177,17 +295,27 @@ class CoordinatorEngine:
         self._out.append(Log(text))
 
     def _shutdown(self, reason: str) -> None:
+        self.shutdown_sent = True
         for to in [*self.hosts, *self.services]:
             self._send(to, Shutdown(reason=reason))
 
     # -- waiting --------------------------------------------------------------------------------
-    def _await(self, accept: Callable[[Received], bool], silent: Callable[[float], str]):
+    def _await(self, accept: Callable[[Received], bool], silent: Callable[[float], str], since: float | None = None,
+               timeout_s: float | None = None):
         """The next event that ``accept`` takes; services' HELLOs are handled on the way, anything
-        else is rejected and counted; a deadline is a failure (``silent(timeout_s)`` names who)."""
+        else is rejected and counted; a deadline is a failure (``silent(timeout_s)`` names who). The
+        deadline counts from ``since`` (default: the start of this wait; a caller that collects several
+        answers, or refuses some itself, gives the start of the whole wait): refused messages never
+        extend it."""
+        self._wait_since = self.now_s if since is None else since
+        self._wait_timeout = timeout_s  # None: the run's timeout_s
         while True:
             ev = yield
             if isinstance(ev, Deadline):
                 raise silent(ev.timeout_s)
+            if isinstance(ev, PeerLost):
+                self._lost(ev)
+                continue
             if not isinstance(ev, Received):
                 continue
             msg = ev.message
@@ -209,7 +337,8 @@ class CoordinatorEngine:
             self._log(f"refused a {hello.role} HELLO from {sender!r}")
             return
         self.services[hello.role] = hello
-        self._send(sender, Welcome(config={"run_id": self.run_id, "hours": self.H}))
+        self.last_seen[sender] = self.now_s
+        self._send(sender, Welcome(config={"run_id": self.run_id, "hours": self.H, "heartbeat_s": self.heartbeat_s}))
         self._log(f"{hello.role} service registered (pid {hello.pid} on {hello.host})")
 
     def _service(self, role: str):
@@ -246,33 +375,39 @@ class CoordinatorEngine:
         while registered() != expected:
             ev = yield from self._await(lambda e: isinstance(e.message, Hello) and e.message.role == "peer", silent)
             self._peer_hello(ev.sender, ev.message)
-        keys = {p: k for h in self.host_info.values() for p, k in (h.public_keys or {}).items()}
-        index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
-        host_of = {p: h for h, ps in self.hosts.items() for p in ps}
-        for host, peer_ids in self.hosts.items():
-            config = {"run_id": self.run_id, "hours": self.H, "public_keys": keys}
-            if self.community:
-                config.update(topology="relay", market="community")
-            else:
-                partners = {pid: [self.graph.peer_ids[m] for m in self.graph.partner[self.graph.partners_of(index[pid])]]
-                            for pid in peer_ids}
-                config.update(topology=self.topology, partners=partners, market="p2p",
-                              price_init_eur_per_mwh=self.market.price_init_eur_per_mwh)
-                if self.topology == "mesh":
-                    partner_hosts = {q: host_of[q] for ps in partners.values() for q in ps}
-                    config["hosts"] = partner_hosts
-                    config["addresses"] = {h: self.host_info[h].address for h in set(partner_hosts.values())}
-            self._send(host, Welcome(config=config))
-        waiting = set(self.hosts)
+        for host in self.hosts:  # a host beats once welcomed: its liveness counts from now
+            self._send(host, Welcome(config=self._welcome_config(host)))
+            self.last_seen[host] = self.now_s
+        waiting, since = set(self.hosts), self.now_s
         while waiting:
             ev = yield from self._await(
                 lambda e: isinstance(e.message, Ready) and e.sender in waiting,
                 lambda t: RunFailure(sorted(waiting)[0], f"no READY within {t:g} s from {len(waiting)} peer host(s): "
-                                                         f"{', '.join(sorted(waiting)[:5])}"))
+                                                         f"{', '.join(sorted(waiting)[:5])}"), since)
             waiting.discard(ev.sender)
         self.timing["ready_s"] = ev.now_s
         self._note("ready", hosts=len(self.hosts), peers=len(expected))
         self._log(f"{len(expected)} peers in {len(self.hosts)} processes ready")
+
+    def _welcome_config(self, host: str) -> dict:
+        """The run settings of one peer host: its peers' partners, every peer's public key, the
+        mesh addresses."""
+        keys = {p: k for h in self.host_info.values() for p, k in (h.public_keys or {}).items()}
+        config = {"run_id": self.run_id, "hours": self.H, "public_keys": keys, "heartbeat_s": self.heartbeat_s}
+        if self.community:
+            config.update(topology="relay", market="community")
+            return config
+        index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
+        host_of = {p: h for h, ps in self.hosts.items() for p in ps}
+        partners = {pid: [self.graph.peer_ids[m] for m in self.graph.partner[self.graph.partners_of(index[pid])]]
+                    for pid in self.hosts[host]}
+        config.update(topology=self.topology, partners=partners, market="p2p",
+                      price_init_eur_per_mwh=self.market.price_init_eur_per_mwh)
+        if self.topology == "mesh":
+            partner_hosts = {q: host_of[q] for ps in partners.values() for q in ps}
+            config["hosts"] = partner_hosts
+            config["addresses"] = {h: self.host_info[h].address for h in set(partner_hosts.values())}
+        return config
 
     def _peer_hello(self, name: str, hello: Hello) -> None:
         roster = set(self.roster_ids)
@@ -312,15 +447,102 @@ class CoordinatorEngine:
             warm = dict(warm_trades_mw=trades, start_prices=prices)
         rounds = P2PRounds(self.graph, self.hosts, self.H, self._settings(None if prev is None else prev.rho),
                            timer=self.timer, **warm)
-        if self.topology == "relay":
-            handlers = {Update: lambda ev: rounds.on_update(ev.sender, ev.message)}
-        else:
-            handlers = {Residuals: lambda ev: rounds.on_residuals(ev.sender, ev.message)}
-        yield from self._drive(rounds, handlers)
-        cleared = yield from self._collect_p2p(rounds)
+        self._droppable = self.on_peer_loss in ("drop", "wait") and drop_unsupported(self.market, self.topology) is None
+        try:
+            while True:
+                if self.topology == "relay":
+                    handlers = {Update: lambda ev, r=rounds: r.on_update(ev.sender, ev.message)}
+                else:
+                    handlers = {Residuals: lambda ev, r=rounds: r.on_residuals(ev.sender, ev.message)}
+                try:
+                    yield from self._drive(rounds, handlers)
+                    cleared = yield from self._collect_p2p(rounds)
+                    break
+                except HostLost as lost:
+                    if self.on_peer_loss == "drop":
+                        rounds = self._drop(lost, rounds)
+                    else:
+                        rounds = yield from self._wait_for(lost, rounds)
+        finally:
+            self._droppable = False
         if rounds.infeasible:
             self._infeasible(rounds, rounds.infeasible_hours or [])
         return cleared
+
+    def _drop(self, lost: HostLost, rounds: P2PRounds) -> P2PRounds:
+        """Policy drop: the market goes on without the lost host's peers. The remaining hosts learn
+        who left (DROP); the next clearing starts from the state of the last complete iteration
+        (trades and prices, restricted to the remaining pairs) and keeps counting iterations."""
+        host, k = lost.host, rounds.iteration
+        described = self._describe(host)
+        gone = self.hosts.pop(host)
+        self.host_info.pop(host, None)
+        gone_set = set(gone)
+        roster = [p for p in self.roster if p.id not in gone_set]
+        graph = roster_graph(roster)
+        lonely = [pid for n, pid in enumerate(graph.peer_ids) if len(graph.partners_of(n)) == 0]
+        if not self.hosts or lonely:
+            why = (f"peer(s) {', '.join(lonely[:5])} would have no trading partner left" if lonely
+                   else "no peer host is left")
+            raise RunFailure(host, f"{described} lost at iteration {k}: {lost.reason}; the market cannot go on "
+                                   f"without it: {why}")
+        old = self.graph
+        index = {(old.peer_ids[o], old.peer_ids[m]): kk for kk, (o, m) in enumerate(zip(old.owner, old.partner))}
+        kept = np.array([index[(graph.peer_ids[o], graph.peer_ids[m])] for o, m in zip(graph.owner, graph.partner)],
+                        dtype=int)
+        self.roster, self.roster_ids, self.graph = roster, [p.id for p in roster], graph
+        self.dropped.append({"host": host, "peers": list(gone), "iteration": int(k), "reason": lost.reason,
+                             "detected_s": round(float(self.now_s), 3)})
+        self._note("dropped", host=host, peers=list(gone), iteration=int(k))
+        self._log(f"dropped {described} at iteration {k} ({lost.reason}); {len(roster)} peers in "
+                  f"{len(self.hosts)} processes clear on, warm-started")
+        for h in self.hosts:
+            self._send(h, Drop(peers=tuple(gone), hosts=(host,)), k)
+        return P2PRounds(graph, self.hosts, self.H, self._settings(rounds.rho), timer=self.timer, start_iteration=k,
+                         warm_trades_mw=rounds.x_state[kept], start_prices=rounds.lam_eff[kept], start_own=True,
+                         history=rounds.history)
+
+    def _wait_for(self, lost: HostLost, rounds: P2PRounds):
+        """Policy wait: the lost host may come back (``p2pm peer`` started again with the same host
+        id and peers) within ``grace_s``: it is welcomed again, every other host learns its peers'
+        new public keys (WELCOME with ``rekey``), and the clearing goes on from the state of the
+        last complete iteration, which the first ROUND hands to every peer (the returning ones too)."""
+        host, k = lost.host, rounds.iteration
+        described = self._describe(host)
+        peers = list(self.hosts[host])
+        self._log(f"{described} lost at iteration {k} ({lost.reason}); waiting up to {self.grace_s:g} s for it to "
+                  f"come back")
+        self._note("waiting", host=host, peers=peers, iteration=int(k), grace_s=self.grace_s)
+        since = self.now_s
+
+        def gone(t):
+            return RunFailure(host, f"{described} lost at iteration {k} ({lost.reason}) did not come back within "
+                                    f"{t:g} s")
+
+        while True:
+            ev = yield from self._await(lambda e: isinstance(e.message, Hello) and e.message.role == "peer"
+                                        and e.sender == host, gone, since, self.grace_s)
+            hello = ev.message
+            if list(hello.peer_ids) == peers and set(hello.public_keys or {}) == {host}:
+                break
+            self.rejected["registration"] += 1
+            self._log(f"refused a HELLO of {host} for peers {', '.join(hello.peer_ids)}: it hosted {', '.join(peers)}")
+        self.host_info[host] = hello
+        self.last_seen[host] = self.now_s
+        self._send(host, Welcome(config=self._welcome_config(host)))
+        for other in self.hosts:
+            if other != host:
+                self._send(other, Welcome(config={"run_id": self.run_id, "rekey": True,
+                                                  "public_keys": dict(hello.public_keys)}))
+        yield from self._await(lambda e: isinstance(e.message, Ready) and e.sender == host,
+                               lambda t: RunFailure(host, f"{described} came back but was not ready within {t:g} s"))
+        self.rejoined.append({"host": host, "peers": peers, "iteration": int(k), "reason": lost.reason,
+                              "lost_s": round(float(since), 3), "back_s": round(float(self.now_s), 3)})
+        self._note("rejoined", host=host, iteration=int(k))
+        self._log(f"{described} is back after {self.now_s - since:.1f} s; the clearing goes on from iteration {k}")
+        return P2PRounds(self.graph, self.hosts, self.H, self._settings(rounds.rho), timer=self.timer,
+                         start_iteration=k, warm_trades_mw=rounds.x_state.copy(), start_prices=rounds.lam_eff.copy(),
+                         start_own=True, history=rounds.history)
 
     def _infeasible(self, rounds, hours: list[int]) -> None:
         what = "trades cannot be matched" if not self.community else "the peers' injections do not fit the network"
@@ -413,12 +635,12 @@ class CoordinatorEngine:
 
     def _collect_sums(self, r: int, K: int):
         """The aggregate (over all peers) of the smallest and largest best responses of round ``r``."""
-        waiting, low, high = set(self.hosts), [], []
+        waiting, low, high, since = set(self.hosts), [], [], self.now_s
         while waiting:
             ev = yield from self._await(
                 lambda e: isinstance(e.message, QuantitySum) and e.sender in waiting,
                 lambda t: RunFailure(sorted(waiting)[0], f"price round {r}: no answer within {t:g} s from "
-                                                         f"{', '.join(sorted(waiting)[:5])}"))
+                                                         f"{', '.join(sorted(waiting)[:5])}"), since)
             m = ev.message
             if m.q_low_masked.shape != (K, self.H) or m.q_high_masked.shape != (K, self.H):
                 self.rejected["body"] += 1
@@ -430,12 +652,12 @@ class CoordinatorEngine:
 
     def _collect_pool_quantities(self):
         ids, H = self.graph.peer_ids, self.H
-        q, waiting = {}, set(self.hosts)
+        q, waiting, since = {}, set(self.hosts), self.now_s
         while waiting:
             ev = yield from self._await(
                 lambda e: isinstance(e.message, PoolQuantity) and e.sender in waiting,
                 lambda t: RunFailure(sorted(waiting)[0], f"pool price: no starting injections within {t:g} s from "
-                                                         f"{', '.join(sorted(waiting)[:5])}"))
+                                                         f"{', '.join(sorted(waiting)[:5])}"), since)
             peers = ev.message.peers
             if set(peers) != set(self.hosts[ev.sender]) or any(v.shape != (H,) for v in peers.values()):
                 self.rejected["body"] += 1
@@ -481,8 +703,9 @@ class CoordinatorEngine:
                 return RunFailure(pending[0] if pending else COORDINATOR,
                                   f"iteration {k}: no answer within {t:g} s from {who}")
 
+            since = self.now_s  # the round's deadline counts from its sending
             while not sends and not rounds.finished:
-                ev = yield from self._await(lambda e: type(e.message) in handlers, silent)
+                ev = yield from self._await(lambda e: type(e.message) in handlers, silent, since)
                 if ev.iteration != k:
                     self.rejected["stale"] += 1
                     continue
@@ -504,11 +727,12 @@ class CoordinatorEngine:
             raise RunFailure(role, f"iteration {rounds.iteration}: {who}")
 
     def _collect(self, k: int) -> dict:
-        results, waiting = {}, set(self.hosts)
+        results, waiting, since = {}, set(self.hosts), self.now_s
         while waiting:
             ev = yield from self._await(
                 lambda e: isinstance(e.message, Result),
-                lambda t: RunFailure(sorted(waiting)[0], f"no RESULT within {t:g} s from {', '.join(sorted(waiting))}"))
+                lambda t: RunFailure(sorted(waiting)[0], f"no RESULT within {t:g} s from {', '.join(sorted(waiting))}"),
+                since)
             if ev.sender not in waiting or ev.iteration != k:
                 self.rejected["duplicate" if ev.sender not in waiting else "stale"] += 1
                 continue
@@ -555,7 +779,7 @@ class CoordinatorEngine:
 
     # -- services -------------------------------------------------------------------------------
     def _market_roster(self):
-        return self.roster if self.community else self.public.roster
+        return self.roster  # p2p: the public roster, less any peers dropped
 
     def _ask_dso(self, cleared: Cleared, plan: bool = False):
         yield from self._service("dso")
@@ -564,14 +788,20 @@ class CoordinatorEngine:
         self._send("dso", Dispatch(peer_ids=tuple(p.id for p in roster), kinds=tuple(p.kind for p in roster),
                                    buses=tuple(int(p.bus) for p in roster), p_mw=cleared.p_mw, q_mvar=cleared.q_mvar,
                                    plan=plan), k)
-        t = self.timer()
-        ev = yield from self._await(
-            lambda e: isinstance(e.message, GridReport) and e.sender == "dso",
-            lambda t: RunFailure("dso", f"the dso service did not answer the dispatch within {t:g} s"))
+        t, since = self.timer(), self.now_s
+        while True:
+            ev = yield from self._await(
+                lambda e: isinstance(e.message, GridReport) and e.sender == "dso",
+                lambda t: RunFailure("dso", f"the dso service did not answer the dispatch within {t:g} s"), since)
+            report = ev.message
+            if report.status != "ok":
+                raise RunFailure("dso", f"the dso service could not check the dispatch: {report.status}")
+            problem = _report_problem(report)
+            if problem is None:
+                break
+            self.rejected["body"] += 1  # refused and counted: the wait goes on (its deadline unchanged)
+            self._log(f"refused a grid report: {problem}")
         self.timing["dso_s"] = self.timer() - t
-        report = ev.message
-        if report.status != "ok":
-            raise RunFailure("dso", f"the dso service could not check the dispatch: {report.status}")
         return report
 
     def _ask_tso(self):
@@ -607,7 +837,7 @@ class CoordinatorEngine:
     def _outcome(self, clearings, report, report_initial, vl, outer=None) -> RunOutcome:
         return RunOutcome(clearings, report, report_initial, vl, "centralized" if self.central else "admm", outer,
                           list(self.penalty_log), dict(self.timing), dict(self.hosts), tuple(self.services),
-                          dict(self.rejected))
+                          dict(self.rejected), list(self.dropped))
 
     def _finish_single(self, cleared: Cleared):
         if getattr(self.public, "network", None) is None:  # a market without a grid: no AC check, no TSO

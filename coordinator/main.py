@@ -22,12 +22,13 @@ def emit(event: str, **fields) -> None:
 
 
 def write_run(outcome: RunOutcome, engine: CoordinatorEngine, out_dir: Path, traffic: list, *, t0: float,
-              processes: int = 0, rejected: int = 0, report: bool = True) -> dict:
+              processes: int = 0, rejected: int = 0, report: bool = True, rejected_by_role: dict | None = None) -> dict:
     """Build the results of a finished run and write its folder; returns the summary."""
     from common.report import build_summary, write_results
     from coordinator.results import build_result
 
-    result = build_result(outcome, engine, traffic, processes=processes, rejected=rejected)
+    result = build_result(outcome, engine, traffic, processes=processes, rejected=rejected,
+                          rejected_by_role=rejected_by_role)
     result.wall_s = time.time() - t0
     t = time.perf_counter()
     write_results(result, out_dir, engine.public, figures=report)
@@ -45,10 +46,25 @@ def _preload_results(figures: bool) -> None:
     preload(figures)
 
 
+def rejected_by_role(shell: Shell, engine: CoordinatorEngine) -> dict[str, dict[str, int]]:
+    """Every role's refused messages by reason: the coordinator's own (codec and engine), the
+    services' and the peer hosts' (summed) as their last heartbeats reported them."""
+    out = {"coordinator": dict(shell.transport.rejected + engine.rejected), **{svc: {} for svc in engine.services},
+           "peers": {}}
+    for role, counts in engine.role_rejected.items():
+        key = role if role in ("dso", "tso") else "peers"
+        merged = out.setdefault(key, {})
+        for reason, n in counts.items():
+            merged[reason] = merged.get(reason, 0) + int(n)
+    return {role: {k: int(v) for k, v in counts.items() if v} for role, counts in out.items()}
+
+
 def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s: float, t0: float,
-         ready_file: str | None, processes: int = 0, report: bool = True, curve=None) -> int:
+         ready_file: str | None, processes: int = 0, report: bool = True, curve=None, heartbeat_s: float = 1.0,
+         on_peer_loss: str = "abort", grace_s: float = 60.0) -> int:
     setup_logging("coordinator")
-    engine = CoordinatorEngine(public, topology=topology)
+    engine = CoordinatorEngine(public, topology=topology, timeout_s=timeout_s, heartbeat_s=heartbeat_s,
+                               on_peer_loss=on_peer_loss, grace_s=grace_s)
     engine.run_id = run_id
 
     def note(n: Note) -> None:
@@ -57,7 +73,8 @@ def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s:
             fields["startup_s"] = time.time() - t0
         emit(n.event, **fields)
 
-    shell = Shell(engine, bind=bind, run_id=run_id, timeout_s=timeout_s, t0=t0, notes=note, curve=curve)
+    shell = Shell(engine, bind=bind, run_id=run_id, timeout_s=timeout_s, t0=t0, notes=note, curve=curve,
+                  heartbeat_s=heartbeat_s)
     log.info(f"listening on {shell.address}, run {run_id}"
              + (f", CURVE: {len(curve.roster.keys)} roles in the roster" if curve else ", without CURVE (insecure)"))
     if ready_file:
@@ -67,12 +84,12 @@ def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s:
     try:
         outcome = shell.run()
         traffic = shell.transport.traffic_rows() + list(engine.extra_traffic)
-        rejected = shell.transport.rejected_total() + sum(engine.rejected.values())
+        by_role = rejected_by_role(shell, engine)
         from common.report import ResultsContractError
 
         try:
             summary = write_run(outcome, engine, Path(out_dir), traffic, t0=t0, processes=processes,
-                                rejected=rejected, report=report)
+                                report=report, rejected_by_role=by_role)
         except ResultsContractError as exc:
             reason = f"{exc} (tables written to {out_dir})"
             log.error(f"run failed: {reason}")
@@ -88,6 +105,11 @@ def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s:
         return 0
     except ShellFailure as exc:
         log.error(f"run failed: {exc}")
+        if not engine.shutdown_sent:  # a failure of the shell itself: everyone still connected is told
+            from common.protocol.control import Shutdown
+
+            for to in [*engine.hosts, *engine.services]:
+                shell.send_now(to, Shutdown(reason=f"run failed: {exc}"))
         emit("failed", reason=str(exc), role=exc.role)
         return 1
     finally:

@@ -19,13 +19,16 @@ from coordinator.engine import CoordinatorEngine, RunOutcome
 
 
 def build_result(outcome: RunOutcome, engine: CoordinatorEngine, traffic: list[tuple], *, processes: int = 0,
-                 rejected: int = 0):
+                 rejected: int = 0, rejected_by_role: dict | None = None):
+    """``rejected_by_role``: {role: {reason: count}} of every role (coordinator, dso, tso, peers);
+    ``rejected``: the total when no breakdown is given."""
     public = engine.public
     last = outcome.clearings[-1]
     if engine.community:
         result, sol = _community(engine, last, outcome)
     else:
-        result = p2p_result(public, engine.graph, dispatch_frame(public.roster, last.p_mw, last.q_mvar), last.trades_mw,
+        # the market's roster: the public one, less any peer dropped on the way (policy drop)
+        result = p2p_result(public, engine.graph, dispatch_frame(engine.roster, last.p_mw, last.q_mvar), last.trades_mw,
                             last.prices_eur_per_mwh, last.sw_eur, last.diff_eur, outcome.solver, converged=last.converged,
                             fees_eur=last.fees_eur)
         result.economics["flex_penalty_eur"] = last.flex_eur
@@ -59,8 +62,14 @@ def build_result(outcome: RunOutcome, engine: CoordinatorEngine, traffic: list[t
         result.extra["hour_iterations"] = int(result.admm_history["open_hours"].sum())
     msgs = pd.DataFrame(traffic, columns=["iteration", "type", "count", "bytes"])
     result.messages = msgs.groupby(["iteration", "type"], as_index=False)[["count", "bytes"]].sum()
+    if rejected_by_role is not None:
+        rejected = sum(sum(v.values()) for v in rejected_by_role.values())
+        result.extra["rejected_by_role"] = {role: dict(sorted(v.items())) for role, v in rejected_by_role.items()}
     if outcome.solver == "admm":
         _timing(result, engine, outcome, rounds, rejected)
+        result.extra["on_peer_loss"] = engine.on_peer_loss
+        result.extra["dropped_peers"] = list(outcome.dropped)
+        result.extra["rejoined_peers"] = list(engine.rejoined)
     return result
 
 

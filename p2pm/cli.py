@@ -50,6 +50,35 @@ class Security(str, Enum):
     compare = "compare"
 
 
+class PeerLoss(str, Enum):
+    abort = "abort"
+    drop = "drop"
+    wait = "wait"
+
+
+PeerLossOpt = Annotated[PeerLoss, typer.Option(
+    "--on-peer-loss", envvar="P2PM_ON_PEER_LOSS",
+    help="When a peer host is lost (killed, stopped, disconnected): abort the run naming it; drop its peers and "
+         "clear on without them, warm-started; or wait up to --grace-s for it to come back (`p2pm peer` started again "
+         "with the same --host-id) and go on from where it was lost. drop and wait: full P2P market, relay topology, "
+         "benchmark model; summary.json says who was dropped or came back, and when.")]
+GraceOpt = Annotated[float, typer.Option(
+    "--grace-s", envvar="P2PM_GRACE_S", min=0.1, max=86400.0,
+    help="--on-peer-loss wait: how long a lost peer host may take to come back.")]
+HeartbeatOpt = Annotated[float, typer.Option(
+    "--heartbeat-s", envvar="P2PM_HEARTBEAT_S", min=0.05, max=60.0,
+    help="Heartbeat interval of every role (ZeroMQ and application heartbeats); a role silent for 5 intervals is lost.")]
+
+
+def _check_peer_loss(policy: PeerLoss, market, topology: str) -> None:
+    """--on-peer-loss drop where it cannot apply is refused before any process starts (exit 2)."""
+    from coordinator.engine import drop_unsupported
+
+    why = drop_unsupported(market, topology) if policy is not PeerLoss.abort else None
+    if why:
+        _fail(f"--on-peer-loss {policy.value}: not available for {why}", EXIT_BAD_INPUT)
+
+
 def _fail(message: str, code: int) -> None:
     typer.secho(("bad input: " if code == EXIT_BAD_INPUT else "run failed: ") + message, err=True, fg="red")
     raise typer.Exit(code)
@@ -217,6 +246,9 @@ def run(
                                                               "key pair made for the run).")] = False,
     keys: Annotated[Optional[Path], typer.Option("--keys", help="The run's key folder from 'p2pm keys SCENARIO --out DIR' "
                                                                 "(same --peers-per-process) instead of throwaway keys.")] = None,
+    on_peer_loss: PeerLossOpt = PeerLoss.abort,
+    heartbeat_s: HeartbeatOpt = 1.0,
+    grace_s: GraceOpt = 60.0,
 ):
     """Clear a market and write the results folder."""
     t0 = time.time()
@@ -235,6 +267,8 @@ def run(
     if keys is not None and not (keys / "roster.json").is_file():
         _fail(f"--keys: {keys}/roster.json does not exist (make the keys with 'p2pm keys {scenario} --out {keys}')",
               EXIT_BAD_INPUT)
+    if solver is Solver.admm:
+        _check_peer_loss(on_peer_loss, sc.market, topology.value)
     out = out or Path("results") / f"{sc.name}-{solver.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out(out)
     from common.report import format_summary, write_results
@@ -273,7 +307,8 @@ def run(
             else:
                 summary = run_distributed(sc, out, topology=topology.value, peers_per_process=peers_per_process,
                                           timeout_s=timeout_s, t0=t0, quiet=quiet, report=report,
-                                          security=not insecure, keys=keys)
+                                          security=not insecure, keys=keys, on_peer_loss=on_peer_loss.value,
+                                          heartbeat_s=heartbeat_s, grace_s=grace_s)
         except LaunchError as exc:
             _fail(str(exc), EXIT_FAILED)
     typer.echo(format_summary(summary))
@@ -370,6 +405,9 @@ def coordinator(
     log_level: LogLevelOpt = None,
     keys: KeysOpt = None,
     insecure: InsecureOpt = False,
+    on_peer_loss: PeerLossOpt = PeerLoss.abort,
+    heartbeat_s: HeartbeatOpt = 1.0,
+    grace_s: GraceOpt = 60.0,
 ):
     """Start the coordinator: registration, ADMM rounds, DSO/TSO dialogs, results. It reads only the
     public scenario."""
@@ -382,8 +420,10 @@ def coordinator(
     if public.market.kind == "community" and topology is Topology.mesh:
         _fail("--topology mesh: the community market runs in the relay topology", EXIT_BAD_INPUT)
     curve = _identity(keys, insecure, "coordinator")
+    _check_peer_loss(on_peer_loss, public.market, topology.value)
     code = coordinator_main(public, bind, run_id or uuid.uuid4().hex[:12], topology.value, str(out), timeout_s,
-                            t0 or time.time(), str(ready_file) if ready_file else None, processes, report, curve=curve)
+                            t0 or time.time(), str(ready_file) if ready_file else None, processes, report, curve=curve,
+                            heartbeat_s=heartbeat_s, on_peer_loss=on_peer_loss.value, grace_s=grace_s)
     raise typer.Exit(code)
 
 

@@ -67,7 +67,9 @@ class Role:
     container: str | None = None  # --launch podman: the role's container (popen is its ``podman run``)
 
     def describe(self) -> str:
-        return f"{self.name} (container {self.container})" if self.container else f"{self.name} (pid {self.pid})"
+        if self.container:
+            return f"{self.name} (container {self.container})"
+        return f"{self.name} (host {self.log.stem}, pid {self.pid})" if self.is_peer else f"{self.name} (pid {self.pid})"
 
     @property
     def pid(self) -> int | None:
@@ -89,6 +91,8 @@ class Role:
         if self.poll() is None and self.pid is not None:
             try:
                 os.kill(self.pid, sig)
+                if sig == signal.SIGTERM:
+                    os.kill(self.pid, signal.SIGCONT)  # a stopped process handles its SIGTERM too
             except ProcessLookupError:
                 pass
 
@@ -235,7 +239,8 @@ def _reader(source: str, stream, q: queue.Queue) -> None:
 
 def run_distributed(scenario, out: Path, *, topology: str = "relay", peers_per_process: int = 1,
                     timeout_s: float = 30.0, t0: float | None = None, quiet: bool = False, report: bool = True,
-                    on_event=None, security: bool = True, keys: Path | None = None) -> dict:
+                    on_event=None, security: bool = True, keys: Path | None = None, on_peer_loss: str = "abort",
+                    heartbeat_s: float = 1.0, grace_s: float = 60.0) -> dict:
     """Run the distributed clearing of ``scenario`` (loaded, with any overrides applied) locally;
     returns the summary dict. ``on_event``, if given, is called with every progress event of the
     coordinator (a dict: ready, iteration, outer, done). ``security``: CURVE with throwaway keys
@@ -255,13 +260,14 @@ def run_distributed(scenario, out: Path, *, topology: str = "relay", peers_per_p
         with run_keys(scenario, peers_per_process, security, keys) as key_dir:
             public_path, private_files = write_split(scenario, inputs)
             return _run(public_path, private_files, scenario, out, logs, run_id, topology, peers_per_process,
-                        timeout_s, t0, quiet, report, on_event, key_dir)
+                        timeout_s, t0, quiet, report, on_event, key_dir, on_peer_loss, heartbeat_s, grace_s)
     finally:
         shutil.rmtree(inputs, ignore_errors=True)
 
 
 def _run(public_path, private_files, scenario, out, logs, run_id, topology, peers_per_process, timeout_s, t0, quiet,
-         report, on_event=None, keys: Path | None = None) -> dict:
+         report, on_event=None, keys: Path | None = None, on_peer_loss: str = "abort", heartbeat_s: float = 1.0,
+         grace_s: float = 60.0) -> dict:
     groups = _peer_groups(scenario, private_files, peers_per_process)
     n_processes = len(groups) + 3
     launch = Launch()
@@ -285,7 +291,8 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
                 "--scenario", str(public_path), "--bind", address, "--ready-file", str(ready_file),
                 "--run-id", run_id, "--topology", topology, "--out", str(out), "--timeout-s", str(timeout_s),
                 "--t0", repr(t0), "--processes", str(n_processes), *([] if report else ["--no-report"]),
-                *_security_args(keys, "coordinator")],
+                *_security_args(keys, "coordinator"),
+                "--on-peer-loss", on_peer_loss, "--heartbeat-s", repr(heartbeat_s), "--grace-s", repr(grace_s)],
                 coord.log, stdout=subprocess.PIPE)
             launch.roles.append(coord)
             threading.Thread(target=_reader, args=("coordinator", coord.popen.stdout, events), daemon=True).start()
@@ -313,11 +320,12 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
                 launch.roles.append(r)
                 zygote.popen.stdin.write((json.dumps({"host_id": host, "model_files": [str(f) for _, f in group],
                                                       "coordinator": address, "timeout_s": timeout_s,
-                                                      "log": str(r.log),
+                                                      "log": str(r.log), "heartbeat_s": heartbeat_s,
                                                       "keys": None if keys is None else str(keys / host)})
                                           + "\n").encode())
             zygote.popen.stdin.close()
-            supervise(launch, coord, events, progress, stop, timeout_s, on_event=on_event)
+            supervise(launch, coord, events, progress, stop, timeout_s, on_event=on_event,
+                      dropped_ok=on_peer_loss != "abort")
         finally:
             progress.close()
             launch.stop_all(events)
@@ -349,17 +357,26 @@ def interruptible():
 
 
 def supervise(launch: Launch, coord: Role, events: "queue.Queue", progress: "_Progress", stop: threading.Event,
-              timeout_s: float, what: str = "processes", on_event=None) -> None:
+              timeout_s: float, what: str = "processes", on_event=None, dropped_ok: bool = False) -> None:
     """Show the coordinator's progress until it has written the results, then wait for the other
-    roles to end on its SHUTDOWN. LaunchError naming the role when one fails, and on Ctrl-C."""
+    roles to end on its SHUTDOWN. LaunchError naming the role when one fails, and on Ctrl-C. With
+    ``dropped_ok`` (policy drop) a peer process that ends is the coordinator's to judge, and the peer
+    hosts it dropped are not waited for."""
     done = False
+    dropped: set[str] = set()
+    server = next((r for r in launch.roles if r.name == "peer fork server"), None)
     while True:
+        if server is not None and server.poll() not in (None, 0):  # its peers die with it: it is to blame
+            raise LaunchError(f"the peer fork server (pid {server.pid}) exited with code {server.exitcode}; its peer "
+                              f"processes ended with it; its log ends with:\n{_tail(server.log)}")
         for ev in launch.absorb(events):
             progress.update(ev)
             if on_event is not None:
                 on_event(ev)
             if ev.get("event") == "done":
                 done = True
+            elif ev.get("event") == "dropped":
+                dropped.add(str(ev.get("host")))
             elif ev.get("event") == "failed":
                 raise LaunchError(f"the coordinator stopped the run: {ev.get('reason')}{_culprit(launch, coord)}")
         if coord.poll() is not None:
@@ -370,21 +387,24 @@ def supervise(launch: Launch, coord: Role, events: "queue.Queue", progress: "_Pr
             raise LaunchError(f"the coordinator exited with code {coord.exitcode}:\n{_tail(coord.log)}{_culprit(launch, coord)}")
         for r in launch.roles:
             code = r.poll()
-            if r is not coord and r.name != "peer fork server" and code not in (None, 0):
+            if (r is not coord and r.name != "peer fork server" and code not in (None, 0)
+                    and not (dropped_ok and r.is_peer)):
                 raise LaunchError(f"{r.describe()} exited with code {code}; its log ends with:\n{_tail(r.log)}")
         if stop.is_set():
             raise LaunchError(f"interrupted; stopped all {len(launch.roles)} {what} of the run")
         time.sleep(0.02)
-    # the coordinator has written the results; the others end on its SHUTDOWN
+    # the coordinator has written the results; the others end on its SHUTDOWN (a dropped host is stopped)
     end = time.monotonic() + timeout_s
-    while any(r.poll() is None for r in launch.roles) and time.monotonic() < end and not stop.is_set():
+    waited = [r for r in launch.roles if not (r.is_peer and r.log.stem in dropped)]
+    while any(r.poll() is None for r in waited) and time.monotonic() < end and not stop.is_set():
         launch.absorb(events)
         time.sleep(0.02)
 
 
 def _culprit(launch: Launch, coord: Role) -> str:
-    """The first other role that died, with its log tail (often the root cause)."""
-    for r in launch.roles:
+    """The first other role that died, with its log tail (often the root cause); the peer fork
+    server first (its peers die with it)."""
+    for r in sorted(launch.roles, key=lambda r: r.name != "peer fork server"):
         if r is not coord and r.name != "peer fork server" and r.poll() not in (None, 0):
             return f"\n{r.describe()} exited with code {r.exitcode}; its log ends with:\n{_tail(r.log)}"
     return ""

@@ -12,6 +12,8 @@ Full P2P market, iteration k (``common.admm`` has the numerics):
 - ROUND with ``stop``: the last price update (relay), then RESULT.
 Community market: ROUND(k) carries each peer's target z - u; the peer answers its new injection.
 PENALTY (outer loop): new parameters for hosted peers; the next clearing starts warm.
+DROP (a peer host was lost, policy drop): the named peers leave every hosted peer's trades, prices
+and secure-aggregation pairs; the coordinator's next ROUND sets the state to go on from.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from common.engine import COORDINATOR, Finish, Log, Received, Send, Started
 from common.models import PARAMETERS, EVModel, apply_parameters, flex_penalty_eur, reactive_mvar
 from common.protocol import ProtocolError
 from common.protocol.control import Hello, Ready, Shutdown, Welcome
-from common.protocol.market import (Penalty, PoolPrice, PoolQuantity, PriceProbe, QuantitySum, Residuals, ResidualsPeer,
+from common.protocol.market import (Drop, Penalty, PoolPrice, PoolQuantity, PriceProbe, QuantitySum, Residuals, ResidualsPeer,
                                     Result, ResultPeer, Round, Trades, Update, UpdatePeer)
 from common.secagg import NANO_MW_PER_MW, MaskKeys, add_masked, mask_label, split_shares, to_fixed
 
@@ -95,6 +97,8 @@ class PeerEngine:
                 return self._on_probe(msg, k)
             if isinstance(msg, PoolPrice):
                 return self._on_pool_price(msg, k)
+            if isinstance(msg, Drop):
+                return self._on_drop(msg, k)
             raise ProtocolError("type", f"unexpected {msg.TYPE.value} from the coordinator")
         except ProtocolError as exc:  # refused and counted; the peer goes on
             self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
@@ -102,6 +106,11 @@ class PeerEngine:
 
     # -- setup ----------------------------------------------------------------------------------
     def _on_welcome(self, cfg: dict) -> list:
+        if cfg.get("rekey"):  # a peer host came back with new keys: only the pairs with its peers change
+            if not self.locals:
+                raise ProtocolError("body", "new public keys before the run's settings")
+            self.keys.agree({h: k for h, k in (cfg.get("public_keys") or {}).items() if h != self.name})
+            return [Log(f"new public key of peer host(s) {', '.join(sorted(cfg.get('public_keys') or {}))}")]
         self.run_id = cfg["run_id"]
         self.topology = cfg.get("topology", "relay")
         self.market = cfg.get("market", "p2p")
@@ -351,6 +360,28 @@ class PeerEngine:
             records[pid] = UpdatePeer(p_out_mw=p[None, :], dual_sq=dx, solve_s=self.timer() - t,
                                       status=status)
         return [Send(COORDINATOR, Update(peers=records), k)]
+
+    def _on_drop(self, msg: Drop, k: int) -> list:
+        """Peers that left the market: their rows leave each hosted peer's state and partners, their
+        pairs leave the masks; the state is set again by the next ROUND (every hour)."""
+        if self.market != "p2p":
+            raise ProtocolError("type", "a drop in the community market")
+        gone = set(msg.peers)
+        if gone & set(self.peer_ids):
+            raise ProtocolError("body", f"a drop of hosted peer(s) {', '.join(sorted(gone & set(self.peer_ids)))}")
+        for pid, loc in self.locals.items():
+            keep = [j for j, q in enumerate(self.partners[pid]) if q not in gone]
+            self.partners[pid] = [self.partners[pid][j] for j in keep]
+            self.base_weights[pid] = self.base_weights[pid][keep]
+            loc.x, loc.y, loc.lam, loc.weights = loc.x[keep], loc.y[keep], loc.lam[keep], loc.weights[keep]
+            self.solved_since_receive[pid] = False
+        self.keys.forget(msg.hosts)
+        self.partner_slot = {pid: {q: j for j, q in enumerate(self.partners[pid])} for pid in self.peer_ids}
+        for q in gone:
+            self.partner_host.pop(q, None)
+        self.solved = None
+        self.iteration = k
+        return [Log(f"peer(s) {', '.join(sorted(gone))} left the market at iteration {k}")]
 
     # -- outer loop -----------------------------------------------------------------------------
     def _on_penalty(self, msg: Penalty, k: int) -> list:

@@ -39,7 +39,7 @@ def _private_bytes(path: Path) -> bytes:
 
 
 def main(models: list, coordinator: str, host_id: str | None, timeout_s: float, bind_host: str = "127.0.0.1",
-         advertise_host: str | None = None, curve=None) -> int:
+         advertise_host: str | None = None, curve=None, heartbeat_s: float = 1.0) -> int:
     from peer_node.engine import PeerEngine
 
     host_id = host_id or (curve.role if curve is not None else f"host-{models[0].id}")
@@ -47,8 +47,9 @@ def main(models: list, coordinator: str, host_id: str | None, timeout_s: float, 
     names = ", ".join(m.id for m in models)
     engine = PeerEngine(models, host_id, pid=os.getpid(), host=socket.gethostname())
     # the peer waits for the coordinator's next round for at most twice the coordinator's deadline
+    # (the coordinator's WELCOME sets the heartbeat interval; a coordinator silent for 5 of them is lost)
     shell = Shell(engine, connect=coordinator, timeout_s=2 * timeout_s + 5, mesh_host=bind_host,
-                  advertise_host=advertise_host, curve=curve)
+                  advertise_host=advertise_host, curve=curve, heartbeat_s=heartbeat_s)
     engine.address = shell.mesh_address
     log.info(f"hosting {names}; mesh socket {shell.mesh_address}")
     try:
@@ -64,7 +65,7 @@ def main(models: list, coordinator: str, host_id: str | None, timeout_s: float, 
 
 
 def child_main(model_files: list[str], coordinator: str, host_id: str, timeout_s: float, log_path: str,
-               keys: str | None = None) -> None:
+               keys: str | None = None, heartbeat_s: float = 1.0) -> None:
     """Entry point of a peer process forked by ``peer_node.zygote``: logs to ``log_path``; ``keys``:
     its own key folder (None: without CURVE). An exception is written to the log with its traceback
     before the process ends."""
@@ -78,7 +79,7 @@ def child_main(model_files: list[str], coordinator: str, host_id: str, timeout_s
             from common.security import load_identity
 
             curve = load_identity(keys)
-        code = main(load_models(model_files), coordinator, host_id, timeout_s, curve=curve)
+        code = main(load_models(model_files), coordinator, host_id, timeout_s, curve=curve, heartbeat_s=heartbeat_s)
     except BaseException:  # noqa: BLE001 - the reason must reach the log before os._exit
         traceback.print_exc()
         code = 1

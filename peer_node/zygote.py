@@ -3,8 +3,8 @@ per request, so that dozens of peers start in a fraction of a second (a fresh in
 peer costs ~0.3 s of CPU in imports alone).
 
 Protocol on stdin/stdout, one JSON object per line:
-  in:  {"host_id", "model_files": [paths of the hosted peers' private files], "coordinator", "timeout_s", "log",
-        "keys": the host's own CURVE key folder or null}
+  in:  {"host_id", "model_files": [paths of the hosted peers' private files], "coordinator", "timeout_s",
+        "heartbeat_s", "log", "keys": the host's own CURVE key folder or null}
   out: {"event": "started", "host_id", "pid"} / {"event": "exit", "pid", "code", "peak_rss_kib", "cpu_s"}
 After stdin closes, the zygote reaps its children and exits when the last one has.
 Each child reads only its own peers' private files (the zygote never loads a scenario).
@@ -53,7 +53,7 @@ def main() -> int:
             except OSError:
                 pass
             child_main(req["model_files"], req["coordinator"], req["host_id"], float(req["timeout_s"]), req["log"],
-                       req.get("keys"))
+                       req.get("keys"), float(req.get("heartbeat_s", 1.0)))
             os._exit(1)  # child_main never returns
         children += 1
         _say(event="started", host_id=req["host_id"], pid=pid)

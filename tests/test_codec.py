@@ -44,6 +44,7 @@ def samples() -> dict[MsgType, Any]:
         MsgType.HELLO: control.Hello("peer", ("p1", "p2"), 1234, "lab-1", "tcp://127.0.0.1:5601"),
         MsgType.WELCOME: control.Welcome({"hours": H, "rho": 1.5, "partners": {"p1": ["p2"]}, "bus": np.arange(3)}),
         MsgType.SHUTDOWN: control.Shutdown("done"),
+        MsgType.HEARTBEAT: control.Heartbeat(rejected={"stale": 3, "body": 1}),
         MsgType.READY: control.Ready(),
         MsgType.ROUND: market.Round(
             1.5, False, {"p1": market.RoundPeer(arr(2, H)), "p2": market.RoundPeer(arr(1, H), arr(1, H))},
@@ -64,6 +65,7 @@ def samples() -> dict[MsgType, Any]:
             ((3, "trades", 2, 480), (4, "trades", 2, 480)),
         ),
         MsgType.PENALTY: market.Penalty({"p1": {"diff_eur_per_mwh": arr(2, H), "tan_phi": arr(H)}}),
+        MsgType.DROP: market.Drop(peers=("p7", "p8"), hosts=("h0007-p7",)),
         MsgType.PRICE_PROBE: market.PriceProbe(arr(8, H)),
         MsgType.QUANTITY_SUM: market.QuantitySum(np.arange(8 * H, dtype=np.int64).reshape(8, H) - 7,
                                                  np.arange(8 * H, dtype=np.int64).reshape(8, H) * 3),

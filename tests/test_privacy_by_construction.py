@@ -135,7 +135,7 @@ def test_a_peer_host_receives_nothing_of_another_peers():
                 cfg = message.config
                 assert set(cfg.get("partners", {})) <= mine
                 allowed = {"run_id", "hours", "public_keys", "topology", "partners", "market",
-                           "price_init_eur_per_mwh", "hosts", "addresses"}
+                           "price_init_eur_per_mwh", "hosts", "addresses", "heartbeat_s", "rekey"}
                 assert set(cfg) <= allowed, set(cfg) - allowed
             seen.append(type(message).__name__)
 

@@ -34,14 +34,14 @@ def _wire(msg, run: str, sender: str, iteration: int = 0) -> bytes:
 
 
 def _grid_report() -> GridReport:
-    z = np.zeros((1, 1))
-    return GridReport(vm_pu=z + 1.0, loading_percent=z, losses_mw=np.zeros(1) + 10.0, converged=(True,),
-                      violations=({"kind": "voltage", "element": 3, "hour": 0, "value": 1.2, "limit": 1.1},))
+    from common.protocol.grid import Violation
+
+    return GridReport(violations=(Violation(kind="voltage", element=3, hour=0, value=1.2, limit=1.1),), tables={})
 
 
 def _update(peer: str) -> Update:
     one = np.zeros(1)
-    return Update({peer: UpdatePeer(p_out_mw=np.zeros((1, 1)), primal_sq=one, dual_sq=one, solve_s=0.0)})
+    return Update(peers={peer: UpdatePeer(p_out_mw=np.zeros((1, 1)), dual_sq=one, solve_s=0.0)})
 
 
 def _client(ctx, address: str, *, public=None, secret=None, server=None, routing_id: bytes | None = None):

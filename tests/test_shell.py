@@ -10,7 +10,8 @@ import zmq
 import zmq.asyncio
 
 from common.engine import COORDINATOR, Deadline, Finish, Log, Received, Send, Started
-from common.protocol.control import Ready, Hello, Shutdown
+from common.protocol.control import Hello, Shutdown
+from common.protocol.market import Penalty
 from common.shell import Shell, ShellFailure
 
 
@@ -34,7 +35,7 @@ class Echo:
 
 
 class Client:
-    """A role that says HELLO and stops at SHUTDOWN; ``explode`` raises on the first READY."""
+    """A role that says HELLO and stops at SHUTDOWN; ``explode`` raises on the first PENALTY."""
 
     def __init__(self, name: str, explode: bool = False):
         self.name, self.explode, self.got = name, explode, []
@@ -44,7 +45,7 @@ class Client:
             return [Send(COORDINATOR, Hello(role="peer", peer_ids=(self.name,), pid=1, host="test"))]
         if isinstance(event, Received):
             self.got.append(type(event.message).__name__)
-            if isinstance(event.message, Ready) and self.explode:
+            if isinstance(event.message, Penalty) and self.explode:
                 raise RuntimeError("a bug in the engine")
             if isinstance(event.message, Shutdown):
                 return [Log("done"), Finish("stopped")]
@@ -108,7 +109,7 @@ async def test_a_deadline_names_the_silent_side_and_an_engine_error_does_not_kil
 
         async def poke():
             ident, _ = await router.recv_multipart()  # the HELLO
-            beat = Ready().envelope(run_id="*", sender=COORDINATOR)
+            beat = Penalty(peers={}).envelope(run_id="*", sender=COORDINATOR)
             await router.send_multipart([ident, encode(beat)])
 
         with pytest.raises(ShellFailure, match="no message within 0.5 s from the coordinator"):
@@ -117,4 +118,70 @@ async def test_a_deadline_names_the_silent_side_and_an_engine_error_does_not_kil
         router.close(0)
         coord_ctx.term()
         client.close()
-    assert client.internal_errors == 1 and client.engine.got == ["Ready"]
+    assert client.internal_errors == 1 and client.engine.got == ["Penalty"]
+    assert client.rejected_counts() == {"internal": 1}
+
+
+class Busy:
+    """A role whose engine computes for ``busy_s`` (blocking) when it is welcomed."""
+
+    def __init__(self, busy_s: float):
+        self.name, self.busy_s = "busy", busy_s
+
+    def handle(self, event):
+        import time
+
+        if isinstance(event, Started):
+            return [Send(COORDINATOR, Hello(role="peer", peer_ids=("busy",), pid=1, host="test"))]
+        if isinstance(event, Received) and type(event.message).__name__ == "Welcome":
+            time.sleep(self.busy_s)  # a long local solve: the loop is blocked
+            return [Log("done computing")]
+        if isinstance(event, Received) and isinstance(event.message, Shutdown):
+            return [Finish("stopped")]
+        return []
+
+
+def test_a_role_busy_in_its_engine_still_sends_heartbeats_and_leaves_when_its_coordinator_does():
+    """A role computing for 1.5 s with a heartbeat every 0.1 s keeps beating (from its heartbeat
+    thread); then its coordinator goes silent and the role stops within a few intervals, naming it."""
+    import threading
+    import time
+
+    from common.codec import decode, encode
+    from common.protocol.control import Welcome
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    result = {}
+
+    def role():
+        shell = Shell(Busy(1.5), connect=f"tcp://127.0.0.1:{port}", timeout_s=30.0)
+        try:
+            shell.run()
+        except ShellFailure as exc:
+            result["failure"] = exc
+        finally:
+            shell.close()
+
+    thread = threading.Thread(target=role, daemon=True)
+    thread.start()
+    try:
+        assert router.poll(10_000)
+        ident, _ = router.recv_multipart()  # the HELLO
+        welcome = Welcome(config={"run_id": "r1", "hours": 1, "heartbeat_s": 0.1}).envelope(run_id="r1", sender=COORDINATOR)
+        router.send_multipart([ident, encode(welcome)])
+        t0 = time.monotonic()
+        beats = []
+        while time.monotonic() - t0 < 1.4:  # the role is computing all along
+            if router.poll(50):
+                _, data = router.recv_multipart()
+                if decode(data).type.value == "heartbeat":
+                    beats.append(time.monotonic() - t0)
+        assert len(beats) >= 6, beats  # (one every interval, give or take the scheduler)
+        thread.join(timeout=10)  # the coordinator (this test) says nothing more: 5 intervals later the role stops
+        assert not thread.is_alive()
+        assert result["failure"].role == COORDINATOR and "lost the coordinator" in result["failure"].reason
+    finally:
+        router.close(0)
+        ctx.term()

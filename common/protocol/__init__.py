@@ -14,8 +14,8 @@ Every message type has one definition: a frozen :class:`msgspec.Struct` (a subcl
 fields that its message does not name; optional fields may be absent or nil and are left out when
 they hold their default. The message sets live in one module each:
 
-- :mod:`common.protocol.control`: HELLO, WELCOME, SHUTDOWN, READY
-- :mod:`common.protocol.market`: ROUND, UPDATE, TRADES, RESIDUALS, RESULT, PENALTY, PRICE_PROBE,
+- :mod:`common.protocol.control`: HELLO, WELCOME, SHUTDOWN, HEARTBEAT, READY
+- :mod:`common.protocol.market`: ROUND, UPDATE, TRADES, RESIDUALS, RESULT, PENALTY, DROP, PRICE_PROBE,
   QUANTITY_SUM, POOL_PRICE, POOL_QUANTITY
 - :mod:`common.protocol.grid`: DISPATCH, GRID_REPORT, NETWORK_UPDATE, NETWORK_RESULT
 - :mod:`common.protocol.frequency`: FREQ_QUERY, FREQ_REQUEST
@@ -82,6 +82,7 @@ class MsgType(StrEnum):
     HELLO = "hello"
     WELCOME = "welcome"
     SHUTDOWN = "shutdown"
+    HEARTBEAT = "heartbeat"
     READY = "ready"
     # market rounds (common.protocol.market)
     ROUND = "round"
@@ -90,6 +91,7 @@ class MsgType(StrEnum):
     RESIDUALS = "residuals"
     RESULT = "result"
     PENALTY = "penalty"
+    DROP = "drop"
     PRICE_PROBE = "price_probe"
     QUANTITY_SUM = "quantity_sum"
     POOL_PRICE = "pool_price"

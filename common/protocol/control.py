@@ -12,6 +12,10 @@ WELCOME (coordinator -> role)
     ``config``: map, the run settings the role needs (free-form plain msgpack values).
 SHUTDOWN (coordinator -> role)
     ``reason``: str (e.g. "done", "aborted: peer p7 lost").
+HEARTBEAT (role -> coordinator; peer host -> peer host on mesh sockets)
+    application-level liveness (ZMQ heartbeats do not notice a process stuck in Python), sent every
+    heartbeat interval by every role, also while its engine computes; optional ``rejected``:
+    {reason: count}, the messages the sending role has refused so far (for ``summary.json``).
 READY (role -> coordinator)
     empty body; the role has built its models and waits for rounds.
 """
@@ -54,6 +58,13 @@ class Shutdown(Message, frozen=True, eq=True):
 
     TYPE: ClassVar[MsgType] = MsgType.SHUTDOWN
     reason: Text
+
+
+class Heartbeat(Message, frozen=True, eq=True):
+    """Application-level liveness, with the sender's counts of refused messages."""
+
+    TYPE: ClassVar[MsgType] = MsgType.HEARTBEAT
+    rejected: Annotated[dict[Id, NonNegInt], msgspec.Meta(max_length=MAX_CONTAINER_LEN)] | None = None
 
 
 class Ready(Message, frozen=True, eq=True):

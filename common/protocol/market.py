@@ -67,6 +67,11 @@ PENALTY (coordinator -> peer host; between outer iterations; from the DSO or TSO
     ``virtual_load_mw`` (hours,) the TSO's request (virtual load); ``beta_eur_per_mwh`` (1,) the
     price of extra flexibility. A receiver refuses (and counts) a PENALTY for a peer it does not
     host, an unknown name or a wrong shape.
+DROP (coordinator -> peer host; policy ``--on-peer-loss drop``)
+    ``peers``: list[str], peers that have left the market, ``hosts``: list[str], their hosts (lost):
+    every hosted peer stops trading with them (their rows leave its trades, prices and partners'
+    trades) and the host leaves their hosts' pairs of its secure-aggregation masks; the next ROUND
+    sets the state to go on from.
 """
 
 
@@ -335,3 +340,11 @@ class Penalty(Message, frozen=True):
 
     def check(self) -> None:
         check_parameters("peers", self.peers)
+
+
+class Drop(Message, frozen=True):
+    """Coordinator -> peer host: these peers have left the market (their host was lost)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.DROP
+    peers: Ids = ()
+    hosts: Ids = ()  # their hosts (their masks leave the secure-aggregation set)

@@ -59,6 +59,18 @@ class EnergyMWh(BaseModel):
     virtual_load: Number = Field(description="Net consumption of the TSO's virtual load [MWh].")
 
 
+class DroppedHost(BaseModel):
+    """A peer host lost during a clearing and dropped from the market (``--on-peer-loss drop``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = Field(description="The lost peer host (process identity).")
+    peers: list[str] = Field(description="Its peers, which left the market.")
+    iteration: NonNegativeInt = Field(description="ADMM iteration during which it was lost; the clearing went on "
+                                                  "from the state of the iteration before, without its peers.")
+    reason: str = Field(description="How its loss was noticed (silence, disconnection).")
+    detected_s: float = Field(description="When its loss was noticed, seconds since the launch [s].")
+
+
 class Summary(BaseModel):
     """summary.json of a run (schema p2pm.run/1, SPEC section 6). These keys are always present, in
     this order; a run adds more (timings, rounds, peak memory, outer-loop status, ...)."""
@@ -89,6 +101,22 @@ class Summary(BaseModel):
     messages: NonNegativeInt = Field(description="Messages of the run (every type and iteration).")
     bytes: NonNegativeInt = Field(description="Bytes of those messages.")
     processes: NonNegativeInt = Field(description="OS processes of the run.")
+    # present in distributed runs only (after the keys above)
+    rejected_messages: Optional[NonNegativeInt] = Field(
+        None, description="Messages refused by any role of the run (sum of rejected_by_role).")
+    rejected_by_role: Optional[dict[str, dict[str, NonNegativeInt]]] = Field(
+        None, description="Refused messages by role (coordinator, dso, tso, peers: the sum over the peer hosts) and "
+                          "reason (common.protocol.REASONS, and the engines' own: stale, duplicate, registration, "
+                          "late_hello, internal, ...).")
+    on_peer_loss: Optional[Literal["abort", "drop", "wait"]] = Field(
+        None, description="What the run did when a peer host was lost: end (abort), go on without its peers (drop), "
+                          "or wait for it to come back (wait).")
+    dropped_peers: Optional[list[DroppedHost]] = Field(
+        None, description="Peer hosts lost and dropped during the run, in order; the result is the market without "
+                          "their peers.")
+    rejoined_peers: Optional[list[dict]] = Field(
+        None, description="Peer hosts lost and back within the grace time (policy wait): host, peers, iteration, "
+                          "reason, lost_s and back_s (seconds since the launch).")
 
 
 def summary_json_schema() -> dict:
@@ -106,7 +134,7 @@ def check_summary(data: dict) -> dict:
     """Validate a summary dictionary against the contract; returns it as JSON data (SPEC key order
     first). Raises SummaryContractError with one line per broken field."""
     try:
-        return Summary.model_validate(data).model_dump(mode="json", by_alias=True)
+        return Summary.model_validate(data).model_dump(mode="json", by_alias=True, exclude_unset=True)
     except ValidationError as exc:
         lines = [f"summary.json: {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']} (got {e.get('input')!r})"
                  for e in exc.errors()]
