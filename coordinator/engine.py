@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.engine import COORDINATOR, Deadline, Fail, Finish, Log, Note, Received, Send, Started
-from common.market import roster_graph
+from common.partners import public_graph
 from common.protocol.control import Hello, Ready, Shutdown, Welcome
 from common.protocol.frequency import FreqQuery, FreqRequest
 from common.protocol.grid import Dispatch, GridReport, NetworkResult
@@ -107,7 +107,7 @@ class CentralizedClearing:
         for n, pid in enumerate(ids):
             if "diff_eur_per_mwh" in self.params[pid]:
                 weights[graph.partners_of(n)] += self.params[pid]["diff_eur_per_mwh"]
-        sol = centralized.solve_p2p(models, weights)
+        sol = centralized.solve_p2p(models, weights, graph=graph)
         sw = -np.sum([self.base[i].cost_eur(sol.p_mw[n]) for n, i in enumerate(ids)], axis=0)
         diff = np.sum(weights * sol.trades_mw, axis=0)
         flex = np.sum([flex_penalty_eur(self.base[i], self.params[i]) for i in ids], axis=0)
@@ -133,7 +133,7 @@ class CoordinatorEngine:
         # exchange of the network agent, not a peer
         self.roster = [p for p in roster if not (self.community and p.kind == "grid")]
         self.roster_ids = [p.id for p in self.roster]
-        self.graph = roster_graph(roster)
+        self.graph = public_graph(public)  # every pair of the full market, or the restricted ones (market.partners)
         self.hosts: dict[str, list[str]] = {}
         self.host_info: dict[str, Hello] = {}
         self.services: dict[str, Hello] = {}

@@ -388,7 +388,9 @@ def bench(
     community = sc.market.kind == "community"
     t = time.perf_counter()
     try:
-        ref = solve_community_reference(sc) if community else solve_p2p(peer_models(sc))
+        from common.partners import scenario_graph
+
+        ref = solve_community_reference(sc) if community else solve_p2p(peer_models(sc), graph=scenario_graph(sc))
     except SolveError as exc:
         _fail(str(exc), EXIT_FAILED)
     central_s = time.perf_counter() - t

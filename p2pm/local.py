@@ -139,7 +139,9 @@ def run_centralized(scenario):
         peers = peer_models(scenario)
         from common.market import fee_weights
 
-        sol = centralized.solve_p2p(peers)
+        from common.partners import public_graph
+
+        sol = centralized.solve_p2p(peers, graph=public_graph(public, net))
         w = fee_weights(sol.graph, peers)
         result = p2p_result(public, sol.graph, dispatch_frame(peers, sol.p_mw), sol.trades_mw, sol.prices_eur_per_mwh,
                             sol.social_welfare_eur, sol.differentiation_cost_eur, "centralized",
