@@ -68,13 +68,17 @@ class LocalP2P:
             self.weights = np.asarray(weights, dtype=float).reshape(self.x.shape)
         self._set_problem(self.x.shape[1])
 
-    def step(self, rho: float, hours: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def step(self, rho: float, hours: np.ndarray | None = None, prox: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """Local update of the given hours (all by default: the hours are independent problems);
         returns the new trades of those hours (M, h) and the squared change per hour (h,) (for the
-        dual residual)."""
+        dual residual). ``prox`` > 0 adds the proximal term prox/2 ||x - x_current||^2 (the
+        asynchronous ADMM's damping: the same problem with rho + prox and beta + prox x)."""
         if hours is None:
             beta = 0.5 * rho * (self.x - self.y) + self.lam - self.weights  # rho tau - w
             prod = self._prod
+            if prox:
+                beta = beta + prox * self.x
+                rho = rho + prox
         else:
             beta = 0.5 * rho * (self.x[:, hours] - self.y[:, hours]) + self.lam[:, hours] - self.weights[:, hours]
             prod = tuple(v[hours] for v in self._prod)

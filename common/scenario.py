@@ -470,6 +470,9 @@ class Scenario(_Strict):
             if self.market.staleness:
                 raise _field_error("market.staleness", "the asynchronous ADMM is a feature of the full P2P market "
                                                        "(kind 'p2p')")
+        if self.market.staleness and self.market.model != "benchmark":
+            raise _field_error("market.staleness", f"the asynchronous ADMM clears once: model 'benchmark', not "
+                                                   f"{self.market.model!r} (an outer loop re-clears from a common state)")
         check_balance(self)
         return self
 
