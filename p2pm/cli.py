@@ -217,6 +217,8 @@ def run(
     if sc.market.kind == "community" and topology is Topology.mesh and solver is Solver.admm:
         _fail("--topology mesh: the community market runs in the relay topology (the network agent couples every peer)",
               EXIT_BAD_INPUT)
+    if sc.market.staleness and topology is not Topology.mesh and solver is Solver.admm:
+        _fail("market.staleness: the asynchronous ADMM runs in the mesh topology (--topology mesh)", EXIT_BAD_INPUT)
     if launch is Launch.podman and solver is Solver.centralized:
         _fail("--launch podman: the centralized reference runs in this process (use --solver admm)", EXIT_BAD_INPUT)
     out = out or Path("results") / f"{sc.name}-{solver.value}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -303,6 +305,8 @@ def coordinator(
                           max_iterations=max_iterations, residual_balancing=residual_balancing)
     if public.market.kind == "community" and topology is Topology.mesh:
         _fail("--topology mesh: the community market runs in the relay topology", EXIT_BAD_INPUT)
+    if public.market.staleness and topology is not Topology.mesh:
+        _fail("market.staleness: the asynchronous ADMM runs in the mesh topology (--topology mesh)", EXIT_BAD_INPUT)
     code = coordinator_main(public, bind, run_id or uuid.uuid4().hex[:12], topology.value, str(out), timeout_s,
                             t0 or time.time(), str(ready_file) if ready_file else None, processes, report)
     raise typer.Exit(code)
