@@ -82,8 +82,11 @@ class PeerEngine:
         msg, k = event.message, event.iteration
         try:
             if isinstance(msg, Trades):
-                if self.async_mesh is not None:
+                if self.staleness > 0 and not self.async_done:
                     self._check_trades(event.sender, msg)
+                    if self.async_mesh is None:  # a partner's host started before this one got its ROUND
+                        self._early.append((k, msg))
+                        return []
                     return self.async_mesh.on_trades(msg, k)
                 if self.async_done:
                     return []  # sent before the partner learnt that the iterations ended
@@ -228,7 +231,11 @@ class PeerEngine:
             self.iteration = k
             self.async_done = False
             self.async_mesh = AsyncMesh(self, start=k - 1, rho=msg.rho)
-            return self.async_mesh.advance()
+            early, self._early = self._early, []
+            out = []
+            for tr_k, tr in early:
+                out += self.async_mesh.on_trades(tr, tr_k)
+            return out + self.async_mesh.advance()
         self.iteration = k
         self.solved = msg.hours
         records = {}

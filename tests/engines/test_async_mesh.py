@@ -92,3 +92,30 @@ def test_staleness_needs_the_mesh(tmp_path):
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(doc))
     r = invoke("run", tmp_path / "x.yaml", "--topology", "relay", "--out", tmp_path / "out", "--quiet")
     assert r.exit_code == 2 and "market.staleness" in r.output
+
+
+def test_trades_before_the_round_are_kept(monkeypatch):
+    """A partner's host may start (and send its first trades) before this host gets its ROUND: the
+    coordinator-peer links are slow and jittery here, the peer-peer links fast."""
+    import peer_node.engine as pe
+
+    taken = []
+    original = pe.PeerEngine._on_round
+
+    def on_round(self, msg, k):
+        if self.staleness > 0 and self.async_mesh is None and not msg.stop:
+            taken.append(len(self._early))
+        return original(self, msg, k)
+
+    monkeypatch.setattr(pe.PeerEngine, "_on_round", on_round)
+    peers = small_p2p(H, seed=5)
+    ref = solve_p2p(peers)
+    net = LinkNetwork(links={"coordinator-peer": LinkSpec(latency_ms=50.0, jitter=0.9)},
+                      default=LinkSpec(latency_ms=1.0), seed=3)
+    outcome, _, driver = clear_market(peers, rho=5.0, tolerance=1e-5, residual_balancing=False, pool_price_start=False,
+                                      hour_stopping=False, topology="mesh", peers_per_process=1, staleness=1,
+                                      network=net, max_iterations=5000)
+    c = outcome.clearings[-1]
+    assert sum(taken) > 0  # some host had trades waiting when its ROUND came
+    assert c.converged and not driver.rejected
+    assert abs(c.sw_eur.sum() - ref.social_welfare_eur.sum()) <= 1e-6 * abs(ref.social_welfare_eur.sum())
