@@ -558,7 +558,11 @@ def write_table(out: Path, rows: list[dict]) -> list[Path]:
     except ImportError:
         (out / "results.parquet.txt").write_text("pyarrow is not installed: results.csv only\n")
         return paths
-    df.to_parquet(out / "results.parquet", index=False)
+    try:
+        df.to_parquet(out / "results.parquet", index=False)
+    except Exception as exc:  # noqa: BLE001 - a broken pyarrow/pandas pair must not lose the experiment
+        (out / "results.parquet.txt").write_text(f"results.parquet not written: {type(exc).__name__}: {exc}\n")
+        return paths
     paths.append(out / "results.parquet")
     return paths
 
