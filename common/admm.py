@@ -68,13 +68,17 @@ class LocalP2P:
             self.weights = np.asarray(weights, dtype=float).reshape(self.x.shape)
         self._set_problem(self.x.shape[1])
 
-    def step(self, rho: float, hours: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def step(self, rho: float, hours: np.ndarray | None = None, prox: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """Local update of the given hours (all by default: the hours are independent problems);
         returns the new trades of those hours (M, h) and the squared change per hour (h,) (for the
-        dual residual)."""
+        dual residual). ``prox`` > 0 adds the proximal term prox/2 ||x - x_current||^2 (the
+        asynchronous ADMM's damping: the same problem with rho + prox and beta + prox x)."""
         if hours is None:
             beta = 0.5 * rho * (self.x - self.y) + self.lam - self.weights  # rho tau - w
             prod = self._prod
+            if prox:
+                beta = beta + prox * self.x
+                rho = rho + prox
         else:
             beta = 0.5 * rho * (self.x[:, hours] - self.y[:, hours]) + self.lam[:, hours] - self.weights[:, hours]
             prod = tuple(v[hours] for v in self._prod)
@@ -142,7 +146,12 @@ def pool_start(q_mw: np.ndarray, price_eur_per_mwh: np.ndarray, graph) -> tuple[
     """The ADMM's starting point from a uniform (pool) price: trades (K, H) that split each
     producer's injection over the consumers in proportion to their consumption (reciprocal, and
     summing to every peer's injection when supply and demand balance), and every trade's price at
-    the hour's pool price. ``q_mw`` (N, H): the peers' injections at that price."""
+    the hour's pool price. ``q_mw`` (N, H): the peers' injections at that price.
+
+    With restricted partners (``common.partners``) the proportional split is then balanced on the
+    graph's pairs by iterative proportional fitting (Sinkhorn): each producer's trades scaled to
+    its injection, each consumer's to its consumption, in turn, until both hold (a no-op on the
+    full market, where the proportional split already balances)."""
     q = np.asarray(q_mw, dtype=float)
     supply = np.clip(q, 0.0, None)
     demand = np.clip(-q, 0.0, None)
@@ -153,11 +162,40 @@ def pool_start(q_mw: np.ndarray, price_eur_per_mwh: np.ndarray, graph) -> tuple[
         seller = np.where(graph.sign > 0, graph.owner, graph.partner)
         buyer = np.where(graph.sign > 0, graph.partner, graph.owner)
         volume = supply[seller] * demand[buyer] * share  # (K, H) what the seller sells to the buyer
+        volume = _balance(volume, seller, buyer, supply, demand, graph.sign > 0, graph.reverse)
         trades = graph.sign[:, None] * volume
     else:  # two-way peers: who sells is decided per hour by the sign of the injection
         trades = (supply[graph.owner] * demand[graph.partner] - demand[graph.owner] * supply[graph.partner]) * share
     prices = np.broadcast_to(np.asarray(price_eur_per_mwh, dtype=float), trades.shape).copy()
     return trades, prices
+
+
+def _balance(volume, seller, buyer, supply, demand, own, reverse, iterations: int = 200, tol_mw: float = 1e-9):
+    """Scale the volumes of the pairs so that every seller's sum is its supply and every buyer's its
+    demand, per hour (each pair appears twice, once per owner: ``own`` marks the seller-owned rows,
+    ``reverse`` the other row of each pair). Where the pairs cannot carry the injections (a
+    producer whose partners cannot take its output), the buyers' sums hold and the sellers' are
+    as close as the iterations got."""
+    import scipy.sparse as sp
+
+    k_own = np.flatnonzero(own)
+    v = volume[k_own].copy()
+    n, K = supply.shape[0], len(k_own)
+    S = sp.csr_matrix((np.ones(K), (seller[k_own], np.arange(K))), shape=(n, K))
+    B = sp.csr_matrix((np.ones(K), (buyer[k_own], np.arange(K))), shape=(n, K))
+    St, Bt = S.T.tocsr(), B.T.tocsr()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for _ in range(iterations):
+            rows = S @ v
+            v *= St @ np.where(rows > 0, supply / rows, 0.0)
+            cols = B @ v
+            v *= Bt @ np.where(cols > 0, demand / cols, 0.0)
+            if np.max(np.abs(S @ v - supply)) <= tol_mw:
+                break
+    out = np.zeros_like(volume)
+    out[k_own] = v
+    out[reverse[k_own]] = v
+    return out
 
 
 def solve_local(tau, w, rho, a, b, lo, hi, sign):

@@ -55,13 +55,16 @@ def _check(prob: cp.Problem, what: str) -> None:
         raise SolveError(f"{what}: solver status {prob.status}")
 
 
-def solve_p2p(peers: list[HourlyPeer], weights_eur_per_mwh: np.ndarray | None = None, solver: str = "CLARABEL") -> P2PSolution:
+def solve_p2p(peers: list[HourlyPeer], weights_eur_per_mwh: np.ndarray | None = None, solver: str = "CLARABEL",
+              graph: TradeGraph | None = None) -> P2PSolution:
     """Clear the full P2P market for every hour.
 
     ``weights_eur_per_mwh`` (K,) or (K, H): product-differentiation cost c_n * gamma_nm of each
-    ordered trade (thesis eq. 3.3); zero in the benchmark.
+    ordered trade (thesis eq. 3.3); zero in the benchmark. ``graph``: the trade graph of a market
+    with restricted partners (``common.partners.scenario_graph``; peers in its order); default:
+    every pair of the full market.
     """
-    graph = trade_graph(peers)
+    graph = trade_graph(peers) if graph is None else graph
     K, N = graph.n_pairs, len(peers)
     p_min, p_max, a, b = peer_arrays(peers)
     H = p_min.shape[1]

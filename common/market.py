@@ -36,20 +36,28 @@ class TradeGraph:
         return {(int(n), int(m)): k for k, (n, m) in enumerate(zip(self.owner, self.partner))}
 
 
-def trade_graph(peers: list[HourlyPeer]) -> TradeGraph:
+def trade_graph(peers: list[HourlyPeer], allowed: np.ndarray | None = None) -> TradeGraph:
     """Full P2P trading graph: producers <-> consumers, and every two-way peer (prosumer, a
-    supplier that may export) <-> everybody; ordered by owner then partner."""
-    return trade_graph_from_roster([p.id for p in peers], [p.is_producer for p in peers], [p.two_way for p in peers])
+    supplier that may export) <-> everybody; ordered by owner then partner. ``allowed`` (N, N),
+    symmetric: the pairs a restricted market keeps (``common.partners``); None: every pair."""
+    return trade_graph_from_roster([p.id for p in peers], [p.is_producer for p in peers], [p.two_way for p in peers],
+                                   allowed)
 
 
-def trade_graph_from_roster(ids: list[str], producer: list[bool], two_way: list[bool] | None = None) -> TradeGraph:
+def trade_graph_from_roster(ids: list[str], producer: list[bool], two_way: list[bool] | None = None,
+                            allowed: np.ndarray | None = None) -> TradeGraph:
     """The same graph from public facts only (ids, whether each peer sells, and whether it trades
     both ways): what the coordinator knows. ``sign`` is 0 for a two-way peer's trades (free sign).
+    ``allowed``: the mask of a restricted market (``common.partners.partner_mask``).
     Built with numpy (1 000 peers in well under a second)."""
+    from common.partners import eligible_pairs
+
     prod = np.asarray(producer, dtype=bool).reshape(-1)
     n = len(prod)
     tw = np.zeros(n, dtype=bool) if two_way is None else np.asarray(two_way, dtype=bool).reshape(-1)
-    pairs = (tw[:, None] | tw[None, :] | (prod[:, None] != prod[None, :])) & ~np.eye(n, dtype=bool)
+    pairs = eligible_pairs(prod, tw)
+    if allowed is not None:
+        pairs &= np.asarray(allowed, dtype=bool)
     owner, partner = np.nonzero(pairs)  # row-major: by owner, then partner
     owner, partner = owner.astype(np.int64), partner.astype(np.int64)
     index = np.full((n, n), -1, dtype=np.int64)
@@ -59,13 +67,14 @@ def trade_graph_from_roster(ids: list[str], producer: list[bool], two_way: list[
     return TradeGraph(tuple(ids), owner, partner, reverse, sign)
 
 
-def roster_graph(roster) -> TradeGraph:
-    """The trade graph of a public roster (``common.public.RosterEntry``)."""
+def roster_graph(roster, allowed: np.ndarray | None = None) -> TradeGraph:
+    """The trade graph of a public roster (``common.public.RosterEntry``); ``allowed``: the mask of
+    a restricted market (``common.partners.roster_mask``)."""
     from common.models import PRODUCER_KINDS
 
     two_way = [bool(getattr(p, "two_way", False)) for p in roster]
     return trade_graph_from_roster([p.id for p in roster], [p.kind in PRODUCER_KINDS and not w for p, w in zip(roster, two_way)],
-                                   two_way)
+                                   two_way, allowed)
 
 
 def fee_weights(graph: TradeGraph, peers: list[HourlyPeer]) -> np.ndarray | None:

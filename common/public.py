@@ -80,6 +80,22 @@ def voltage_setpoints(roster) -> dict[str, float]:
     return {p.id: float(p.vm_pu) for p in roster if getattr(p, "vm_pu", None) is not None}
 
 
+def _resolved_partners(market, network, roster):
+    """A rule of trading partners that needs the network (k nearest, same feeder) resolved into
+    explicit lists: the roles build the same trade graph from the public file without loading the
+    network (``common.partners``)."""
+    spec = market.partners
+    if spec is None or spec.rule not in ("k_nearest", "same_feeder"):
+        return market
+    from common.partners import roster_mask
+
+    mask = roster_mask(market, network, roster)
+    ids = [p.id for p in roster]
+    lists = {ids[n]: [ids[m] for m in np.flatnonzero(mask[n]) if m > n] for n in range(len(ids))}
+    resolved = spec.model_copy(update={"rule": "explicit", "k": None, "lists": {k: v for k, v in lists.items() if v}})
+    return market.model_copy(update={"partners": resolved})
+
+
 def split_scenario(scenario) -> tuple[PublicScenario, dict[str, dict]]:
     """(the public part, {peer id: private model as plain data}) of a loaded scenario."""
     models = peer_models(scenario)
@@ -92,10 +108,10 @@ def split_scenario(scenario) -> tuple[PublicScenario, dict[str, dict]]:
                         p_import_max_mw=grid.p_import_max_mw, p_export_max_mw=grid.p_export_max_mw)
     vl = (np.zeros(H) if scenario.tso is None
           else np.broadcast_to(scenario._resolve(scenario.tso.virtual_load_mw, "tso.virtual_load_mw"), (H,)))
+    roster = [_roster_entry(m, getattr(p, "vm_pu", None)) for m, p in zip(models, scenario.peers)]
     public = PublicScenario(name=scenario.name, description=scenario.description or "", network=scenario.network,
-                            market=scenario.market, dso=scenario.dso, tso_virtual_load_mw=[float(v) for v in vl],
-                            roster=[_roster_entry(m, getattr(p, "vm_pu", None)) for m, p in zip(models, scenario.peers)],
-                            tariff=tariff)
+                            market=_resolved_partners(scenario.market, scenario.network, roster), dso=scenario.dso,
+                            tso_virtual_load_mw=[float(v) for v in vl], roster=roster, tariff=tariff)
     private = {m.id: peer_model_to_dict(m) for m in models}
     return public, private
 

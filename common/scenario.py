@@ -73,6 +73,36 @@ class NetworkSpec(_Strict):
         return self
 
 
+class PartnersSpec(_Strict):
+    """Whom each peer of the full P2P market trades with (``common.partners``): every producer with
+    every consumer (``full``, the default), each peer with its ``k`` nearest possible partners
+    (``k_nearest``: by the length of the path along the lines, or the straight line between the
+    buses' coordinates), the peers of the same feeder (``same_feeder``), or explicit lists. The
+    ``hubs`` (default: the external supplier) trade with every possible partner whatever the rule."""
+
+    rule: Literal["full", "k_nearest", "same_feeder", "explicit"] = "full"
+    k: int | None = Field(None, ge=1, description="k_nearest: partners chosen by each peer (the pair is kept when "
+                          "either side chooses it)")
+    distance: Literal["network", "straight"] = Field("network", description="k_nearest: 'network' (km along the "
+                                                     "lines) or 'straight' (the network's bus coordinates)")
+    lists: dict[str, list[str]] | None = Field(None, description="explicit: {peer id: [partner ids]} (a pair listed "
+                                               "on either side trades)")
+    hubs: list[str] | None = Field(None, description="peers that keep every partner (default: the external "
+                                   "supplier, kind grid)")
+
+    @model_validator(mode="after")
+    def _rule_fields(self):
+        if self.rule == "k_nearest" and self.k is None:
+            raise ValueError("k: the rule 'k_nearest' needs k (partners per peer)")
+        if self.rule != "k_nearest" and self.k is not None:
+            raise ValueError(f"k: only the rule 'k_nearest' takes k (rule is {self.rule!r})")
+        if self.rule == "explicit" and not self.lists:
+            raise ValueError("lists: the rule 'explicit' needs lists ({peer id: [partner ids]})")
+        if self.rule != "explicit" and self.lists is not None:
+            raise ValueError(f"lists: only the rule 'explicit' takes lists (rule is {self.rule!r})")
+        return self
+
+
 class MarketSpec(_Strict):
     kind: Literal["p2p", "community"]
     model: Literal["benchmark", "cong", "volt", "freq", "full"] = "benchmark"
@@ -102,6 +132,11 @@ class MarketSpec(_Strict):
     hour_stopping: bool = Field(True, description="full P2P market: an hour whose residuals are below tolerance / "
                                 "sqrt(hours) closes; rounds and answers carry the open hours only (every clearing "
                                 "opens every hour again)")
+    partners: PartnersSpec | None = Field(None, description="full P2P market: whom each peer trades with "
+                                          "(default: every producer with every consumer)")
+    staleness: int = Field(0, ge=0, le=1000, description="full P2P market, mesh: asynchronous ADMM with bounded "
+                           "staleness; a peer goes on with its partners' latest trades when they are at most this "
+                           "many iterations old (0: synchronous rounds)")
 
 
 class TSOSpec(_Strict):
@@ -428,6 +463,16 @@ class Scenario(_Strict):
             unknown = sorted(named - ids)
             if unknown:
                 raise _field_error("differentiation", f"unknown peer(s) {', '.join(unknown[:5])}")
+        if self.market.kind != "p2p":
+            if self.market.partners is not None and self.market.partners.rule != "full":
+                raise _field_error("market.partners", "restricted trading partners are a feature of the full P2P market "
+                                                      "(kind 'p2p')")
+            if self.market.staleness:
+                raise _field_error("market.staleness", "the asynchronous ADMM is a feature of the full P2P market "
+                                                       "(kind 'p2p')")
+        if self.market.staleness and self.market.model != "benchmark":
+            raise _field_error("market.staleness", f"the asynchronous ADMM clears once: model 'benchmark', not "
+                                                   f"{self.market.model!r} (an outer loop re-clears from a common state)")
         check_balance(self)
         return self
 
@@ -614,6 +659,13 @@ def parse_scenario(raw: dict, source: str = "scenario") -> Scenario:
     for i, peer in enumerate(scenario.peers):
         if peer.bus >= nbus:
             raise ScenarioError(f"{source}: peers[{i}] ({peer.id}).bus: unknown bus {peer.bus}; the network has buses 0..{nbus - 1}")
+    if scenario.market.partners is not None and scenario.market.partners.rule != "full":
+        from common.partners import PartnersError, scenario_graph  # the trade graph must be buildable before any process starts
+
+        try:
+            scenario_graph(scenario)
+        except PartnersError as exc:
+            raise ScenarioError(f"{source}: {exc}") from None
     if scenario.differentiation is not None:  # the fees must be computable before any process starts
         from common.differentiation import gamma_matrix
         from common.models import peer_models

@@ -99,7 +99,9 @@ class Shell:
         self.run_id = run_id or ANY_RUN
         self.internal_errors = 0
         # CURVE: each role's connection (the routing identity ZeroMQ gave it), learnt from the messages
-        # its key authenticated; a role that connects anew (a restart) is reached on its new connection
+        # its key authenticated and the shell accepted (a second connection of the same key whose
+        # messages are refused never takes the route); a role that connects anew (a restart) is
+        # reached on its new connection
         self.routes: dict[str, bytes] = {}
         if self.is_coordinator:
             self.main = self.transport.router(bind)
@@ -258,11 +260,11 @@ class Shell:
             try:
                 if len(payload) != 1:
                     raise ProtocolError("malformed", f"{len(payload)} payload frames")
+                route = None
                 if secure:
                     sender = self.transport.authenticated(frames)
                     data = payload[0].bytes
-                    if sock is self.main:
-                        self.routes[sender] = frames[0].bytes
+                    route = frames[0].bytes if sock is self.main else None
                 else:
                     sender = frames[0].decode() if is_router else COORDINATOR
                     data = payload[0]
@@ -274,6 +276,8 @@ class Shell:
                 message = parse(env)
                 if isinstance(message, Hello):
                     self._check_hello(sender, message)
+                if route is not None:  # answers go to the connection of the key's last accepted message
+                    self.routes[sender] = route
             except UnicodeDecodeError:
                 self.transport._reject("malformed", nbytes, ProtocolError("malformed", "identity is not UTF-8"))
                 continue

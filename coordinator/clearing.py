@@ -465,3 +465,79 @@ class CommunityRounds:
     def prices_eur_per_mwh(self) -> np.ndarray:
         """The price paid to each peer per MWh it injects, per hour (-rho u)."""
         return -self.rho * self.u
+
+
+@dataclass
+class AsyncP2PRounds(P2PRounds):
+    """The coordinator's side of the asynchronous mesh (``market.staleness`` S >= 1;
+    ``peer_node.engine.AsyncMesh``): one ROUND starts every host's own iterations; RESIDUALS(i)
+    come from each host once its partners' trades of iteration i are in, at most S + 1 iterations
+    apart, and are summed per iteration. Iteration i is complete when every host has answered it:
+    residuals (the synchronous definitions), convergence, the infeasibility watch and the cap on
+    iterations as in the synchronous rounds; rho stays fixed (residual balancing would need every
+    peer to change it at the same iteration) and every hour stays open. When it is over, ROUND
+    with ``stop`` to every host."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._acc: dict[int, list] = {}  # iteration -> [hosts waiting, primal_sq, dual_sq, solve max, solve sum]
+        self._t_last = self.timer()
+
+    def start(self) -> list[tuple[str, Round]]:
+        out = super().start()  # ROUND(start + 1): the start (pool price) or just rho
+        self.done_iteration = self.start_iteration
+        self._t_last = self.timer()
+        return out
+
+    def pending(self) -> set[str]:
+        acc = self._acc.get(self.done_iteration + 1)
+        return set(self.hosts) if acc is None else set(acc[0])
+
+    def on_residuals_at(self, host: str, iteration: int, residuals) -> list[tuple[str, Round]]:
+        if self.finished:
+            return []
+        if iteration <= self.done_iteration or iteration > self.start_iteration + self.settings.max_iterations:
+            raise ValueError(f"residuals of iteration {iteration} from {host} (complete up to {self.done_iteration})")
+        recs = residuals.peers
+        if set(recs) != set(self.hosts.get(host, ())):
+            raise ValueError(f"host {host} answered for peers {sorted(recs)}, expected {self.hosts.get(host)}")
+        for pid, rec in recs.items():
+            if rec.dual_sq.shape != (self.hours,) or rec.primal_sq.shape != (self.hours,):
+                raise ValueError(f"peer {pid} sent residuals of {rec.dual_sq.shape[0]} hours, expected {self.hours}")
+        H = self.hours
+        acc = self._acc.setdefault(iteration, [set(self.hosts), np.zeros(H), np.zeros(H), 0.0, 0.0])
+        if host not in acc[0]:
+            raise ValueError(f"host {host} answered iteration {iteration} twice")
+        acc[0].discard(host)
+        solve = 0.0
+        for pid, rec in recs.items():
+            acc[1] += rec.primal_sq
+            acc[2] += rec.dual_sq
+            solve += rec.solve_s
+            if rec.status != "ok":
+                self.statuses[pid] = rec.status
+        acc[3], acc[4] = max(acc[3], solve), acc[4] + solve
+        while not self.finished and self.done_iteration + 1 in self._acc and not self._acc[self.done_iteration + 1][0]:
+            self._complete(self._acc.pop(self.done_iteration + 1))
+        return self._next_round(stop=True) if self.finished else []
+
+    def _complete(self, acc) -> None:
+        t0 = self.timer()
+        self.done_iteration += 1
+        self.iteration = self.done_iteration
+        self.primal_h = np.sqrt(acc[1])
+        self.dual_h = self.rho * np.sqrt(acc[2])
+        primal, dual = float(np.sqrt(acc[1].sum())), float(self.rho * np.sqrt(acc[2].sum()))
+        st = self.settings
+        done = converged(primal, dual, st.tolerance) or bool(self.statuses)
+        local = self.iteration - self.start_iteration
+        if done or local >= st.max_iterations:
+            self.finished = True
+            self.converged = done and not self.statuses
+        elif self.watch.observe(primal, dual / self.rho, self.rho):
+            self.finished = self.infeasible = True
+            self.infeasible_hours = infeasible_hours(self.primal_h, st.tolerance)
+        self.primal_residual, self.dual_residual = primal, dual
+        self.history.append(IterationStats(self.iteration, primal, dual, self.rho, acc[3], acc[4], self.timer() - t0,
+                                           t0 - self._t_last, open_hours=self.hours))
+        self._t_last = t0

@@ -38,6 +38,7 @@ import numpy as np
 
 from common.engine import COORDINATOR, Deadline, Fail, Finish, Log, Note, PeerLost, Received, Send, Started, Tick
 from common.market import roster_graph
+from common.partners import public_graph
 from common.protocol.control import Heartbeat, Hello, Ready, Shutdown, Welcome
 from common.protocol.frequency import FreqQuery, FreqRequest
 from common.protocol.grid import Dispatch, GridReport, NetworkResult
@@ -45,7 +46,7 @@ from common.admm import pool_start
 from common.protocol.market import (Drop, Penalty, PoolPrice, PoolQuantity, PriceProbe, QuantitySum, Residuals, Result,
                                     Update)
 from common.secagg import NANO_MW_PER_MW, unmask_sum
-from coordinator.clearing import CommunityRounds, P2PRounds, RoundSettings
+from coordinator.clearing import AsyncP2PRounds, CommunityRounds, P2PRounds, RoundSettings
 
 SERVICES = ("dso", "tso")
 LOSS_POLICIES = ("abort", "drop", "wait")
@@ -59,6 +60,10 @@ def drop_unsupported(market, topology: str) -> str | None:
         return "the mesh topology: the coordinator does not hold the trades to go on from (use relay)"
     if market.model != "benchmark":
         return f"model {market.model}: the outer loop's plans name every peer (use the benchmark model)"
+    if market.partners is not None and market.partners.rule != "full":
+        return "restricted trading partners (market.partners): the market without the lost peers is not re-planned"
+    if market.staleness:
+        return "the asynchronous mesh (market.staleness)"
     return None
 
 
@@ -138,7 +143,7 @@ class CentralizedClearing:
         for n, pid in enumerate(ids):
             if "diff_eur_per_mwh" in self.params[pid]:
                 weights[graph.partners_of(n)] += self.params[pid]["diff_eur_per_mwh"]
-        sol = centralized.solve_p2p(models, weights)
+        sol = centralized.solve_p2p(models, weights, graph=graph)
         sw = -np.sum([self.base[i].cost_eur(sol.p_mw[n]) for n, i in enumerate(ids)], axis=0)
         diff = np.sum(weights * sol.trades_mw, axis=0)
         flex = np.sum([flex_penalty_eur(self.base[i], self.params[i]) for i in ids], axis=0)
@@ -197,7 +202,7 @@ class CoordinatorEngine:
         # exchange of the network agent, not a peer
         self.roster = [p for p in roster if not (self.community and p.kind == "grid")]
         self.roster_ids = [p.id for p in self.roster]
-        self.graph = roster_graph(roster)
+        self.graph = public_graph(public)  # every pair of the full market, or the restricted ones (market.partners)
         self.hosts: dict[str, list[str]] = {}
         self.host_info: dict[str, Hello] = {}
         self.services: dict[str, Hello] = {}
@@ -208,6 +213,9 @@ class CoordinatorEngine:
         self.iteration = 0
         self.price_rounds = 0  # round trips of the pool-price starts (probes and the starting injections)
         self.extra_traffic: list = []  # mesh: TRADES the hosts sent outside the coordinator's sight
+        # asynchronous ADMM with bounded staleness (mesh; coordinator.clearing.AsyncP2PRounds)
+        self.asynchronous = topology == "mesh" and getattr(self.market, "staleness", 0) > 0 and not self.community
+        self._async_tail = False  # the asynchronous iterations ended: RESIDUALS still in flight are dropped
         self._out: list = []
         self._gen = None
 
@@ -326,6 +334,8 @@ class CoordinatorEngine:
                 continue
             if accept(ev):
                 return ev
+            if self._async_tail and isinstance(msg, Residuals):
+                continue  # the asynchronous hosts were ahead of the stop
             if isinstance(msg, Hello):
                 self.rejected["late_hello"] += 1
             else:
@@ -403,6 +413,8 @@ class CoordinatorEngine:
                     for pid in self.hosts[host]}
         config.update(topology=self.topology, partners=partners, market="p2p",
                       price_init_eur_per_mwh=self.market.price_init_eur_per_mwh)
+        if self.asynchronous:
+            config.update(staleness=self.market.staleness, max_iterations=self.market.max_iterations)
         if self.topology == "mesh":
             partner_hosts = {q: host_of[q] for ps in partners.values() for q in ps}
             config["hosts"] = partner_hosts
@@ -445,6 +457,15 @@ class CoordinatorEngine:
             price, q = yield from self._pool_price()
             trades, prices = pool_start(q, price, self.graph)
             warm = dict(warm_trades_mw=trades, start_prices=prices)
+        if self.asynchronous:
+            settings = self._settings()
+            settings.hour_stopping = settings.residual_balancing = False
+            rounds = AsyncP2PRounds(self.graph, self.hosts, self.H, settings, timer=self.timer, **warm)
+            yield from self._drive_async(rounds)
+            cleared = yield from self._collect_p2p(rounds)
+            if rounds.infeasible:
+                self._infeasible(rounds, rounds.infeasible_hours or [])
+            return cleared
         rounds = P2PRounds(self.graph, self.hosts, self.H, self._settings(None if prev is None else prev.rho),
                            timer=self.timer, **warm)
         self._droppable = self.on_peer_loss in ("drop", "wait") and drop_unsupported(self.market, self.topology) is None
@@ -725,6 +746,42 @@ class CoordinatorEngine:
                             for p, st in rounds.statuses.items())
             role = next(iter(rounds.statuses))
             raise RunFailure(role, f"iteration {rounds.iteration}: {who}")
+
+    def _drive_async(self, rounds: AsyncP2PRounds):
+        """The asynchronous mesh: one ROUND starts the hosts; their RESIDUALS of any iteration not
+        yet complete are summed until the rounds have finished; then ROUND with stop."""
+        t_start = self.timer()
+        last_note = -np.inf
+        for dest, msg in rounds.start():
+            self._send(dest, msg, rounds.iteration)
+
+        def silent(t):
+            pending = sorted(rounds.pending())
+            return RunFailure(pending[0] if pending else COORDINATOR,
+                              f"iteration {rounds.done_iteration + 1}: no residuals within {t:g} s from "
+                              f"{', '.join(pending[:5])}")
+
+        while not rounds.finished:
+            ev = yield from self._await(lambda e: isinstance(e.message, Residuals), silent)
+            try:
+                sends = rounds.on_residuals_at(ev.sender, ev.iteration, ev.message)
+            except ValueError as exc:
+                self.rejected["body"] += 1
+                self._log(f"rejected an answer from {ev.sender}: {exc}")
+                continue
+            for dest, msg in sends:
+                self._send(dest, msg, rounds.iteration)
+            self.iteration = rounds.iteration
+            now = self.timer()
+            if now - last_note > self.progress_every_s or rounds.finished:
+                last_note = now
+                self._note("iteration", iteration=rounds.iteration, primal=rounds.primal_residual,
+                           dual=rounds.dual_residual, rho=rounds.rho)
+        self._async_tail = True
+        self.timing["admm_s"] = self.timing.get("admm_s", 0.0) + self.timer() - t_start
+        if rounds.statuses:
+            raise RunFailure(next(iter(rounds.statuses)), f"iteration {rounds.iteration}: " + ", ".join(
+                f"peer {p}: {st}" for p, st in rounds.statuses.items()))
 
     def _collect(self, k: int) -> dict:
         results, waiting, since = {}, set(self.hosts), self.now_s

@@ -79,6 +79,7 @@ class DSOEngine:
 
     def _outer_planner(self, msg: Dispatch):
         from dso_service.networks import branch_lengths_km, grid_model
+        from common.partners import roster_mask
         from dso_service.planner import OuterPlanner
 
         roster = {p.id: p for p in self.public.roster}
@@ -91,7 +92,8 @@ class DSOEngine:
         return OuterPlanner(grid, list(msg.peer_ids), list(msg.kinds), list(msg.buses), pub.market.model, pub.dso,
                             branch_lengths_km(self.net, grid), [e.tan_phi for e in entries],
                             [e.flex_fraction if e.kind == "load" else 0.0 for e in entries], pub.market.hours,
-                            pub.network.max_loading_percent, two_way=[e.two_way for e in entries])
+                            pub.network.max_loading_percent, two_way=[e.two_way for e in entries],
+                            allowed=roster_mask(pub.market, pub.network, entries, self.net))
 
     def handle(self, event) -> list:
         if isinstance(event, Started):

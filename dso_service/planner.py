@@ -66,7 +66,7 @@ class Plan:
 
 class OuterPlanner:
     def __init__(self, grid: GridModel, peer_ids, kinds, buses, model: str, settings, branch_length_km: np.ndarray,
-                 tan_phi0, flex0, hours: int, max_loading_percent: float = 100.0, two_way=None):
+                 tan_phi0, flex0, hours: int, max_loading_percent: float = 100.0, two_way=None, allowed=None):
         self.grid = grid
         self.ids = list(peer_ids)
         self.kinds = np.asarray(kinds)
@@ -77,7 +77,7 @@ class OuterPlanner:
         self.max_loading_percent = max_loading_percent
         two_way = [False] * len(self.ids) if two_way is None else [bool(w) for w in two_way]
         self.graph: TradeGraph = trade_graph_from_roster(
-            self.ids, [k in PRODUCER_KINDS and not w for k, w in zip(self.kinds, two_way)], two_way)
+            self.ids, [k in PRODUCER_KINDS and not w for k, w in zip(self.kinds, two_way)], two_way, allowed)
         g = self.graph
         self.consumer_trade = g.sign[:] < 0  # trades owned by consumers carry the weights
         N, K = len(self.ids), g.n_pairs

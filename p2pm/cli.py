@@ -260,6 +260,8 @@ def run(
     if sc.market.kind == "community" and topology is Topology.mesh and solver is Solver.admm:
         _fail("--topology mesh: the community market runs in the relay topology (the network agent couples every peer)",
               EXIT_BAD_INPUT)
+    if sc.market.staleness and topology is not Topology.mesh and solver is Solver.admm:
+        _fail("market.staleness: the asynchronous ADMM runs in the mesh topology (--topology mesh)", EXIT_BAD_INPUT)
     if launch is Launch.podman and solver is Solver.centralized:
         _fail("--launch podman: the centralized reference runs in this process (use --solver admm)", EXIT_BAD_INPUT)
     if insecure and keys is not None:
@@ -421,6 +423,8 @@ def coordinator(
         _fail("--topology mesh: the community market runs in the relay topology", EXIT_BAD_INPUT)
     curve = _identity(keys, insecure, "coordinator")
     _check_peer_loss(on_peer_loss, public.market, topology.value)
+    if public.market.staleness and topology is not Topology.mesh:
+        _fail("market.staleness: the asynchronous ADMM runs in the mesh topology (--topology mesh)", EXIT_BAD_INPUT)
     code = coordinator_main(public, bind, run_id or uuid.uuid4().hex[:12], topology.value, str(out), timeout_s,
                             t0 or time.time(), str(ready_file) if ready_file else None, processes, report, curve=curve,
                             heartbeat_s=heartbeat_s, on_peer_loss=on_peer_loss.value, grace_s=grace_s)
@@ -532,7 +536,9 @@ def bench(
     community = sc.market.kind == "community"
     t = time.perf_counter()
     try:
-        ref = solve_community_reference(sc) if community else solve_p2p(peer_models(sc))
+        from common.partners import scenario_graph
+
+        ref = solve_community_reference(sc) if community else solve_p2p(peer_models(sc), graph=scenario_graph(sc))
     except SolveError as exc:
         _fail(str(exc), EXIT_FAILED)
     central_s = time.perf_counter() - t

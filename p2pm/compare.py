@@ -20,7 +20,10 @@ def compare_p2p(run_dir: Path, scenario, ref=None) -> dict:
     from common.models import peer_models
 
     peers = peer_models(scenario)
-    ref = ref or solve_p2p(peers)
+    if ref is None:
+        from common.partners import scenario_graph
+
+        ref = solve_p2p(peers, graph=scenario_graph(scenario))
     run_dir = Path(run_dir)
     disp = _matrix(pd.read_csv(run_dir / "dispatch.csv"), "peer", "p_mw")
     p = disp.loc[[x.id for x in peers]].to_numpy()

@@ -17,17 +17,22 @@ and repetition (columns in :data:`COLUMNS` plus ``messages_<type>``, ``bytes_<ty
 
 Variants (``market`` overrides):
 
-=========================  ==================  ===============
-variant                    pool_price_start    acceleration
-=========================  ==================  ===============
+=========================  ==================  ===============  =====================================
+variant                    pool_price_start    acceleration     other
+=========================  ==================  ===============  =====================================
 plain                      false               false
 accelerated                false               true  (relay)
 pool-price                 true                false
 pool-price+accelerated     true                true  (relay)
-=========================  ==================  ===============
+asynchronous               false               false            staleness (mesh), rho fixed, every
+                                                                hour open (``coordinator.clearing.
+                                                                AsyncP2PRounds``)
+=========================  ==================  ===============  =====================================
 
-Acceleration runs in the relay topology and the community market in the relay topology only: such
-cells of a grid are listed as skipped (with the reason), not run.
+Acceleration runs in the relay topology, the asynchronous ADMM in the mesh topology and the
+community market in the relay topology only: such cells of a grid are listed as skipped (with the
+reason), not run. ``partners`` restricts whom each peer trades with (``market.partners``,
+``common.partners``); ``rho`` sets the ADMM's starting penalty of every cell.
 
 The reference: the full P2P benchmark without differentiation has the optimum of the pool market
 (any balanced dispatch with producers >= 0 >= consumers is carried by producer-consumer trades), so
@@ -51,7 +56,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.network import LINK_KINDS, LinkNetwork, LinkSpec
-from common.scenario import format_validation_error, resolve_named_file
+from common.scenario import PartnersSpec, format_validation_error, resolve_named_file
 
 BUILTIN_DIR = Path(__file__).parent / "experiments"
 IN_PROCESS_RUN_ID = "inprocess000"  # as long as the launcher's run ids (uuid hex, 12 characters)
@@ -60,6 +65,7 @@ VARIANTS = {
     "accelerated": dict(pool_price_start=False, acceleration=True),
     "pool-price": dict(pool_price_start=True, acceleration=False),
     "pool-price+accelerated": dict(pool_price_start=True, acceleration=True),
+    "asynchronous": dict(pool_price_start=False, acceleration=False, residual_balancing=False, hour_stopping=False),
 }
 # which role sends each message type to which (measured with the in-process driver's trace);
 # hello, welcome and shutdown go both ways between the coordinator and every role: "control"
@@ -158,8 +164,13 @@ class Experiment(_Strict):
     driver: Literal["processes", "in-process"] = "processes"
     scenarios: list[ScenarioFamily] = Field(min_length=1)
     topologies: list[Literal["relay", "mesh"]] = Field(["relay"], min_length=1)
-    variants: list[Literal["plain", "accelerated", "pool-price", "pool-price+accelerated"]] = Field(
+    variants: list[Literal["plain", "accelerated", "pool-price", "pool-price+accelerated", "asynchronous"]] = Field(
         ["pool-price"], min_length=1)
+    staleness: int = Field(2, ge=1, le=1000, description="variant asynchronous: the bound on the partners' trades' "
+                           "age (market.staleness)")
+    partners: PartnersSpec | None = Field(None, description="whom each peer trades with (market.partners) in "
+                                          "every cell")
+    rho: float | None = Field(None, gt=0, description="the ADMM's starting penalty (market.rho) of every cell")
     peers_per_process: list[Union[int, Literal["auto"]]] = Field(["auto"], min_length=1)
     network: list[NetworkSettings] = Field(default_factory=lambda: [NetworkSettings()], min_length=1)
     repetitions: int = Field(1, ge=1, le=100)
@@ -255,6 +266,8 @@ def cells(exp: Experiment) -> list[Cell]:
         skip = None
         if "accelerated" in variant and topo == "mesh":
             skip = "acceleration runs in the relay topology"
+        elif variant == "asynchronous" and topo != "mesh":
+            skip = "the asynchronous ADMM runs in the mesh topology"
         elif market == "community" and topo == "mesh":
             skip = "the community market runs in the relay topology"
         src = fam.family or Path(fam.file).stem
@@ -271,6 +284,10 @@ def _scenario(exp: Experiment, cell: Cell, seed: int, folder: Path):
     from p2pm.builders.make_scenario import make_scenario, write
 
     overrides = dict(VARIANTS[cell.variant])
+    if cell.variant == "asynchronous":
+        overrides["staleness"] = exp.staleness
+    if exp.rho is not None:
+        overrides["rho"] = exp.rho
     if exp.cap(cell.peers) is not None:
         overrides["max_iterations"] = exp.cap(cell.peers)
     if exp.tolerance is not None:
@@ -288,6 +305,8 @@ def _scenario(exp: Experiment, cell: Cell, seed: int, folder: Path):
         overrides.pop("pool_price_start", None)
         if not overrides.get("acceleration"):
             overrides.pop("acceleration", None)
+    elif exp.partners is not None:
+        overrides["partners"] = exp.partners
     return sc.model_copy(update={"market": sc.market.model_copy(update=overrides)})
 
 
@@ -324,16 +343,22 @@ def reference_welfare(sc, cache: Path) -> tuple[float, float]:
     if cache.exists():
         d = json.loads(cache.read_text())
         return d["welfare_eur"], d["seconds"]
+    import numpy as np
+
     t = time.perf_counter()
     if sc.market.kind == "p2p":
         from common.models import peer_models
 
         if sc.market.model != "benchmark":
             raise ExperimentError(f"{sc.name}: market.model {sc.market.model!r}: experiments clear the benchmark")
-        sw, _ = pool_reference(peer_models(sc))
-    else:
-        import numpy as np
+        if sc.market.partners is not None and sc.market.partners.rule != "full":  # restricted: the P2P QP itself
+            from common.centralized import solve_p2p
+            from common.partners import scenario_graph
 
+            sw = float(np.sum(solve_p2p(peer_models(sc), graph=scenario_graph(sc)).social_welfare_eur))
+        else:
+            sw, _ = pool_reference(peer_models(sc))
+    else:
         from p2pm.compare import solve_community_reference
 
         _, sol = solve_community_reference(sc)
@@ -465,7 +490,14 @@ def run_cell(exp: Experiment, cell: Cell, rep: int, out: Path, on_iteration=lamb
         too_big = check_message_size(sc, ppp)
         if too_big:
             raise RuntimeError(too_big)
-        ref_sw, ref_s = reference_welfare(sc, out / "scenarios" / f"{sc.name}-seed{seed}.reference.json")
+        restricted = sc.market.partners is not None and sc.market.partners.rule != "full"
+        if restricted:  # the pairs of the restricted market
+            from common.partners import scenario_graph
+
+            row["trades"] = scenario_graph(sc).n_pairs // 2
+        tag = "" if not restricted else "-" + "-".join(f"{k}{v}" for k, v in sc.market.partners.model_dump(
+            exclude_none=True).items() if k not in ("lists",))
+        ref_sw, ref_s = reference_welfare(sc, out / "scenarios" / f"{sc.name}-seed{seed}{tag}.reference.json")
         row["welfare_ref_eur"], row["reference_s"] = ref_sw, ref_s
         model = net.model(seed)
         if exp.driver == "processes":
@@ -530,7 +562,11 @@ def write_table(out: Path, rows: list[dict]) -> list[Path]:
         (out / "results.parquet.txt").write_text("pyarrow is not installed (pip install 'p2pm[experiments]'): "
                                                  "results.csv only\n")
         return paths
-    df.to_parquet(out / "results.parquet", index=False)
+    try:
+        df.to_parquet(out / "results.parquet", index=False)
+    except Exception as exc:  # noqa: BLE001 - a broken pyarrow/pandas pair must not lose the experiment
+        (out / "results.parquet.txt").write_text(f"results.parquet not written: {type(exc).__name__}: {exc}\n")
+        return paths
     paths.append(out / "results.parquet")
     return paths
 

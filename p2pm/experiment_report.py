@@ -8,9 +8,10 @@
   up to it (repetition 0 of each cell);
 - ``traffic_by_role.png``: the share of each cell's bytes per link (total on top), split by link (coordinator -> peers, peers -> coordinator,
   peer <-> peer, DSO, TSO, control);
-- ``latency.png``: time to converge against the injected latency (wall time with real processes,
-  the simulated network clock in process), one line per topology and variant (only when the grid
-  has more than one latency).
+- ``latency.png``: time to converge against the injected latency (sync vs async: wall time with
+  real processes, the simulated network clock in process), ADMM iterations, and the welfare error
+  against the centralized solve, one line per size, topology and variant (the asynchronous variant
+  dashed; hollow markers: not converged; only when the grid has more than one latency).
 """
 
 from __future__ import annotations
@@ -174,18 +175,25 @@ def _latency(df: pd.DataFrame, path: Path) -> bool:
 
     inproc = ok["driver"].iloc[0] == "in-process"
     y = "sim_time_s" if inproc else "wall_s"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for key, g in ok.groupby(["peers", "topology", "variant"]):
-        m = g.groupby("latency_ms").agg(y=(y, "mean"), it=("iterations", "mean"),
+        m = g.groupby("latency_ms").agg(y=(y, "mean"), it=("iterations", "mean"), conv=("converged", "all"),
                                         err=("welfare_rel_error", "max")).reset_index()
-        axes[0].plot(m["latency_ms"], m["y"], "o-", label=" / ".join(map(str, key)))
-        axes[1].plot(m["latency_ms"], m["err"].clip(lower=1e-16), "o-", label=" / ".join(map(str, key)))
-    axes[0].set_xlabel("latency per message [ms]")
+        style = "--" if key[2] == "asynchronous" else "-"
+        for ax, col in zip(axes, ("y", "it", "err")):
+            line, = ax.plot(m["latency_ms"], m[col].clip(lower=1e-16) if col == "err" else m[col], style,
+                            label=" / ".join(map(str, key)))
+            for conv in (True, False):
+                sel = m[m["conv"] == conv]
+                ax.plot(sel["latency_ms"], sel[col].clip(lower=1e-16) if col == "err" else sel[col], "o",
+                        color=line.get_color(), mfc=line.get_color() if conv else "none")
     axes[0].set_ylabel("simulated network time to converge [s]" if inproc else "wall time [s]")
-    axes[1].set_xlabel("latency per message [ms]")
-    axes[1].set_ylabel("welfare relative error vs centralized")
-    axes[1].set_yscale("log")
+    axes[0].set_title("time to converge against latency (sync vs async)")
+    axes[1].set_ylabel("ADMM iterations")
+    axes[2].set_ylabel("welfare relative error vs centralized")
+    axes[2].set_yscale("log")
     for ax in axes:
+        ax.set_xlabel("latency per message [ms]")
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=7)
     return _save(fig, path)

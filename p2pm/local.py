@@ -74,9 +74,10 @@ def market_public(models: list, **market):
 
 def clear_market(models: list, *, rho: float = 1.0, tolerance: float = 1e-4, max_iterations: int = 5000,
                  residual_balancing: bool = True, topology: str = "relay", peers_per_process: int = 1,
-                 price_init_eur_per_mwh: float = 0.0, wire: bool = True, trace=None, **market):
+                 price_init_eur_per_mwh: float = 0.0, wire: bool = True, trace=None, network=None, **market):
     """Clear a full P2P market of peer models without a grid (no DSO, no TSO) with the real
-    coordinator and peer engines in process; returns (RunOutcome, coordinator engine, driver)."""
+    coordinator and peer engines in process; returns (RunOutcome, coordinator engine, driver).
+    ``network``: latency on the simulated clock (``common.network.LinkNetwork``)."""
     from coordinator.engine import CoordinatorEngine
     from peer_node.engine import PeerEngine
 
@@ -86,7 +87,7 @@ def clear_market(models: list, *, rho: float = 1.0, tolerance: float = 1e-4, max
     coordinator = CoordinatorEngine(public, topology=topology, progress_every_s=np.inf)
     peers = [PeerEngine(models[i:i + peers_per_process], f"h{i:04d}-{models[i].id}")
              for i in range(0, len(models), peers_per_process)]
-    driver = InProcessDriver([coordinator, *peers], wire=wire, trace=trace)
+    driver = InProcessDriver([coordinator, *peers], wire=wire, trace=trace, network=network)
     return driver.run(), coordinator, driver
 
 
@@ -139,7 +140,9 @@ def run_centralized(scenario):
         peers = peer_models(scenario)
         from common.market import fee_weights
 
-        sol = centralized.solve_p2p(peers)
+        from common.partners import public_graph
+
+        sol = centralized.solve_p2p(peers, graph=public_graph(public, net))
         w = fee_weights(sol.graph, peers)
         result = p2p_result(public, sol.graph, dispatch_frame(peers, sol.p_mw), sol.trades_mw, sol.prices_eur_per_mwh,
                             sol.social_welfare_eur, sol.differentiation_cost_eur, "centralized",

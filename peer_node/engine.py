@@ -10,6 +10,10 @@ Full P2P market, iteration k (``common.admm`` has the numerics):
 - mesh: ROUND(k) carries rho_k only; each peer solves, sends TRADES(k) to every partner's host,
   and once every partner's trades of k are in, applies the price update and answers RESIDUALS(k);
 - ROUND with ``stop``: the last price update (relay), then RESULT.
+Asynchronous mesh (``market.staleness`` S >= 1, :class:`AsyncMesh`): the first ROUND(k) starts the
+host iterating on its own: it computes iteration j as soon as every partner's latest trades are
+at most S iterations old (from iteration j - 1 - S or later), sends TRADES(j), and answers
+RESIDUALS(i) once every partner's trades of iteration i are in; ROUND with ``stop`` ends it.
 Community market: ROUND(k) carries each peer's target z - u; the peer answers its new injection.
 PENALTY (outer loop): new parameters for hosted peers; the next clearing starts warm.
 DROP (a peer host was lost, policy drop): the named peers leave every hosted peer's trades, prices
@@ -68,6 +72,10 @@ class PeerEngine:
         self.aa: AndersonMemory | None = None
         self._aa_z: np.ndarray | None = None  # the state this iteration started from, (hours, n)
         self._aa_hours: np.ndarray | None = None  # the hours of the recorded blocks
+        self.staleness = 0  # mesh: 0 synchronous rounds, S >= 1 asynchronous iterations (AsyncMesh)
+        self.max_iterations = 0
+        self.async_mesh: AsyncMesh | None = None  # while the asynchronous iterations run
+        self.async_done = False  # they ended: late TRADES are dropped
 
     # -- events ---------------------------------------------------------------------------------
     def handle(self, event) -> list:
@@ -80,6 +88,14 @@ class PeerEngine:
         msg, k = event.message, event.iteration
         try:
             if isinstance(msg, Trades):
+                if self.staleness > 0 and not self.async_done:
+                    self._check_trades(event.sender, msg)
+                    if self.async_mesh is None:  # a partner's host started before this one got its ROUND
+                        self._early.append((k, msg))
+                        return []
+                    return self.async_mesh.on_trades(msg, k)
+                if self.async_done:
+                    return []  # sent before the partner learnt that the iterations ended
                 return self._on_trades(event.sender, msg, k)
             if event.sender != COORDINATOR:
                 raise ProtocolError("type", f"{msg.TYPE.value} from {event.sender}, not from the coordinator")
@@ -87,6 +103,10 @@ class PeerEngine:
                 return self._on_welcome(msg.config)
             if isinstance(msg, Shutdown):
                 return [Log(f"shutdown: {msg.reason}"), Finish()]
+            if isinstance(msg, Round) and msg.stop and self.async_mesh is not None:
+                self.async_mesh = None  # the hosts went on at their own pace: the stop may name an earlier iteration
+                self.async_done = True
+                return [self._result(k)]
             if k < self.iteration:
                 raise ProtocolError("stale", f"{msg.TYPE.value} of iteration {k} < {self.iteration}")
             if isinstance(msg, Round):
@@ -134,6 +154,8 @@ class PeerEngine:
                                         lam=np.full((len(partners), self.hours), lam0), cost_b_neg=m.cost_b_neg_eur_per_mwh)
         self.partner_slot = {pid: {q: j for j, q in enumerate(self.partners[pid])} for pid in self.peer_ids}
         self.partner_host = dict(cfg.get("hosts") or {})
+        self.staleness = int(cfg.get("staleness", 0)) if self.topology == "mesh" else 0
+        self.max_iterations = int(cfg.get("max_iterations", 0))
         return [Send(COORDINATOR, Ready())]
 
     # -- rounds ---------------------------------------------------------------------------------
@@ -218,6 +240,15 @@ class PeerEngine:
             self.solved = None  # the next clearing starts with every hour open
             self.aa = self._aa_z = None
             return [self._result(k)]
+        if self.staleness > 0:  # asynchronous: this ROUND starts the host's own iterations
+            self.iteration = k
+            self.async_done = False
+            self.async_mesh = AsyncMesh(self, start=k - 1, rho=msg.rho)
+            early, self._early = self._early, []
+            out = []
+            for tr_k, tr in early:
+                out += self.async_mesh.on_trades(tr, tr_k)
+            return out + self.async_mesh.advance()
         if msg.aa_gamma is not None:
             self._aa_extrapolate(msg)
         self.iteration = k
@@ -268,6 +299,19 @@ class PeerEngine:
             if key in self._missing:
                 self._incoming[to][self.partner_slot[to][frm]] = tr.p_mw[i]
                 self._missing.discard(key)
+
+    def _check_trades(self, sender: str, tr: Trades) -> None:
+        if self.topology != "mesh" or self.market != "p2p":
+            raise ProtocolError("type", "trades outside the mesh topology")
+        for frm, to in zip(tr.from_peers, tr.to_peers):
+            if to not in self.locals:
+                raise ProtocolError("body", f"trades for {to}, not hosted here")
+            if frm not in self.partner_slot[to]:
+                raise ProtocolError("body", f"trades from {frm}, not a partner of {to}")
+            if self.partner_host.get(frm) != sender:
+                raise ProtocolError("body", f"trades of {frm} sent by {sender}, not by its host")
+        if tr.p_mw.ndim != 2 or tr.p_mw.shape != (len(tr.from_peers), self.hours):
+            raise ProtocolError("body", f"trades of shape {tr.p_mw.shape}, expected {(len(tr.from_peers), self.hours)}")
 
     def _on_trades(self, sender: str, tr: Trades, k: int) -> list:
         if self.topology != "mesh" or self.market != "p2p":
@@ -448,3 +492,122 @@ class PeerEngine:
                                     q_mvar=reactive_mvar(self.models[pid], p, "community"), soc_mwh=socs[pid],
                                     cost_masked_ueur=masked[pid])
         return Send(COORDINATOR, Result(peers=peers), k)
+
+
+class AsyncMesh:
+    """Asynchronous consensus ADMM with bounded staleness S (mesh topology) of one peer host, in the
+    manner of the bounded-delay asynchronous ADMM (Zhang & Kwok 2014, ICML, "Asynchronous
+    distributed ADMM for consensus optimization"; Chang, Hong, Liao & Wang 2016, IEEE TSP 64(12),
+    "Asynchronous distributed ADMM for large-scale optimization", part I: a proximal term and a
+    bounded delay make it converge), without a master: each pair of peers is its own consensus, as
+    in the P2P market's ADMM of ``common.admm``.
+
+    Iteration j of a hosted peer solves its local problem (``LocalP2P.step``, rho fixed) as soon as
+    every partner's latest trades are from iteration j - 1 - S or later (the host waits only for
+    partners more than S iterations behind), with the partners' trades of the last iteration
+    whose price update is applied and the pair's price after it. The price update of iteration i,
+    lambda_nm -= gamma rho/2 (p_nm^(i) + p_mn^(i)), is applied once the partner's trades of
+    iteration i are in, in the order of the iterations, on both sides of the pair: the two sides
+    compute the same sequence of prices, only at different times, so the prices stay private to
+    the pair and agree without being exchanged. Against the delays: the local problem has the
+    proximal term S rho/2 ||x - x^(j-1)||^2, and gamma = 1/(1 + S) (a delayed price step must be
+    shorter, as for delayed gradient steps); both vanish with S = 0, which is the synchronous
+    iteration. Neither changes the fixed point (reciprocal trades, the same price on both sides:
+    the optimum). The constants are the ones found to converge on the test markets at S <= 5, not
+    a bound from the theory. RESIDUALS(i) (the primal mismatch and the change of the trades of
+    iteration i, the synchronous definitions) go to the coordinator once every partner's trades of
+    iteration i are in; it decides convergence and sends the stop. The host computes at most up to
+    iteration start + max_iterations."""
+
+    def __init__(self, engine: PeerEngine, start: int, rho: float):
+        self.e = engine
+        self.S = engine.staleness
+        self.rho = rho
+        # damping for the delays: a proximal term S rho/2 ||x - x_last||^2 in the local problem
+        # and a price step shortened to 1/(1 + S) (module docstring)
+        self.prox = self.S * rho
+        self.dual_step = 1.0 / (1.0 + self.S)
+        self.it = start  # the last iteration computed
+        self.until = start + max(engine.max_iterations, 1)
+        self.reported = start  # the last iteration whose residuals went to the coordinator
+        self.x_hist: dict[str, dict[int, np.ndarray]] = {}
+        self.matched: dict[str, np.ndarray] = {}  # per partner: the last iteration whose price update is applied
+        self.latest: dict[str, np.ndarray] = {}  # per partner: the iteration of its latest trades
+        self.inbox: dict[str, list[list]] = {}  # per partner: [(iteration, trades)] not yet applied, in order
+        self.records: dict[int, dict] = {}  # iteration -> {pid: [primal_sq, slots matched, dual_sq, solve_s]}
+        for pid, loc in engine.locals.items():
+            M = loc.x.shape[0]
+            self.x_hist[pid] = {start: loc.x.copy()}
+            self.matched[pid] = np.full(M, start)
+            self.latest[pid] = np.full(M, start)
+            self.inbox[pid] = [[] for _ in range(M)]
+        engine.solved = None
+
+    def on_trades(self, tr: Trades, k: int) -> list:
+        slot = self.e.partner_slot
+        for i, (frm, to) in enumerate(zip(tr.from_peers, tr.to_peers)):
+            j = slot[to][frm]
+            if k <= self.latest[to][j]:
+                self.e.rejected["stale"] = self.e.rejected.get("stale", 0) + 1
+                continue
+            self.latest[to][j] = k
+            self.inbox[to][j].append((k, tr.p_mw[i]))
+        return self.advance()
+
+    def _match(self) -> None:
+        """Apply every price update whose two sides are known (partner's trades in, own computed)."""
+        for pid, loc in self.e.locals.items():
+            hist, matched = self.x_hist[pid], self.matched[pid]
+            for j, box in enumerate(self.inbox[pid]):
+                while box and box[0][0] <= self.it:
+                    i, row = box.pop(0)
+                    mismatch = hist[i][j] + row
+                    loc.lam[j] -= self.dual_step * 0.5 * self.rho * mismatch
+                    loc.y[j] = row
+                    matched[j] = i
+                    rec = self.records[i][pid]
+                    rec[0] += mismatch**2
+                    rec[1] += 1
+            low = int(matched.min()) if len(matched) else self.it
+            for i in [i for i in hist if i < low]:  # no longer needed by any price update
+                del hist[i]
+
+    def _ready(self) -> bool:
+        if self.it >= self.until:
+            return False
+        need = self.it - self.S  # partners' trades of iteration >= (it + 1) - 1 - S
+        return all(len(v) == 0 or int(v.min()) >= need for v in self.latest.values())
+
+    def advance(self) -> list:
+        out = []
+        e = self.e
+        while True:
+            self._match()
+            if not self._ready():
+                break
+            self.it += 1
+            e.iteration = self.it
+            rows: dict[str, list] = {}
+            self.records[self.it] = {}
+            for pid, loc in e.locals.items():
+                t = e.timer()
+                hist = self.x_hist[pid]
+                x, dx = loc.step(self.rho, prox=self.prox)
+                hist[self.it] = x.copy()
+                self.records[self.it][pid] = [np.zeros(e.hours), 0, dx, e.timer() - t]
+                for j, partner in enumerate(e.partners[pid]):
+                    rows.setdefault(e.partner_host[partner], []).append((pid, partner, x[j]))
+            out += [Send(host, Trades(from_peers=tuple(r[0] for r in rs), to_peers=tuple(r[1] for r in rs),
+                                      p_mw=np.stack([r[2] for r in rs])), self.it)
+                    for host, rs in rows.items()]
+        # residuals of every iteration whose partners' trades are all in, in order
+        while self.reported < self.it:
+            i = self.reported + 1
+            recs = self.records[i]
+            if any(rec[1] < e.locals[pid].x.shape[0] for pid, rec in recs.items()):
+                break
+            out.append(Send(COORDINATOR, Residuals(peers={pid: ResidualsPeer(primal_sq=rec[0], dual_sq=rec[2], solve_s=rec[3])
+                                                          for pid, rec in recs.items()}), i))
+            del self.records[i]
+            self.reported = i
+        return out

@@ -55,6 +55,9 @@ peers_per_process: {ppp}
     ("colour: blue", "colour: unknown field"),
     ("scenarios: [{family: nowhere, peers: [10]}]", "family: unknown feeder 'nowhere'"),
     ("scenarios: [{family: mv37}]", "peers: a family needs at least one size"),
+    ("staleness: 0", "staleness"),
+    ("partners: {rule: k_nearest}", "partners: k"),
+    ("rho: -1", "rho"),
 ])
 def test_a_bad_experiment_file_is_refused_naming_the_field(tmp_path, change, field):
     path = tmp_path / "bad.yaml"
@@ -71,9 +74,12 @@ def test_a_bad_experiment_file_is_refused_naming_the_field(tmp_path, change, fie
 
 
 def test_the_builtin_experiments_are_valid_and_acceleration_on_mesh_is_skipped():
-    for name in ("scaling", "latency", "smoke"):
+    for name in ("scaling", "latency", "smoke", "partners", "latency-async"):
         exp = load_experiment(name)
         assert cells(exp)
+    grid = cells(load_experiment("latency-async").model_copy(update={"topologies": ["relay", "mesh"]}))
+    assert {c.topology for c in grid if c.skip} == {"relay"}
+    assert {c.variant for c in grid if c.skip} == {"asynchronous"}
     exp = load_experiment("scaling")
     assert len(cells(exp)) == 16
     grid = cells(exp.model_copy(update={"variants": ["accelerated"]}))
@@ -192,3 +198,19 @@ def test_injected_latency_with_real_processes_keeps_the_messages(tmp_path):
         lat = df.loc[[i for i in df.index if i[0] == topo and i[1] != "0ms"][0]]
         assert lat["converged"] and lat["messages"] == zero["messages"] and lat["rounds"] == zero["rounds"]
         assert lat["welfare_rel_error"] < 1e-6
+
+
+@pytest.mark.slow
+def test_asynchronous_variant_converges_in_process_under_jitter(tmp_path):
+    """The variant asynchronous (mesh, market.staleness) on the in-process driver: converged, the
+    centralized welfare, sooner on the simulated clock than the synchronous mesh; relay skipped."""
+    exp = load_experiment(_files(tmp_path, variants="[plain, asynchronous]", ppp="[1]",
+                                 extra="staleness: 1\nmax_iterations: 3000\nnetwork: [{latency_ms: 5, jitter: 0.2}]\n"))
+    rows, counts = run_experiment(exp, tmp_path / "out", quiet=True, report=False)
+    by = {(r["topology"], r["variant"]): r for r in rows}
+    assert by[("relay", "asynchronous")]["status"] == "skipped"
+    a, s = by[("mesh", "asynchronous")], by[("mesh", "plain")]
+    assert a["status"] == "ok" and a["converged"], a["reason"]
+    assert a["welfare_rel_error"] < 1e-4 and s["welfare_rel_error"] < 1e-4  # residuals within tolerance 1e-4 MW
+    assert a["messages_round"] == 2 * a["peer_processes"]  # one ROUND to start, one to stop
+    assert a["sim_time_s"] < s["sim_time_s"]
