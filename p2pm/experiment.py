@@ -563,12 +563,29 @@ def write_table(out: Path, rows: list[dict]) -> list[Path]:
                                                  "results.csv only\n")
         return paths
     try:
-        df.to_parquet(out / "results.parquet", index=False)
+        _typed_columns(df).to_parquet(out / "results.parquet", index=False)
     except Exception as exc:  # noqa: BLE001 - a broken pyarrow/pandas pair must not lose the experiment
         (out / "results.parquet.txt").write_text(f"results.parquet not written: {type(exc).__name__}: {exc}\n")
         return paths
     paths.append(out / "results.parquet")
     return paths
+
+
+def _typed_columns(df):
+    """Parquet columns have one type: a column of mixed values (numbers in some rows, text in
+    others, e.g. an error message) is written as text, a column of numbers and blanks as numbers."""
+    import numpy as np
+    import pandas as pd
+
+    out = df.copy()
+    for col in out.columns[out.dtypes == object]:
+        values = out[col]
+        numeric = pd.to_numeric(values, errors="coerce")
+        if numeric.notna().sum() == values.notna().sum():
+            out[col] = numeric
+        else:
+            out[col] = values.map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    return out
 
 
 class _Bar:

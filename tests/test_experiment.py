@@ -214,3 +214,15 @@ def test_asynchronous_variant_converges_in_process_under_jitter(tmp_path):
     assert a["welfare_rel_error"] < 1e-4 and s["welfare_rel_error"] < 1e-4  # residuals within tolerance 1e-4 MW
     assert a["messages_round"] == 2 * a["peer_processes"]  # one ROUND to start, one to stop
     assert a["sim_time_s"] < s["sim_time_s"]
+
+
+def test_the_parquet_table_takes_columns_of_mixed_values(tmp_path):
+    """A column with numbers in some rows and text in others (a failed cell's error) is written as
+    text, numbers with blanks as numbers: results.parquet is written whatever the cells hold."""
+    from p2pm.experiment import _typed_columns
+
+    df = pd.DataFrame({"iterations": [12, None], "error": [None, "timeout"], "mixed": [1.5, "n/a"]})
+    _typed_columns(df).to_parquet(tmp_path / "t.parquet", index=False)
+    back = pd.read_parquet(tmp_path / "t.parquet")
+    assert back["iterations"].tolist()[0] == 12 and pd.isna(back["iterations"][1])
+    assert back["error"].tolist() == [None, "timeout"] and back["mixed"].tolist() == ["1.5", "n/a"]
