@@ -156,10 +156,8 @@ class Shell:
         return asyncio.run(self.serve())
 
     async def serve(self):
-        beats = None
-        if not self.is_coordinator:
-            beats = threading.Thread(target=self._beat_while_busy, name="heartbeats", daemon=True)
-            beats.start()
+        beats = threading.Thread(target=self._beat_while_busy, name="heartbeats", daemon=True)
+        beats.start()
         try:
             await self._deliver(Started(self.now_s()))
             last_progress = time.monotonic()
@@ -186,8 +184,7 @@ class Shell:
             return self.outcome
         finally:
             self._stop_beats.set()
-            if beats is not None:
-                beats.join(timeout=2 * self.heartbeat_s + 1)
+            beats.join(timeout=2 * self.heartbeat_s + 1)
             await self._flush()
 
     # -- liveness -------------------------------------------------------------------------------
@@ -217,11 +214,27 @@ class Shell:
 
     def _beat_while_busy(self) -> None:
         """The heartbeat thread: beats while the loop is inside the engine (a long local solve, an
-        AC power flow) and has sent nothing for an interval."""
+        AC power flow; the coordinator: a clearing step of a large market) and has sent nothing for
+        an interval. The coordinator beats to every role it has accepted a message from."""
         while not self._stop_beats.wait(self.heartbeat_s / 4):
             with self._lock:
-                if self._busy and self.welcomed and time.monotonic() - self.last_sent >= self.heartbeat_s:
+                if not self._busy or time.monotonic() - self.last_sent < self.heartbeat_s:
+                    continue
+                if self.is_coordinator:
+                    self._beat_roles()
+                elif self.welcomed:
                     self._beat()
+
+    def _beat_roles(self) -> None:
+        """The coordinator's HEARTBEAT to every role it knows (never blocks; skipped where it cannot leave)."""
+        env = Heartbeat().envelope(run_id=self.run_id, sender=self.role)
+        data = encode(env, max_bytes=self.transport.max_bytes, validate=False)
+        for route in list(self.routes.values()):
+            try:
+                self._sync(self.main).send_multipart([route, data], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                continue
+        self.last_sent = time.monotonic()
 
     async def _tick(self, now: float) -> None:
         if self.is_coordinator:
@@ -268,6 +281,7 @@ class Shell:
                 else:
                     sender = frames[0].decode() if is_router else COORDINATOR
                     data = payload[0]
+                    route = frames[0] if is_router and sock is self.main else None
                 env = decode(data, expect_run=self.transport.run_id, max_bytes=self.transport.max_bytes)
                 if is_router and env.sender != sender:
                     raise Refused("sender", f"sender {env.sender!r} on the connection of {sender!r}")
