@@ -300,7 +300,9 @@ class PeerEngine:
                 self._incoming[to][self.partner_slot[to][frm]] = tr.p_mw[i]
                 self._missing.discard(key)
 
-    def _check_trades(self, sender: str, tr: Trades) -> None:
+    def _check_senders(self, sender: str, tr: Trades) -> None:
+        """Every row of a TRADES goes to a hosted peer from one of its partners, sent by that
+        partner's own host."""
         if self.topology != "mesh" or self.market != "p2p":
             raise ProtocolError("type", "trades outside the mesh topology")
         for frm, to in zip(tr.from_peers, tr.to_peers):
@@ -310,19 +312,15 @@ class PeerEngine:
                 raise ProtocolError("body", f"trades from {frm}, not a partner of {to}")
             if self.partner_host.get(frm) != sender:
                 raise ProtocolError("body", f"trades of {frm} sent by {sender}, not by its host")
+
+    def _check_trades(self, sender: str, tr: Trades) -> None:
+        """The asynchronous mesh: every hour, every row."""
+        self._check_senders(sender, tr)
         if tr.p_mw.ndim != 2 or tr.p_mw.shape != (len(tr.from_peers), self.hours):
             raise ProtocolError("body", f"trades of shape {tr.p_mw.shape}, expected {(len(tr.from_peers), self.hours)}")
 
     def _on_trades(self, sender: str, tr: Trades, k: int) -> list:
-        if self.topology != "mesh" or self.market != "p2p":
-            raise ProtocolError("type", "trades outside the mesh topology")
-        for frm, to in zip(tr.from_peers, tr.to_peers):
-            if to not in self.locals:
-                raise ProtocolError("body", f"trades for {to}, not hosted here")
-            if frm not in self.partner_slot[to]:
-                raise ProtocolError("body", f"trades from {frm}, not a partner of {to}")
-            if self.partner_host.get(frm) != sender:
-                raise ProtocolError("body", f"trades of {frm} sent by {sender}, not by its host")
+        self._check_senders(sender, tr)
         if k == self.iteration + 1 or (k == self.iteration and not self._missing):
             self._early.append((k, tr))  # the partner is one round ahead
             return []
