@@ -34,7 +34,6 @@ coordinator never needs them.
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
@@ -119,15 +118,9 @@ def _bus_xy(scenario, buses: np.ndarray) -> np.ndarray:
         if missing:
             raise ValueError(f"differentiation.bus_coordinates_km: no coordinates for bus(es) {missing[:10]}")
         return np.array([spec.bus_coordinates_km[int(b)] for b in buses], dtype=float)
-    net = _net(scenario)
-    xy = {}
-    if "geo" in net.bus and net.bus["geo"].notna().any():
-        for b, geo in net.bus["geo"].items():
-            if isinstance(geo, str) and geo:
-                xy[int(b)] = json.loads(geo)["coordinates"][:2]
-    elif "bus_geodata" in net and len(net.bus_geodata):
-        for b, row in net.bus_geodata.iterrows():
-            xy[int(b)] = [float(row["x"]), float(row["y"])]
+    from common.networks import bus_coordinates
+
+    xy = bus_coordinates(_net(scenario))
     missing = sorted({int(b) for b in buses} - set(xy))
     if missing:
         raise ValueError(f"differentiation.method 'distance': the network has no coordinates for bus(es) {missing[:10]}; "
@@ -136,17 +129,9 @@ def _bus_xy(scenario, buses: np.ndarray) -> np.ndarray:
 
 
 def _network_distance_km(scenario, buses: np.ndarray) -> np.ndarray:
-    import pandapower.topology as top
+    from common.networks import line_distances_km
 
-    net = _net(scenario)
-    graph = top.create_nxgraph(net, calc_branch_impedances=False, respect_switches=True)
-    import networkx as nx
-
-    out = np.zeros((len(buses), len(buses)))
-    for b in sorted(set(int(x) for x in buses)):
-        dist = nx.single_source_dijkstra_path_length(graph, b, weight="weight")
-        row = np.array([dist.get(int(x), np.inf) for x in buses])
-        out[buses == b] = row
+    out = line_distances_km(_net(scenario), buses)
     if not np.all(np.isfinite(out)):
         raise ValueError("differentiation.method 'network_distance': some peers' buses are not connected")
     return out

@@ -435,3 +435,40 @@ def branch_lengths_km(net: pp.pandapowerNet, grid: GridModel) -> np.ndarray:
         if src == "line" and grid.branch_kind[k] == "line":
             out[k] = float(net.line.at[int(elem), "length_km"])
     return out
+
+
+def bus_coordinates(net: pp.pandapowerNet) -> dict[int, list[float]]:
+    """{bus: [x, y]} from the network's geodata (``net.bus.geo`` or the older ``bus_geodata``), for
+    the buses that have some."""
+    import json
+
+    xy: dict[int, list[float]] = {}
+    if "geo" in net.bus and net.bus["geo"].notna().any():
+        for b, geo in net.bus["geo"].items():
+            if isinstance(geo, str) and geo:
+                xy[int(b)] = json.loads(geo)["coordinates"][:2]
+    elif "bus_geodata" in net and len(net.bus_geodata):
+        for b, row in net.bus_geodata.iterrows():
+            xy[int(b)] = [float(row["x"]), float(row["y"])]
+    return xy
+
+
+def bus_graph(net: pp.pandapowerNet):
+    """The buses and branches as a networkx graph, branch lengths (km) as the edge weight."""
+    import pandapower.topology as top
+
+    return top.create_nxgraph(net, calc_branch_impedances=False, respect_switches=True)
+
+
+def line_distances_km(net: pp.pandapowerNet, buses) -> np.ndarray:
+    """(len(buses), len(buses)): the distance along the lines between every two of ``buses``
+    (inf where they are not connected)."""
+    import networkx as nx
+
+    buses = np.asarray(buses, dtype=int)
+    graph = bus_graph(net)
+    out = np.zeros((len(buses), len(buses)))
+    for b in sorted(set(buses.tolist())):
+        dist = nx.single_source_dijkstra_path_length(graph, b, weight="weight")
+        out[buses == b] = [dist.get(int(x), np.inf) for x in buses]
+    return out

@@ -28,7 +28,6 @@ Only pairs of the full market can trade: a rule never makes two producers partne
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
@@ -114,35 +113,18 @@ def _network(network_spec, net):
     return build_network(network_spec)
 
 
-def _bus_graph(net):
-    import pandapower.topology as top
-
-    return top.create_nxgraph(net, calc_branch_impedances=False, respect_switches=True)
-
-
 def _distances(kind: str, network_spec, buses: np.ndarray, net) -> np.ndarray:
+    from common.networks import bus_coordinates, line_distances_km
+
     net = _network(network_spec, net)
     distinct = sorted(set(int(b) for b in buses))
     pos = {b: i for i, b in enumerate(distinct)}
     if kind == "network":
-        import networkx as nx
-
-        g = _bus_graph(net)
-        D = np.zeros((len(distinct), len(distinct)))
-        for b in distinct:
-            d = nx.single_source_dijkstra_path_length(g, b, weight="weight")
-            D[pos[b]] = [d.get(x, np.inf) for x in distinct]
+        D = line_distances_km(net, distinct)
         if not np.all(np.isfinite(D)):
             raise PartnersError("market.partners.distance: some peers' buses are not connected along the lines")
     else:
-        xy = {}
-        if "geo" in net.bus and net.bus["geo"].notna().any():
-            for b, geo in net.bus["geo"].items():
-                if isinstance(geo, str) and geo:
-                    xy[int(b)] = json.loads(geo)["coordinates"][:2]
-        elif "bus_geodata" in net and len(net.bus_geodata):
-            for b, row in net.bus_geodata.iterrows():
-                xy[int(b)] = [float(row["x"]), float(row["y"])]
+        xy = bus_coordinates(net)
         missing = [b for b in distinct if b not in xy]
         if missing:
             raise PartnersError(f"market.partners.distance: 'straight' needs bus coordinates; the network has none for "
@@ -158,7 +140,9 @@ def bus_feeders(net) -> dict[int, int]:
     bus from the external grid with more than one branch going down); -1 on the busbar and above."""
     import networkx as nx
 
-    g = nx.Graph(_bus_graph(net))
+    from common.networks import bus_graph
+
+    g = nx.Graph(bus_graph(net))
     root = int(net.ext_grid.bus.iloc[0])
     parent, cur, trunk = None, root, {root}
     while True:

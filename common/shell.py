@@ -389,9 +389,8 @@ class Shell:
         heartbeat = env.type == MsgType.HEARTBEAT
         mesh = False
         if self.is_coordinator:
-            route = self.routes.get(ins.to) if self.curve is not None else ins.to.encode()
-            if route is None:  # never heard from with its key: nowhere to send
-                self.transport.dropped[env.type.value] += 1
+            route = self._route(ins.to, env.type)
+            if route is None:
                 return
             sock, frames = self.main, [route, data]
         elif ins.to == COORDINATOR:
@@ -471,6 +470,16 @@ class Shell:
 
         loop.call_at(at, release)
 
+    def _route(self, to: str, type_: MsgType) -> bytes | None:
+        """The coordinator's routing frame for role ``to``: with CURVE the connection its key last
+        spoke on, else its name; None (counted as dropped) for a role never heard from with its key."""
+        if self.curve is None:
+            return to.encode()
+        route = self.routes.get(to)
+        if route is None:
+            self.transport.dropped[type_.value] += 1
+        return route
+
     def _mesh_socket(self, host: str):
         sock = self.mesh_out.get(host)
         if sock is None:
@@ -495,9 +504,8 @@ class Shell:
         env = message.envelope(run_id=self.run_id, sender=self.role)
         frames = [encode(env, validate=False)]
         if self.is_coordinator:
-            route = self.routes.get(to) if self.curve is not None else to.encode()
-            if route is None:  # never heard from with its key: nowhere to send
-                self.transport.dropped[env.type.value] += 1
+            route = self._route(to, env.type)
+            if route is None:
                 return
             frames.insert(0, route)
         try:

@@ -385,8 +385,9 @@ class CoordinatorEngine:
         while registered() != expected:
             ev = yield from self._await(lambda e: isinstance(e.message, Hello) and e.message.role == "peer", silent)
             self._peer_hello(ev.sender, ev.message)
+        shared = self._welcome_shared()
         for host in self.hosts:  # a host beats once welcomed: its liveness counts from now
-            self._send(host, Welcome(config=self._welcome_config(host)))
+            self._send(host, Welcome(config=self._welcome_config(host, shared)))
             self.last_seen[host] = self.now_s
         waiting, since = set(self.hosts), self.now_s
         while waiting:
@@ -399,16 +400,22 @@ class CoordinatorEngine:
         self._note("ready", hosts=len(self.hosts), peers=len(expected))
         self._log(f"{len(expected)} peers in {len(self.hosts)} processes ready")
 
-    def _welcome_config(self, host: str) -> dict:
-        """The run settings of one peer host: its peers' partners, every peer's public key, the
-        mesh addresses."""
-        keys = {p: k for h in self.host_info.values() for p, k in (h.public_keys or {}).items()}
+    def _welcome_shared(self) -> tuple[dict, dict, dict]:
+        """What every host's settings draw on: (every host's public key, each peer's index in the
+        trade graph, each peer's host)."""
+        keys = {h: k for info in self.host_info.values() for h, k in (info.public_keys or {}).items()}
+        index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
+        host_of = {p: h for h, ps in self.hosts.items() for p in ps}
+        return keys, index, host_of
+
+    def _welcome_config(self, host: str, shared: tuple[dict, dict, dict] | None = None) -> dict:
+        """The run settings of one peer host: its peers' partners, every host's public key, the
+        mesh addresses (``shared``: :meth:`_welcome_shared`, computed once for all hosts)."""
+        keys, index, host_of = shared if shared is not None else self._welcome_shared()
         config = {"run_id": self.run_id, "hours": self.H, "public_keys": keys, "heartbeat_s": self.heartbeat_s}
         if self.community:
             config.update(topology="relay", market="community")
             return config
-        index = {pid: n for n, pid in enumerate(self.graph.peer_ids)}
-        host_of = {p: h for h, ps in self.hosts.items() for p in ps}
         partners = {pid: [self.graph.peer_ids[m] for m in self.graph.partner[self.graph.partners_of(index[pid])]]
                     for pid in self.hosts[host]}
         config.update(topology=self.topology, partners=partners, market="p2p",
