@@ -29,6 +29,7 @@ from p2pm_support import P2PM, alive, descendants, free_port, small_market, spli
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
 HEARTBEAT_S = 0.5  # a host silent for 5 intervals (2.5 s) is lost
+BY_HAND_HEARTBEAT_S = 1.0  # roles by hand: 5 s before a role gives its coordinator up (a loaded CI machine)
 VICTIM = "h0006-load2"  # one peer per process: hosts h0000-grid .. h0006-load2
 NETWORK = json.dumps({"default": {"latency_ms": 3.0}})
 
@@ -163,7 +164,8 @@ def test_roles_started_by_hand_stop_soon_after_a_fault(tmp_path, fault):
 
     try:
         start("coordinator", "coordinator", "--scenario", public, "--bind", address, "--out", tmp_path / "out",
-              "--no-report", "--tolerance", "1e-17", "--max-iterations", "1000000", "--heartbeat-s", HEARTBEAT_S)
+              "--no-report", "--tolerance", "1e-17", "--max-iterations", "1000000", "--heartbeat-s",
+              BY_HAND_HEARTBEAT_S)
         for svc in ("dso", "tso"):
             start(svc, svc, "--scenario", public, "--coordinator", address)
         ids = sorted(private)
