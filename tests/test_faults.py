@@ -203,10 +203,13 @@ def test_roles_started_by_hand_stop_soon_after_a_fault(tmp_path, fault):
         if victim == "h-b":
             told = [n for n in others if n != "coordinator" and procs[n].returncode == 0]
             assert told, "no role got the coordinator's SHUTDOWN"
-        if victim == "h-b":  # once it runs again it finds its coordinator gone and stops too
-            procs["h-b"].send_signal(signal.SIGCONT)
-            assert procs["h-b"].wait(timeout=30) == 1
-            assert "lost the coordinator" in (logs / "h-b.log").read_text()
+        if victim == "h-b":  # once it runs again it stops too: on the SHUTDOWN the kernel kept for it
+            procs["h-b"].send_signal(signal.SIGCONT)  # while it was stopped, or else on its coordinator's silence
+            code = procs["h-b"].wait(timeout=30)
+            text = (logs / "h-b.log").read_text()
+            told = "shutdown: run failed: peer host h-b" in text
+            assert (code, told) in ((0, True), (1, False)), text[-1500:]
+            assert told or "lost the coordinator" in text, text[-1500:]
     finally:
         for p in procs.values():
             if p.poll() is None:
