@@ -119,7 +119,14 @@ class Log:
     level: str = "info"
 
 
-Instruction = Send | Finish | Fail | Note | Log
+@dataclass(frozen=True)
+class Checkpoint:
+    """State to write atomically so that the run can resume from it (``common.checkpoint``)."""
+
+    state: Any
+
+
+Instruction = Send | Finish | Fail | Note | Log | Checkpoint
 
 
 class Engine(Protocol):
@@ -160,7 +167,7 @@ class InProcessDriver:
     ``lose``: ``{host: iteration}``, fault injection: the host is gone (it gets no more messages) once
     a message of that iteration is sent to it, and the main engine learns it with ``PeerLost``;
     ``restart``: ``{host: factory}``, a lost host started again at once (a new engine from ``factory()``
-    under the same name, e.g. ``p2pm peer`` run again).
+    under the same name, e.g. ``p2pm peer`` run again). ``checkpoints`` keeps every ``Checkpoint``'s state.
     """
 
     def __init__(self, engines: list, *, main: str = COORDINATOR, wire: bool = True, run_id: str = "inproc",
@@ -177,6 +184,7 @@ class InProcessDriver:
         self.rejected: Counter = Counter()
         self.notes: list[Note] = []
         self.logs: list[tuple[str, str]] = []
+        self.checkpoints: list = []  # every Checkpoint's state, in order
         self.now_s = 0.0
         self._queue: list = []
         self._seq = 0
@@ -201,6 +209,8 @@ class InProcessDriver:
                 self.notes.append(ins)
             elif isinstance(ins, Log):
                 self.logs.append((source, ins.text))
+            elif isinstance(ins, Checkpoint):
+                self.checkpoints.append(ins.state)
 
     def _send(self, source: str, ins: Send) -> None:
         if ins.to in self.lost:

@@ -44,7 +44,7 @@ import zmq
 import zmq.asyncio
 
 from common.codec import decode, encode
-from common.engine import COORDINATOR, Deadline, Fail, Finish, Log, Note, PeerLost, Received, Send, Started, Tick
+from common.engine import COORDINATOR, Checkpoint, Deadline, Fail, Finish, Log, Note, PeerLost, Received, Send, Started, Tick
 from common.logs import role_logger
 from common.protocol import ANY_RUN, MsgType, ProtocolError, parse
 from common.protocol.control import Heartbeat, Hello
@@ -74,8 +74,12 @@ class Shell:
     def __init__(self, engine, *, bind: str | None = None, connect: str | None = None, run_id: str | None = None,
                  timeout_s: float = 30.0, mesh_host: str | None = None, advertise_host: str | None = None,
                  t0: float | None = None, notes=None, heartbeat_s: float = 1.0, liveness_misses: int = 5,
-                 curve=None):
+                 curve=None, checkpoint=None, welcome_timeout_s: float | None = None):
         self.engine = engine
+        # a role that connects: how long it waits for the coordinator's WELCOME (None: ``timeout_s``)
+        self.welcome_timeout_s = welcome_timeout_s
+        self.connect_address = connect
+        self.checkpoint = checkpoint  # called with a Checkpoint's state (the coordinator writes it), or None
         self.role = engine.name
         self.log = role_logger(self.role if len(self.role) < 40 else self.role[:40])
         self.trace = self.log.isEnabledFor(logging.DEBUG)  # every message sent and received
@@ -164,7 +168,8 @@ class Shell:
             next_tick = last_progress + self.heartbeat_s
             while not self.finished:
                 now = time.monotonic()
-                wake = min(last_progress + self.timeout_s, next_tick)
+                timeout_s = self._timeout_s()
+                wake = min(last_progress + timeout_s, next_tick)
                 ready = dict(await self.poller.poll(max(0, int(1000 * (wake - now)) + 1)))
                 for sock in (self.main, self.mesh_in):
                     if sock is not None and sock in ready and not self.finished:
@@ -176,16 +181,27 @@ class Shell:
                     next_tick = now + self.heartbeat_s
                     await self._tick(now)
                     await self._report_losses()
-                if not self.finished and time.monotonic() >= last_progress + self.timeout_s:
-                    await self._deliver(Deadline(self.timeout_s, self.now_s()))
+                timeout_s = self._timeout_s()
+                if not self.finished and time.monotonic() >= last_progress + timeout_s:
+                    if not self.is_coordinator and not self.welcomed and self.welcome_timeout_s is not None:
+                        self.coordinator_lost = True
+                        raise ShellFailure(COORDINATOR, f"the coordinator at {self.connect_address} did not welcome "
+                                                        f"this role within {timeout_s:g} s (is it running, and is "
+                                                        f"this role in its run?)")
+                    await self._deliver(Deadline(timeout_s, self.now_s()))
                     if not self.finished:
-                        raise ShellFailure(self.role, f"no message within {self.timeout_s:g} s"
+                        raise ShellFailure(self.role, f"no message within {timeout_s:g} s"
                                                       + (" from the coordinator" if not self.is_coordinator else ""))
             return self.outcome
         finally:
             self._stop_beats.set()
             beats.join(timeout=2 * self.heartbeat_s + 1)
             await self._flush()
+
+    def _timeout_s(self) -> float:
+        if self.welcome_timeout_s is not None and not self.is_coordinator and not self.welcomed:
+            return self.welcome_timeout_s
+        return self.timeout_s
 
     # -- liveness -------------------------------------------------------------------------------
     def rejected_counts(self) -> dict[str, int]:
@@ -367,6 +383,9 @@ class Shell:
                 self.log.log(_LOG_LEVELS.get(ins.level, logging.INFO), ins.text)
             elif isinstance(ins, Note):
                 self.notes(ins)
+            elif isinstance(ins, Checkpoint):
+                if self.checkpoint is not None:
+                    self.checkpoint(ins.state)
             elif isinstance(ins, Finish):
                 self.finished, self.outcome = True, ins.outcome
             elif isinstance(ins, Fail):
@@ -411,16 +430,31 @@ class Shell:
                     return  # a heartbeat that cannot leave now is skipped
                 # the coordinator waits at most a heartbeat interval (its loop keeps every role's
                 # liveness); a welcomed role at most as long as its coordinator may be silent
+                # liveness); a welcomed role at most as long as its coordinator may be silent; a role
+                # not yet welcomed (its coordinator not up yet) as long as it waits for its welcome
                 wait_s = self.transport.send_timeout_s
                 if self.is_coordinator:
                     wait_s = min(wait_s, self.heartbeat_s)
                 elif self.welcomed:
                     wait_s = min(wait_s, self.liveness_misses * self.heartbeat_s)
-                pending = sock.send_multipart(frames, copy=False)
-                pending.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: never logged
-                await asyncio.wait_for(pending, wait_s)
+                elif not mesh:
+                    wait_s = self._timeout_s()
+                end = time.monotonic() + wait_s
+                while True:  # each try ends after the socket's send timeout (zmq.Again)
+                    pending = sock.send_multipart(frames, copy=False)
+                    pending.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: never logged
+                    try:
+                        await asyncio.wait_for(pending, max(0.001, end - time.monotonic()))
+                        break
+                    except zmq.Again:
+                        if time.monotonic() >= end:
+                            raise asyncio.TimeoutError from None
         except asyncio.TimeoutError:
             what = f"could not send {env.type.value} to {ins.to} within {wait_s:g} s"
+            if not self.is_coordinator and not mesh and not self.welcomed:
+                self.coordinator_lost = True
+                raise ShellFailure(COORDINATOR, f"the coordinator at {self.connect_address} did not take this role's "
+                                                f"{env.type.value.upper()} within {wait_s:g} s (is it running?)") from None
             self.transport.dropped[env.type.value] += 1
             if self.is_coordinator:  # its engine decides (the receiver is lost; it is to blame, not the others)
                 self._lost.append(PeerLost(ins.to, self.now_s(), what))
@@ -521,10 +555,10 @@ class Shell:
         self.transport.close(linger_ms=0 if self.coordinator_lost else int(1000 * max(1.0, 2 * self.heartbeat_s)))
 
 
-def run_role(engine, coordinator: str, idle_timeout_s: float, **kw) -> int:
+def run_role(engine, coordinator: str, idle_timeout_s: float, welcome_timeout_s: float | None = None, **kw) -> int:
     """Run a non-coordinator engine until the coordinator's SHUTDOWN (0), or a silence of
-    ``idle_timeout_s`` or a failure (1, logged)."""
-    shell = Shell(engine, connect=coordinator, timeout_s=idle_timeout_s, **kw)
+    ``idle_timeout_s`` (``welcome_timeout_s`` before the coordinator's WELCOME), or a failure (1, logged)."""
+    shell = Shell(engine, connect=coordinator, timeout_s=idle_timeout_s, welcome_timeout_s=welcome_timeout_s, **kw)
     try:
         shell.run()
         return 0

@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.engine import COORDINATOR, Deadline, Fail, Finish, Log, Note, PeerLost, Received, Send, Started, Tick
+from common.checkpoint import HISTORY_FIELDS, CheckpointError, ClearingState, check_matches
+from common.engine import (COORDINATOR, Checkpoint, Deadline, Fail, Finish, Log, Note, PeerLost, Received, Send, Started,
+                           Tick)
 from common.market import roster_graph
 from common.partners import public_graph
 from common.protocol.control import Heartbeat, Hello, Ready, Shutdown, Welcome
@@ -46,24 +48,34 @@ from common.admm import pool_start
 from common.protocol.market import (Drop, Penalty, PoolPrice, PoolQuantity, PriceProbe, QuantitySum, Residuals, Result,
                                     Update)
 from common.secagg import NANO_MW_PER_MW, unmask_sum
-from coordinator.clearing import AsyncP2PRounds, CommunityRounds, P2PRounds, RoundSettings
+from coordinator.clearing import AsyncP2PRounds, CommunityRounds, IterationStats, P2PRounds, RoundSettings
 
 SERVICES = ("dso", "tso")
 LOSS_POLICIES = ("abort", "drop", "wait")
 
 
-def drop_unsupported(market, topology: str) -> str | None:
-    """Why ``--on-peer-loss drop`` (or ``wait``) cannot apply to this market, or None."""
+def resume_unsupported(market, topology: str) -> str | None:
+    """Why a clearing of this market cannot go on from the coordinator's own state (a checkpoint,
+    or after a lost peer host), or None: the relay coordinator of the benchmark P2P market holds
+    every trade and price; elsewhere part of the state lives only in the peers or the outer loop."""
     if market.kind != "p2p":
-        return "the community market's network agent couples every peer (use abort)"
+        return "the community market's network agent couples every peer"
     if topology != "relay":
-        return "the mesh topology: the coordinator does not hold the trades to go on from (use relay)"
+        return "the mesh topology: the coordinator does not hold the trades to go on from"
     if market.model != "benchmark":
-        return f"model {market.model}: the outer loop's plans name every peer (use the benchmark model)"
-    if market.partners is not None and market.partners.rule != "full":
-        return "restricted trading partners (market.partners): the market without the lost peers is not re-planned"
+        return f"model {market.model}: the outer loop's plans name every peer and its state is not checkpointed"
     if market.staleness:
         return "the asynchronous mesh (market.staleness)"
+    return None
+
+
+def drop_unsupported(market, topology: str) -> str | None:
+    """Why ``--on-peer-loss drop`` (or ``wait``) cannot apply to this market, or None."""
+    why = resume_unsupported(market, topology)
+    if why is not None:
+        return f"{why} (use abort)"
+    if market.partners is not None and market.partners.rule != "full":
+        return "restricted trading partners (market.partners): the market without the lost peers is not re-planned"
     return None
 
 
@@ -170,7 +182,8 @@ class CoordinatorEngine:
     def __init__(self, public, *, topology: str = "relay", clearing: CentralizedClearing | None = None,
                  timer: Callable[[], float] = time.perf_counter, progress_every_s: float = 0.25,
                  timeout_s: float | None = None, heartbeat_s: float = 1.0, liveness_misses: int = 5,
-                 on_peer_loss: str = "abort", grace_s: float = 60.0):
+                 on_peer_loss: str = "abort", grace_s: float = 60.0, checkpoint_every: int = 0,
+                 checkpoint_s: float = 0.0, resume: ClearingState | None = None):
         if on_peer_loss not in LOSS_POLICIES:
             raise ValueError(f"on_peer_loss: {on_peer_loss!r} is not one of {', '.join(LOSS_POLICIES)}")
         self.name = COORDINATOR
@@ -179,6 +192,12 @@ class CoordinatorEngine:
         self.liveness_s = liveness_misses * heartbeat_s
         self.on_peer_loss = on_peer_loss
         self.grace_s = grace_s  # policy wait: how long a lost peer host may take to come back
+        # checkpoints (relay P2P market, resume_unsupported): every so many iterations and/or seconds
+        # (0: never); ``resume``: the checkpoint the first clearing goes on from
+        self.checkpoint_every = int(checkpoint_every)
+        self.checkpoint_s = float(checkpoint_s)
+        self.resume = resume
+        self.resumed_from: dict | None = None
         self.rejoined: list[dict] = []
         self._wait_timeout: float | None = None
         self.now_s = 0.0
@@ -203,6 +222,12 @@ class CoordinatorEngine:
         self.roster = [p for p in roster if not (self.community and p.kind == "grid")]
         self.roster_ids = [p.id for p in self.roster]
         self.graph = public_graph(public)  # every pair of the full market, or the restricted ones (market.partners)
+        if resume is not None:
+            why = resume_unsupported(self.market, topology)
+            if why is not None:
+                raise CheckpointError("checkpoint", f"a run cannot resume in {why}")
+            check_matches(resume, scenario=public.name, topology=topology, peer_ids=list(self.graph.peer_ids),
+                          hours=self.H, pairs=self.graph.n_pairs)
         self.hosts: dict[str, list[str]] = {}
         self.host_info: dict[str, Hello] = {}
         self.services: dict[str, Hello] = {}
@@ -460,7 +485,10 @@ class CoordinatorEngine:
         prev = previous.rounds if previous is not None else None
         warm = {} if prev is None else dict(start_iteration=prev.iteration, warm_trades_mw=prev.flat,
                                             warm_prices=prev.lam_eff)
-        if prev is None and self.market.pool_price_start:
+        rounds = None
+        if prev is None and self.resume is not None:  # a resumed run: from its checkpoint, no price rounds
+            rounds, self.resume = self._resumed_rounds(self.resume), None
+        elif prev is None and self.market.pool_price_start:
             price, q = yield from self._pool_price()
             trades, prices = pool_start(q, price, self.graph)
             warm = dict(warm_trades_mw=trades, start_prices=prices)
@@ -473,8 +501,9 @@ class CoordinatorEngine:
             if rounds.infeasible:
                 self._infeasible(rounds, rounds.infeasible_hours or [])
             return cleared
-        rounds = P2PRounds(self.graph, self.hosts, self.H, self._settings(None if prev is None else prev.rho),
-                           timer=self.timer, **warm)
+        if rounds is None:
+            rounds = P2PRounds(self.graph, self.hosts, self.H, self._settings(None if prev is None else prev.rho),
+                               timer=self.timer, **warm)
         self._droppable = self.on_peer_loss in ("drop", "wait") and drop_unsupported(self.market, self.topology) is None
         try:
             while True:
@@ -571,6 +600,41 @@ class CoordinatorEngine:
         return P2PRounds(self.graph, self.hosts, self.H, self._settings(rounds.rho), timer=self.timer,
                          start_iteration=k, warm_trades_mw=rounds.x_state.copy(), start_prices=rounds.lam_eff.copy(),
                          start_own=True, history=rounds.history)
+
+    def _resumed_rounds(self, state: ClearingState) -> P2PRounds:
+        """The clearing of a resumed run: from the checkpoint's iteration, rho, trades and prices,
+        which the first ROUND hands to every (newly registered) peer, as after a lost host."""
+        history = [IterationStats(**{f: (int(v) if f in ("iteration", "open_hours") else float(v))
+                                     for f, v in zip(HISTORY_FIELDS, row)}) for row in state.history]
+        self.price_rounds = state.price_rounds
+        self.resumed_from = {"run_id": state.run_id, "iteration": int(state.iteration),
+                             "written_s": round(float(state.written_s), 3)}
+        self._note("resumed", iteration=int(state.iteration), run_id=state.run_id)
+        self._log(f"resuming run {state.run_id} from its checkpoint at iteration {state.iteration} (rho {state.rho:g})")
+        return P2PRounds(self.graph, self.hosts, self.H, self._settings(state.rho), timer=self.timer,
+                         start_iteration=state.iteration, warm_trades_mw=state.trades_mw.copy(),
+                         start_prices=state.prices_eur_per_mwh.copy(), start_own=True, history=history)
+
+    def _checkpoint_due(self, rounds, last: tuple[int, float]) -> bool:
+        if not isinstance(rounds, P2PRounds) or rounds.finished or self.central is not None:
+            return False
+        if resume_unsupported(self.market, self.topology) is not None:
+            return False
+        k, t = last
+        return ((self.checkpoint_every > 0 and rounds.iteration - 1 - k >= self.checkpoint_every)
+                or (self.checkpoint_s > 0 and self.now_s - t >= self.checkpoint_s))
+
+    def _checkpoint(self, rounds: P2PRounds) -> None:
+        """The state the ROUND just sent starts from, after ``rounds.iteration - 1`` complete
+        iterations: a run resumed from it sends that ROUND again (same number, same state)."""
+        history = np.array([[getattr(h, f) for f in HISTORY_FIELDS] for h in rounds.history], dtype=float)
+        state = ClearingState(run_id=self.run_id, scenario=self.public.name, topology=self.topology,
+                              peer_ids=list(self.graph.peer_ids), hours=self.H, iteration=int(rounds.iteration) - 1,
+                              rho=float(rounds.rho), trades_mw=rounds.x_state.copy(),
+                              prices_eur_per_mwh=rounds.lam_eff.copy(),
+                              history=history.reshape(-1, len(HISTORY_FIELDS)), price_rounds=self.price_rounds,
+                              written_s=float(self.now_s))
+        self._out.append(Checkpoint(state))
 
     def _infeasible(self, rounds, hours: list[int]) -> None:
         what = "trades cannot be matched" if not self.community else "the peers' injections do not fit the network"
@@ -715,12 +779,16 @@ class CoordinatorEngine:
         t_start = self.timer()
         last_note = -np.inf
         sends = rounds.start()
+        last_checkpoint = (rounds.iteration - 1, self.now_s)  # (iterations complete, when)
         while True:
             for dest, msg in sends:
                 self._send(dest, msg, rounds.iteration)
             self.iteration = rounds.iteration
             if rounds.finished:
                 break
+            if self._checkpoint_due(rounds, last_checkpoint):
+                self._checkpoint(rounds)
+                last_checkpoint = (rounds.iteration - 1, self.now_s)
             sends = []
             k = rounds.iteration
 

@@ -5,10 +5,13 @@ the log goes to stderr."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
 
+from common.checkpoint import folder as checkpoint_folder
+from common.checkpoint import write_state
 from common.engine import Note
 from common.logs import role_logger, setup_logging
 from common.shell import Shell, ShellFailure
@@ -61,10 +64,15 @@ def rejected_by_role(shell: Shell, engine: CoordinatorEngine) -> dict[str, dict[
 
 def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s: float, t0: float,
          ready_file: str | None, processes: int = 0, report: bool = True, curve=None, heartbeat_s: float = 1.0,
-         on_peer_loss: str = "abort", grace_s: float = 60.0) -> int:
+         on_peer_loss: str = "abort", grace_s: float = 60.0, checkpoint_every: int = 0, checkpoint_s: float = 0.0,
+         resume=None) -> int:
+    """``checkpoint_every``/``checkpoint_s``: write ``out_dir/checkpoint/state.npz`` every so many
+    iterations/seconds (0: never); ``resume``: the checkpoint (``common.checkpoint.ClearingState``)
+    to go on from."""
     setup_logging("coordinator")
     engine = CoordinatorEngine(public, topology=topology, timeout_s=timeout_s, heartbeat_s=heartbeat_s,
-                               on_peer_loss=on_peer_loss, grace_s=grace_s)
+                               on_peer_loss=on_peer_loss, grace_s=grace_s, checkpoint_every=checkpoint_every,
+                               checkpoint_s=checkpoint_s, resume=resume)
     engine.run_id = run_id
 
     def note(n: Note) -> None:
@@ -73,8 +81,13 @@ def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s:
             fields["startup_s"] = time.time() - t0
         emit(n.event, **fields)
 
+    def checkpoint(state) -> None:
+        t = time.perf_counter()
+        path = write_state(out_dir, state)
+        log.info(f"checkpoint: iteration {state.iteration} written to {path} in {1e3 * (time.perf_counter() - t):.1f} ms")
+
     shell = Shell(engine, bind=bind, run_id=run_id, timeout_s=timeout_s, t0=t0, notes=note, curve=curve,
-                  heartbeat_s=heartbeat_s)
+                  heartbeat_s=heartbeat_s, checkpoint=checkpoint)
     log.info(f"listening on {shell.address}, run {run_id}"
              + (f", CURVE: {len(curve.roster.keys)} roles in the roster" if curve else ", without CURVE (insecure)"))
     if ready_file:
@@ -95,6 +108,7 @@ def main(public, bind: str, run_id: str, topology: str, out_dir: str, timeout_s:
             log.error(f"run failed: {reason}")
             emit("failed", reason=reason, role="coordinator")
             return 1
+        shutil.rmtree(checkpoint_folder(out_dir), ignore_errors=True)  # the run ended: nothing to resume
         emit("done", out=str(out_dir), converged=summary["converged"], iterations=summary["iterations"])
         if summary.get("outer_failure"):
             reason = (f"outer loop ({public.market.model}) ended without a feasible grid: {summary['outer_failure']} "

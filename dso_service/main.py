@@ -14,4 +14,4 @@ def main(public, coordinator: str, timeout_s: float, idle_timeout_s: float, curv
 
     setup_logging("dso").info(f"connecting to {coordinator}")
     return run_role(DSOEngine(public, pid=os.getpid(), host=socket.gethostname()), coordinator, idle_timeout_s,
-                    curve=curve)
+                    curve=curve, welcome_timeout_s=timeout_s)

@@ -65,6 +65,15 @@ PeerLossOpt = Annotated[PeerLoss, typer.Option(
 GraceOpt = Annotated[float, typer.Option(
     "--grace-s", envvar="P2PM_GRACE_S", min=0.1, max=86400.0,
     help="--on-peer-loss wait: how long a lost peer host may take to come back.")]
+CheckpointSOpt = Annotated[float, typer.Option(
+    "--checkpoint-s", envvar="P2PM_CHECKPOINT_S", min=0.0, max=86400.0,
+    help="Write the coordinator's checkpoint (RESULTS/checkpoint/state.npz) at most this often during a clearing "
+         "(0: never); 'p2pm resume RESULTS' goes on from it. Relay topology, benchmark P2P market.")]
+CheckpointEveryOpt = Annotated[int, typer.Option(
+    "--checkpoint-every", envvar="P2PM_CHECKPOINT_EVERY", min=0, max=10**9,
+    help="Also write the checkpoint every this many ADMM iterations (0: by --checkpoint-s only).")]
+ResumeOpt = Annotated[Optional[Path], typer.Option(
+    "--resume", hidden=True, help="Go on from the checkpoint in this results folder (what 'p2pm resume' runs).")]
 HeartbeatOpt = Annotated[float, typer.Option(
     "--heartbeat-s", envvar="P2PM_HEARTBEAT_S", min=0.05, max=60.0,
     help="Heartbeat interval of every role (ZeroMQ and application heartbeats); a role silent for 5 intervals is lost.")]
@@ -77,6 +86,50 @@ def _check_peer_loss(policy: PeerLoss, market, topology: str) -> None:
     why = drop_unsupported(market, topology) if policy is not PeerLoss.abort else None
     if why:
         _fail(f"--on-peer-loss {policy.value}: not available for {why}", EXIT_BAD_INPUT)
+
+
+def _resume_state(resume: Optional[Path], public, topology: str):
+    """The checkpoint ``--resume`` names, checked against this market (exit 2 naming the field), or None."""
+    if resume is None:
+        return None
+    from common.checkpoint import CheckpointError, check_matches, read_state
+    from common.partners import public_graph
+    from coordinator.engine import resume_unsupported
+
+    why = resume_unsupported(public.market, topology)
+    if why is not None:
+        _fail(f"--resume: a run cannot resume in {why}", EXIT_BAD_INPUT)
+    try:
+        state = read_state(resume)
+        graph = public_graph(public)
+        check_matches(state, scenario=public.name, topology=topology, peer_ids=list(graph.peer_ids),
+                      hours=public.market.hours, pairs=graph.n_pairs)
+    except CheckpointError as exc:
+        _fail(f"--resume {resume}: {exc}", EXIT_BAD_INPUT)
+    return state
+
+
+def _command_argv(ctx: typer.Context, **replace) -> list[str]:
+    """The command line that gives this command's parameters (those not at their default), with
+    ``replace`` overriding some: what a checkpointing run records for ``p2pm resume``."""
+    argv = [ctx.info_name]
+    for param in ctx.command.params:
+        value = replace.get(param.name, ctx.params.get(param.name))
+        if param.name in replace and value is None:
+            continue
+        if param.param_type_name == "argument":
+            argv.append(str(value))
+            continue
+        if value is None or (param.name not in replace and value == param.default) or param.name == "resume":
+            continue
+        if getattr(param, "is_flag", False):
+            names = param.opts if value else param.secondary_opts
+            if names:
+                argv.append(names[0])
+            continue
+        for v in (value if param.multiple else [value]):
+            argv += [param.opts[0], str(v.value if isinstance(v, Enum) else v)]
+    return argv
 
 
 def _fail(message: str, code: int) -> None:
@@ -220,6 +273,7 @@ AccelOpt = Annotated[Optional[bool], typer.Option("--acceleration/--no-accelerat
 
 @app.command()
 def run(
+    ctx: typer.Context,
     scenario: ScenarioArg,
     solver: Annotated[Solver, typer.Option(help="admm: the distributed system of separate processes; centralized: the reference.")] = Solver.admm,
     model: Annotated[Optional[Model], typer.Option(help="Market model (overrides the scenario).")] = None,
@@ -249,6 +303,9 @@ def run(
     on_peer_loss: PeerLossOpt = PeerLoss.abort,
     heartbeat_s: HeartbeatOpt = 1.0,
     grace_s: GraceOpt = 60.0,
+    checkpoint_s: CheckpointSOpt = 10.0,
+    checkpoint_every: CheckpointEveryOpt = 0,
+    resume: ResumeOpt = None,
 ):
     """Clear a market and write the results folder."""
     t0 = time.time()
@@ -271,8 +328,22 @@ def run(
               EXIT_BAD_INPUT)
     if solver is Solver.admm:
         _check_peer_loss(on_peer_loss, sc.market, topology.value)
+    if resume is not None and (solver is Solver.centralized or launch is Launch.podman):
+        _fail("--resume: a run resumes with --solver admm --launch local", EXIT_BAD_INPUT)
     out = out or Path("results") / f"{sc.name}-{solver.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out(out)
+    checkpoints = solver is Solver.admm and launch is Launch.local and (checkpoint_s > 0 or checkpoint_every > 0)
+    if checkpoints or resume is not None:
+        from common.public import split_scenario
+        from coordinator.engine import resume_unsupported
+
+        public = split_scenario(sc)[0]
+        _resume_state(resume, public, topology.value)
+        checkpoints = checkpoints and resume_unsupported(public.market, topology.value) is None
+    if checkpoints:
+        from common.checkpoint import write_command
+
+        write_command(out, _command_argv(ctx, out=str(out)))
     from common.report import format_summary, write_results
 
     if solver is Solver.centralized:
@@ -310,7 +381,9 @@ def run(
                 summary = run_distributed(sc, out, topology=topology.value, peers_per_process=peers_per_process,
                                           timeout_s=timeout_s, t0=t0, quiet=quiet, report=report,
                                           security=not insecure, keys=keys, on_peer_loss=on_peer_loss.value,
-                                          heartbeat_s=heartbeat_s, grace_s=grace_s)
+                                          heartbeat_s=heartbeat_s, grace_s=grace_s,
+                                          checkpoint_s=checkpoint_s if checkpoints else 0.0,
+                                          checkpoint_every=checkpoint_every if checkpoints else 0, resume=resume)
         except LaunchError as exc:
             _fail(str(exc), EXIT_FAILED)
     typer.echo(format_summary(summary))
@@ -389,6 +462,7 @@ PublicOpt = Annotated[str, typer.Option(
 
 @app.command()
 def coordinator(
+    ctx: typer.Context,
     scenario: PublicOpt,
     bind: Annotated[str, typer.Option(help="Address to listen on (use tcp://0.0.0.0:PORT in containers).", envvar="P2PM_BIND")] = "tcp://127.0.0.1:5555",
     run_id: Annotated[Optional[str], typer.Option(help="Run id carried by every message (default: random).", envvar="P2PM_RUN_ID")] = None,
@@ -410,6 +484,12 @@ def coordinator(
     on_peer_loss: PeerLossOpt = PeerLoss.abort,
     heartbeat_s: HeartbeatOpt = 1.0,
     grace_s: GraceOpt = 60.0,
+    checkpoint_s: CheckpointSOpt = 10.0,
+    checkpoint_every: CheckpointEveryOpt = 0,
+    resume: ResumeOpt = None,
+    record_command: Annotated[bool, typer.Option("--record-command/--no-record-command", hidden=True,
+                                                 help="Record this command for 'p2pm resume' (the launcher records "
+                                                      "its own).")] = True,
 ):
     """Start the coordinator: registration, ADMM rounds, DSO/TSO dialogs, results. It reads only the
     public scenario."""
@@ -425,9 +505,20 @@ def coordinator(
     _check_peer_loss(on_peer_loss, public.market, topology.value)
     if public.market.staleness and topology is not Topology.mesh:
         _fail("market.staleness: the asynchronous ADMM runs in the mesh topology (--topology mesh)", EXIT_BAD_INPUT)
+    state = _resume_state(resume, public, topology.value)
+    from coordinator.engine import resume_unsupported
+
+    if resume_unsupported(public.market, topology.value) is not None:
+        checkpoint_s, checkpoint_every = 0.0, 0
+    _check_out(out)
+    if record_command and (checkpoint_s > 0 or checkpoint_every > 0):
+        from common.checkpoint import write_command
+
+        write_command(out, _command_argv(ctx))
     code = coordinator_main(public, bind, run_id or uuid.uuid4().hex[:12], topology.value, str(out), timeout_s,
                             t0 or time.time(), str(ready_file) if ready_file else None, processes, report, curve=curve,
-                            heartbeat_s=heartbeat_s, on_peer_loss=on_peer_loss.value, grace_s=grace_s)
+                            heartbeat_s=heartbeat_s, on_peer_loss=on_peer_loss.value, grace_s=grace_s,
+                            checkpoint_every=checkpoint_every, checkpoint_s=checkpoint_s, resume=state)
     raise typer.Exit(code)
 
 
@@ -465,7 +556,8 @@ def peer(
 
 
 CoordinatorAddr = Annotated[str, typer.Option(help="Coordinator address.", envvar="P2PM_COORDINATOR")]
-ServiceTimeout = Annotated[float, typer.Option(help="Deadline for a single send.", min=0.1, max=86400.0, envvar="P2PM_TIMEOUT_S")]
+ServiceTimeout = Annotated[float, typer.Option(help="How long to wait for the coordinator's welcome (the service "
+                                                     "then stops, naming it).", min=0.1, max=86400.0, envvar="P2PM_TIMEOUT_S")]
 IdleTimeout = Annotated[float, typer.Option(help="Longest wait for the next request.", min=1.0, max=604800.0)]
 
 
@@ -493,6 +585,35 @@ def tso(scenario: PublicOpt, coordinator: CoordinatorAddr, timeout_s: ServiceTim
     public = _load_public(scenario)
     curve = _identity(keys, insecure, "tso")
     raise typer.Exit(tso_main(public, coordinator, timeout_s, idle_timeout_s, curve=curve))
+
+
+@app.command()
+def resume(
+    results: Annotated[Path, typer.Argument(help="The results folder of an interrupted run (p2pm run, or p2pm "
+                                                 "coordinator) that wrote a checkpoint.")],
+):
+    """Go on with an interrupted run from its last checkpoint: the same command again (same scenario,
+    options and results folder), its coordinator starting from the checkpoint's iteration, trades and
+    prices. A run started by 'p2pm run' starts its peers and services again; for a coordinator started
+    by hand, start the other roles again as before (they stop soon after losing their coordinator)."""
+    import subprocess
+
+    from common.checkpoint import CheckpointError, read_command, read_state
+
+    try:
+        argv, cwd = read_command(results)
+        state = read_state(results)
+    except CheckpointError as exc:
+        _fail(f"{results}: {exc}", EXIT_BAD_INPUT)
+    typer.echo(f"resuming run {state.run_id} of {state.scenario} from iteration {state.iteration} "
+               f"({len(state.peer_ids)} peers): p2pm {' '.join(argv)}", err=True)
+    cmd = [sys.executable, "-m", "p2pm", *argv, "--resume", str(results.resolve())]
+    child = subprocess.Popen(cmd, cwd=cwd)
+    while True:
+        try:
+            raise typer.Exit(child.wait())
+        except KeyboardInterrupt:  # the run (same process group) got the Ctrl-C too; it stops its processes
+            continue
 
 
 @app.command()

@@ -262,6 +262,7 @@ def _run_podman(scenario, out: Path, *, topology: str, peers_per_process: int, t
             key_mounts, key_env = _key_mount(keys, "coordinator")
             start(coord, f"{prefix}-coordinator",
                   ["coordinator", "--run-id", run_id, "--t0", repr(t0), "--processes", str(n_processes),
+                   "--checkpoint-s", "0", "--no-record-command",  # (p2pm resume restarts local runs)
                    *([] if report else ["--no-report"])], [public_mount, *key_mounts],
                   {"P2PM_SCENARIO": "/p2pm/public/public.json", "P2PM_BIND": f"tcp://0.0.0.0:{PORT}",
                    "P2PM_TOPOLOGY": topology, "P2PM_OUT": "/results", "P2PM_TIMEOUT_S": f"{timeout_s:g}", **key_env},

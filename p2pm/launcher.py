@@ -240,11 +240,15 @@ def _reader(source: str, stream, q: queue.Queue) -> None:
 def run_distributed(scenario, out: Path, *, topology: str = "relay", peers_per_process: int = 1,
                     timeout_s: float = 30.0, t0: float | None = None, quiet: bool = False, report: bool = True,
                     on_event=None, security: bool = True, keys: Path | None = None, on_peer_loss: str = "abort",
-                    heartbeat_s: float = 1.0, grace_s: float = 60.0) -> dict:
+                    heartbeat_s: float = 1.0, grace_s: float = 60.0, checkpoint_s: float = 0.0,
+                    checkpoint_every: int = 0, resume: Path | None = None) -> dict:
     """Run the distributed clearing of ``scenario`` (loaded, with any overrides applied) locally;
     returns the summary dict. ``on_event``, if given, is called with every progress event of the
     coordinator (a dict: ready, iteration, outer, done). ``security``: CURVE with throwaway keys
-    (or the key folder ``keys`` of ``p2pm keys``); False: without (``--insecure``)."""
+    (or the key folder ``keys`` of ``p2pm keys``); False: without (``--insecure``).
+    ``checkpoint_s``/``checkpoint_every``: the coordinator's checkpoints (``out/checkpoint``);
+    ``resume``: a results folder whose checkpoint the run goes on from (its earlier logs are kept
+    in ``logs-interrupted-N``)."""
     t0 = time.time() if t0 is None else t0
     from p2pm.sizing import check_message_size
 
@@ -253,21 +257,29 @@ def run_distributed(scenario, out: Path, *, topology: str = "relay", peers_per_p
         raise LaunchError(too_big)
     out = Path(out)
     logs = out / "logs"
+    if resume is not None and logs.is_dir():
+        n = 1
+        while (out / f"logs-interrupted-{n}").exists():
+            n += 1
+        logs.rename(out / f"logs-interrupted-{n}")
     logs.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:12]
     inputs = Path(tempfile.mkdtemp(prefix="p2pm-inputs-"))  # mode 0700: the peers' private files
     try:
         with run_keys(scenario, peers_per_process, security, keys) as key_dir:
             public_path, private_files = write_split(scenario, inputs)
+            checkpoints = ["--checkpoint-s", repr(checkpoint_s), "--checkpoint-every", str(checkpoint_every),
+                           "--no-record-command", *([] if resume is None else ["--resume", str(resume)])]
             return _run(public_path, private_files, scenario, out, logs, run_id, topology, peers_per_process,
-                        timeout_s, t0, quiet, report, on_event, key_dir, on_peer_loss, heartbeat_s, grace_s)
+                        timeout_s, t0, quiet, report, on_event, key_dir, on_peer_loss, heartbeat_s, grace_s,
+                        checkpoints)
     finally:
         shutil.rmtree(inputs, ignore_errors=True)
 
 
 def _run(public_path, private_files, scenario, out, logs, run_id, topology, peers_per_process, timeout_s, t0, quiet,
          report, on_event=None, keys: Path | None = None, on_peer_loss: str = "abort", heartbeat_s: float = 1.0,
-         grace_s: float = 60.0) -> dict:
+         grace_s: float = 60.0, checkpoints: tuple[str, ...] = ()) -> dict:
     groups = _peer_groups(scenario, private_files, peers_per_process)
     n_processes = len(groups) + 3
     launch = Launch()
@@ -292,7 +304,8 @@ def _run(public_path, private_files, scenario, out, logs, run_id, topology, peer
                 "--run-id", run_id, "--topology", topology, "--out", str(out), "--timeout-s", str(timeout_s),
                 "--t0", repr(t0), "--processes", str(n_processes), *([] if report else ["--no-report"]),
                 *_security_args(keys, "coordinator"),
-                "--on-peer-loss", on_peer_loss, "--heartbeat-s", repr(heartbeat_s), "--grace-s", repr(grace_s)],
+                "--on-peer-loss", on_peer_loss, "--heartbeat-s", repr(heartbeat_s), "--grace-s", repr(grace_s),
+                *checkpoints],
                 coord.log, stdout=subprocess.PIPE)
             launch.roles.append(coord)
             threading.Thread(target=_reader, args=("coordinator", coord.popen.stdout, events), daemon=True).start()

@@ -117,6 +117,10 @@ class Summary(BaseModel):
     rejoined_peers: Optional[list[dict]] = Field(
         None, description="Peer hosts lost and back within the grace time (policy wait): host, peers, iteration, "
                           "reason, lost_s and back_s (seconds since the launch).")
+    resumed_from: Optional[dict] = Field(
+        None, description="A run resumed from a checkpoint ('p2pm resume'): the interrupted run's run_id, the iteration "
+                          "it went on from and when that checkpoint was written (written_s, seconds since the "
+                          "interrupted run's launch). Iterations count on from it; wall times are the resumed run's.")
 
 
 def summary_json_schema() -> dict:

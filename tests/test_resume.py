@@ -1,0 +1,144 @@
+"""Checkpoint and resume with real processes (end to end): the coordinator of a running clearing
+is killed (SIGKILL) after a checkpoint; `p2pm resume RESULTS` goes on from it, started by the local
+launcher (every role again) or by hand (the coordinator again, then the other roles again as the
+lab or the orchestrator would), and ends at the optimum of the whole market."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from common.centralized import solve_p2p
+from common.models import peer_models
+from common.scenario import load_scenario
+from p2pm_support import P2PM, alive, descendants, free_port, small_market, split
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+NETWORK = json.dumps({"default": {"latency_ms": 3.0}})  # the clearing lasts long enough to be interrupted
+CHECKPOINT = r"checkpoint: iteration (\d+) written"
+
+
+def _env() -> dict:
+    return {**os.environ, "P2PM_NETWORK": NETWORK}
+
+
+def _wait_for(path: Path, pattern: str, timeout_s: float, proc: subprocess.Popen | None = None) -> re.Match:
+    end = time.monotonic() + timeout_s
+    while True:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        m = re.search(pattern, text)
+        if m:
+            return m
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"ended (code {proc.returncode}) before {pattern!r}:\n{text[-2000:]}")
+        assert time.monotonic() < end, f"no {pattern!r} in {path}:\n{text[-2000:]}"
+        time.sleep(0.01)
+
+
+def _optimum(scen: Path) -> float:
+    return float(solve_p2p(peer_models(load_scenario(scen))).social_welfare_eur.sum())
+
+
+def _coordinator_pid(log: Path) -> int:
+    return int(re.search(r"coordinator pid (\d+)", log.read_text()).group(1))
+
+
+def test_a_run_whose_coordinator_was_killed_resumes_from_its_checkpoint_to_the_optimum(tmp_path):
+    scen = small_market(tmp_path / "small.yaml", 15, hours=3)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*P2PM, "run", str(scen), "--out", str(out), "--quiet", "--no-report", "--no-pool-price",
+                             "--tolerance", "1e-7", "--checkpoint-every", "10", "--timeout-s", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=True)
+    log = out / "logs" / "coordinator.log"
+    try:
+        _wait_for(log, r"checkpoint: iteration 20 written", 90, proc)
+        pids = descendants(proc.pid)
+        os.kill(_coordinator_pid(log), signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 1 and "the coordinator exited with code -9" in err, err
+    time.sleep(0.5)
+    assert [p for p in pids if alive(p)] == []
+    written = int(re.findall(CHECKPOINT, log.read_text())[-1])
+    assert (out / "checkpoint" / "state.npz").is_file() and not (out / "summary.json").exists()
+
+    resumed = subprocess.run([*P2PM, "resume", str(out)], capture_output=True, text=True, env=_env(), timeout=150)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from iteration {written}" in resumed.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["converged"] and s["resumed_from"]["iteration"] == written and s["iterations"] > written
+    assert abs(s["social_welfare_eur"] - _optimum(scen)) <= 1e-6 * abs(_optimum(scen))
+    assert (out / "logs-interrupted-1" / "coordinator.log").is_file()  # the interrupted run's logs are kept
+    assert not (out / "checkpoint").exists()  # the run ended: nothing left to resume
+    again = subprocess.run([*P2PM, "resume", str(out)], capture_output=True, text=True, env=_env(), timeout=60)
+    assert again.returncode == 2 and "does not exist" in again.stderr
+
+
+def test_a_coordinator_started_by_hand_resumes_and_the_roles_started_again_finish_the_run(tmp_path):
+    scen = small_market(tmp_path / "small.yaml", 16, hours=3, pool_price_start=False)
+    public, private = split(scen, tmp_path / "split")
+    address, out, logs = f"tcp://127.0.0.1:{free_port()}", tmp_path / "out", tmp_path / "logs"
+    logs.mkdir()
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name, *args):
+        with open(logs / f"{name}.log", "a") as f:
+            procs[name] = subprocess.Popen([*P2PM, *map(str, args)], stdout=f, stderr=f, env=_env())
+
+    def others(tag: str):
+        for svc in ("dso", "tso"):
+            start(f"{svc}{tag}", svc, "--scenario", public, "--coordinator", address, "--insecure", "--timeout-s", "10")
+        ids = sorted(private)
+        for host, group in (("h-a", ids[:3]), ("h-b", ids[3:])):
+            start(f"{host}{tag}", "peer", "--coordinator", address, "--host-id", host, "--insecure",
+                  *[a for pid in group for a in ("--model", private[pid])])
+
+    try:
+        start("coordinator", "coordinator", "--scenario", public, "--bind", address, "--out", out, "--no-report",
+              "--tolerance", "1e-7", "--checkpoint-every", "10", "--heartbeat-s", "0.5", "--insecure")
+        others("")
+        _wait_for(logs / "coordinator.log", r"checkpoint: iteration 20 written", 90, procs["coordinator"])
+        procs["coordinator"].send_signal(signal.SIGKILL)
+        for name, p in procs.items():  # every role gives its lost coordinator up: within a few heartbeats
+            assert p.wait(timeout=30) != 0, name  # (a service not yet welcomed: within its --timeout-s)
+        written = int(re.findall(CHECKPOINT, (logs / "coordinator.log").read_text())[-1])
+
+        procs["resume"] = subprocess.Popen([*P2PM, "resume", str(out)], stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True, env=_env())
+        others("-again")
+        _, err = procs["resume"].communicate(timeout=120)
+        assert procs["resume"].returncode == 0, err[-3000:]
+        for name in ("dso-again", "tso-again", "h-a-again", "h-b-again"):
+            assert procs[name].wait(timeout=30) == 0, (logs / f"{name}.log").read_text()[-2000:]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["converged"] and s["resumed_from"]["iteration"] == written
+    assert abs(s["social_welfare_eur"] - _optimum(scen)) <= 1e-6 * abs(_optimum(scen))
+
+
+def test_a_service_started_by_hand_that_is_never_welcomed_stops_naming_the_coordinator(tmp_path):
+    scen = small_market(tmp_path / "small.yaml", 17, hours=2)
+    public, _ = split(scen, tmp_path / "split")
+    address = f"tcp://127.0.0.1:{free_port()}"  # nobody listens there
+    for svc in ("dso", "tso"):
+        r = subprocess.run([*P2PM, svc, "--scenario", str(public), "--coordinator", address, "--insecure",
+                            "--timeout-s", "2"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1
+        assert f"the coordinator at {address} did not take this role's HELLO within 2 s (is it running?)" in r.stderr, \
+            r.stderr[-2000:]
