@@ -87,6 +87,14 @@ class HostLost(Exception):
         self.host, self.reason = host, reason
 
 
+class ServiceLost(Exception):
+    """Policy wait: the service being asked was lost; it is asked again once it is back."""
+
+    def __init__(self, role: str):
+        super().__init__(role)
+        self.role = role
+
+
 class RunFailure(RuntimeError):
     """The run cannot go on; ``role`` is to blame, the message says why."""
 
@@ -199,6 +207,9 @@ class CoordinatorEngine:
         self.resume = resume
         self.resumed_from: dict | None = None
         self.rejoined: list[dict] = []
+        self.rejoined_services: list[dict] = []
+        self.services_lost: dict[str, tuple[float, str]] = {}  # policy wait: service -> (when, why) it was lost
+        self._asking: str | None = None  # the service whose answer is awaited
         self._wait_timeout: float | None = None
         self.now_s = 0.0
         self.last_seen: dict[str, float] = {}  # registered role -> when it was last heard of
@@ -313,6 +324,14 @@ class CoordinatorEngine:
             return
         where = f" at iteration {self.iteration}" if self.iteration else ""
         detail = f"{self._describe(role)} lost{where}: {ev.reason or 'gone'}"
+        if role in SERVICES and self.on_peer_loss == "wait" and self._services_may_wait():
+            self.services.pop(role, None)
+            self.services_lost[role] = (self.now_s, ev.reason or "gone")
+            self._log(f"{detail}; waiting up to {self.grace_s:g} s for it to come back")
+            self._note("waiting", host=role, peers=[], iteration=int(self.iteration), grace_s=self.grace_s)
+            if self._asking == role:
+                raise ServiceLost(role)
+            return
         self._log(detail)
         if role in self.hosts and self._droppable:
             raise HostLost(role, ev.reason or "gone")
@@ -375,12 +394,59 @@ class CoordinatorEngine:
         self.last_seen[sender] = self.now_s
         self._send(sender, Welcome(config={"run_id": self.run_id, "hours": self.H, "heartbeat_s": self.heartbeat_s}))
         self._log(f"{hello.role} service registered (pid {hello.pid} on {hello.host})")
+        lost = self.services_lost.pop(hello.role, None)
+        if lost is not None:
+            self.rejoined_services.append({"role": hello.role, "iteration": int(self.iteration), "reason": lost[1],
+                                           "lost_s": round(float(lost[0]), 3), "back_s": round(float(self.now_s), 3)})
+            self._note("rejoined", host=hello.role, iteration=int(self.iteration))
+
+    def _services_may_wait(self) -> bool:
+        """Policy wait covers the services where it covers the peer hosts (the DSO and TSO are asked
+        once, after the clearing; a network agent or an outer loop cannot wait)."""
+        return drop_unsupported(self.market, self.topology) is None
 
     def _service(self, role: str):
         if role in self.services:
             return
+        lost = self.services_lost.get(role)
+        if lost is None:
+            yield from self._await(lambda ev: role in self.services,
+                                   lambda t: RunFailure(role, f"the {role} service did not register within {t:g} s"))
+            return
+        self._log(f"waiting for the {role} service, lost at {lost[0]:.1f} s ({lost[1]}), to come back")
         yield from self._await(lambda ev: role in self.services,
-                               lambda t: RunFailure(role, f"the {role} service did not register within {t:g} s"))
+                               lambda t: RunFailure(role, f"the {role} service, lost ({lost[1]}), did not come back "
+                                                          f"within {t:g} s"), lost[0], self.grace_s)
+
+    def _ask(self, role: str, request, accept: Callable[[Received], bool], silent: Callable[[float], RunFailure]):
+        """Send ``request`` to a service and return its accepted answer; policy wait: a service lost
+        meanwhile is asked again once it is back. The deadline counts from the (last) request."""
+        while True:
+            yield from self._service(role)
+            self._send(role, request, self.iteration)
+            since = self.now_s
+            self._asking = role
+            try:
+                while True:
+                    ev = yield from self._await(accept, silent, since)
+                    if self._answer_problem(role, ev) is None:
+                        return ev
+            except ServiceLost:
+                continue
+            finally:
+                self._asking = None
+
+    def _answer_problem(self, role: str, ev) -> str | None:
+        """Why a service's answer is refused (counted; the wait goes on, its deadline unchanged), or None."""
+        if not isinstance(ev.message, GridReport):
+            return None
+        if ev.message.status != "ok":
+            raise RunFailure("dso", f"the dso service could not check the dispatch: {ev.message.status}")
+        problem = _report_problem(ev.message)
+        if problem is not None:
+            self.rejected["body"] += 1
+            self._log(f"refused a grid report: {problem}")
+        return problem
 
     # -- the run --------------------------------------------------------------------------------
     def _run(self):
@@ -914,33 +980,19 @@ class CoordinatorEngine:
         return self.roster  # p2p: the public roster, less any peers dropped
 
     def _ask_dso(self, cleared: Cleared, plan: bool = False):
-        yield from self._service("dso")
         roster = self._market_roster()
-        k = self.iteration
-        self._send("dso", Dispatch(peer_ids=tuple(p.id for p in roster), kinds=tuple(p.kind for p in roster),
-                                   buses=tuple(int(p.bus) for p in roster), p_mw=cleared.p_mw, q_mvar=cleared.q_mvar,
-                                   plan=plan), k)
-        t, since = self.timer(), self.now_s
-        while True:
-            ev = yield from self._await(
-                lambda e: isinstance(e.message, GridReport) and e.sender == "dso",
-                lambda t: RunFailure("dso", f"the dso service did not answer the dispatch within {t:g} s"), since)
-            report = ev.message
-            if report.status != "ok":
-                raise RunFailure("dso", f"the dso service could not check the dispatch: {report.status}")
-            problem = _report_problem(report)
-            if problem is None:
-                break
-            self.rejected["body"] += 1  # refused and counted: the wait goes on (its deadline unchanged)
-            self._log(f"refused a grid report: {problem}")
+        dispatch = Dispatch(peer_ids=tuple(p.id for p in roster), kinds=tuple(p.kind for p in roster),
+                            buses=tuple(int(p.bus) for p in roster), p_mw=cleared.p_mw, q_mvar=cleared.q_mvar, plan=plan)
+        t = self.timer()
+        ev = yield from self._ask(
+            "dso", dispatch, lambda e: isinstance(e.message, GridReport) and e.sender == "dso",
+            lambda t: RunFailure("dso", f"the dso service did not answer the dispatch within {t:g} s"))
         self.timing["dso_s"] = self.timer() - t
-        return report
+        return ev.message
 
     def _ask_tso(self):
-        yield from self._service("tso")
-        self._send("tso", FreqQuery(hours=self.H), self.iteration)
-        ev = yield from self._await(
-            lambda e: isinstance(e.message, FreqRequest) and e.sender == "tso",
+        ev = yield from self._ask(
+            "tso", FreqQuery(hours=self.H), lambda e: isinstance(e.message, FreqRequest) and e.sender == "tso",
             lambda t: RunFailure("tso", f"the tso service did not answer within {t:g} s"))
         vl = ev.message.virtual_load_mw
         if vl.shape != (self.H,):

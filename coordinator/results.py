@@ -70,6 +70,8 @@ def build_result(outcome: RunOutcome, engine: CoordinatorEngine, traffic: list[t
         result.extra["on_peer_loss"] = engine.on_peer_loss
         result.extra["dropped_peers"] = list(outcome.dropped)
         result.extra["rejoined_peers"] = list(engine.rejoined)
+        if engine.rejoined_services:
+            result.extra["rejoined_services"] = list(engine.rejoined_services)
         if engine.resumed_from is not None:
             result.extra["resumed_from"] = dict(engine.resumed_from)
     return result

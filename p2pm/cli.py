@@ -60,7 +60,8 @@ PeerLossOpt = Annotated[PeerLoss, typer.Option(
     "--on-peer-loss", envvar="P2PM_ON_PEER_LOSS",
     help="When a peer host is lost (killed, stopped, disconnected): abort the run naming it; drop its peers and "
          "clear on without them, warm-started; or wait up to --grace-s for it to come back (`p2pm peer` started again "
-         "with the same --host-id) and go on from where it was lost. drop and wait: full P2P market, relay topology, "
+         "with the same --host-id) and go on from where it was lost (wait also lets a lost DSO or TSO started by hand "
+         "come back; a request it had not answered is sent again). drop and wait: full P2P market, relay topology, "
          "benchmark model; summary.json says who was dropped or came back, and when.")]
 GraceOpt = Annotated[float, typer.Option(
     "--grace-s", envvar="P2PM_GRACE_S", min=0.1, max=86400.0,

@@ -142,3 +142,43 @@ def test_a_service_started_by_hand_that_is_never_welcomed_stops_naming_the_coord
         assert r.returncode == 1
         assert f"the coordinator at {address} did not take this role's HELLO within 2 s (is it running?)" in r.stderr, \
             r.stderr[-2000:]
+
+
+def test_a_dso_started_again_by_hand_under_policy_wait_answers_and_the_run_ends(tmp_path):
+    """Roles by hand, --on-peer-loss wait: the DSO is killed during the clearing and started again;
+    it registers again, gets the dispatch, and the run ends with its grid report."""
+    scen = small_market(tmp_path / "small.yaml", 18, hours=3, pool_price_start=False)
+    public, private = split(scen, tmp_path / "split")
+    address, out, logs = f"tcp://127.0.0.1:{free_port()}", tmp_path / "out", tmp_path / "logs"
+    logs.mkdir()
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name, *args):
+        with open(logs / f"{name}.log", "a") as f:
+            procs[name] = subprocess.Popen([*P2PM, *map(str, args), "--insecure"], stdout=f, stderr=f, env=_env())
+
+    try:
+        start("coordinator", "coordinator", "--scenario", public, "--bind", address, "--out", out, "--no-report",
+              "--tolerance", "1e-7", "--heartbeat-s", "0.5", "--on-peer-loss", "wait", "--grace-s", "60")
+        for svc in ("dso", "tso"):
+            start(svc, svc, "--scenario", public, "--coordinator", address)
+        ids = sorted(private)
+        start("h-a", "peer", "--coordinator", address, "--host-id", "h-a", *[a for p in ids for a in ("--model", private[p])])
+        coord_log = logs / "coordinator.log"
+        _wait_for(coord_log, r"dso service registered", 90, procs["coordinator"])
+        _wait_for(coord_log, r"peers in 1 processes ready", 90, procs["coordinator"])
+        procs["dso"].send_signal(signal.SIGKILL)
+        _wait_for(coord_log, r"the dso service lost at iteration \d+: .*waiting up to 60 s", 30, procs["coordinator"])
+        start("dso-again", "dso", "--scenario", public, "--coordinator", address)
+        assert procs["coordinator"].wait(timeout=120) == 0, coord_log.read_text()[-3000:]
+        assert procs["dso-again"].wait(timeout=30) == 0
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    s = json.loads((out / "summary.json").read_text())
+    (back,) = s["rejoined_services"]
+    assert back["role"] == "dso" and s["converged"] and s["rejoined_peers"] == []
+    assert abs(s["social_welfare_eur"] - _optimum(scen)) <= 1e-6 * abs(_optimum(scen))
+    assert (out / "buses.csv").is_file()

@@ -117,6 +117,9 @@ class Summary(BaseModel):
     rejoined_peers: Optional[list[dict]] = Field(
         None, description="Peer hosts lost and back within the grace time (policy wait): host, peers, iteration, "
                           "reason, lost_s and back_s (seconds since the launch).")
+    rejoined_services: Optional[list[dict]] = Field(
+        None, description="The DSO or TSO lost and back within the grace time (policy wait): role, iteration, reason, "
+                          "lost_s and back_s; a request it had not answered was sent again.")
     resumed_from: Optional[dict] = Field(
         None, description="A run resumed from a checkpoint ('p2pm resume'): the interrupted run's run_id, the iteration "
                           "it went on from and when that checkpoint was written (written_s, seconds since the "

@@ -263,3 +263,39 @@ def test_a_lost_host_that_does_not_come_back_ends_the_run_naming_it(p2p_peers):
     fail = net.ended[0]
     assert fail.role == "h0002-l0" and 10.0 <= t <= 11.0
     assert "did not come back within 8 s" in fail.reason
+
+
+@pytest.mark.parametrize("service", ["dso", "tso"])
+def test_a_service_lost_while_asked_is_asked_again_once_it_is_back(service):
+    """Policy wait: the DSO (TSO) is lost when the coordinator sends it its request and is started
+    again at once (a new engine); it registers again, gets the request again, and the run ends
+    with its answer; ``rejoined_services`` says when."""
+    from common.scenario import load_scenario
+    from dso_service.engine import DSOEngine
+    from p2pm.local import engines_for
+    from tso_service.engine import TSOEngine
+
+    sc = load_scenario("mv37")
+    coordinator, engines = engines_for(sc, peers_per_process=25)
+    coordinator.on_peer_loss, coordinator.grace_s = "wait", 30.0
+    public = coordinator.public
+    factory = {"dso": lambda: DSOEngine(public), "tso": lambda: TSOEngine(public.tso_virtual_load_mw)}[service]
+    driver = InProcessDriver(engines, lose={service: 0}, restart={service: factory})
+    outcome = driver.run()
+    (back,) = coordinator.rejoined_services
+    assert back["role"] == service and "fault injection" in back["reason"]
+    assert coordinator.rejoined == [] and outcome.clearings[-1].converged
+    assert "buses" in outcome.report.tables
+    assert sum(1 for n in driver.notes if n.event == "waiting" and n.fields["host"] == service) == 1
+
+
+def test_a_lost_service_that_does_not_come_back_ends_the_run_naming_it():
+    from common.scenario import load_scenario
+    from p2pm.local import engines_for
+
+    sc = load_scenario("mv37")
+    coordinator, engines = engines_for(sc, peers_per_process=25)
+    coordinator.on_peer_loss, coordinator.grace_s = "wait", 5.0
+    with pytest.raises(RunFailed) as err:
+        InProcessDriver(engines, lose={"dso": 0}).run()
+    assert err.value.role == "dso" and "the dso service, lost (lost (fault injection)), did not come back" in err.value.reason
