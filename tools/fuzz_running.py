@@ -804,6 +804,18 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(sum(r["fuzz"]["sent"].values()) for r in fuzzed if r.get("fuzz") and "sent" in r["fuzz"])
     strangers = sum(r["fuzz"]["connections"] for r in fuzzed if r.get("fuzz") and "connections" in r["fuzz"])
     ok = all(r["ok"] for r in rows) and total >= args.messages
+    by_reason: dict[str, Counter] = {}  # over every fuzzed run: what each role counted, by reason
+    for r in fuzzed:
+        for role, a in (r.get("accounting") or {}).items():
+            by_reason.setdefault(f"{r['mode']} {role}", Counter()).update(a.get("by_reason") or a.get("counted") or {})
+    print("\ncounted over all fuzzed runs (fuzzed - reference):", flush=True)
+    for key, counts in sorted(by_reason.items()):
+        print(f"  {key}: {sum(counts.values())} {fmt(dict(counts))}", flush=True)
+    kinds = Counter()
+    for r in fuzzed:
+        kinds.update((r.get("fuzz") or {}).get("by_kind") or {})
+    if kinds:
+        print(f"  insecure messages by kind: {fmt(dict(kinds))}", flush=True)
     wall = time.monotonic() - t0
     load = os.getloadavg()
     print(f"\nhostile messages to the decoders: {total} (asked {args.messages}); stranger connections (CURVE): "
@@ -812,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     if args.out:
         args.out.write_text(json.dumps({"messages_to_decoders": total, "stranger_connections": strangers, "ok": ok,
+                                        "counted_by_role_and_reason": {k: dict(v) for k, v in by_reason.items()},
+                                        "insecure_messages_by_kind": dict(kinds),
                                         "wall_s": wall, "loadavg": load, "cpus": os.cpu_count(), "seed": args.seed,
                                         "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
                                        indent=1, default=str))
