@@ -63,12 +63,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import msgspec  # noqa: E402
-import numpy as np  # noqa: E402
-import zmq  # noqa: E402
+import msgspec
+import numpy as np
+import zmq
 
-from common.codec import encode  # noqa: E402
-from common.protocol import MAX_MESSAGE_BYTES, MsgType  # noqa: E402
+from common.codec import encode
+from common.protocol import MAX_MESSAGE_BYTES, MsgType
 
 TARGETS = {
     "mv37-relay": ("mv37", ["--topology", "relay"]),
@@ -398,7 +398,7 @@ class Run:
             time.sleep(0.05)
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
-        stdout, stderr = self.proc.communicate()
+        _, stderr = self.proc.communicate()
         self.wall_s = time.monotonic() - self.t_start
         leftover_end = time.monotonic() + 10
         while [p for p in self.pids if alive(p)] and time.monotonic() < leftover_end:
