@@ -79,7 +79,7 @@ _CONTROL = {MsgType.HELLO, MsgType.HEARTBEAT, MsgType.READY}
 MAY_SEND: dict[tuple[str, str], frozenset[MsgType]] = {
     ("peer", "main"): frozenset(_CONTROL | {MsgType.UPDATE, MsgType.RESIDUALS, MsgType.RESULT, MsgType.QUANTITY_SUM,
                                             MsgType.POOL_QUANTITY}),
-    ("peer", "mesh"): frozenset({MsgType.TRADES, MsgType.HEARTBEAT}),
+    ("peer", "mesh"): frozenset({MsgType.TRADES}),  # (HEARTBEATs go to the coordinator only)
     ("dso", "main"): frozenset(_CONTROL | {MsgType.GRID_REPORT, MsgType.NETWORK_RESULT}),
     ("tso", "main"): frozenset(_CONTROL | {MsgType.FREQ_REQUEST}),
     ("coordinator", "main"): frozenset({MsgType.WELCOME, MsgType.SHUTDOWN, MsgType.HEARTBEAT,

@@ -272,7 +272,9 @@ class CoordinatorEngine:
                 if event.sender in self.last_seen:
                     self.last_seen[event.sender] = event.now_s
                 if isinstance(event.message, Heartbeat):
-                    if event.sender in self.last_seen and event.message.rejected is not None:
+                    if event.sender not in self.last_seen:  # not a role of the run: refused like its other messages
+                        self.rejected["type"] += 1
+                    elif event.message.rejected is not None:
                         self.role_rejected[event.sender] = dict(event.message.rejected)
                     return self._out
             elif isinstance(event, Tick):

@@ -21,7 +21,7 @@ import zmq.asyncio
 
 from common.codec import encode
 from common.engine import COORDINATOR, Finish, Received, Send, Started
-from common.protocol.control import Hello, Shutdown
+from common.protocol.control import Heartbeat, Hello, Shutdown
 from common.protocol.grid import GridReport
 from common.protocol.market import Trades, Update, UpdatePeer
 from common.security import (DOMAIN_MESH, KeysError, Roster, load_identity, may_send, write_keys)
@@ -122,6 +122,7 @@ def test_each_role_may_send_only_its_own_message_types():
     assert may_send("h0003-pv1", "main", MsgType.UPDATE) and may_send("h0003-pv1", "mesh", MsgType.TRADES)
     assert not may_send("h0003-pv1", "main", MsgType.GRID_REPORT) and not may_send("h0003-pv1", "main", MsgType.ROUND)
     assert not may_send("h0003-pv1", "main", MsgType.TRADES) and not may_send("h0003-pv1", "mesh", MsgType.UPDATE)
+    assert not may_send("h0003-pv1", "mesh", MsgType.HEARTBEAT)  # heartbeats go to the coordinator only
     assert may_send("dso", "main", MsgType.GRID_REPORT) and not may_send("tso", "main", MsgType.GRID_REPORT)
     assert not may_send("dso", "mesh", MsgType.TRADES) and not may_send("dso", "main", MsgType.UPDATE)
     assert may_send(COORDINATOR, "main", MsgType.ROUND) and not may_send(COORDINATOR, "main", MsgType.UPDATE)
@@ -321,6 +322,7 @@ async def test_a_mesh_socket_admits_only_peer_hosts_and_their_own_trades(tmp_pat
         await socks[0].send(_wire(trades, "r1", "dso"))  # the DSO's key: not a peer host
         await socks[1].send(_wire(trades, "r1", "h0000-a"))  # a peer host's key under another name
         await socks[1].send(_wire(Update({}), "r1", "h0001-b"))  # not a mesh message
+        await socks[1].send(_wire(Heartbeat(), "r1", "h0001-b"))  # nor is a heartbeat (they go to the coordinator)
         await socks[1].send(_wire(trades, "r1", "h0001-b"))  # its own trades: delivered
         rejected = shell.transport.rejected
         end = time.monotonic() + 40
@@ -334,7 +336,7 @@ async def test_a_mesh_socket_admits_only_peer_hosts_and_their_own_trades(tmp_pat
         ctx.term()
         shell.close()
     assert partner.trades == ["h0001-b"]
-    assert rejected["sender"] == 1 and rejected["role"] == 1 and rejected["unauthenticated"] >= 1, dict(rejected)
+    assert rejected["sender"] == 1 and rejected["role"] == 2 and rejected["unauthenticated"] >= 1, dict(rejected)
 
 
 # -------------------------------------------------------------------------------- end to end

@@ -12,7 +12,7 @@ WELCOME (coordinator -> role)
     ``config``: map, the run settings the role needs (free-form plain msgpack values).
 SHUTDOWN (coordinator -> role)
     ``reason``: str (e.g. "done", "aborted: peer p7 lost").
-HEARTBEAT (role -> coordinator; peer host -> peer host on mesh sockets)
+HEARTBEAT (role -> coordinator; coordinator -> role)
     application-level liveness (ZMQ heartbeats do not notice a process stuck in Python), sent every
     heartbeat interval by every role, also while its engine computes; optional ``rejected``:
     {reason: count}, the messages the sending role has refused so far (for ``summary.json``).

@@ -129,7 +129,8 @@ def test_heartbeats_carry_every_roles_refusals(p2p_peers):
     net.event(COORDINATOR, Received("h0002-l0", Heartbeat(rejected={"stale": 4, "body": 1}), 0, 0.2))
     net.event(COORDINATOR, Received("stranger", Heartbeat(rejected={"body": 99}), 0, 0.2))  # not registered
     assert coordinator.role_rejected == {"h0002-l0": {"stale": 4, "body": 1}}
-    assert not coordinator.rejected  # a heartbeat is never refused as an unexpected message
+    # a registered role's heartbeat is never refused as an unexpected message; a stranger's is, and counted
+    assert coordinator.rejected == {"type": 1}
 
 
 def test_a_lost_host_aborts_by_default_and_is_dropped_on_request(p2p_peers):
