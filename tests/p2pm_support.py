@@ -172,10 +172,10 @@ def fault_env() -> dict:
 
 
 def launch_run(scen: Path, out: Path, policy: str, *extra, heartbeat_s: float = 0.5,
-               timeout_s: float = 20) -> subprocess.Popen:
+               timeout_s: float = 20, tolerance: float = 1e-6) -> subprocess.Popen:
     """``p2pm run SCEN`` in its own session (stdout and stderr piped), with ``--on-peer-loss policy``."""
     return subprocess.Popen([*P2PM, "run", str(scen), "--out", str(out), "--quiet", "--no-report", "--no-pool-price",
-                             "--tolerance", "1e-6", "--heartbeat-s", str(heartbeat_s), "--on-peer-loss", policy,
+                             "--tolerance", str(tolerance), "--heartbeat-s", str(heartbeat_s), "--on-peer-loss", policy,
                              "--timeout-s", str(timeout_s), *map(str, extra)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fault_env(),
                             start_new_session=True)
