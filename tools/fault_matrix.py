@@ -39,8 +39,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from p2pm_support import (P2PM, descendants, fault_env, free_port, launch_run, leftovers,  # noqa: E402
-                          small_market, split, wait_for)
+from p2pm_support import (
+    P2PM,
+    descendants,
+    fault_env,
+    free_port,
+    launch_run,
+    leftovers,
+    small_market,
+    split,
+    wait_for,
+)
 
 VICTIM, VICTIM_PEER = "h0006-load2", "load2"  # one peer per process: hosts h0000-grid .. h0006-load2
 HAND_HOSTS = ("h-a", "h-b")
@@ -398,8 +407,8 @@ def _f(x, fmt="{:.2f}") -> str:
 
 def render(table: list[dict], header: str) -> str:
     out = [header, "",
-           "| cell | runs | exit codes (code:runs) | detect s median / max | last exit s max | result = optimum "
-           "(max rel. diff) | named | SHUTDOWN heard | processes left |",
+           ("| cell | runs | exit codes (code:runs) | detect s median / max | last exit s max | result = optimum "
+            "(max rel. diff) | named | SHUTDOWN heard | processes left |"),
            "|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         eq = t["equal"] if t["equal"] == "-" else f"{t['equal']} ({_f(t['max_rel_diff'], '{:.1e}')})"
@@ -445,7 +454,7 @@ def main(argv=None) -> int:
             t = time.monotonic()
             try:
                 row = fn(m, cell, random.Random(run_seed), rundir)
-            except Exception as e:  # a run the tool could not drive: recorded, never hidden
+            except Exception as e:  # noqa: BLE001 - a run the tool could not drive: recorded, never hidden
                 import traceback
 
                 (rundir / "tool-error.txt").write_text(traceback.format_exc())
