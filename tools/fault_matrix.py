@@ -428,7 +428,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="seed of the fault moments and delays")
     ap.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat interval of every run (default 1 s)")
     ap.add_argument("--out", type=Path, default=Path("fault-matrix"), help="folder: runs.json, runs.csv, table.md")
-    ap.add_argument("--keep", action="store_true", help="keep every run's folder (logs)")
+    ap.add_argument("--keep", action="store_true", help="keep every run's folder (logs); without: only those of runs "
+                                                        "that left processes, missed the optimum or failed the tool")
     a = ap.parse_args(argv)
     wanted = [c for c in CELLS if not a.cells or any(s.strip() and s.strip() in c for s in a.cells.split(","))]
     if not wanted:
@@ -464,7 +465,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{cell} #{i}: exit {row['code']} detect {_f(row['detect_s'])} s, left {row['left']}, "
                   f"equal {row['equal']}, named {row['named']}: {row['message'][:150]}", flush=True)
-            if not a.keep and row["left"] == 0 and row["code"] != "tool-error":
+            if not a.keep and row["left"] == 0 and row["equal"] is not False and row["code"] != "tool-error":
                 shutil.rmtree(rundir, ignore_errors=True)
     wall = time.monotonic() - t_start
     header = (f"Fault matrix: {a.runs} runs per cell, seed {a.seed}, heartbeat {a.heartbeat_s:g} s (a role silent "
