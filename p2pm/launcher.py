@@ -406,7 +406,11 @@ def supervise(launch: Launch, coord: Role, events: "queue.Queue", progress: "_Pr
         if stop.is_set():
             raise LaunchError(f"interrupted; stopped all {len(launch.roles)} {what} of the run")
         time.sleep(0.02)
-    # the coordinator has written the results; the others end on its SHUTDOWN (a dropped host is stopped)
+    # the coordinator has written the results; the others end on its SHUTDOWN. A dropped host is
+    # stopped now: it may be a stopped (SIGSTOP) process, and the fork server that forked it waits for it
+    for r in launch.roles:
+        if r.is_peer and r.log.stem in dropped:
+            r.stop(signal.SIGTERM)
     end = time.monotonic() + timeout_s
     waited = [r for r in launch.roles if not (r.is_peer and r.log.stem in dropped)]
     while any(r.poll() is None for r in waited) and time.monotonic() < end and not stop.is_set():

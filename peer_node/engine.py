@@ -130,6 +130,7 @@ class PeerEngine:
             if not self.locals:
                 raise ProtocolError("body", "new public keys before the run's settings")
             self.keys.agree({h: k for h, k in (cfg.get("public_keys") or {}).items() if h != self.name})
+            self.solved = None  # the clearing goes on as a fresh one: the next ROUND sets every hour
             return [Log(f"new public key of peer host(s) {', '.join(sorted(cfg.get('public_keys') or {}))}")]
         self.run_id = cfg["run_id"]
         self.topology = cfg.get("topology", "relay")

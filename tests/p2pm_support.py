@@ -159,3 +159,50 @@ def alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+# Faults of real processes (tests/test_faults.py and tools/fault_matrix.py): a small market slowed
+# by a 3 ms link latency so that a fault falls inside the ADMM rounds.
+FAULT_NETWORK = json.dumps({"default": {"latency_ms": 3.0}})
+
+
+def fault_env() -> dict:
+    """The environment of a faulted run's processes (the link latency of ``FAULT_NETWORK``)."""
+    return {**os.environ, "P2PM_NETWORK": FAULT_NETWORK}
+
+
+def launch_run(scen: Path, out: Path, policy: str, *extra, heartbeat_s: float = 0.5,
+               timeout_s: float = 20, tolerance: float = 1e-6) -> subprocess.Popen:
+    """``p2pm run SCEN`` in its own session (stdout and stderr piped), with ``--on-peer-loss policy``."""
+    return subprocess.Popen([*P2PM, "run", str(scen), "--out", str(out), "--quiet", "--no-report", "--no-pool-price",
+                             "--tolerance", str(tolerance), "--heartbeat-s", str(heartbeat_s), "--on-peer-loss", policy,
+                             "--timeout-s", str(timeout_s), *map(str, extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fault_env(),
+                            start_new_session=True)
+
+
+def wait_for(path: Path, pattern: str, deadline: float, proc: subprocess.Popen | None = None) -> re.Match:
+    """The first match of ``pattern`` in the file ``path`` once it appears (polled); AssertionError
+    if ``proc`` ends first or at ``deadline`` (a ``time.monotonic()`` value)."""
+    import time
+
+    while True:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        m = re.search(pattern, text)
+        if m:
+            return m
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr and not proc.stderr.closed else ""
+            raise AssertionError(f"ended (code {proc.returncode}) before {pattern!r}:\n{err}")
+        assert time.monotonic() < deadline, f"no {pattern!r} in {path}:\n{text[-2000:]}"
+        time.sleep(0.01)
+
+
+def leftovers(pids: list[int], timeout_s: float = 10.0) -> list[int]:
+    """The processes of ``pids`` still alive after up to ``timeout_s`` (zombies count as gone)."""
+    import time
+
+    end = time.monotonic() + timeout_s
+    while [p for p in pids if alive(p)] and time.monotonic() < end:
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]

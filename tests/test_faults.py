@@ -20,49 +20,31 @@ import time
 from pathlib import Path
 
 import pytest
+from p2pm_support import (
+    P2PM,
+    descendants,
+    fault_env,
+    free_port,
+    launch_run,
+    leftovers,
+    small_market,
+    split,
+    wait_for,
+)
 
 from common.centralized import solve_p2p
 from common.models import peer_models
 from common.scenario import load_scenario
-from p2pm_support import P2PM, alive, descendants, free_port, small_market, split
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
 HEARTBEAT_S = 0.5  # a host silent for 5 intervals (2.5 s) is lost
 BY_HAND_HEARTBEAT_S = 1.0  # roles by hand: 5 s before a role gives its coordinator up (a loaded CI machine)
 VICTIM = "h0006-load2"  # one peer per process: hosts h0000-grid .. h0006-load2
-NETWORK = json.dumps({"default": {"latency_ms": 3.0}})
-
-
-def _env() -> dict:
-    return {**os.environ, "P2PM_NETWORK": NETWORK}
 
 
 def _launch(scen: Path, out: Path, policy: str, *extra) -> subprocess.Popen:
-    return subprocess.Popen([*P2PM, "run", str(scen), "--out", str(out), "--quiet", "--no-report", "--no-pool-price",
-                             "--tolerance", "1e-6", "--heartbeat-s", str(HEARTBEAT_S), "--on-peer-loss", policy,
-                             "--timeout-s", "20", *map(str, extra)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            start_new_session=True)
-
-
-def _wait_for(path: Path, pattern: str, deadline: float, proc: subprocess.Popen | None = None) -> re.Match:
-    while True:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        m = re.search(pattern, text)
-        if m:
-            return m
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"ended (code {proc.returncode}) before {pattern!r}:\n{proc.stderr.read() if proc.stderr else ''}")
-        assert time.monotonic() < deadline, f"no {pattern!r} in {path}:\n{text[-2000:]}"
-        time.sleep(0.01)
-
-
-def _leftovers(pids: list[int], timeout_s: float = 10.0) -> list[int]:
-    end = time.monotonic() + timeout_s
-    while [p for p in pids if alive(p)] and time.monotonic() < end:
-        time.sleep(0.05)
-    return [p for p in pids if alive(p)]
+    return launch_run(scen, out, policy, *extra, heartbeat_s=HEARTBEAT_S)
 
 
 def _fault_run(tmp_path: Path, fault: signal.Signals, policy: str, seed: int) -> dict:
@@ -75,7 +57,7 @@ def _fault_run(tmp_path: Path, fault: signal.Signals, policy: str, seed: int) ->
     log = out / "logs" / "coordinator.log"
     try:
         deadline = time.monotonic() + 90
-        _wait_for(log, r"peers in 7 processes ready", deadline, proc)
+        wait_for(log, r"peers in 7 processes ready", deadline, proc)
         pids = descendants(proc.pid)
         victim = int(re.search(r"pid (\d+)", (out / "logs" / f"{VICTIM}.log").read_text()).group(1))
         assert victim in pids
@@ -93,7 +75,7 @@ def _fault_run(tmp_path: Path, fault: signal.Signals, policy: str, seed: int) ->
         m = re.search(pattern, log.read_text())
         summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
         return {"code": proc.returncode, "stderr": err, "detect_s": detect_s, "iteration": int(m.group(1)) if m else None,
-                "left": _leftovers([*pids, victim]), "summary": summary, "scenario": scen}
+                "left": leftovers([*pids, victim]), "summary": summary, "scenario": scen}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -159,7 +141,7 @@ def test_roles_started_by_hand_stop_soon_after_a_fault(tmp_path, fault):
 
     def start(name, *args):  # (liveness, not security: without CURVE keys)
         f = open(logs / f"{name}.log", "w")
-        procs[name] = subprocess.Popen([*P2PM, *map(str, args), "--insecure"], stdout=f, stderr=f, env=_env())
+        procs[name] = subprocess.Popen([*P2PM, *map(str, args), "--insecure"], stdout=f, stderr=f, env=fault_env())
         f.close()
 
     try:
@@ -173,9 +155,9 @@ def test_roles_started_by_hand_stop_soon_after_a_fault(tmp_path, fault):
             start(host, "peer", "--coordinator", address, "--host-id", host,
                   *[a for pid in group for a in ("--model", private[pid])])
         deadline = time.monotonic() + 90
-        _wait_for(logs / "coordinator.log", r"peers in 2 processes ready", deadline, procs["coordinator"])
+        wait_for(logs / "coordinator.log", r"peers in 2 processes ready", deadline, procs["coordinator"])
         for svc in ("dso", "tso"):  # (a service that never reached its coordinator waits for its idle timeout)
-            _wait_for(logs / "coordinator.log", rf"{svc} service registered", deadline, procs["coordinator"])
+            wait_for(logs / "coordinator.log", rf"{svc} service registered", deadline, procs["coordinator"])
         time.sleep(1.0)
         t_fault = time.monotonic()
         victim = "coordinator" if fault == "coordinator-kill9" else "h-b"
@@ -246,7 +228,7 @@ def test_hostile_messages_during_a_run_never_end_it(tmp_path):
 
     try:
         deadline = time.monotonic() + 90
-        _wait_for(log, r"peers in 7 processes ready", deadline, proc)
+        wait_for(log, r"peers in 7 processes ready", deadline, proc)
         text = log.read_text()
         address = re.search(r"listening on (\S+), run (\w+)", text)
         address, run = address.group(1), address.group(2)
@@ -301,23 +283,23 @@ def test_a_killed_peer_host_started_again_by_hand_rejoins_and_the_run_ends_at_th
     _, private = split(scen, tmp_path / "split")
     out = tmp_path / "out"
     keys = tmp_path / "keys"  # the run's keys made beforehand: the peer started again by hand has its own
-    subprocess.run([*P2PM, "keys", str(scen), "--out", str(keys)], check=True, capture_output=True, env=_env())
+    subprocess.run([*P2PM, "keys", str(scen), "--out", str(keys)], check=True, capture_output=True, env=fault_env())
     proc = _launch(scen, out, "wait", "--grace-s", "30", "--keys", keys)
     log = out / "logs" / "coordinator.log"
     again = None
     try:
         deadline = time.monotonic() + 90
-        _wait_for(log, r"peers in 7 processes ready", deadline, proc)
+        wait_for(log, r"peers in 7 processes ready", deadline, proc)
         address = re.search(r"listening on (\S+),", log.read_text()).group(1)
         victim = int(re.search(r"pid (\d+)", (out / "logs" / f"{VICTIM}.log").read_text()).group(1))
         time.sleep(random.Random(7).uniform(0.2, 1.5))
         t_kill = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        _wait_for(log, rf"{VICTIM} \(peer load2\) lost at iteration \d+ .*waiting up to 30 s", time.monotonic() + 30, proc)
+        wait_for(log, rf"{VICTIM} \(peer load2\) lost at iteration \d+ .*waiting up to 30 s", time.monotonic() + 30, proc)
         detect_s = time.monotonic() - t_kill
         again = subprocess.Popen([*P2PM, "peer", "--coordinator", address, "--model", str(private["load2"]),
                                   "--host-id", VICTIM, "--keys", str(keys / VICTIM)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                 env=_env())
+                                 env=fault_env())
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         _, again_err = again.communicate(timeout=30)
@@ -346,7 +328,7 @@ def test_a_killed_fork_server_is_named_not_its_peers(tmp_path):
     proc = _launch(scen, out, "abort")
     log = out / "logs" / "coordinator.log"
     try:
-        _wait_for(log, r"peers in 7 processes ready", time.monotonic() + 90, proc)
+        wait_for(log, r"peers in 7 processes ready", time.monotonic() + 90, proc)
         pids = descendants(proc.pid)
         server = next(p for p in pids if "peer_node.zygote" in Path(f"/proc/{p}/cmdline").read_text(errors="replace"))
         time.sleep(0.5)
@@ -358,7 +340,7 @@ def test_a_killed_fork_server_is_named_not_its_peers(tmp_path):
             proc.communicate()
     _report(f"fork server SIGKILL: exit {proc.returncode}, {err.strip().splitlines()[0] if err.strip() else ''}")
     assert proc.returncode == 1 and "the peer fork server" in err and "exited with code -9" in err, err
-    assert _leftovers(pids) == []
+    assert leftovers(pids) == []
 
 
 def _fuzz_tool():

@@ -18,29 +18,15 @@ import pytest
 from common.centralized import solve_p2p
 from common.models import peer_models
 from common.scenario import load_scenario
-from p2pm_support import P2PM, alive, descendants, free_port, small_market, split
+from p2pm_support import P2PM, alive, descendants, fault_env, free_port, small_market, split, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
-NETWORK = json.dumps({"default": {"latency_ms": 3.0}})  # the clearing lasts long enough to be interrupted
 CHECKPOINT = r"checkpoint: iteration (\d+) written"
 
 
-def _env() -> dict:
-    return {**os.environ, "P2PM_NETWORK": NETWORK}
-
-
 def _wait_for(path: Path, pattern: str, timeout_s: float, proc: subprocess.Popen | None = None) -> re.Match:
-    end = time.monotonic() + timeout_s
-    while True:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        m = re.search(pattern, text)
-        if m:
-            return m
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"ended (code {proc.returncode}) before {pattern!r}:\n{text[-2000:]}")
-        assert time.monotonic() < end, f"no {pattern!r} in {path}:\n{text[-2000:]}"
-        time.sleep(0.01)
+    return wait_for(path, pattern, time.monotonic() + timeout_s, proc)
 
 
 def _optimum(scen: Path) -> float:
@@ -56,7 +42,7 @@ def test_a_run_whose_coordinator_was_killed_resumes_from_its_checkpoint_to_the_o
     out = tmp_path / "out"
     proc = subprocess.Popen([*P2PM, "run", str(scen), "--out", str(out), "--quiet", "--no-report", "--no-pool-price",
                              "--tolerance", "1e-7", "--checkpoint-every", "10", "--timeout-s", "20"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fault_env(),
                             start_new_session=True)
     log = out / "logs" / "coordinator.log"
     try:
@@ -74,7 +60,7 @@ def test_a_run_whose_coordinator_was_killed_resumes_from_its_checkpoint_to_the_o
     written = int(re.findall(CHECKPOINT, log.read_text())[-1])
     assert (out / "checkpoint" / "state.npz").is_file() and not (out / "summary.json").exists()
 
-    resumed = subprocess.run([*P2PM, "resume", str(out)], capture_output=True, text=True, env=_env(), timeout=150)
+    resumed = subprocess.run([*P2PM, "resume", str(out)], capture_output=True, text=True, env=fault_env(), timeout=150)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"from iteration {written}" in resumed.stderr
     s = json.loads((out / "summary.json").read_text())
@@ -82,7 +68,7 @@ def test_a_run_whose_coordinator_was_killed_resumes_from_its_checkpoint_to_the_o
     assert abs(s["social_welfare_eur"] - _optimum(scen)) <= 1e-6 * abs(_optimum(scen))
     assert (out / "logs-interrupted-1" / "coordinator.log").is_file()  # the interrupted run's logs are kept
     assert not (out / "checkpoint").exists()  # the run ended: nothing left to resume
-    again = subprocess.run([*P2PM, "resume", str(out)], capture_output=True, text=True, env=_env(), timeout=60)
+    again = subprocess.run([*P2PM, "resume", str(out)], capture_output=True, text=True, env=fault_env(), timeout=60)
     assert again.returncode == 2 and "does not exist" in again.stderr
 
 
@@ -95,7 +81,7 @@ def test_a_coordinator_started_by_hand_resumes_and_the_roles_started_again_finis
 
     def start(name, *args):
         with open(logs / f"{name}.log", "a") as f:
-            procs[name] = subprocess.Popen([*P2PM, *map(str, args)], stdout=f, stderr=f, env=_env())
+            procs[name] = subprocess.Popen([*P2PM, *map(str, args)], stdout=f, stderr=f, env=fault_env())
 
     def others(tag: str):
         for svc in ("dso", "tso"):
@@ -116,7 +102,7 @@ def test_a_coordinator_started_by_hand_resumes_and_the_roles_started_again_finis
         written = int(re.findall(CHECKPOINT, (logs / "coordinator.log").read_text())[-1])
 
         procs["resume"] = subprocess.Popen([*P2PM, "resume", str(out)], stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True, env=_env())
+                                           stderr=subprocess.PIPE, text=True, env=fault_env())
         others("-again")
         _, err = procs["resume"].communicate(timeout=120)
         assert procs["resume"].returncode == 0, err[-3000:]
@@ -155,7 +141,7 @@ def test_a_dso_started_again_by_hand_under_policy_wait_answers_and_the_run_ends(
 
     def start(name, *args):
         with open(logs / f"{name}.log", "a") as f:
-            procs[name] = subprocess.Popen([*P2PM, *map(str, args), "--insecure"], stdout=f, stderr=f, env=_env())
+            procs[name] = subprocess.Popen([*P2PM, *map(str, args), "--insecure"], stdout=f, stderr=f, env=fault_env())
 
     try:
         start("coordinator", "coordinator", "--scenario", public, "--bind", address, "--out", out, "--no-report",

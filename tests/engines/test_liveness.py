@@ -266,6 +266,30 @@ def test_a_lost_host_that_does_not_come_back_ends_the_run_naming_it(p2p_peers):
     assert "did not come back within 8 s" in fail.reason
 
 
+def test_a_host_that_comes_back_has_every_other_host_start_again_in_every_hour(p2p_peers):
+    """Policy wait with per-hour stopping: hours closed before the loss. After the WELCOME with
+    the returning host's keys, the coordinator's next ROUND sets each peer's state in every hour
+    (the clearing goes on as a fresh one from the last complete iteration), and the other hosts
+    take it instead of refusing arrays that cover more than the hours they solved last."""
+    from common.protocol.control import Welcome
+    from common.protocol.market import Round, RoundPeer
+
+    g0 = PeerEngine(p2p_peers[:1], "hg")
+    H = 4
+    config = {"run_id": "r", "hours": H, "topology": "relay", "market": "p2p", "partners": {"g0": ["l0", "l1"]},
+              "hosts": {"l0": "hl", "l1": "hl"}, "public_keys": {}}
+    g0.handle(Received(COORDINATOR, Welcome(config=config), 0, 0.0))
+    g0.handle(Received(COORDINATOR, Round(rho=1.0, stop=False, peers={"g0": RoundPeer(p_in_mw=np.zeros((2, H)))},
+                                          hours=np.array([1, 3])), 1, 0.1))  # hours 0 and 2 closed
+    g0.handle(Received(COORDINATOR, Welcome(config={"run_id": "r", "rekey": True, "public_keys": {}}), 0, 0.2))
+    start = RoundPeer(p_in_mw=np.full((2, H), 0.1), price_eur_per_mwh=np.full((2, H), 50.0),
+                      p_own_mw=np.full((2, H), -0.1))
+    out = g0.handle(Received(COORDINATOR, Round(rho=1.0, stop=False, peers={"g0": start}), 2, 0.3))
+    assert g0.rejected == {}, out
+    (update,) = [i.message for i in out if isinstance(i, Send)]
+    assert isinstance(update, Update)
+
+
 @pytest.mark.parametrize("service", ["dso", "tso"])
 def test_a_service_lost_while_asked_is_asked_again_once_it_is_back(service):
     """Policy wait: the DSO (TSO) is lost when the coordinator sends it its request and is started
