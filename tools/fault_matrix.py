@@ -70,6 +70,10 @@ CELLS = {
     "hand-tso-kill9": ("hand", "tso", signal.SIGKILL, "abort"),
     "hand-peer-kill9": ("hand", "h-b", signal.SIGKILL, "abort"),
     "hand-peer-sigstop": ("hand", "h-b", signal.SIGSTOP, "abort"),
+    # roles by hand that come back: the coordinator resumed from its checkpoint (p2pm resume, the
+    # others started again), the DSO started again under policy wait
+    "hand-coordinator-kill9-resume": ("recover", "coordinator", signal.SIGKILL, "abort"),
+    "hand-dso-kill9-wait": ("recover", "dso", signal.SIGKILL, "wait"),
 }
 
 
@@ -365,6 +369,125 @@ def hand_run(m: Market, cell: str, rng: random.Random, work: Path) -> dict:
             p.wait(timeout=10)
 
 
+def _finite_market(m: Market) -> tuple[Path, dict]:
+    """The by-hand market without the pool-price start (its clearing lasts long enough to be
+    interrupted; the coordinator started by hand has no --no-pool-price)."""
+    if not hasattr(m, "finite"):
+        folder = m.public.parent.parent / "finite"
+        folder.mkdir(parents=True, exist_ok=True)
+        scen = small_market(folder / "small.yaml", 15, hours=3, pool_price_start=False)
+        m.finite = split(scen, folder / "split")
+    return m.finite
+
+
+def recover_run(m: Market, cell: str, rng: random.Random, work: Path) -> dict:
+    """Roles by hand; the victim is killed at a random iteration and comes back: the coordinator by
+    ``p2pm resume`` from its checkpoint (every other role started again, as a lab script would),
+    the DSO started again within the grace time (policy wait). The run must end at the optimum."""
+    _, victim, sig, policy = CELLS[cell]
+    public, private = _finite_market(m)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    logs, out = work / "logs", work / "out"
+    logs.mkdir(parents=True)
+    procs: dict[str, subprocess.Popen] = {}
+    row: dict = {"code": None, "message": "", "detect_s": None, "exit_s": None, "iteration": None, "left": 0,
+                 "welfare_eur": None, "reference_eur": m.uninterrupted_eur, "rel_diff": None, "equal": None,
+                 "named": False}
+    pids: set[int] = set()
+
+    def start(name, *args):
+        with open(logs / f"{name}.log", "a") as f:
+            procs[name] = subprocess.Popen([*P2PM, *map(str, args), "--insecure"], stdout=f, stderr=f,
+                                           env=fault_env())
+
+    def others(tag: str = ""):
+        for svc in ("dso", "tso"):
+            if victim != svc or tag:
+                start(f"{svc}{tag}", svc, "--scenario", public, "--coordinator", address)
+        ids = sorted(private)
+        for host, group in zip(HAND_HOSTS, (ids[:3], ids[3:])):
+            start(f"{host}{tag}", "peer", "--coordinator", address, "--host-id", host,
+                  *[a for pid in group for a in ("--model", private[pid])])
+
+    try:
+        start("coordinator", "coordinator", "--scenario", public, "--bind", address, "--out", out, "--no-report",
+              "--tolerance", ADMM_TOLERANCE, "--heartbeat-s", m.heartbeat_s, "--checkpoint-every", 10,
+              "--on-peer-loss", policy, "--grace-s", 15)
+        if victim == "dso":
+            start("dso", "dso", "--scenario", public, "--coordinator", address)
+        others()
+        clog = logs / "coordinator.log"
+        deadline = time.monotonic() + 120
+        for svc in ("dso", "tso"):
+            wait_for(clog, rf"{svc} service registered", deadline, procs["coordinator"])
+        k = max(10, m.fault_iteration(rng))
+        row["fault_iteration"] = k
+        if victim == "coordinator":  # at the first checkpoint from iteration k on
+            reached = Iterations(clog, r"checkpoint: iteration (\d+) written").reach(k - k % 10, procs["coordinator"])
+        else:
+            reached = Iterations(clog, COORDINATOR_ITERATION).reach(k, procs["coordinator"])
+        if not reached:
+            row["code"], row["message"] = procs["coordinator"].poll(), "ended before the fault"
+            return row
+        pids |= {p for pr in procs.values() for p in (pr.pid, *descendants(pr.pid))}
+        t_fault = time.monotonic()
+        procs[victim].send_signal(sig)
+        if victim == "coordinator":
+            gone = [n for n in procs if n != "coordinator"]
+            for n in gone:
+                procs[n].wait(timeout=60)
+            row["detect_s"] = round(time.monotonic() - t_fault, 3)  # (every other role stopped)
+            row["named"] = all("lost the coordinator" in (logs / f"{n}.log").read_text() for n in gone)
+            written = re.findall(r"checkpoint: iteration (\d+) written", clog.read_text())
+            row["iteration"] = int(written[-1]) if written else None
+            time.sleep(rng.uniform(0.0, 3.0))
+            with open(logs / "resume.log", "w") as f:
+                procs["resume"] = subprocess.Popen([*P2PM, "resume", str(out)], stdout=f, stderr=f, env=fault_env())
+            others("-again")
+            main = procs["resume"]
+        else:
+            m_lost = wait_for(clog, r"the dso service lost at iteration (\d+): .*waiting up to", time.monotonic() + 60,
+                              procs["coordinator"])
+            row["detect_s"] = round(time.monotonic() - t_fault, 3)
+            row["iteration"] = int(m_lost.group(1))
+            time.sleep(rng.uniform(0.0, 5.0))
+            start("dso-again", "dso", "--scenario", public, "--coordinator", address)
+            main = procs["coordinator"]
+        row["code"] = main.wait(timeout=180)
+        for n, pr in procs.items():
+            if n not in (victim, "resume") and pr.poll() is None:
+                try:
+                    pr.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+        row["exit_s"] = round(time.monotonic() - t_fault, 3)
+        pids |= {pr.pid for pr in procs.values()}
+        if (out / "summary.json").exists() and row["code"] == 0:
+            s = json.loads((out / "summary.json").read_text())
+            row["welfare_eur"] = float(s["social_welfare_eur"])
+            row["rel_diff"] = abs(row["welfare_eur"] - m.uninterrupted_eur) / abs(m.uninterrupted_eur)
+            row["equal"] = bool(s["converged"]) and row["rel_diff"] <= REL_TOL
+            if victim == "coordinator":
+                row["message"] = f"resumed from iteration {s['resumed_from']['iteration']}; converged {s['converged']}"
+            else:
+                (back,) = s.get("rejoined_services") or [{}]
+                row["named"] = back.get("role") == "dso"
+                row["message"] = (f"dso back at iteration {back.get('iteration')} after "
+                                  f"{back.get('back_s', 0) - back.get('lost_s', 0):.1f} s; converged {s['converged']}")
+        else:
+            row["equal"] = False
+            tail = (logs / ("resume.log" if victim == "coordinator" else "coordinator.log")).read_text(errors="replace")
+            row["message"] = _first_line(tail.strip().splitlines()[-1] if tail.strip() else "(no log)")
+        left = leftovers(sorted(pids))
+        row["left"], row["left_pids"] = len(left), left
+        return row
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                _kill(p.pid)
+            p.wait(timeout=10)
+
+
 def _messages(rows: list[dict]) -> list[tuple[str, int]]:
     """The distinct messages (numbers aside), each with one verbatim example and its count."""
     examples: dict[str, str] = {}
@@ -451,7 +574,7 @@ def main(argv=None) -> int:
             rundir = work / f"{cell}-{i}"
             shutil.rmtree(rundir, ignore_errors=True)
             rundir.mkdir(parents=True)
-            fn = launcher_run if CELLS[cell][0] == "launcher" else hand_run
+            fn = {"launcher": launcher_run, "hand": hand_run, "recover": recover_run}[CELLS[cell][0]]
             t = time.monotonic()
             try:
                 row = fn(m, cell, random.Random(run_seed), rundir)
