@@ -506,6 +506,8 @@ class CoordinatorEngine:
         mesh addresses (``shared``: :meth:`_welcome_shared`, computed once for all hosts)."""
         keys, index, host_of = shared if shared is not None else self._welcome_shared()
         config = {"run_id": self.run_id, "hours": self.H, "public_keys": keys, "heartbeat_s": self.heartbeat_s}
+        if self.on_peer_loss == "wait" and drop_unsupported(self.market, self.topology) is None:
+            config["rejoin"] = True  # a host that loses its coordinator (it was stopped, say) registers again
         if self.community:
             config.update(topology="relay", market="community")
             return config

@@ -76,6 +76,7 @@ class PeerEngine:
         self.max_iterations = 0
         self.async_mesh: AsyncMesh | None = None  # while the asynchronous iterations run
         self.async_done = False  # they ended: late TRADES are dropped
+        self.rejoin = False
 
     # -- events ---------------------------------------------------------------------------------
     def handle(self, event) -> list:
@@ -136,6 +137,7 @@ class PeerEngine:
         self.topology = cfg.get("topology", "relay")
         self.market = cfg.get("market", "p2p")
         self.hours = int(cfg["hours"])
+        self.rejoin = bool(cfg.get("rejoin"))  # policy wait: a host that lost its coordinator registers again
         self.keys.agree(cfg.get("public_keys") or {})
         if self.market == "community":
             from common.community import local_solver

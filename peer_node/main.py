@@ -40,28 +40,42 @@ def _private_bytes(path: Path) -> bytes:
 
 def main(models: list, coordinator: str, host_id: str | None, timeout_s: float, bind_host: str = "127.0.0.1",
          advertise_host: str | None = None, curve=None, heartbeat_s: float = 1.0) -> int:
+    """Serve the hosted peers until the coordinator's SHUTDOWN (0) or a failure (1). Under policy
+    wait (the coordinator's WELCOME says ``rejoin``), a host that lost its coordinator (it was
+    stopped, or cut off, for longer than the coordinator's liveness window) registers once more as
+    a new host process would; if the coordinator does not welcome it back within 5 heartbeat
+    intervals, it stops."""
+    from common.engine import COORDINATOR
     from peer_node.engine import PeerEngine
 
     host_id = host_id or (curve.role if curve is not None else f"host-{models[0].id}")
     log = setup_logging(host_id)  # a forked peer: its own role in every line, not its parent's
     names = ", ".join(m.id for m in models)
-    engine = PeerEngine(models, host_id, pid=os.getpid(), host=socket.gethostname())
-    # the peer waits for the coordinator's next round for at most twice the coordinator's deadline
-    # (the coordinator's WELCOME sets the heartbeat interval; a coordinator silent for 5 of them is lost)
-    shell = Shell(engine, connect=coordinator, timeout_s=2 * timeout_s + 5, mesh_host=bind_host,
-                  advertise_host=advertise_host, curve=curve, heartbeat_s=heartbeat_s)
-    engine.address = shell.mesh_address
-    log.info(f"hosting {names}; mesh socket {shell.mesh_address}")
-    try:
-        shell.run()
-        return 0
-    except ShellFailure as exc:
-        log.error(f"peer(s) {names} stopped: {exc}")
-        return 1
-    finally:
-        if engine.rejected:
-            log.warning(f"rejected messages: {engine.rejected}")
-        shell.close()
+    welcome_timeout_s = None
+    while True:
+        engine = PeerEngine(models, host_id, pid=os.getpid(), host=socket.gethostname())
+        # the peer waits for the coordinator's next round for at most twice the coordinator's deadline
+        # (the coordinator's WELCOME sets the heartbeat interval; a coordinator silent for 5 of them is lost)
+        shell = Shell(engine, connect=coordinator, timeout_s=2 * timeout_s + 5, mesh_host=bind_host,
+                      advertise_host=advertise_host, curve=curve, heartbeat_s=heartbeat_s,
+                      welcome_timeout_s=welcome_timeout_s)
+        engine.address = shell.mesh_address
+        log.info(f"hosting {names}; mesh socket {shell.mesh_address}")
+        try:
+            shell.run()
+            return 0
+        except ShellFailure as exc:
+            again = (engine.rejoin and welcome_timeout_s is None and exc.role == COORDINATOR
+                     and exc.reason.startswith("lost the coordinator"))
+            if not again:
+                log.error(f"peer(s) {names} stopped: {exc}")
+                return 1
+            log.warning(f"peer(s) {names}: {exc}; registering again (policy wait)")
+            welcome_timeout_s = shell.liveness_misses * shell.heartbeat_s
+        finally:
+            if engine.rejected:
+                log.warning(f"rejected messages: {engine.rejected}")
+            shell.close()
 
 
 def child_main(model_files: list[str], coordinator: str, host_id: str, timeout_s: float, log_path: str,

@@ -385,3 +385,39 @@ def test_fuzzed_copies_of_real_messages_on_every_listening_socket_are_each_count
     _report(f"fuzzed: {sent['sent']} sent, accounting {row['accounting']}, iterations {row['iterations']}")
     assert sent["sent"]["coordinator"] >= 100 and sent["sent"]["peers"] >= 100, sent
     assert row["ok"], (row["checks"], row["accounting"], row["stderr"])
+
+
+def test_a_stopped_peer_host_that_runs_again_registers_again_under_policy_wait(tmp_path):
+    """Policy wait: the victim is stopped (SIGSTOP) until the coordinator has given it up, then
+    continued: it finds its coordinator silent, registers again as a new host process would, and
+    the run ends at the optimum of the whole market."""
+    scen = small_market(tmp_path / "small.yaml", 15, hours=3)
+    out = tmp_path / "out"
+    proc = _launch(scen, out, "wait", "--grace-s", "30")
+    log = out / "logs" / "coordinator.log"
+    victim = None
+    try:
+        deadline = time.monotonic() + 90
+        wait_for(log, r"peers in 7 processes ready", deadline, proc)
+        victim = int(re.search(r"pid (\d+)", (out / "logs" / f"{VICTIM}.log").read_text()).group(1))
+        time.sleep(random.Random(8).uniform(0.2, 1.5))
+        os.kill(victim, signal.SIGSTOP)
+        wait_for(log, rf"{VICTIM} \(peer load2\) lost at iteration \d+ .*waiting up to 30 s", time.monotonic() + 30, proc)
+        os.kill(victim, signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        if victim is not None:
+            try:
+                os.kill(victim, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    (back,) = s["rejoined_peers"]
+    ref = solve_p2p(peer_models(load_scenario(scen))).social_welfare_eur.sum()
+    assert back["host"] == VICTIM and s["converged"] and s["dropped_peers"] == []
+    assert abs(s["social_welfare_eur"] - ref) <= 1e-4 * abs(ref)
+    assert "registering again (policy wait)" in (out / "logs" / f"{VICTIM}.log").read_text()
