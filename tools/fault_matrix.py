@@ -420,6 +420,7 @@ def recover_run(m: Market, cell: str, rng: random.Random, work: Path) -> dict:
         deadline = time.monotonic() + 120
         for svc in ("dso", "tso"):
             wait_for(clog, rf"{svc} service registered", deadline, procs["coordinator"])
+        pids |= {p for pr in procs.values() for p in (pr.pid, *descendants(pr.pid))}  # (before the fault moment)
         k = max(10, m.fault_iteration(rng))
         row["fault_iteration"] = k
         if victim == "coordinator":  # at the first checkpoint from iteration k on
@@ -429,7 +430,6 @@ def recover_run(m: Market, cell: str, rng: random.Random, work: Path) -> dict:
         if not reached:
             row["code"], row["message"] = procs["coordinator"].poll(), "ended before the fault"
             return row
-        pids |= {p for pr in procs.values() for p in (pr.pid, *descendants(pr.pid))}
         t_fault = time.monotonic()
         procs[victim].send_signal(sig)
         if victim == "coordinator":
