@@ -400,10 +400,11 @@ def recover_run(m: Market, cell: str, rng: random.Random, work: Path) -> dict:
             procs[name] = subprocess.Popen([*P2PM, *map(str, args), "--insecure"], stdout=f, stderr=f,
                                            env=fault_env())
 
-    def others(tag: str = ""):
+    def services(tag: str = ""):
         for svc in ("dso", "tso"):
-            if victim != svc or tag:
-                start(f"{svc}{tag}", svc, "--scenario", public, "--coordinator", address)
+            start(f"{svc}{tag}", svc, "--scenario", public, "--coordinator", address)
+
+    def peers(tag: str = ""):
         ids = sorted(private)
         for host, group in zip(HAND_HOSTS, (ids[:3], ids[3:])):
             start(f"{host}{tag}", "peer", "--coordinator", address, "--host-id", host,
@@ -413,13 +414,13 @@ def recover_run(m: Market, cell: str, rng: random.Random, work: Path) -> dict:
         start("coordinator", "coordinator", "--scenario", public, "--bind", address, "--out", out, "--no-report",
               "--tolerance", ADMM_TOLERANCE, "--heartbeat-s", m.heartbeat_s, "--checkpoint-every", 10,
               "--on-peer-loss", policy, "--grace-s", 15)
-        if victim == "dso":
-            start("dso", "dso", "--scenario", public, "--coordinator", address)
-        others()
+        services()
         clog = logs / "coordinator.log"
         deadline = time.monotonic() + 120
-        for svc in ("dso", "tso"):
+        for svc in ("dso", "tso"):  # registered before the peers start: the clearing starts with them
             wait_for(clog, rf"{svc} service registered", deadline, procs["coordinator"])
+        peers()
+        wait_for(clog, r"peers in 2 processes ready", deadline, procs["coordinator"])
         pids |= {p for pr in procs.values() for p in (pr.pid, *descendants(pr.pid))}  # (before the fault moment)
         k = max(10, m.fault_iteration(rng))
         row["fault_iteration"] = k
@@ -443,7 +444,8 @@ def recover_run(m: Market, cell: str, rng: random.Random, work: Path) -> dict:
             time.sleep(rng.uniform(0.0, 3.0))
             with open(logs / "resume.log", "w") as f:
                 procs["resume"] = subprocess.Popen([*P2PM, "resume", str(out)], stdout=f, stderr=f, env=fault_env())
-            others("-again")
+            services("-again")
+            peers("-again")
             main = procs["resume"]
         else:
             m_lost = wait_for(clog, r"the dso service lost at iteration (\d+): .*waiting up to", time.monotonic() + 60,
