@@ -20,8 +20,15 @@ HEARTBEAT every ``heartbeat_s`` (also while its engine computes) and gets one on
 role silent for ``liveness_misses`` intervals (or whose connection the driver reports gone,
 ``PeerLost``) is lost: the run fails naming it, or, with ``on_peer_loss="drop"`` during a clearing
 of the full P2P market (relay), the clearing goes on without the lost host's peers, warm-started
-from the last complete iteration (``dropped`` says who and when). Every refused message is counted
-by reason; the other roles' counts come with their heartbeats (``role_rejected``).
+from the last complete iteration (``dropped`` says who and when); with ``on_peer_loss="wait"`` a
+lost peer host, DSO or TSO may register again within ``grace_s`` (``rejoined``,
+``rejoined_services``). Every refused message is counted by reason; the other roles' counts come
+with their heartbeats (``role_rejected``).
+
+Checkpoints (where ``resume_unsupported`` is None): during a clearing, ``Checkpoint(ClearingState)``
+every ``checkpoint_every`` iterations and/or ``checkpoint_s`` seconds (the shell writes it); an
+engine built with ``resume=`` a checkpoint registers the roles afresh and goes on from its
+iteration, trades and prices (``common.checkpoint``).
 
 The coordinator never sees a peer's cost: welfare is the unmasked sum of the peers' masked costs
 (``common.secagg``).
