@@ -29,10 +29,12 @@ hostile messages that reach the decoders (the insecure runs), over all targets.
 
 After each fuzzed run: exit code 0, the same iterations, rounds and dispatch as the reference, the
 welfare within 1e-9 relative, no role that crashed (no traceback, no internal error in any log),
-no process left; and the refusals: ``summary.json`` ``rejected_by_role`` minus the reference's must
-equal what was sent to each role (coordinator: its ROUTER; peers: the mesh sockets, summed over the
-hosts; the peer hosts report their counts with their heartbeats), and the roles' logs say the same
-(the coordinator's ``rejected messages`` line; a peer host's lines of its engine and its shell).
+no process left; and the refusals: the roles' logs must count exactly what was sent to each role
+(the coordinator's ``rejected messages`` line: its ROUTER; a peer host's lines of its engine and its
+shell: the mesh sockets, summed over the hosts), and ``summary.json`` ``rejected_by_role`` minus the
+reference's must equal it for the coordinator and may fall short for the peers only by what they
+refused after their last heartbeat before the results were written (their counts come with their
+heartbeats; in the full run of 100 000 messages nothing fell short).
 
     PYTHONPATH=. python tools/fuzz_running.py --messages 100000 --out fuzz.json
     PYTHONPATH=. python tools/fuzz_running.py --messages 3000 --targets mv37-relay
@@ -723,7 +725,11 @@ def row(name: str, mode: str, label: str, run: Run, res: dict, ref: dict, fuzz: 
             n = sum(got.values())
             in_log = sum((logs[role] or {}).values())
             diff[role] = {"sent": fuzz["sent"][role], "counted": n, "in_logs": in_log, "by_reason": {k: v for k, v in got.items() if v}}
-            checks[f"{role}_counted"] = n == fuzz["sent"][role] and in_log == fuzz["sent"][role]
+            # every message is in the role's own log; summary.json has the peers' counts as of their
+            # last heartbeat before the results were written (those refused later are only logged)
+            exact = role == "coordinator"
+            checks[f"{role}_counted"] = in_log == fuzz["sent"][role] and (
+                n == fuzz["sent"][role] if exact else n <= fuzz["sent"][role])
         out["accounting"] = diff
     elif "expected" in fuzz:
         diff = {}
