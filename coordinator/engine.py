@@ -240,10 +240,14 @@ class CoordinatorEngine:
         self.roster = [p for p in roster if not (self.community and p.kind == "grid")]
         self.roster_ids = [p.id for p in self.roster]
         self.graph = public_graph(public)  # every pair of the full market, or the restricted ones (market.partners)
+        # what the coordinator's own state allows (fixed for the run): checkpoints, and the policies
+        # drop and wait (a lost peer host, DSO or TSO)
+        no_resume = resume_unsupported(self.market, topology)
+        self.checkpoints = no_resume is None and (self.checkpoint_every > 0 or self.checkpoint_s > 0)
+        self.losses_survivable = drop_unsupported(self.market, topology) is None
         if resume is not None:
-            why = resume_unsupported(self.market, topology)
-            if why is not None:
-                raise CheckpointError("checkpoint", f"a run cannot resume in {why}")
+            if no_resume is not None:
+                raise CheckpointError("checkpoint", f"a run cannot resume in {no_resume}")
             check_matches(resume, scenario=public.name, topology=topology, peer_ids=list(self.graph.peer_ids),
                           hours=self.H, pairs=self.graph.n_pairs)
         self.hosts: dict[str, list[str]] = {}
@@ -333,7 +337,7 @@ class CoordinatorEngine:
             return
         where = f" at iteration {self.iteration}" if self.iteration else ""
         detail = f"{self._describe(role)} lost{where}: {ev.reason or 'gone'}"
-        if role in SERVICES and self.on_peer_loss == "wait" and self._services_may_wait():
+        if role in SERVICES and self.on_peer_loss == "wait" and self.losses_survivable:
             self.services.pop(role, None)
             self.services_lost[role] = (self.now_s, ev.reason or "gone")
             self._log(f"{detail}; waiting up to {self.grace_s:g} s for it to come back")
@@ -408,11 +412,6 @@ class CoordinatorEngine:
             self.rejoined_services.append({"role": hello.role, "iteration": int(self.iteration), "reason": lost[1],
                                            "lost_s": round(float(lost[0]), 3), "back_s": round(float(self.now_s), 3)})
             self._note("rejoined", host=hello.role, iteration=int(self.iteration))
-
-    def _services_may_wait(self) -> bool:
-        """Policy wait covers the services where it covers the peer hosts (the DSO and TSO are asked
-        once, after the clearing; a network agent or an outer loop cannot wait)."""
-        return drop_unsupported(self.market, self.topology) is None
 
     def _service(self, role: str):
         if role in self.services:
@@ -513,7 +512,7 @@ class CoordinatorEngine:
         mesh addresses (``shared``: :meth:`_welcome_shared`, computed once for all hosts)."""
         keys, index, host_of = shared if shared is not None else self._welcome_shared()
         config = {"run_id": self.run_id, "hours": self.H, "public_keys": keys, "heartbeat_s": self.heartbeat_s}
-        if self.on_peer_loss == "wait" and drop_unsupported(self.market, self.topology) is None:
+        if self.on_peer_loss == "wait" and self.losses_survivable:
             config["rejoin"] = True  # a host that loses its coordinator (it was stopped, say) registers again
         if self.community:
             config.update(topology="relay", market="community")
@@ -581,7 +580,7 @@ class CoordinatorEngine:
         if rounds is None:
             rounds = P2PRounds(self.graph, self.hosts, self.H, self._settings(None if prev is None else prev.rho),
                                timer=self.timer, **warm)
-        self._droppable = self.on_peer_loss in ("drop", "wait") and drop_unsupported(self.market, self.topology) is None
+        self._droppable = self.on_peer_loss in ("drop", "wait") and self.losses_survivable
         try:
             while True:
                 if self.topology == "relay":
@@ -693,9 +692,7 @@ class CoordinatorEngine:
                          start_prices=state.prices_eur_per_mwh.copy(), start_own=True, history=history)
 
     def _checkpoint_due(self, rounds, last: tuple[int, float]) -> bool:
-        if not isinstance(rounds, P2PRounds) or rounds.finished or self.central is not None:
-            return False
-        if resume_unsupported(self.market, self.topology) is not None:
+        if not self.checkpoints or self.central is not None or not isinstance(rounds, P2PRounds) or rounds.finished:
             return False
         k, t = last
         return ((self.checkpoint_every > 0 and rounds.iteration - 1 - k >= self.checkpoint_every)

@@ -14,11 +14,20 @@ import time
 from pathlib import Path
 
 import pytest
+from p2pm_support import (
+    P2PM,
+    alive,
+    descendants,
+    fault_env,
+    free_port,
+    small_market,
+    split,
+    wait_for,
+)
 
 from common.centralized import solve_p2p
 from common.models import peer_models
 from common.scenario import load_scenario
-from p2pm_support import P2PM, alive, descendants, fault_env, free_port, small_market, split, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -35,6 +44,37 @@ def _optimum(scen: Path) -> float:
 
 def _coordinator_pid(log: Path) -> int:
     return int(re.search(r"coordinator pid (\d+)", log.read_text()).group(1))
+
+
+class _ByHand:
+    """A small market's roles started by hand (without CURVE), each logging to ``logs/<name>.log``;
+    ``close()`` kills what is still running."""
+
+    def __init__(self, tmp_path: Path, seed: int):
+        self.scenario = small_market(tmp_path / "small.yaml", seed, hours=3, pool_price_start=False)
+        self.public, self.private = split(self.scenario, tmp_path / "split")
+        self.address, self.out, self.logs = f"tcp://127.0.0.1:{free_port()}", tmp_path / "out", tmp_path / "logs"
+        self.logs.mkdir()
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args) -> subprocess.Popen:
+        with open(self.logs / f"{name}.log", "a") as f:
+            self.procs[name] = subprocess.Popen([*P2PM, *map(str, args), "--insecure"], stdout=f, stderr=f,
+                                                env=fault_env())
+        return self.procs[name]
+
+    def service(self, name: str, svc: str, *extra) -> subprocess.Popen:
+        return self.start(name, svc, "--scenario", self.public, "--coordinator", self.address, *extra)
+
+    def peer_host(self, name: str, host: str, peer_ids: list[str]) -> subprocess.Popen:
+        return self.start(name, "peer", "--coordinator", self.address, "--host-id", host,
+                          *[a for pid in peer_ids for a in ("--model", self.private[pid])])
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
 
 
 def test_a_run_whose_coordinator_was_killed_resumes_from_its_checkpoint_to_the_optimum(tmp_path):
@@ -73,27 +113,19 @@ def test_a_run_whose_coordinator_was_killed_resumes_from_its_checkpoint_to_the_o
 
 
 def test_a_coordinator_started_by_hand_resumes_and_the_roles_started_again_finish_the_run(tmp_path):
-    scen = small_market(tmp_path / "small.yaml", 16, hours=3, pool_price_start=False)
-    public, private = split(scen, tmp_path / "split")
-    address, out, logs = f"tcp://127.0.0.1:{free_port()}", tmp_path / "out", tmp_path / "logs"
-    logs.mkdir()
-    procs: dict[str, subprocess.Popen] = {}
-
-    def start(name, *args):
-        with open(logs / f"{name}.log", "a") as f:
-            procs[name] = subprocess.Popen([*P2PM, *map(str, args)], stdout=f, stderr=f, env=fault_env())
+    roles = _ByHand(tmp_path, 16)
+    procs, logs, out = roles.procs, roles.logs, roles.out
 
     def others(tag: str):
         for svc in ("dso", "tso"):
-            start(f"{svc}{tag}", svc, "--scenario", public, "--coordinator", address, "--insecure", "--timeout-s", "10")
-        ids = sorted(private)
+            roles.service(f"{svc}{tag}", svc, "--timeout-s", "10")
+        ids = sorted(roles.private)
         for host, group in (("h-a", ids[:3]), ("h-b", ids[3:])):
-            start(f"{host}{tag}", "peer", "--coordinator", address, "--host-id", host, "--insecure",
-                  *[a for pid in group for a in ("--model", private[pid])])
+            roles.peer_host(f"{host}{tag}", host, group)
 
     try:
-        start("coordinator", "coordinator", "--scenario", public, "--bind", address, "--out", out, "--no-report",
-              "--tolerance", "1e-7", "--checkpoint-every", "10", "--heartbeat-s", "0.5", "--insecure")
+        roles.start("coordinator", "coordinator", "--scenario", roles.public, "--bind", roles.address, "--out", out,
+                    "--no-report", "--tolerance", "1e-7", "--checkpoint-every", "10", "--heartbeat-s", "0.5")
         others("")
         _wait_for(logs / "coordinator.log", r"checkpoint: iteration 20 written", 90, procs["coordinator"])
         procs["coordinator"].send_signal(signal.SIGKILL)
@@ -109,13 +141,10 @@ def test_a_coordinator_started_by_hand_resumes_and_the_roles_started_again_finis
         for name in ("dso-again", "tso-again", "h-a-again", "h-b-again"):
             assert procs[name].wait(timeout=30) == 0, (logs / f"{name}.log").read_text()[-2000:]
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
+        roles.close()
     s = json.loads((out / "summary.json").read_text())
     assert s["converged"] and s["resumed_from"]["iteration"] == written
-    assert abs(s["social_welfare_eur"] - _optimum(scen)) <= 1e-6 * abs(_optimum(scen))
+    assert abs(s["social_welfare_eur"] - _optimum(roles.scenario)) <= 1e-6 * abs(_optimum(roles.scenario))
 
 
 def test_a_service_started_by_hand_that_is_never_welcomed_stops_naming_the_coordinator(tmp_path):
@@ -133,38 +162,27 @@ def test_a_service_started_by_hand_that_is_never_welcomed_stops_naming_the_coord
 def test_a_dso_started_again_by_hand_under_policy_wait_answers_and_the_run_ends(tmp_path):
     """Roles by hand, --on-peer-loss wait: the DSO is killed during the clearing and started again;
     it registers again, gets the dispatch, and the run ends with its grid report."""
-    scen = small_market(tmp_path / "small.yaml", 18, hours=3, pool_price_start=False)
-    public, private = split(scen, tmp_path / "split")
-    address, out, logs = f"tcp://127.0.0.1:{free_port()}", tmp_path / "out", tmp_path / "logs"
-    logs.mkdir()
-    procs: dict[str, subprocess.Popen] = {}
-
-    def start(name, *args):
-        with open(logs / f"{name}.log", "a") as f:
-            procs[name] = subprocess.Popen([*P2PM, *map(str, args), "--insecure"], stdout=f, stderr=f, env=fault_env())
-
+    roles = _ByHand(tmp_path, 18)
+    procs, out = roles.procs, roles.out
     try:
-        start("coordinator", "coordinator", "--scenario", public, "--bind", address, "--out", out, "--no-report",
-              "--tolerance", "1e-7", "--heartbeat-s", "0.5", "--on-peer-loss", "wait", "--grace-s", "60")
+        roles.start("coordinator", "coordinator", "--scenario", roles.public, "--bind", roles.address, "--out", out,
+                    "--no-report", "--tolerance", "1e-7", "--heartbeat-s", "0.5", "--on-peer-loss", "wait",
+                    "--grace-s", "60")
         for svc in ("dso", "tso"):
-            start(svc, svc, "--scenario", public, "--coordinator", address)
-        ids = sorted(private)
-        start("h-a", "peer", "--coordinator", address, "--host-id", "h-a", *[a for p in ids for a in ("--model", private[p])])
-        coord_log = logs / "coordinator.log"
+            roles.service(svc, svc)
+        roles.peer_host("h-a", "h-a", sorted(roles.private))
+        coord_log = roles.logs / "coordinator.log"
         _wait_for(coord_log, r"dso service registered", 90, procs["coordinator"])
         _wait_for(coord_log, r"peers in 1 processes ready", 90, procs["coordinator"])
         procs["dso"].send_signal(signal.SIGKILL)
         _wait_for(coord_log, r"the dso service lost at iteration \d+: .*waiting up to 60 s", 30, procs["coordinator"])
-        start("dso-again", "dso", "--scenario", public, "--coordinator", address)
+        roles.service("dso-again", "dso")
         assert procs["coordinator"].wait(timeout=120) == 0, coord_log.read_text()[-3000:]
         assert procs["dso-again"].wait(timeout=30) == 0
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
+        roles.close()
     s = json.loads((out / "summary.json").read_text())
     (back,) = s["rejoined_services"]
     assert back["role"] == "dso" and s["converged"] and s["rejoined_peers"] == []
-    assert abs(s["social_welfare_eur"] - _optimum(scen)) <= 1e-6 * abs(_optimum(scen))
+    assert abs(s["social_welfare_eur"] - _optimum(roles.scenario)) <= 1e-6 * abs(_optimum(roles.scenario))
     assert (out / "buses.csv").is_file()

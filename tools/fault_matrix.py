@@ -92,6 +92,19 @@ def _kill(pid: int | None) -> None:
         pass
 
 
+def _start_role(procs: dict, logs: Path, name: str, *args) -> None:
+    """``p2pm ARGS --insecure`` (liveness, not security: without CURVE keys) logging to ``logs/<name>.log``."""
+    with open(logs / f"{name}.log", "a") as f:
+        procs[name] = subprocess.Popen([*P2PM, *map(str, args), "--insecure"], stdout=f, stderr=f, env=fault_env())
+
+
+def _stop_all(procs: dict) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            _kill(p.pid)
+        p.wait(timeout=10)
+
+
 class Iterations:
     """The last iteration a growing log file shows (read as it grows)."""
 
@@ -285,10 +298,8 @@ def hand_run(m: Market, cell: str, rng: random.Random, work: Path) -> dict:
     row: dict = {"code": None, "message": "", "detect_s": None, "exit_s": None, "iteration": None, "left": 0,
                  "welfare_eur": None, "reference_eur": None, "rel_diff": None, "equal": None, "named": False}
 
-    def start(name, *args):  # liveness, not security: without CURVE keys
-        with open(logs / f"{name}.log", "w") as f:
-            procs[name] = subprocess.Popen([*P2PM, *map(str, args), "--insecure"], stdout=f, stderr=f,
-                                           env=fault_env())
+    def start(name, *args):
+        _start_role(procs, logs, name, *args)
 
     try:
         start("coordinator", "coordinator", "--scenario", m.public, "--bind", address, "--out", work / "out",
@@ -363,10 +374,7 @@ def hand_run(m: Market, cell: str, rng: random.Random, work: Path) -> dict:
         row["left_pids"] = left
         return row
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                _kill(p.pid)
-            p.wait(timeout=10)
+        _stop_all(procs)
 
 
 def _finite_market(m: Market) -> tuple[Path, dict]:
@@ -396,9 +404,7 @@ def recover_run(m: Market, cell: str, rng: random.Random, work: Path) -> dict:
     pids: set[int] = set()
 
     def start(name, *args):
-        with open(logs / f"{name}.log", "a") as f:
-            procs[name] = subprocess.Popen([*P2PM, *map(str, args), "--insecure"], stdout=f, stderr=f,
-                                           env=fault_env())
+        _start_role(procs, logs, name, *args)
 
     def services(tag: str = ""):
         for svc in ("dso", "tso"):
@@ -484,10 +490,7 @@ def recover_run(m: Market, cell: str, rng: random.Random, work: Path) -> dict:
         row["left"], row["left_pids"] = len(left), left
         return row
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                _kill(p.pid)
-            p.wait(timeout=10)
+        _stop_all(procs)
 
 
 def _messages(rows: list[dict]) -> list[tuple[str, int]]:

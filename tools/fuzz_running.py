@@ -62,12 +62,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path[:0] = [p for p in (str(REPO), str(REPO / "tests")) if p not in sys.path]
 
 import msgspec
 import numpy as np
 import zmq
+from p2pm_support import alive, descendants  # the process-tree helpers of the tests
 
 from common.codec import encode
 from common.protocol import MAX_MESSAGE_BYTES, MsgType
@@ -89,36 +89,6 @@ def p2pm(*args) -> list[str]:
 def env() -> dict:
     path = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
-
-
-# ------------------------------------------------------------------------------------- processes
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc (as tests/p2pm_support.py)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (ProcessLookupError, OSError):
-        return False
 
 
 # ----------------------------------------------------------------------------- real messages

@@ -52,6 +52,22 @@ class Net:
                 continue
             self.event(to, Received(source, ins.message, ins.iteration, now))
 
+    def warm_up(self, until_s: float = 2.0) -> None:
+        """Start, then deliver every 0.1 s until ``until_s``: the clearing is running."""
+        self.start(0.0)
+        for t in np.arange(0.1, until_s, 0.1):
+            self.pump(float(t))
+
+    def beat_until_ended(self, t: float, beating: str = "h0000-g0") -> float:
+        """Every 0.5 s only ``beating`` sends a heartbeat, and the coordinator ticks, until it ends
+        the run; returns the time it did."""
+        while not self.ended:
+            t = round(t + 0.5, 1)
+            self.event(COORDINATOR, Received(beating, Heartbeat(), 0, t))
+            self.event(COORDINATOR, Tick(t))
+            self.pump(t)
+        return t
+
 
 def _market(p2p_peers, **kw):
     public = market_public(p2p_peers, tolerance=1e-9, pool_price_start=False)
@@ -65,9 +81,7 @@ def test_refused_messages_do_not_extend_a_wait(p2p_peers):
     at its deadline, 10 s after the round was sent, naming that host only."""
     coordinator, hosts = _market(p2p_peers)
     net = Net(coordinator, hosts)
-    net.start(0.0)
-    for t in np.arange(0.1, 3.0, 0.1):  # registration and a few iterations
-        net.pump(float(t))
+    net.warm_up(3.0)  # registration and a few iterations
     k = coordinator.iteration
     assert k >= 2 and not net.ended
     net.frozen.add("h0002-l0")
@@ -93,16 +107,9 @@ def test_refused_messages_do_not_extend_a_wait(p2p_peers):
 def test_a_stopped_host_is_lost_after_a_few_heartbeat_intervals_and_named(p2p_peers):
     coordinator, hosts = _market(p2p_peers)
     net = Net(coordinator, hosts)
-    net.start(0.0)
-    for t in np.arange(0.1, 2.0, 0.1):
-        net.pump(float(t))
+    net.warm_up()
     net.frozen.add("h0002-l0")  # SIGSTOP: nothing, not even heartbeats
-    t = 2.0
-    while not net.ended:
-        t = round(t + 0.5, 1)
-        net.event(COORDINATOR, Received("h0000-g0", Heartbeat(), 0, t))
-        net.event(COORDINATOR, Tick(t))
-        net.pump(t)
+    t = net.beat_until_ended(2.0)
     fail = net.ended[0]
     assert fail.role == "h0002-l0" and t <= 2.0 + 5 * 1.0 + 1.0
     assert "peer host h0002-l0 (peers l0, l1) lost at iteration" in fail.reason
@@ -251,16 +258,9 @@ def test_a_lost_host_that_comes_back_within_the_grace_time_ends_at_the_same_opti
 def test_a_lost_host_that_does_not_come_back_ends_the_run_naming_it(p2p_peers):
     coordinator, hosts = _market(p2p_peers, on_peer_loss="wait", grace_s=8.0)
     net = Net(coordinator, hosts)
-    net.start(0.0)
-    for t in np.arange(0.1, 2.0, 0.1):
-        net.pump(float(t))
+    net.warm_up()
     net.event(COORDINATOR, PeerLost("h0002-l0", 2.0, "disconnected"))
-    t = 2.0
-    while not net.ended:
-        t = round(t + 0.5, 1)
-        net.event(COORDINATOR, Received("h0000-g0", Heartbeat(), 0, t))
-        net.event(COORDINATOR, Tick(t))
-        net.pump(t)
+    t = net.beat_until_ended(2.0)
     fail = net.ended[0]
     assert fail.role == "h0002-l0" and 10.0 <= t <= 11.0
     assert "did not come back within 8 s" in fail.reason
