@@ -111,7 +111,8 @@ class Shell:
             self.main = self.transport.router(bind)
             self.address = self.main.getsockopt(zmq.LAST_ENDPOINT).decode()
         else:
-            self.main = self.transport.dealer(connect, identity=self.role)
+            # (no IMMEDIATE: the coordinator's last messages, sent just before it closes, stay readable)
+            self.main = self.transport.dealer(connect, identity=self.role, immediate=False)
         if mesh_host is not None:
             self.mesh_in = self.transport.router(f"tcp://{mesh_host}:*", domain=DOMAIN_MESH)
             endpoint = self.mesh_in.getsockopt(zmq.LAST_ENDPOINT).decode()

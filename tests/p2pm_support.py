@@ -166,9 +166,11 @@ def alive(pid: int) -> bool:
 FAULT_NETWORK = json.dumps({"default": {"latency_ms": 3.0}})
 
 
-def fault_env() -> dict:
-    """The environment of a faulted run's processes (the link latency of ``FAULT_NETWORK``)."""
-    return {**os.environ, "P2PM_NETWORK": FAULT_NETWORK}
+def fault_env(latency_ms: float | None = None) -> dict:
+    """The environment of a faulted run's processes (the link latency of ``FAULT_NETWORK``, or
+    ``latency_ms``)."""
+    network = FAULT_NETWORK if latency_ms is None else json.dumps({"default": {"latency_ms": latency_ms}})
+    return {**os.environ, "P2PM_NETWORK": network}
 
 
 def launch_run(scen: Path, out: Path, policy: str, *extra, heartbeat_s: float = 0.5,
