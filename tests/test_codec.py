@@ -221,6 +221,76 @@ def test_arrays_travel_as_binary_not_lists() -> None:
     assert as_lists > 1.1 * size  # a list of msgpack floats costs 9 bytes per float
 
 
+def sparse_ext(a: np.ndarray, *, pad: int = 0, drop: int = 0, extra: bytes = b"", keep_zero: bool = False) -> msgpack.ExtType:
+    """A float64 array in the documented sparse wire format (code 4), built independently of the
+    codec; the keywords forge a bad one."""
+    flat = a.reshape(-1)
+    nonzero = flat.view(np.uint64) != 0
+    if keep_zero:
+        nonzero[np.flatnonzero(~nonzero)[0]] = True
+    bitmap = bytearray(np.packbits(nonzero, bitorder="little").tobytes())
+    bitmap[-1] |= pad
+    values = flat[nonzero].astype("<f8").tobytes()
+    head = struct.pack("<BB", 4, a.ndim) + struct.pack(f"<{a.ndim}I", *a.shape)
+    return msgpack.ExtType(EXT_NDARRAY, head + bytes(bitmap) + values[: len(values) - 8 * drop] + extra)
+
+
+def test_float_arrays_with_enough_zeros_travel_sparse_and_come_back_bit_for_bit() -> None:
+    rng = np.random.default_rng(3)
+    trades = rng.normal(size=(30, H))
+    trades[rng.random(trades.shape) < 0.3] = 0.0
+    trades[0, :3] = -0.0  # kept as a value: the bits come back, not just the number
+    trades[1, 0] = 5e-324
+    env = make_envelope(MsgType.ROUND, good_round(peers={"p1": {"p_in_mw": trades}}), run_id=RUN, sender="c")
+    data = encode(env)
+    back = decode(data).body.peers["p1"].p_in_mw
+    assert back.dtype == np.float64 and back.shape == trades.shape and back.flags.writeable
+    assert back.tobytes() == trades.tobytes()
+    dense = encode(make_envelope(MsgType.ROUND, good_round(peers={"p1": {"p_in_mw": trades + 1.0}}), run_id=RUN,
+                                 sender="c"))
+    kept = int(np.count_nonzero(trades.view(np.uint64)))
+    assert len(dense) - len(data) == 8 * (trades.size - kept) - (trades.size + 7) // 8
+    assert raw(PROTOCOL_VERSION, RUN, "c", "round", 0, good_round(peers={"p1": {"p_in_mw": sparse_ext(trades)}})) \
+        == data  # the documented format, byte for byte
+
+
+@pytest.mark.parametrize("shape", [(0,), (3,), (63,), (64,), (65,), (2, 40), (24, 1, 3)])
+@pytest.mark.parametrize("zeros", [0.0, 0.1, 0.2, 1.0])
+def test_sparse_and_dense_arrays_round_trip(shape: tuple[int, ...], zeros: float) -> None:
+    a = np.random.default_rng(len(shape)).normal(size=shape)
+    a[np.random.default_rng(7).random(shape) < zeros] = 0.0
+    env = control.Welcome({"a": a}).envelope(run_id=RUN, sender="c")
+    assert decode(encode(env)).body.config["a"].tobytes() == a.tobytes()
+
+
+@pytest.mark.parametrize(
+    "ext",
+    [
+        sparse_ext(np.array([0.0, 1.0] * 40).reshape(2, 40), pad=0),  # fine: the control case
+        sparse_ext(np.array([[0.0, 1.0] * 36 + [0.0, 1.0, 0.0]]), pad=0x80),  # a padding bit set
+        sparse_ext(np.array([0.0, 1.0] * 40).reshape(2, 40), drop=1),  # a flagged value missing
+        sparse_ext(np.array([0.0, 1.0] * 40).reshape(2, 40), extra=b"\x00" * 8),  # a value more than flagged
+        sparse_ext(np.array([0.0, 1.0] * 40).reshape(2, 40), keep_zero=True),  # a zero among the values it keeps
+        msgpack.ExtType(EXT_NDARRAY, struct.pack("<BBII", 4, 2, 2, 40) + b"\xff" * 3),  # bitmap truncated
+    ],
+    ids=["good", "padding", "missing", "extra", "zero", "bitmap"],
+)
+def test_bad_sparse_arrays_are_malformed(ext: msgpack.ExtType) -> None:
+    data = raw(PROTOCOL_VERSION, RUN, "c", "round", 1, good_round(peers={"p1": {"p_in_mw": ext}}))
+    if ext.data == sparse_ext(np.array([0.0, 1.0] * 40).reshape(2, 40)).data:
+        assert decode(data).body.peers["p1"].p_in_mw.reshape(-1).tolist() == [0.0, 1.0] * 40
+    else:
+        assert reason_of(data) == "malformed"
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_in_a_sparse_array_is_refused(bad: float) -> None:
+    a = np.zeros((2, 40))
+    a[0, 5] = bad
+    assert reason_of(raw(PROTOCOL_VERSION, RUN, "c", "round", 1, good_round(peers={"p1": {"p_in_mw": sparse_ext(a)}}))) \
+        == "nonfinite"
+
+
 # ------------------------------------------------------------------------------------ rejections
 
 

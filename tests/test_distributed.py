@@ -22,7 +22,7 @@ import zmq
 from common.centralized import solve_p2p
 from common.codec import encode
 from common.models import peer_models
-from common.protocol import MAX_MESSAGE_BYTES, MsgType, make_envelope
+from common.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, MsgType, make_envelope
 from common.scenario import load_scenario
 from p2pm_support import P2PM, alive, assert_no_private_data, descendants, free_port, run_cli, small_market, split
 
@@ -177,9 +177,9 @@ def test_bad_messages_are_rejected_counted_and_survived(tmp_path):
         bad = [
             b"\x93garbage\xff",  # not msgpack of the envelope
             msgpack.packb([99, run, "rogue", "ready", 0, {}]),  # wrong protocol version
-            msgpack.packb([1, "another-run", "rogue", "ready", 0, {}]),  # wrong run
-            msgpack.packb([1, run, "rogue", "no-such-type", 0, {}]),  # unknown type
-            msgpack.packb([1, run, "rogue", "update", 7, {"peers": {"x": {"p_out_mw": [1.0]}}}]),  # malformed body
+            msgpack.packb([PROTOCOL_VERSION, "another-run", "rogue", "ready", 0, {}]),  # wrong run
+            msgpack.packb([PROTOCOL_VERSION, run, "rogue", "no-such-type", 0, {}]),  # unknown type
+            msgpack.packb([PROTOCOL_VERSION, run, "rogue", "update", 7, {"peers": {"x": {"p_out_mw": [1.0]}}}]),  # malformed body
             b"\x00" * (MAX_MESSAGE_BYTES + 16),  # oversized
             good,  # a good message from an unknown role: not an answer the coordinator waits for
         ]
@@ -196,7 +196,7 @@ def test_bad_messages_are_rejected_counted_and_survived(tmp_path):
         rogue2.setsockopt(zmq.LINGER, 0)
         rogue2.connect(mesh)
         rogue2.send(b"\xc1 not a message")
-        rogue2.send(msgpack.packb([1, "another-run", "x", "trades", 0, {}]))
+        rogue2.send(msgpack.packb([PROTOCOL_VERSION, "another-run", "x", "trades", 0, {}]))
 
         assert coord.wait(timeout=90) == 0, "".join(coord_log)
         for pr in procs[1:]:

@@ -70,7 +70,7 @@ import zmq
 from p2pm_support import alive, descendants  # the process-tree helpers of the tests
 
 from common.codec import encode
-from common.protocol import MAX_MESSAGE_BYTES, MsgType
+from common.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, MsgType
 
 TARGETS = {
     "mv37-relay": ("mv37", ["--topology", "relay"]),
@@ -199,7 +199,7 @@ class Forge:
     def wire(self, index: int, sender: str, iteration: int, run_id: str | None = None) -> bytes:
         """Template ``index`` as a valid message of ``sender`` (its body as the run sent it)."""
         type_, body = self.bodies[index]
-        return envelope_bytes(1, run_id or self.run_id, sender, type_, iteration, body)
+        return envelope_bytes(PROTOCOL_VERSION, run_id or self.run_id, sender, type_, iteration, body)
 
     def iteration(self) -> int:
         return self.rng.choice([0, 1, 2, 3, 7, 50, 400, 2**31, 2**63 - 1, self.rng.randrange(0, 5000)])
@@ -239,7 +239,7 @@ class Forge:
                 elif choice == 1:
                     type_ = rng.choice(["", "HELLO", "round ", "x" * 300, "trade"])
                 elif choice == 2:
-                    version = rng.choice([0, 2, 255, -1])
+                    version = rng.choice([0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, 255, -1])
                 else:
                     type_ = rng.choice([7, None, 1.5, ["round"]])
             elif kind == "stale":  # a message of the run from a stranger, of an old, future or absurd iteration
@@ -277,19 +277,19 @@ class Forge:
             choice = rng.randrange(5)
             if choice == 0:  # deep nesting in the body
                 depth = rng.choice([100, 1000, 20000])
-                return [envelope_bytes(1, self.run_id, me, "update", 1, b"\x91" * depth + b"\xc0")]
+                return [envelope_bytes(PROTOCOL_VERSION, self.run_id, me, "update", 1, b"\x91" * depth + b"\xc0")]
             if choice == 1:  # a container claiming 2**32-1 elements
-                return [envelope_bytes(1, self.run_id, me, "update", 1, b"\xdd\xff\xff\xff\xff")]
+                return [envelope_bytes(PROTOCOL_VERSION, self.run_id, me, "update", 1, b"\xdd\xff\xff\xff\xff")]
             if choice == 2:  # an array ext with a wrong shape, dtype or NaN
                 payload = rng.choice([b"\x01\x01\x05\x00\x00\x00" + b"\x00" * 8, b"\x09\x00",
                                       b"\x01\x01\x01\x00\x00\x00" + np.array([np.nan]).tobytes(), b""])
                 body = msgspec.msgpack.encode({"peers": {"a": {"p_out_mw": msgspec.msgpack.Ext(1, payload),
                                                                "dual_sq": [], "solve_s": 0.0}}})
-                return [envelope_bytes(1, self.run_id, me, "update", 1, body)]
+                return [envelope_bytes(PROTOCOL_VERSION, self.run_id, me, "update", 1, body)]
             value = random_msgpack(rng)
             if choice == 3:
                 return [msgspec.msgpack.encode(value)]
-            return [envelope_bytes(1, self.run_id, me, rng.choice(self.types), 1, msgspec.msgpack.encode(value))]
+            return [envelope_bytes(PROTOCOL_VERSION, self.run_id, me, rng.choice(self.types), 1, msgspec.msgpack.encode(value))]
         raise ValueError(kind)
 
     def huge(self, me: str) -> list[tuple[str, bytes]]:
