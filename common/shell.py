@@ -439,7 +439,7 @@ class Shell:
             self.last_sent = time.monotonic()
         else:
             sock, frames, mesh = self._mesh_socket(ins.to), [data], True
-        if self.netem is not None and not heartbeat and env.type != MsgType.SHUTDOWN:  # (the end is not delayed)
+        if self.netem is not None and not heartbeat:
             self._hold(sock, frames, env, ins.to, len(data))
             return
         try:
