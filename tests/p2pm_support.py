@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,14 @@ def launch_run(scen: Path, out: Path, policy: str, *extra, heartbeat_s: float = 
                              "--timeout-s", str(timeout_s), *map(str, extra)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fault_env(),
                             start_new_session=True)
+
+
+def stop_run(proc: subprocess.Popen) -> None:
+    """End a run started in its own session (``launch_run``) if it still runs: its whole process
+    group, then reap it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
 
 
 def wait_for(path: Path, pattern: str, deadline: float, proc: subprocess.Popen | None = None) -> re.Match:

@@ -29,6 +29,7 @@ from p2pm_support import (
     leftovers,
     small_market,
     split,
+    stop_run,
     wait_for,
 )
 
@@ -78,9 +79,7 @@ def _fault_run(tmp_path: Path, fault: signal.Signals, policy: str, seed: int) ->
         return {"code": proc.returncode, "stderr": err, "detect_s": detect_s, "iteration": int(m.group(1)) if m else None,
                 "left": leftovers([*pids, victim]), "summary": summary, "scenario": scen}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        stop_run(proc)
         try:
             os.kill(victim, signal.SIGKILL)  # a stopped victim never reads its SIGTERM otherwise
         except (ProcessLookupError, UnboundLocalError):
@@ -258,9 +257,7 @@ def test_hostile_messages_during_a_run_never_end_it(tmp_path):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        stop_run(proc)
         for s in socks:
             s.close(linger=0)
         ctx.term()
@@ -337,9 +334,7 @@ def test_a_killed_fork_server_is_named_not_its_peers(tmp_path):
         os.kill(server, signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        stop_run(proc)
     _report(f"fork server SIGKILL: exit {proc.returncode}, {err.strip().splitlines()[0] if err.strip() else ''}")
     assert proc.returncode == 1 and "the peer fork server" in err and "exited with code -9" in err, err
     assert leftovers(pids) == []
@@ -408,9 +403,7 @@ def test_a_stopped_peer_host_that_runs_again_registers_again_under_policy_wait(t
         os.kill(victim, signal.SIGCONT)
         _, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        stop_run(proc)
         if victim is not None:
             try:
                 os.kill(victim, signal.SIGCONT)

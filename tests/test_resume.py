@@ -22,6 +22,7 @@ from p2pm_support import (
     free_port,
     small_market,
     split,
+    stop_run,
     wait_for,
 )
 
@@ -91,9 +92,7 @@ def test_a_run_whose_coordinator_was_killed_resumes_from_its_checkpoint_to_the_o
         os.kill(_coordinator_pid(log), signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        stop_run(proc)
     assert proc.returncode == 1 and "the coordinator exited with code -9" in err, err
     time.sleep(0.5)
     assert [p for p in pids if alive(p)] == []

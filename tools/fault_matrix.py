@@ -48,6 +48,7 @@ from p2pm_support import (
     leftovers,
     small_market,
     split,
+    stop_run,
     wait_for,
 )
 
@@ -275,9 +276,7 @@ def launcher_run(m: Market, cell: str, rng: random.Random, work: Path) -> dict:
         row["left_pids"] = left
         return row
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        stop_run(proc)
         _kill(victim)
         if again is not None and again.poll() is None:
             again.kill()
