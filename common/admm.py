@@ -342,6 +342,50 @@ def converged(primal: float, dual: float, tolerance: float) -> bool:
     return primal <= tolerance and dual <= tolerance
 
 
+class DriftSteps:
+    """Longer steps where the fixed-point map is (nearly) a translation. When a block's fixed-point
+    residual f = T(z) - z stays the same from one step to the next (its trades sit on their bounds
+    and only some prices move, by rho/2 times a small mismatch per iteration: a small peer whose
+    prices must travel far after a differentiation change), Anderson's differences vanish and it
+    cannot extrapolate. Such a block steps to z + m f instead. The step is judged by Anderson's
+    safeguard like an extrapolated one, against the residual's norm when the steps began (a
+    translation keeps it; ``slack`` allows for the trades' small response); m doubles after each
+    step taken (up to ``m_max``) and a rejected step quarters it (m >= 2). Works on the sums the
+    coefficients see (the newest difference's and the residual's squared norms), so that relay and
+    mesh take the same steps."""
+
+    def __init__(self, flat: float = 0.01, slack: float = 0.05, m_max: float = 1024.0):
+        self.flat, self.slack, self.m_max = flat, slack, m_max
+        self.m = None
+        self.jumps = 0
+
+    def keep(self, mask: np.ndarray) -> None:
+        if self.m is not None:
+            self.m, self.jumped, self.base = self.m[mask], self.jumped[mask], self.base[mask]
+
+    def step(self, coef: "AndersonCoefficients", newest_sq: np.ndarray, f_sq: np.ndarray,
+             reject: np.ndarray) -> np.ndarray | None:
+        """The multiplier m of each block that steps to z + m f (0: none), or None when none does;
+        marks those blocks as accelerated for the safeguard."""
+        B = len(f_sq)
+        if self.m is None or len(self.m) != B:
+            self.m, self.jumped, self.base = np.full(B, 2.0), np.zeros(B, dtype=bool), np.zeros(B)
+        failed = reject & self.jumped
+        self.m[failed] = np.maximum(2.0, self.m[failed] / 4)
+        jump = (newest_sq <= self.flat**2 * f_sq) & (f_sq > 0) & ~reject
+        start = jump & ~self.jumped
+        self.base[start] = np.sqrt(f_sq[start])
+        self.jumped = jump
+        if not jump.any():
+            return None
+        coef.accelerated[jump] = True
+        coef.last_norm[jump] = (1 + self.slack) * self.base[jump]
+        out = np.where(jump, self.m, 0.0)
+        self.m[jump] = np.minimum(2 * self.m[jump], self.m_max)
+        self.jumps += int(jump.sum())
+        return out
+
+
 class AndersonMemory:
     """The local half of :class:`BlockAnderson`: the last ``memory`` differences of one slice of
     the state of every block, and what the coefficients need from them. The Gram column, the
@@ -388,11 +432,14 @@ class AndersonMemory:
         return (np.einsum("bmn,bn->bm", DF, self.DF[:, j, c]), np.einsum("bmn,bn->bm", DF, fc),
                 np.einsum("bn,bn->b", fc, fc))
 
-    def extrapolate(self, gamma: np.ndarray, reject: np.ndarray) -> np.ndarray:
+    def extrapolate(self, gamma: np.ndarray, reject: np.ndarray, drift: np.ndarray | None = None) -> np.ndarray:
         """The next point of every block from the coefficients (a rejected block: the plain step
-        from its last accepted point)."""
+        from its last accepted point; a block with ``drift`` m > 0: z + m f, ``DriftSteps``)."""
         out = self._t - np.einsum("bm,bmn->bn", gamma, self.DZ) - np.einsum("bm,bmn->bn", gamma, self.DF)
         out[reject] = self.fallback[reject]
+        if drift is not None:
+            jump = drift > 0
+            out[jump] = self._t[jump] + (drift[jump, None] - 1) * self._f[jump]
         accepted = ~reject
         self.last_z[accepted], self.last_f[accepted] = self._z[accepted], self._f[accepted]
         self.fallback[accepted] = self._t[accepted]
@@ -403,11 +450,13 @@ class AndersonCoefficients:
     """The global half of :class:`BlockAnderson`: from the summed Gram columns, right-hand sides
     and squared residuals, which differences are valid, the safeguard and the coefficients."""
 
-    def __init__(self, memory: int = 20, safeguard: float = 1.0, regularization: float = 1e-10):
+    def __init__(self, memory: int = 20, safeguard: float = 1.0, regularization: float = 1e-10, drift: bool = True):
         self.memory, self.safeguard, self.reg = memory, safeguard, regularization
         self.rejected = 0
         self.accepted = 0
         self.gram = None
+        self.drift = DriftSteps() if drift else None
+        self.drift_m: np.ndarray | None = None  # the last step's DriftSteps multipliers (None: no block)
 
     def _allocate(self, B: int) -> None:
         m = self.memory
@@ -423,6 +472,8 @@ class AndersonCoefficients:
             return
         for name in ("gram", "valid", "has_last", "accelerated", "last_norm"):
             setattr(self, name, getattr(self, name)[mask])
+        if self.drift is not None:
+            self.drift.keep(mask)
 
     def step(self, col: np.ndarray, rhs: np.ndarray, f_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(gamma (blocks, memory), reject (blocks,))`` for the newest differences."""
@@ -451,6 +502,7 @@ class AndersonCoefficients:
         self.last_norm[accepted] = norm[accepted]
         self.has_last = accepted.copy()
         self.accelerated = accepted & (count > 0)
+        self.drift_m = None if self.drift is None else self.drift.step(self, col[:, j], f_sq, reject)
         return gamma, reject
 
 
@@ -463,9 +515,9 @@ class BlockAnderson:
     (:class:`AndersonMemory`, :class:`AndersonCoefficients`), so that the state may be spread over
     several holders whose sums meet in one place (mesh topology)."""
 
-    def __init__(self, memory: int = 20, safeguard: float = 1.0, regularization: float = 1e-10):
+    def __init__(self, memory: int = 20, safeguard: float = 1.0, regularization: float = 1e-10, drift: bool = True):
         self.mem = AndersonMemory(memory)
-        self.coef = AndersonCoefficients(memory, safeguard, regularization)
+        self.coef = AndersonCoefficients(memory, safeguard, regularization, drift)
 
     @property
     def rejected(self) -> int:
@@ -481,7 +533,7 @@ class BlockAnderson:
 
     def step(self, z: np.ndarray, t: np.ndarray) -> np.ndarray:
         gamma, reject = self.coef.step(*self.mem.record(z, t))
-        return self.mem.extrapolate(gamma, reject)
+        return self.mem.extrapolate(gamma, reject, self.coef.drift_m)
 
 
 class Anderson(BlockAnderson):

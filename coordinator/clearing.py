@@ -168,10 +168,10 @@ class P2PRounds:
             for pid in self.hosts[host]:
                 peers[pid] = RoundPeer(p_in_mw=self.flat[self.peer_incoming[pid]][:, c])
         if self.aa_coef is not None and not stop:
-            gamma, rejected = self._aa_next if self._aa_next is not None else (None, None)
+            gamma, rejected, drift = self._aa_next if self._aa_next is not None else (None, None, None)
             return Round(rho=self.rho, stop=stop, peers=peers, hours=self.solving,
                          aa_memory=self.settings.aa_memory if self._aa_recording() else 0, aa_gamma=gamma,
-                         aa_rejected=rejected)
+                         aa_rejected=rejected, aa_drift=drift)
         return Round(rho=self.rho, stop=stop, peers=peers, hours=None if stop else self.solving)
 
     def _aa_recording(self) -> bool:
@@ -275,7 +275,7 @@ class P2PRounds:
         solved = np.arange(self.hours) if self.solving is None else self.solving
         rows = np.isin(solved, cols)
         gamma, reject = self.aa_coef.step(*(a[rows] for a in self._aa_sums))
-        self._aa_next = (gamma, np.flatnonzero(reject))
+        self._aa_next = (gamma, np.flatnonzero(reject), self.aa_coef.drift_m)
 
     def _maybe_complete(self) -> list[tuple[str, Round]]:
         if self._waiting:

@@ -377,7 +377,7 @@ class PeerEngine:
         self._aa_hours = hours
         reject = np.zeros(len(hours), dtype=bool)
         reject[msg.aa_rejected] = True
-        out = self.aa.extrapolate(msg.aa_gamma, reject).T
+        out = self.aa.extrapolate(msg.aa_gamma, reject, msg.aa_drift).T
         sq, K, row = np.sqrt(msg.rho), self._aa_rows(), 0
         for loc in self.locals.values():
             m = loc.x.shape[0]

@@ -357,8 +357,12 @@ def test_bad_envelope_fields_are_malformed(fields: tuple[Any, ...]) -> None:
         good_round(peers={"p1": {"p_in_mw": np.ones((2, H)), "price_eur_per_mwh": np.ones((3, H))}}),  # shapes
         good_round(extra=1),  # unknown field
         good_round(rho=-1.0),  # below minimum
+        good_round(aa_drift=np.ones(2)),  # drift steps without coefficients
+        good_round(aa_gamma=np.zeros((2, 3)), aa_rejected=np.zeros(0, dtype=np.int64), aa_drift=np.ones(3)),  # rows
+        good_round(aa_gamma=np.zeros((2, 3)), aa_rejected=np.zeros(0, dtype=np.int64), aa_drift=-np.ones(2)),  # sign
     ],
-    ids=["missing", "kind", "bool", "nested", "ndim", "dtype", "cross-field", "unknown", "min"],
+    ids=["missing", "kind", "bool", "nested", "ndim", "dtype", "cross-field", "unknown", "min", "drift-alone",
+         "drift-rows", "drift-sign"],
 )
 def test_body_not_matching_schema_is_refused(body: dict[str, Any]) -> None:
     assert reason_of(raw(PROTOCOL_VERSION, RUN, "c", "round", 1, body)) == "body"

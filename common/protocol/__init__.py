@@ -35,7 +35,7 @@ from typing import Annotated, Any, ClassVar, Self
 import msgspec
 import numpy as np
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Version of the wire format and of the messages; a receiver refuses any other version."""
 
 ANY_RUN = "*"

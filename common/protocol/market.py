@@ -20,7 +20,9 @@ ROUND (coordinator -> peer host; relay topology)
     ``aa_memory``: int, record this iteration's differences in a memory of this many (the host
     answers the sums in RESIDUALS); optional ``aa_gamma``: (h, memory), the coefficients of each open
     hour, to extrapolate the host's state from before solving; with it ``aa_rejected``: int64 (r,),
-    the rows of ``aa_gamma`` whose hours take the plain step from their last accepted point.
+    the rows of ``aa_gamma`` whose hours take the plain step from their last accepted point;
+    optional ``aa_drift``: (h,), with ``aa_gamma``: a row's m > 0 steps its hour to z + m f
+    instead (``common.admm.DriftSteps``), 0 extrapolates with the coefficients.
 UPDATE (peer host -> coordinator; relay topology)
     ``peers``: {peer_id: {``p_out_mw``: (n_partners, h), this peer's new trades in the hours it was
     asked to solve; ``dual_sq``: (h,), local squared dual residual per hour [MW^2]; ``solve_s``:
@@ -145,6 +147,7 @@ class Round(Message, frozen=True):
     aa_memory: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
     aa_gamma: F2 | None = None  # (open hours, memory)
     aa_rejected: I1 | None = None  # rows of aa_gamma that take the plain step
+    aa_drift: F1 | None = None  # (open hours,) m > 0: the row steps to z + m f (a translation)
 
     def check(self) -> None:
         h = self.hours
@@ -155,6 +158,10 @@ class Round(Message, frozen=True):
             raise _fail("aa_gamma and aa_rejected go together")
         if gamma is not None and (np.any(rejected < 0) or np.any(rejected >= gamma.shape[0])):
             raise _fail(f"aa_rejected rows outside the {gamma.shape[0]} rows of aa_gamma")
+        drift = self.aa_drift
+        if drift is not None and (gamma is None or drift.shape != (gamma.shape[0],)
+                                  or not (np.all(np.isfinite(drift)) and np.all(drift >= 0))):
+            raise _fail("aa_drift needs aa_gamma, one non-negative multiplier per row")
 
 
 # ------------------------------------------------------------------------------- UPDATE / RESIDUALS

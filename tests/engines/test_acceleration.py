@@ -29,6 +29,29 @@ def test_anderson_solves_a_linear_fixed_point_in_few_steps():
     assert np.linalg.norm(plain - star) > 100 * np.linalg.norm(z - star)
 
 
+def _drift_map(z: np.ndarray) -> np.ndarray:
+    """Prices 0.01 apart from a kink at 10 per step while far from it (a translation: f is the
+    same at every point, Anderson's differences vanish), a contraction onto 10 near it."""
+    return z + np.minimum(0.01, 0.5 * (10.0 - z))
+
+
+@pytest.mark.parametrize("drift", [True, False])
+def test_drift_steps_cross_a_translation_that_anderson_alone_walks(drift):
+    """Where the map is a translation, ``DriftSteps`` doubles its step (the safeguard undoing an
+    overshoot) and reaches the fixed point in tens of steps; without them Anderson walks the 1 000
+    plain steps of 0.01 (or worse)."""
+    aa, z = BlockAnderson(memory=5, drift=drift), np.zeros((1, 2))
+    steps = 0
+    while np.abs(z - 10.0).max() > 1e-9 and steps < 5000:
+        z = aa.step(z, _drift_map(z))
+        steps += 1
+    assert np.abs(z - 10.0).max() <= 1e-9
+    if drift:
+        assert steps < 100 and aa.coef.drift.jumps > 5, steps
+    else:
+        assert steps >= 900, steps
+
+
 def test_block_anderson_is_one_anderson_per_block():
     """Independent blocks (the hours) extrapolate with their own coefficients: the same iterates as
     one Anderson per block; dropping a block leaves the others' memory intact."""
