@@ -354,7 +354,7 @@ class DriftSteps:
     coefficients see (the newest difference's and the residual's squared norms), so that relay and
     mesh take the same steps."""
 
-    def __init__(self, flat: float = 0.01, slack: float = 0.05, m_max: float = 1024.0):
+    def __init__(self, flat: float = 0.003, slack: float = 0.05, m_max: float = 1024.0):
         self.flat, self.slack, self.m_max = flat, slack, m_max
         self.m = None
         self.jumps = 0
@@ -374,7 +374,7 @@ class DriftSteps:
         self.m[failed] = np.maximum(2.0, self.m[failed] / 4)
         jump = (newest_sq <= self.flat**2 * f_sq) & (f_sq > 0) & ~reject
         start = jump & ~self.jumped
-        self.base[start] = np.sqrt(f_sq[start])
+        self.base[start] = np.where(self.base[start] > 0, np.minimum(self.base[start], np.sqrt(f_sq[start])), np.sqrt(f_sq[start]))
         self.jumped = jump
         if not jump.any():
             return None
