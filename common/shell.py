@@ -373,6 +373,9 @@ class Shell:
         self.run_id = str(config.get("run_id", self.run_id))
         self.transport.run_id = self.run_id
         self.addresses = dict(config.get("addresses") or {})
+        if self.mesh_in is not None:  # connect to the partner hosts now (TCP and CURVE handshakes
+            for host in self.addresses:  # during the price rounds), not at the first TRADES
+                self._mesh_socket(host)
         heartbeat_s = config.get("heartbeat_s")  # the coordinator's interval rules the run
         if isinstance(heartbeat_s, (int, float)) and 0.01 <= heartbeat_s <= 3600:
             self.heartbeat_s = float(heartbeat_s)
