@@ -347,12 +347,13 @@ class DriftSteps:
     residual f = T(z) - z stays the same from one step to the next (its trades sit on their bounds
     and only some prices move, by rho/2 times a small mismatch per iteration: a small peer whose
     prices must travel far after a differentiation change), Anderson's differences vanish and it
-    cannot extrapolate. Such a block steps to z + m f instead. The step is judged by Anderson's
-    safeguard like an extrapolated one, against the residual's norm when the steps began (a
-    translation keeps it; ``slack`` allows for the trades' small response); m doubles after each
-    step taken (up to ``m_max``) and a rejected step quarters it (m >= 2). Works on the sums the
-    coefficients see (the newest difference's and the residual's squared norms), so that relay and
-    mesh take the same steps."""
+    cannot extrapolate. A block whose newest difference of f is below ``flat`` times f steps to
+    z + m f instead. The step is judged by Anderson's safeguard like an extrapolated one, against
+    the lowest residual norm at which such steps began (a translation keeps the norm; ``slack``
+    allows for the trades' small response, and the lowest norm keeps repeated runs of steps from
+    ratcheting it up); m doubles after each step taken (up to ``m_max``) and a rejected step
+    halves the m that failed (m >= 2). Works on the sums the coefficients see (the newest
+    difference's and the residual's squared norms), so that relay and mesh take the same steps."""
 
     def __init__(self, flat: float = 0.003, slack: float = 0.05, m_max: float = 1024.0):
         self.flat, self.slack, self.m_max = flat, slack, m_max
@@ -363,18 +364,19 @@ class DriftSteps:
         if self.m is not None:
             self.m, self.jumped, self.base = self.m[mask], self.jumped[mask], self.base[mask]
 
-    def step(self, coef: "AndersonCoefficients", newest_sq: np.ndarray, f_sq: np.ndarray,
+    def step(self, coef: AndersonCoefficients, newest_sq: np.ndarray, f_sq: np.ndarray,
              reject: np.ndarray) -> np.ndarray | None:
         """The multiplier m of each block that steps to z + m f (0: none), or None when none does;
         marks those blocks as accelerated for the safeguard."""
         B = len(f_sq)
         if self.m is None or len(self.m) != B:
             self.m, self.jumped, self.base = np.full(B, 2.0), np.zeros(B, dtype=bool), np.zeros(B)
-        failed = reject & self.jumped
+        failed = reject & self.jumped  # m was doubled after the step that failed
         self.m[failed] = np.maximum(2.0, self.m[failed] / 4)
         jump = (newest_sq <= self.flat**2 * f_sq) & (f_sq > 0) & ~reject
         start = jump & ~self.jumped
-        self.base[start] = np.where(self.base[start] > 0, np.minimum(self.base[start], np.sqrt(f_sq[start])), np.sqrt(f_sq[start]))
+        norm = np.sqrt(f_sq[start])
+        self.base[start] = np.where(self.base[start] > 0, np.minimum(self.base[start], norm), norm)
         self.jumped = jump
         if not jump.any():
             return None
