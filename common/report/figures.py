@@ -394,6 +394,17 @@ def _fig_admm(result: RunResult, limits: dict):
     return fig
 
 
+def _columns(ax, x: np.ndarray, v: np.ndarray, bottom: np.ndarray, color, label: str, width: float = 0.8) -> None:
+    """Stacked columns of one series as one collection (``ax.bar`` makes one artist per column,
+    about 20 times slower to draw for a few hundred)."""
+    from matplotlib.collections import PolyCollection
+
+    left, right, top = x - width / 2, x + width / 2, bottom + v
+    verts = np.stack([np.stack([left, bottom], 1), np.stack([left, top], 1), np.stack([right, top], 1),
+                      np.stack([right, bottom], 1)], axis=1)
+    ax.add_collection(PolyCollection(verts, facecolors=color, linewidths=0, antialiaseds=False, label=label))
+
+
 def _fig_messages(result: RunResult):
     m = result.messages
     if not _has_rows(m) or "iteration" not in m.columns:
@@ -417,10 +428,11 @@ def _fig_messages(result: RunResult):
             v = table[col].to_numpy(dtype=float) / div
             color = cmap(i % cmap.N)
             if len(x) <= 60:
-                ax.bar(x, v, 0.8, bottom=bottom, color=color, label=str(col), linewidth=0)
+                _columns(ax, x, v, bottom, color, str(col))
             else:  # stacked areas, one step per iteration
                 ax.fill_between(x, bottom, bottom + v, step="mid", color=color, label=str(col), linewidth=0)
             bottom = bottom + v
+        ax.autoscale_view()
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     ax1.set_ylabel("messages [count]")
