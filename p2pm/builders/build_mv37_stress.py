@@ -33,7 +33,7 @@ VARIANTS = {
                        text="thesis scenario 2: every line's thermal capacity / 2, P2P_Cong"),
     "mv37-voltage": dict(model="volt", network={"line_impedance_scale": 3.0},
                          text="thesis scenario 3: every line's impedance x 3 (low voltage in the evening), P2P_Volt"),
-    "mv37-freq": dict(model="freq", network={}, tso=True,
+    "mv37-freq": dict(model="freq", network={}, tso=True, rho=16.0,
                       text="thesis scenario 4: the TSO's regulation-up virtual load of Table 4.10, P2P_Freq"),
     "mv37-full": dict(model="full", network={"line_capacity_scale": 0.5, "line_impedance_scale": 5.0}, tso=True,
                       hour=12, text="thesis scenario 5: hour 12 of scenario 4 with line capacities / 2 and "
@@ -50,9 +50,8 @@ VARIANTS = {
 # centralized loop. With the drift steps (common.admm.DriftSteps): 2 844, 5 480, 2 639, 729 and
 # 1 865. mv37-freq re-clears three hours whose price level the TSO's virtual load moves, with the
 # dual residual 50-100 x the primal at rho 32: in all 759 / 613 / 729 / 915 ADMM iterations at
-# rho 8 / 16 / 32 / 64 (same outer steps), so it runs at rho 16.
+# rho 8 / 16 / 32 / 64 (same outer steps), so it runs at rho 16 (its ``rho`` in VARIANTS).
 OUTER_LOOP_ADMM = {"rho": 32.0, "residual_balancing": False, "acceleration": True}
-RHO = {"mv37-freq": 16.0}
 
 
 def hour_slice(value, hour: int):
@@ -70,7 +69,7 @@ def build(name: str, base: dict) -> dict:
     doc["network"].update(v["network"])
     doc["market"]["model"] = v["model"]
     doc["market"].update(OUTER_LOOP_ADMM)
-    doc["market"]["rho"] = RHO.get(name, OUTER_LOOP_ADMM["rho"])
+    doc["market"]["rho"] = v.get("rho", OUTER_LOOP_ADMM["rho"])
     if v.get("tso"):
         doc["tso"] = {"virtual_load_mw": [THESIS_VIRTUAL_LOAD_MW.get(h, 0.0) for h in range(1, 25)]}
         doc["peers"].append(dict(VIRTUAL_LOAD_PEER))
