@@ -70,16 +70,35 @@ def test_network_agent_problem_is_dpp():
     models = _models()
     agent = _agent(models, _grid4(s_max_01=0.8))
     assert agent.is_dpp()
-    assert agent.problem.is_dcp()
-    problem = agent.problem
+    assert all(p.is_dcp() for p in agent.problems)
+    problems = agent.problems
     v = np.array([m.p_min_mw if isinstance(m, HourlyPeer) else np.zeros(H) for m in models])
     first = agent.solve(v, 100.0)
     second = agent.solve(v, 10.0)  # rho changes only parameter values: same problem object
-    assert agent.problem is problem
+    assert all(a is b for a, b in zip(agent.problems, problems))
     assert first.z_mw.shape == (len(models), H) and second.status in ("optimal", "optimal_inaccurate")
     assert first.max_cone_gap < 1e-6
     # a smaller rho lets the agent move further from the targets (towards cheaper injections)
     assert np.linalg.norm(second.z_mw - v) >= np.linalg.norm(first.z_mw - v) - 1e-9
+
+
+def test_network_agent_hour_groups_give_the_one_piece_solution():
+    """The hours are independent in the agent's problem: solved as groups on threads, they give the
+    solution of the one problem over all hours (to the solver's tolerance), hour by hour."""
+    models = _models()
+    grid = _grid4(s_max_01=0.8)
+    one = NetworkAgent.from_models(grid, models, IMPORT, EXPORT, p_import_max=5.0, p_export_max=5.0, hour_groups=1)
+    split = NetworkAgent.from_models(grid, models, IMPORT, EXPORT, p_import_max=5.0, p_export_max=5.0, hour_groups=3)
+    assert len(one.groups) == 1 and [len(g.hours) for g in split.groups] == [len(h) for h in np.array_split(range(H), 3)]
+    v = np.array([m.p_min_mw if isinstance(m, HourlyPeer) else np.zeros(H) for m in models])
+    a, b = one.solve(v, 50.0), split.solve(v, 50.0)
+    # MW and pu to 1e-5, prices to 1e-3 EUR/MWh (the two solves stop at different interior points)
+    for name in ("z_mw", "import_mw", "export_mw", "vm_pu", "losses_mw", "prices_eur_per_mwh", "peer_prices_eur_per_mwh"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.shape == y.shape, name
+        np.testing.assert_allclose(y, x, atol=1e-3 if "prices" in name else 1e-5, err_msg=name)
+    assert b.network_cost_eur == pytest.approx(a.network_cost_eur, rel=1e-6)
+    assert b.status in ("optimal", "optimal_inaccurate")
 
 
 def test_peer_side_imports_no_cvxpy():
