@@ -125,3 +125,15 @@ def test_tree_layout_places_a_feeder_from_the_slack():
     xy = tree_layout([0, 1, 2, 3, 4], [0, 1, 2, 1], [1, 2, 3, 4], root=0)
     assert xy[:, 0].tolist() == [0, 1, 2, 3, 2]
     assert xy[3, 1] != xy[4, 1] and min(xy[3, 1], xy[4, 1]) <= xy[1, 1] <= max(xy[3, 1], xy[4, 1])
+
+
+def test_every_peer_kind_a_scenario_accepts_passes_the_dispatch_contract():
+    """The dispatch table's contract knows every kind of peer the scenario schema accepts."""
+    from typing import get_args
+
+    from common.report.tables import PEER_KINDS
+    from common.scenario import Peer
+
+    accepted = {kind for cls in get_args(get_args(Peer)[0]) for kind in get_args(cls.model_fields["kind"].annotation)}
+    assert "prosumer" in accepted and len(accepted) >= 8
+    assert accepted <= set(PEER_KINDS)

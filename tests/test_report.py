@@ -282,6 +282,25 @@ def test_write_results_without_ac_or_history(tmp_path):
     assert "could not be drawn" not in page and page.count("data:image/png;base64,") == 3  # supply mix, load, heatmap
 
 
+def test_prosumers_pass_the_table_contracts_and_count_on_both_sides(tmp_path):
+    """A prosumer's injection is supply and its withdrawal demand, hour by hour; its dispatch rows
+    are a known kind (a built-in scenario with prosumers once broke the dispatch table's contract)."""
+    rows = [("g", "grid", 0, 1, 1.0, 0.0), ("g", "grid", 0, 2, 0.0, 0.0),
+            ("h1", "prosumer", 1, 1, -0.5, 0.0), ("h1", "prosumer", 1, 2, 0.75, 0.0),
+            ("h2", "prosumer", 2, 1, 0.25, 0.0), ("l", "load", 1, 1, -0.75, -0.2), ("l", "load", 1, 2, -0.75, -0.2)]
+    res = RunResult("pros", "p2p", "benchmark", "centralized", True, _dispatch(rows),
+                    pd.DataFrame({"hour": [1, 2], "social_welfare_eur": [5.0, 4.0]}))
+    out = write_results(res, tmp_path / "pros")
+    e = json.loads((out / "summary.json").read_text())["energy_mwh"]
+    assert e["prosumer_injection"] == pytest.approx(1.0) and e["prosumer_withdrawal"] == pytest.approx(0.5)
+    supply = e["grid_import"] + e["prosumer_injection"]
+    demand = e["load"] + e["prosumer_withdrawal"]
+    assert supply == pytest.approx(demand)
+    assert "prosumer injection" in format_summary(json.loads((out / "summary.json").read_text()))
+    page = (out / "report.html").read_text()
+    assert "could not be drawn" not in page and "prosumer withdrawal" in page
+
+
 def test_format_summary_is_short_text():
     s = build_summary(_p2p_result())
     text = format_summary(s)

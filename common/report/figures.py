@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.report.summary import hourly_energy
+from common.report.summary import DEMAND, SUPPLY, hourly_energy
 from common.report.values import _fmt_bytes, _has_rows
 from common.results import ACReport, RunResult
 
@@ -21,12 +21,9 @@ DEFAULT_MAX_LOADING_PERCENT = 100.0
 _COLORS = {
     "grid_import": "#8c8c8c", "chp": "#a0522d", "wind": "#4c9be8", "pv": "#f4c430", "ev_discharge": "#2ca02c",
     "load": "#d9534f", "ev_charge": "#98df8a", "virtual_load": "#9467bd", "grid_export": "#505050",
-    "losses": "#f0a0a0",
+    "prosumer_injection": "#17becf", "prosumer_withdrawal": "#ff9f4a", "losses": "#f0a0a0",
 }
-_LABELS = {
-    "grid_import": "grid import", "chp": "CHP", "wind": "wind", "pv": "PV", "ev_discharge": "EV discharge",
-    "load": "load", "ev_charge": "EV charge", "virtual_load": "virtual load (TSO)", "grid_export": "grid export",
-}
+_LABELS = {key: label for label, key in SUPPLY + DEMAND}
 
 
 def _limits(scenario) -> dict:
@@ -98,9 +95,8 @@ def _fig_supply_mix(result: RunResult, energy: pd.DataFrame):
         return None
     fig, ax = _new_figure(4.6)
     hours = energy.index.to_numpy()
-    _stacked_bars(ax, hours, energy, ("grid_import", "chp", "wind", "pv", "ev_discharge"))
-    _stacked_bars(ax, hours, energy, ("load", "ev_charge", "virtual_load", "grid_export"), sign=-1.0,
-                  hatched=("grid_export",))
+    _stacked_bars(ax, hours, energy, tuple(key for _, key in SUPPLY))
+    _stacked_bars(ax, hours, energy, tuple(key for _, key in DEMAND), sign=-1.0, hatched=("grid_export",))
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_ylabel("power [MW]  (supply > 0, demand < 0)")
     ax.set_title("Supply mix per hour (market dispatch)")
@@ -115,7 +111,7 @@ def _fig_load(result: RunResult, energy: pd.DataFrame):
         return None
     fig, ax = _new_figure(4.2)
     hours = energy.index.to_numpy()
-    bottom = _stacked_bars(ax, hours, energy, ("load", "ev_charge", "virtual_load"), always=("load",))
+    bottom = _stacked_bars(ax, hours, energy, ("load", "ev_charge", "virtual_load", "prosumer_withdrawal"), always=("load",))
     ac = result.ac
     if ac is not None and _has_rows(ac.hours) and {"hour", "losses_mw"} <= set(ac.hours.columns):
         losses = ac.hours.groupby("hour")["losses_mw"].sum().reindex(hours).fillna(0.0).to_numpy(dtype=float)
@@ -479,7 +475,7 @@ def _fig_outer(result: RunResult, limits: dict):
 # ---------------------------------------------------------------------------------------------------------------
 # maps: the network in its worst hour, the trades of one hour, injections per peer and hour
 # ---------------------------------------------------------------------------------------------------------------
-KIND_ORDER = ("grid", "chp", "wind", "pv", "ev", "load", "virtual_load")
+KIND_ORDER = ("grid", "chp", "wind", "pv", "prosumer", "ev", "load", "virtual_load")
 
 
 def _natural(text) -> tuple:

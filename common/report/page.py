@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import pandas as pd
 
-from common.report.summary import HOURS_PER_PERIOD, SUMMARY_KEYS
+from common.report.summary import DEMAND, HOURS_PER_PERIOD, SUMMARY_KEYS, SUPPLY
 from common.report.tables import _ordered
 from common.report.values import _column_sum, _fmt, _fmt_bytes, _has_rows, _py
 from common.results import SCHEMA, RunResult
@@ -79,15 +79,11 @@ def render_page(result: RunResult, summary: dict, figures: list[dict], scenario,
         ("messages", _fmt(s["messages"])),
         ("bytes", f"{_fmt(s['bytes'])} ({_fmt_bytes(s['bytes'])})"),
     ]
-    supply = [("grid import", "grid_import"), ("CHP", "chp"), ("wind", "wind"), ("PV", "pv"),
-              ("EV discharge", "ev_discharge")]
-    demand = [("load", "load"), ("EV charge", "ev_charge"), ("virtual load (TSO)", "virtual_load"),
-              ("grid export", "grid_export")]
-    tot_supply = sum(e[k] or 0.0 for _, k in supply)
-    tot_demand = sum(e[k] or 0.0 for _, k in demand)
-    energy_rows = [(f"supply: {label}", _fmt(e[k], 3, "MWh")) for label, k in supply]
+    tot_supply = sum(e[k] or 0.0 for _, k in SUPPLY)
+    tot_demand = sum(e[k] or 0.0 for _, k in DEMAND)
+    energy_rows = [(f"supply: {label}", _fmt(e[k], 3, "MWh")) for label, k in SUPPLY]
     energy_rows.append(("total supply", _fmt(tot_supply, 3, "MWh")))
-    energy_rows += [(f"demand: {label}", _fmt(e[k], 3, "MWh")) for label, k in demand]
+    energy_rows += [(f"demand: {label}", _fmt(e[k], 3, "MWh")) for label, k in DEMAND]
     energy_rows.append(("total demand", _fmt(tot_demand, 3, "MWh")))
     energy_rows.append(("supply - demand", _fmt(tot_supply - tot_demand, 4, "MWh")))
     if result.ac is not None and _has_rows(result.ac.hours) and "losses_mw" in result.ac.hours.columns:

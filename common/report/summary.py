@@ -9,6 +9,8 @@ dispatch ``p_mw`` is the net injection (producers positive, consumers negative),
 - load: consumption of ``load`` peers (-sum p_mw), positive.
 - virtual_load: net consumption of the TSO's ``virtual_load`` rows (-sum p_mw); negative for a net downward
   regulation (a virtual load that injects).
+- prosumer_injection / prosumer_withdrawal: positive / negative ``p_mw`` of ``prosumer`` peers (hour by hour and
+  peer by peer), both reported positive.
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ from common.results import SCHEMA, ACReport, RunResult
 
 HOURS_PER_PERIOD = 1.0  # market periods are hourly: energy [MWh] = power [MW] x 1 h
 
-ENERGY_KEYS = ("grid_import", "grid_export", "pv", "wind", "chp", "ev_charge", "ev_discharge", "load", "virtual_load")
+ENERGY_KEYS = ("grid_import", "grid_export", "pv", "wind", "chp", "ev_charge", "ev_discharge", "load", "virtual_load",
+               "prosumer_injection", "prosumer_withdrawal")
+# the ``energy_mwh`` categories on each side of the balance, with their labels (summary text, report, figures)
+SUPPLY = (("grid import", "grid_import"), ("CHP", "chp"), ("wind", "wind"), ("PV", "pv"),
+          ("EV discharge", "ev_discharge"), ("prosumer injection", "prosumer_injection"))
+DEMAND = (("load", "load"), ("EV charge", "ev_charge"), ("virtual load (TSO)", "virtual_load"),
+          ("prosumer withdrawal", "prosumer_withdrawal"), ("grid export", "grid_export"))
 
 SUMMARY_KEYS = (
     "schema", "scenario", "market", "model", "solver", "converged", "iterations", "outer_iterations", "wall_s",
@@ -57,6 +65,8 @@ class EnergyMWh(BaseModel):
     ev_discharge: Optional[NonNegativeFloat] = Field(description="EV discharging (V2G) [MWh].")
     load: Number = Field(description="Consumption of the loads [MWh].")
     virtual_load: Number = Field(description="Net consumption of the TSO's virtual load [MWh].")
+    prosumer_injection: Optional[NonNegativeFloat] = Field(description="Injection of the prosumers [MWh].")
+    prosumer_withdrawal: Optional[NonNegativeFloat] = Field(description="Withdrawal of the prosumers [MWh].")
 
 
 class DroppedHost(BaseModel):
@@ -181,6 +191,8 @@ def hourly_energy(result: RunResult) -> pd.DataFrame:
         cols["ev_charge"] = by_hour((-p).clip(lower=0.0), kind == "ev")
         cols["load"] = by_hour(-p, kind == "load")
         cols["virtual_load"] = by_hour(-p, kind == "virtual_load")
+        cols["prosumer_injection"] = by_hour(p.clip(lower=0.0), kind == "prosumer")
+        cols["prosumer_withdrawal"] = by_hour((-p).clip(lower=0.0), kind == "prosumer")
     ge = result.grid_exchange
     if ge is not None:
         # community market: the root exchange is the network agent's, not a peer's
@@ -309,13 +321,9 @@ def format_summary(summary: dict) -> str:
          f"(differentiation cost {_fmt(s.get('differentiation_cost_eur'), 2, 'EUR')}, "
          f"flexibility penalty {_fmt(s.get('flex_penalty_eur'), 2, 'EUR')})"),
     ]
-    supply = [("grid import", "grid_import"), ("PV", "pv"), ("wind", "wind"), ("CHP", "chp"),
-              ("EV discharge", "ev_discharge")]
-    demand = [("load", "load"), ("EV charge", "ev_charge"), ("grid export", "grid_export"),
-              ("virtual load", "virtual_load")]
-    parts = [f"{label} {_fmt(e.get(key), 3)}" for label, key in supply if (e.get(key) or 0) != 0 or key == "grid_import"]
+    parts = [f"{label} {_fmt(e.get(key), 3)}" for label, key in SUPPLY if (e.get(key) or 0) != 0 or key == "grid_import"]
     lines.append("supply [MWh]: " + ", ".join(parts))
-    parts = [f"{label} {_fmt(e.get(key), 3)}" for label, key in demand if (e.get(key) or 0) != 0 or key == "load"]
+    parts = [f"{label} {_fmt(e.get(key), 3)}" for label, key in DEMAND if (e.get(key) or 0) != 0 or key == "load"]
     lines.append("demand [MWh]: " + ", ".join(parts))
     if s.get("vmin_pu") is not None or s.get("violations") is not None:
         lines.append(

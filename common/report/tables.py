@@ -55,7 +55,7 @@ def hours_table(result: RunResult) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------------------------
 # contracts (pandera): what a researcher may rely on in each table; more columns are welcome
 # ---------------------------------------------------------------------------------------------------------------
-PEER_KINDS = ("grid", "load", "pv", "wind", "chp", "ev", "virtual_load")
+PEER_KINDS = ("grid", "load", "pv", "wind", "chp", "ev", "virtual_load", "prosumer")
 ELEMENTS = ("bus", "line", "trafo", "powerflow")
 VIOLATION_KINDS = ("undervoltage", "overvoltage", "overload", "not_converged")
 
