@@ -60,10 +60,15 @@ class PeerEngine:
         self.solved_since_receive: dict[str, bool] = {}
         self.partner_host: dict[str, str] = {}  # mesh: partner peer id -> its host id
         self.rejected: dict[str, int] = {}
-        # mesh: the trades of the current iteration as they arrive, and early ones of the next
-        self._incoming: dict[str, np.ndarray] = {}
-        self._missing: set[tuple[str, str]] = set()
-        self._early: list[tuple[int, Trades]] = []
+        # mesh: the layout of the exchange, the trades of the current iteration as they arrive (rows
+        # of ``routes``, ``_have`` marks the arrived ones) and early ones of the next
+        self.routes: MeshRoutes | None = None
+        self._in = np.zeros((0, 0))
+        self._have = np.zeros(0, dtype=bool)
+        self._incoming: dict[str, np.ndarray] = {}  # views into ``_in``, one per hosted peer
+        self._n_missing = 0
+        self._ahead: list[tuple[int, Trades, np.ndarray]] = []  # synchronous: TRADES of the next iteration
+        self._early: list[tuple[int, Trades]] = []  # asynchronous: TRADES before this host's first ROUND
         self._records: dict[str, tuple] = {}
         self._mesh_rho = 0.0
         self.solved: np.ndarray | None = None  # the hours solved in the last iteration (None: every hour)
@@ -158,6 +163,7 @@ class PeerEngine:
         self.partner_slot = {pid: {q: j for j, q in enumerate(self.partners[pid])} for pid in self.peer_ids}
         self.partner_host = dict(cfg.get("hosts") or {})
         self.staleness = int(cfg.get("staleness", 0)) if self.topology == "mesh" else 0
+        self.routes = MeshRoutes(self.partners, self.partner_host) if self.topology == "mesh" else None
         self.max_iterations = int(cfg.get("max_iterations", 0))
         return [Send(COORDINATOR, Ready())]
 
@@ -272,36 +278,38 @@ class PeerEngine:
         if self.topology == "relay":
             return [Send(COORDINATOR, Update(peers={pid: UpdatePeer(p_out_mw=x, dual_sq=dx, solve_s=s)
                                                     for pid, (x, dx, s) in records.items()}), k)]
-        # mesh: trades go straight to the partners' hosts, residual sums to the coordinator
-        # mesh: one TRADES per partner host, every trade of this host's peers towards that host's peers
-        rows: dict[str, list] = {}
-        for pid, (x, _, _) in records.items():
-            for j, partner in enumerate(self.partners[pid]):
-                rows.setdefault(self.partner_host[partner], []).append((pid, partner, x[j]))
-        out = [Send(host, Trades(from_peers=tuple(r[0] for r in rs), to_peers=tuple(r[1] for r in rs),
-                                 p_mw=np.stack([r[2] for r in rs])), k)
-               for host, rs in rows.items()]
+        # mesh: trades go straight to the partners' hosts, residual sums to the coordinator: one
+        # TRADES per partner host, every trade of this host's peers towards that host's peers
+        routes = self.routes
+        x_all = np.concatenate([records[pid][0] for pid in routes.pids])
+        out = [Send(host, Trades(from_peers=frm, to_peers=to, p_mw=x_all[rows]), k)
+               for host, (frm, to, rows) in routes.send.items()]
         self._records, self._mesh_rho = records, msg.rho
-        self._incoming = {pid: np.full(x.shape, np.nan) for pid, (x, _, _) in records.items()}
-        self._missing = {(pid, q) for pid in self.locals for q in self.partners[pid]}
-        early, self._early = self._early, []
-        for tr_k, tr in early:
+        self._in = np.full(x_all.shape, np.nan)
+        self._have = np.zeros(routes.n_rows, dtype=bool)
+        self._n_missing = routes.n_rows
+        self._incoming = {pid: self._in[routes.offset[pid]:routes.offset[pid] + len(self.partners[pid])]
+                          for pid in routes.pids}
+        ahead, self._ahead = self._ahead, []
+        for tr_k, tr, rows in ahead:
             if tr_k == k:
-                self._take(tr)
+                self._take(tr, rows)
             else:
-                self._early.append((tr_k, tr))
+                self._ahead.append((tr_k, tr, rows))
         return out + self._maybe_residuals(k)
 
-    def _take(self, tr: Trades) -> None:
-        first = tr.to_peers[0]
-        if tr.p_mw.shape[1:] != self._incoming[first].shape[1:]:  # an early one is checked here, once its
+    def _take(self, tr: Trades, rows: tuple[np.ndarray, np.ndarray | None]) -> None:
+        """Keep the rows of ``tr`` not yet received in this iteration (``rows``: their places, and
+        which rows of ``tr`` to read, None for all; ``MeshRoutes.rows_of``)."""
+        if tr.p_mw.shape[1:] != self._in.shape[1:]:  # an early one is checked here, once its
             self.rejected["body"] = self.rejected.get("body", 0) + 1  # iteration's hours are known
             return
-        for i, (frm, to) in enumerate(zip(tr.from_peers, tr.to_peers)):
-            key = (to, frm)
-            if key in self._missing:
-                self._incoming[to][self.partner_slot[to][frm]] = tr.p_mw[i]
-                self._missing.discard(key)
+        places, which = rows
+        p_mw = tr.p_mw if which is None else tr.p_mw[which]
+        new = ~self._have[places]
+        self._in[places[new]] = p_mw[new]
+        self._have[places] = True
+        self._n_missing -= int(new.sum())
 
     def _check_senders(self, sender: str, tr: Trades) -> None:
         """Every row of a TRADES goes to a hosted peer from one of its partners, sent by that
@@ -323,20 +331,22 @@ class PeerEngine:
             raise ProtocolError("body", f"trades of shape {tr.p_mw.shape}, expected {(len(tr.from_peers), self.hours)}")
 
     def _on_trades(self, sender: str, tr: Trades, k: int) -> list:
-        self._check_senders(sender, tr)
-        if k == self.iteration + 1 or (k == self.iteration and not self._missing):
-            self._early.append((k, tr))  # the partner is one round ahead
+        if self.topology != "mesh" or self.market != "p2p":
+            raise ProtocolError("type", "trades outside the mesh topology")
+        rows = self.routes.rows_of(sender, tr, self._check_senders)
+        if k == self.iteration + 1 or (k == self.iteration and not self._n_missing):
+            self._ahead.append((k, tr, rows))  # the partner is one round ahead
             return []
         if k != self.iteration:
             raise ProtocolError("stale", f"trades of iteration {k} during {self.iteration}")
-        want = self._incoming[tr.to_peers[0]].shape[1:]
+        want = self._in.shape[1:]
         if tr.p_mw.shape[1:] != want:
             raise ProtocolError("body", f"trades of {tr.p_mw.shape[1]} hours, expected {want[0]}")
-        self._take(tr)
+        self._take(tr, rows)
         return self._maybe_residuals(k)
 
     def _maybe_residuals(self, k: int) -> list:
-        if self._missing or not self._records:
+        if self._n_missing or not self._records:
             return []
         res = {}
         for pid, loc in self.locals.items():
@@ -424,6 +434,8 @@ class PeerEngine:
         self.partner_slot = {pid: {q: j for j, q in enumerate(self.partners[pid])} for pid in self.peer_ids}
         for q in gone:
             self.partner_host.pop(q, None)
+        if self.routes is not None:
+            self.routes = MeshRoutes(self.partners, self.partner_host)
         self.solved = None
         self.iteration = k
         return [Log(f"peer(s) {', '.join(sorted(gone))} left the market at iteration {k}")]
@@ -493,6 +505,44 @@ class PeerEngine:
                                     q_mvar=reactive_mvar(self.models[pid], p, "community"), soc_mwh=socs[pid],
                                     cost_masked_ueur=masked[pid])
         return Send(COORDINATOR, Result(peers=peers), k)
+
+
+class MeshRoutes:
+    """The layout of one peer host's synchronous mesh exchange, fixed while the partners are: the
+    hosted peers' trades as consecutive rows of one array (hosted peers in order, each one's
+    partners in order), the rows each partner host gets (one TRADES per host and iteration), and,
+    per sending host, where the rows of its TRADES land. A sender's list of pairs is checked row by
+    row the first time it comes, and recognised by the lists alone afterwards."""
+
+    def __init__(self, partners: dict[str, list[str]], partner_host: dict[str, str]):
+        self.pids = list(partners)
+        sizes = [len(partners[p]) for p in self.pids]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self.offset = {p: int(starts[i]) for i, p in enumerate(self.pids)}
+        self.n_rows = int(starts[-1])
+        self.slot = {(p, q): self.offset[p] + j for p in self.pids for j, q in enumerate(partners[p])}  # (to, from)
+        send: dict[str, tuple[list, list, list]] = {}
+        for p in self.pids:
+            for j, q in enumerate(partners[p]):
+                frm, to, rows = send.setdefault(partner_host[q], ([], [], []))
+                frm.append(p)
+                to.append(q)
+                rows.append(self.offset[p] + j)
+        self.send = {h: (tuple(frm), tuple(to), np.array(rows, dtype=np.intp)) for h, (frm, to, rows) in send.items()}
+        self._known: dict[str, tuple[tuple, tuple, tuple]] = {}
+
+    def rows_of(self, sender: str, tr: Trades, check) -> tuple[np.ndarray, np.ndarray | None]:
+        """Where the rows of ``tr`` land, and which of its rows to read (the first of repeated
+        pairs; None: all); ``check(sender, tr)`` refuses a list of pairs not seen before."""
+        known = self._known.get(sender)
+        if known is not None and known[0] == tr.from_peers and known[1] == tr.to_peers:
+            return known[2]
+        check(sender, tr)
+        places = np.array([self.slot[(to, frm)] for frm, to in zip(tr.from_peers, tr.to_peers)], dtype=np.intp)
+        first = np.unique(places, return_index=True)[1]
+        rows = (places, None) if len(first) == len(places) else (places[np.sort(first)], np.sort(first))
+        self._known[sender] = (tr.from_peers, tr.to_peers, rows)
+        return rows
 
 
 class AsyncMesh:

@@ -4,6 +4,7 @@ codec): what each role sends per iteration, in each topology and market."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from common.engine import COORDINATOR
 from dso_service.network_agent import NetworkAgent
@@ -106,3 +107,36 @@ def test_pool_price_start_exact_flow(flow, p2p_peers):
     assert all(r[1] not in ("price_probe", "pool_price") for r in flow.rows[first_round:])
     start = [m for s, to, k, m in flow.messages if type(m).__name__ == "Round"][0]
     assert all(rec.price_eur_per_mwh is not None for rec in start.peers.values())
+
+
+def test_mesh_routes_check_each_new_list_of_pairs_once_and_keep_the_first_of_repeated_pairs():
+    from common.protocol import ProtocolError
+    from common.protocol.market import Trades
+    from peer_node.engine import MeshRoutes
+
+    # this host holds l0 (partners g0 on host A, g1 on host B) and l1 (partner g0)
+    routes = MeshRoutes({"l0": ["g0", "g1"], "l1": ["g0"]}, {"g0": "A", "g1": "B"})
+    assert routes.n_rows == 3 and routes.offset == {"l0": 0, "l1": 2}
+    frm, to, rows = routes.send["A"]
+    assert (frm, to, rows.tolist()) == (("l0", "l1"), ("g0", "g0"), [0, 2])
+    assert routes.send["B"][2].tolist() == [1]
+
+    checked = []
+
+    def check(sender, tr):
+        checked.append(sender)
+        if any(f != "g0" for f in tr.from_peers):
+            raise ProtocolError("body", "not from its host")
+
+    tr = Trades(from_peers=("g0", "g0"), to_peers=("l1", "l0"), p_mw=np.zeros((2, 3)))
+    places, which = routes.rows_of("A", tr, check)
+    assert places.tolist() == [2, 0] and which is None and checked == ["A"]
+    routes.rows_of("A", Trades(from_peers=("g0", "g0"), to_peers=("l1", "l0"), p_mw=np.ones((2, 3))), check)
+    assert checked == ["A"]  # the same list of pairs: recognised, not checked again
+    forged = Trades(from_peers=("g0", "g1"), to_peers=("l1", "l0"), p_mw=np.zeros((2, 3)))
+    with pytest.raises(ProtocolError):  # a new list of pairs is checked
+        routes.rows_of("A", forged, check)
+    assert checked == ["A", "A"]
+    twice = Trades(from_peers=("g0", "g0", "g0"), to_peers=("l0", "l1", "l0"), p_mw=np.zeros((3, 3)))
+    places, which = routes.rows_of("A", twice, check)
+    assert places.tolist() == [0, 2] and which.tolist() == [0, 1]  # the repeated pair: its first row
