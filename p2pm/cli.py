@@ -19,6 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Peer-to-peer electricity markets cleared by ADMM among separate processes over ZeroMQ.")
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+BENCH_MAX_PAIRS = 30_000  # the largest full P2P market p2pm bench solves centrally for its comparison
 
 
 class Solver(str, Enum):
@@ -648,6 +649,15 @@ def bench(
                      pool_price_start=pool_price, acceleration=acceleration,
                      hour_stopping=hour_stopping)
     sc = _load(scenario, **overrides)
+    if sc.market.kind == "p2p":
+        from common.partners import scenario_graph
+
+        pairs = scenario_graph(sc).n_pairs // 2
+        if pairs > BENCH_MAX_PAIRS:
+            _fail(f"{sc.name}: {pairs:,} trading pairs; p2pm bench compares every trade with the centralized QP, which "
+                  f"holds about 90 kB per pair (a 247 399-pair market passed 21 GB) and takes at most "
+                  f"{BENCH_MAX_PAIRS:,} pairs. Run it with p2pm run, or measure it with p2pm experiment (welfare "
+                  f"against the pool-market reference); or restrict the partners (market.partners)", EXIT_BAD_INPUT)
     out = out or Path(tempfile.mkdtemp(prefix="p2pm-bench-"))
     _check_out(out)
     if security is Security.compare:

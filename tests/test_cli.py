@@ -392,3 +392,13 @@ def test_unwritable_out_and_non_finite_timeout_are_refused(tmp_path):
     assert r.exit_code == 2 and "--out: cannot write" in r.output, r.output
     r = invoke("run", "mv37", "--timeout-s", "inf", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "--timeout-s" in r.output, r.output
+
+
+def test_bench_refuses_a_market_too_large_for_its_centralized_comparison(runner, monkeypatch, tmp_path):
+    """Before anything starts (no results folder), naming the pairs and the way out."""
+    import p2pm.cli
+
+    monkeypatch.setattr(p2pm.cli, "BENCH_MAX_PAIRS", 100)
+    result = runner.invoke(app, ["bench", "mv37", "--out", str(tmp_path / "b")])
+    _assert_bad_input(result, "mv37", "trading pairs", "at most 100 pairs", "p2pm run", "p2pm experiment")
+    assert not (tmp_path / "b").exists()
