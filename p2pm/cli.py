@@ -687,8 +687,11 @@ def bench(
         f"{cmp['social_welfare_rel_diff']:.2e}",
         (f"  prices: bus prices max |diff| {cmp['bus_price_max_abs_diff_eur_per_mwh']:.4f} EUR/MWh" if community else
          f"  prices: {cmp['prices_within_0.01_of_dual']}/{cmp['traded_pairs_checked']} traded pairs within 0.01 EUR/MWh "
-         f"of the centralized dual; {cmp['prices_within_interval']}/{cmp['traded_pairs_checked']} within the interval "
-         f"of supporting prices (hours with a non-unique dual: {cmp['hours_with_price_interval'] or 'none'})"),
+         f"of the centralized dual; " + (
+             f"{cmp['prices_within_interval']}/{cmp['traded_pairs_checked']} within the interval of supporting prices "
+             f"(hours with a non-unique dual: {cmp['hours_with_price_interval'] or 'none'})"
+             if cmp["prices_within_interval"] is not None else
+             "no uniform price to compare with (fees or restricted partners: the pairs' prices differ)")),
     ]
     _bench_print(out, lines, s, cmp, central_s)
 

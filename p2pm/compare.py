@@ -40,6 +40,7 @@ def compare_p2p(run_dir: Path, scenario, ref=None) -> dict:
     graph = ref.graph
     idx = graph.pair_index()
     pos = {pid: n for n, pid in enumerate(graph.peer_ids)}
+    uniform = has_uniform_price(peers, graph)
     lo, hi = uniform_price_interval(peers, ref.p_mw)
     rows = []
     for r in trades.itertuples():
@@ -48,7 +49,7 @@ def compare_p2p(run_dir: Path, scenario, ref=None) -> dict:
         dual = ref.prices_eur_per_mwh[k, t]
         rows.append((t + 1, r.price_eur_per_mwh, dual, lo[t], hi[t]))
     pr = pd.DataFrame(rows, columns=["hour", "admm", "dual", "lo", "hi"])
-    unique = (pr["hi"] - pr["lo"]) <= PRICE_TOL_EUR_PER_MWH
+    unique = ((pr["hi"] - pr["lo"]) <= PRICE_TOL_EUR_PER_MWH) | (not uniform)
     within_dual = (pr["admm"] - pr["dual"]).abs() <= PRICE_TOL_EUR_PER_MWH
     within_interval = (pr["admm"] >= pr["lo"] - PRICE_TOL_EUR_PER_MWH) & (pr["admm"] <= pr["hi"] + PRICE_TOL_EUR_PER_MWH)
     out.update({
@@ -57,11 +58,20 @@ def compare_p2p(run_dir: Path, scenario, ref=None) -> dict:
         "hours_with_price_interval": sorted(int(h) for h in pr.loc[~unique, "hour"].unique()),
         "traded_pairs_checked": int(len(pr)),
         "prices_within_0.01_of_dual": int(within_dual.sum()),
-        "prices_within_interval": int(within_interval.sum()),
+        "prices_within_interval": int(within_interval.sum()) if uniform else None,  # None: no uniform price
         "price_interval_by_hour": {int(h): [round(float(lo[h - 1]), 4), round(float(hi[h - 1]), 4)]
                                    for h in sorted(pr.loc[~unique, "hour"].unique())},
     })
     return out
+
+
+def has_uniform_price(peers, graph) -> bool:
+    """One price per hour supports a P2P optimum only without fees and with every pair trading;
+    otherwise the pairs' prices differ by design and only the centralized duals say what they are."""
+    from common.market import trade_graph
+
+    fees = any(any(v != 0 for v in (x.trade_weights or {}).values()) for x in peers)
+    return not fees and graph.n_pairs == trade_graph(peers).n_pairs
 
 
 def solve_community_reference(scenario):

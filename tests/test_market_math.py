@@ -356,3 +356,18 @@ def test_community_market_on_a_three_bus_feeder():
     # plugged masks: overnight and daytime cars
     assert models[2].plugged[:7].all() and not models[2].plugged[7:17].any() and models[2].plugged[17:].all()
     assert models[3].plugged[8:16].all() and not models[3].plugged[:8].any() and not models[3].plugged[16:].any()
+
+
+def test_a_uniform_price_interval_applies_only_without_fees_and_restrictions():
+    from dataclasses import replace
+
+    from p2pm.compare import has_uniform_price
+
+    peers = [_peer("g1", "chp", 0, 5, 2, 10), _peer("g2", "pv", 0, 1, 0, 0), _peer("l1", "load", -5, 0, 0, 60),
+             _peer("l2", "load", -3, 0, 0, 50)]
+    assert has_uniform_price(peers, trade_graph(peers))
+    fees = [replace(p, trade_weights={"g1": 2.0}) if p.id == "l1" else p for p in peers]
+    assert not has_uniform_price(fees, trade_graph(fees))
+    allowed = np.ones((4, 4), dtype=bool)
+    allowed[1, 3] = allowed[3, 1] = False  # g2 and l2 do not trade
+    assert not has_uniform_price(peers, trade_graph(peers, allowed))
