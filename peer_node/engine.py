@@ -67,7 +67,7 @@ class PeerEngine:
         self._have = np.zeros(0, dtype=bool)
         self._incoming: dict[str, np.ndarray] = {}  # views into ``_in``, one per hosted peer
         self._n_missing = 0
-        self._ahead: list[tuple[int, Trades, np.ndarray]] = []  # synchronous: TRADES of the next iteration
+        self._ahead: list[tuple[int, Trades, tuple]] = []  # synchronous: TRADES of the next iteration, their rows
         self._early: list[tuple[int, Trades]] = []  # asynchronous: TRADES before this host's first ROUND
         self._records: dict[str, tuple] = {}
         self._mesh_rho = 0.0
