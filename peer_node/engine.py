@@ -521,6 +521,9 @@ class MeshRoutes:
         self.offset = {p: int(starts[i]) for i, p in enumerate(self.pids)}
         self.n_rows = int(starts[-1])
         self.slot = {(p, q): self.offset[p] + j for p in self.pids for j, q in enumerate(partners[p])}  # (to, from)
+        missing = sorted({q for p in self.pids for q in partners[p] if q not in partner_host})
+        if missing:
+            raise ProtocolError("body", f"no host named for partner(s) {', '.join(missing[:5])}")
         send: dict[str, tuple[list, list, list]] = {}
         for p in self.pids:
             for j, q in enumerate(partners[p]):

@@ -140,3 +140,5 @@ def test_mesh_routes_check_each_new_list_of_pairs_once_and_keep_the_first_of_rep
     twice = Trades(from_peers=("g0", "g0", "g0"), to_peers=("l0", "l1", "l0"), p_mw=np.zeros((3, 3)))
     places, which = routes.rows_of("A", twice, check)
     assert places.tolist() == [0, 2] and which.tolist() == [0, 1]  # the repeated pair: its first row
+    with pytest.raises(ProtocolError, match="no host named for partner"):  # a WELCOME without g1's host
+        MeshRoutes({"l0": ["g0", "g1"]}, {"g0": "A"})
