@@ -649,12 +649,14 @@ def bench(
                      pool_price_start=pool_price, acceleration=acceleration,
                      hour_stopping=hour_stopping)
     sc = _load(scenario, **overrides)
+    graph = None
     if sc.market.kind == "p2p":
         from common.partners import scenario_graph
 
-        pairs = scenario_graph(sc).n_pairs // 2
-        if pairs > BENCH_MAX_PAIRS:
-            _fail(f"{sc.name}: {pairs:,} trading pairs; p2pm bench compares every trade with the centralized QP, which "
+        graph = scenario_graph(sc)
+        trading_pairs = graph.n_pairs // 2
+        if trading_pairs > BENCH_MAX_PAIRS:
+            _fail(f"{sc.name}: {trading_pairs:,} trading pairs; p2pm bench compares every trade with the centralized QP, which "
                   f"holds about 90 kB per pair (a 247 399-pair market passed 21 GB) and takes at most "
                   f"{BENCH_MAX_PAIRS:,} pairs. Run it with p2pm run, or measure it with p2pm experiment (welfare "
                   f"against the pool-market reference); or restrict the partners (market.partners)", EXIT_BAD_INPUT)
@@ -668,9 +670,7 @@ def bench(
     community = sc.market.kind == "community"
     t = time.perf_counter()
     try:
-        from common.partners import scenario_graph
-
-        ref = solve_community_reference(sc) if community else solve_p2p(peer_models(sc), graph=scenario_graph(sc))
+        ref = solve_community_reference(sc) if community else solve_p2p(peer_models(sc), graph=graph)
     except SolveError as exc:
         _fail(str(exc), EXIT_FAILED)
     central_s = time.perf_counter() - t

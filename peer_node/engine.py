@@ -163,7 +163,7 @@ class PeerEngine:
         self.partner_slot = {pid: {q: j for j, q in enumerate(self.partners[pid])} for pid in self.peer_ids}
         self.partner_host = dict(cfg.get("hosts") or {})
         self.staleness = int(cfg.get("staleness", 0)) if self.topology == "mesh" else 0
-        self.routes = MeshRoutes(self.partners, self.partner_host) if self.topology == "mesh" else None
+        self.routes = MeshRoutes(self.partners, self.partner_slot, self.partner_host) if self.topology == "mesh" else None
         self.max_iterations = int(cfg.get("max_iterations", 0))
         return [Send(COORDINATOR, Ready())]
 
@@ -311,11 +311,13 @@ class PeerEngine:
         self._have[places] = True
         self._n_missing -= int(new.sum())
 
+    def _refuse_outside_mesh(self) -> None:
+        if self.topology != "mesh" or self.market != "p2p":
+            raise ProtocolError("type", "trades outside the mesh topology")
+
     def _check_senders(self, sender: str, tr: Trades) -> None:
         """Every row of a TRADES goes to a hosted peer from one of its partners, sent by that
         partner's own host."""
-        if self.topology != "mesh" or self.market != "p2p":
-            raise ProtocolError("type", "trades outside the mesh topology")
         for frm, to in zip(tr.from_peers, tr.to_peers):
             if to not in self.locals:
                 raise ProtocolError("body", f"trades for {to}, not hosted here")
@@ -326,13 +328,15 @@ class PeerEngine:
 
     def _check_trades(self, sender: str, tr: Trades) -> None:
         """The asynchronous mesh: every hour, every row."""
+        self._refuse_outside_mesh()
         self._check_senders(sender, tr)
         if tr.p_mw.ndim != 2 or tr.p_mw.shape != (len(tr.from_peers), self.hours):
             raise ProtocolError("body", f"trades of shape {tr.p_mw.shape}, expected {(len(tr.from_peers), self.hours)}")
 
     def _on_trades(self, sender: str, tr: Trades, k: int) -> list:
-        if self.topology != "mesh" or self.market != "p2p":
-            raise ProtocolError("type", "trades outside the mesh topology")
+        self._refuse_outside_mesh()
+        if self.routes is None:  # its WELCOME was refused
+            raise ProtocolError("body", "trades before this host has the run's settings")
         rows = self.routes.rows_of(sender, tr, self._check_senders)
         if k == self.iteration + 1 or (k == self.iteration and not self._n_missing):
             self._ahead.append((k, tr, rows))  # the partner is one round ahead
@@ -435,7 +439,7 @@ class PeerEngine:
         for q in gone:
             self.partner_host.pop(q, None)
         if self.routes is not None:
-            self.routes = MeshRoutes(self.partners, self.partner_host)
+            self.routes = MeshRoutes(self.partners, self.partner_slot, self.partner_host)
         self.solved = None
         self.iteration = k
         return [Log(f"peer(s) {', '.join(sorted(gone))} left the market at iteration {k}")]
@@ -514,13 +518,15 @@ class MeshRoutes:
     per sending host, where the rows of its TRADES land. A sender's list of pairs is checked row by
     row the first time it comes, and recognised by the lists alone afterwards."""
 
-    def __init__(self, partners: dict[str, list[str]], partner_host: dict[str, str]):
+    def __init__(self, partners: dict[str, list[str]], partner_slot: dict[str, dict[str, int]],
+                 partner_host: dict[str, str]):
+        """``partner_slot``: the host's {peer: {partner: row in that peer's trades}}."""
         self.pids = list(partners)
+        self.partner_slot = partner_slot
         sizes = [len(partners[p]) for p in self.pids]
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         self.offset = {p: int(starts[i]) for i, p in enumerate(self.pids)}
         self.n_rows = int(starts[-1])
-        self.slot = {(p, q): self.offset[p] + j for p in self.pids for j, q in enumerate(partners[p])}  # (to, from)
         missing = sorted({q for p in self.pids for q in partners[p] if q not in partner_host})
         if missing:
             raise ProtocolError("body", f"no host named for partner(s) {', '.join(missing[:5])}")
@@ -541,7 +547,8 @@ class MeshRoutes:
         if known is not None and known[0] == tr.from_peers and known[1] == tr.to_peers:
             return known[2]
         check(sender, tr)
-        places = np.array([self.slot[(to, frm)] for frm, to in zip(tr.from_peers, tr.to_peers)], dtype=np.intp)
+        places = np.array([self.offset[to] + self.partner_slot[to][frm] for frm, to in zip(tr.from_peers, tr.to_peers)],
+                          dtype=np.intp)
         first = np.unique(places, return_index=True)[1]
         rows = (places, None) if len(first) == len(places) else (places[np.sort(first)], np.sort(first))
         self._known[sender] = (tr.from_peers, tr.to_peers, rows)

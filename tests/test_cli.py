@@ -402,3 +402,15 @@ def test_bench_refuses_a_market_too_large_for_its_centralized_comparison(runner,
     result = runner.invoke(app, ["bench", "mv37", "--out", str(tmp_path / "b")])
     _assert_bad_input(result, "mv37", "trading pairs", "at most 100 pairs", "p2pm run", "p2pm experiment")
     assert not (tmp_path / "b").exists()
+
+
+def test_bench_security_compare_gets_its_pairs_of_runs(runner, monkeypatch, tmp_path):
+    """--pairs reaches the CURVE comparison as given (not the market's count of trading pairs)."""
+    import p2pm.cli
+
+    seen = {}
+    monkeypatch.setattr(p2pm.cli, "_bench_security", lambda *args: seen.setdefault("pairs", args[-1]))
+    result = runner.invoke(app, ["bench", "mv37", "--security", "compare", "--pairs", "3",
+                                 "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert seen == {"pairs": 3}

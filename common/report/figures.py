@@ -111,7 +111,7 @@ def _fig_load(result: RunResult, energy: pd.DataFrame):
         return None
     fig, ax = _new_figure(4.2)
     hours = energy.index.to_numpy()
-    bottom = _stacked_bars(ax, hours, energy, ("load", "ev_charge", "virtual_load", "prosumer_withdrawal"), always=("load",))
+    bottom = _stacked_bars(ax, hours, energy, tuple(key for _, key in DEMAND if key != "grid_export"), always=("load",))
     ac = result.ac
     if ac is not None and _has_rows(ac.hours) and {"hour", "losses_mw"} <= set(ac.hours.columns):
         losses = ac.hours.groupby("hour")["losses_mw"].sum().reindex(hours).fillna(0.0).to_numpy(dtype=float)

@@ -324,3 +324,16 @@ def test_a_lost_service_that_does_not_come_back_ends_the_run_naming_it():
     with pytest.raises(RunFailed) as err:
         InProcessDriver(engines, lose={"dso": 0}).run()
     assert err.value.role == "dso" and "the dso service, lost (lost (fault injection)), did not come back" in err.value.reason
+
+
+def test_trades_after_a_refused_welcome_are_refused_and_counted(p2p_peers):
+    """Mesh: a WELCOME that names no host for a partner is refused; TRADES that come anyway are
+    refused too (the host has no layout of the exchange), and the host goes on."""
+    from common.protocol.control import Welcome
+
+    g0 = PeerEngine(p2p_peers[:1], "hg")
+    config = dict(_welcome(p2p_peers).config, hosts={"l0": "hl"})  # l1's host missing
+    out = g0.handle(Received(COORDINATOR, Welcome(config=config), 0, 0.0))
+    assert g0.rejected == {"body": 1} and all(type(i).__name__ == "Log" for i in out)
+    out = g0.handle(Received("hl", Trades(from_peers=("l0",), to_peers=("g0",), p_mw=np.zeros((1, 4))), 1, 0.1))
+    assert g0.rejected == {"body": 2} and all(type(i).__name__ == "Log" for i in out)

@@ -115,7 +115,9 @@ def test_mesh_routes_check_each_new_list_of_pairs_once_and_keep_the_first_of_rep
     from peer_node.engine import MeshRoutes
 
     # this host holds l0 (partners g0 on host A, g1 on host B) and l1 (partner g0)
-    routes = MeshRoutes({"l0": ["g0", "g1"], "l1": ["g0"]}, {"g0": "A", "g1": "B"})
+    partners = {"l0": ["g0", "g1"], "l1": ["g0"]}
+    slot = {p: {q: j for j, q in enumerate(qs)} for p, qs in partners.items()}
+    routes = MeshRoutes(partners, slot, {"g0": "A", "g1": "B"})
     assert routes.n_rows == 3 and routes.offset == {"l0": 0, "l1": 2}
     frm, to, rows = routes.send["A"]
     assert (frm, to, rows.tolist()) == (("l0", "l1"), ("g0", "g0"), [0, 2])
@@ -141,4 +143,4 @@ def test_mesh_routes_check_each_new_list_of_pairs_once_and_keep_the_first_of_rep
     places, which = routes.rows_of("A", twice, check)
     assert places.tolist() == [0, 2] and which.tolist() == [0, 1]  # the repeated pair: its first row
     with pytest.raises(ProtocolError, match="no host named for partner"):  # a WELCOME without g1's host
-        MeshRoutes({"l0": ["g0", "g1"]}, {"g0": "A"})
+        MeshRoutes({"l0": ["g0", "g1"]}, {"l0": {"g0": 0, "g1": 1}}, {"g0": "A"})
