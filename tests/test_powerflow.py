@@ -324,3 +324,56 @@ def test_grid_model_checks_orientation():
         GridModel(n_bus=3, root=0, base_mva=1.0, base_kv=[1, 1, 1], from_bus=[0, 2], to_bus=[1, 1],
                   r_pu=[0.1, 0.1], x_pu=[0.1, 0.1], s_max_pu=[np.inf, np.inf], branch_kind=["line"] * 2,
                   branch_name=["a", "b"])
+
+
+def test_deferred_module_is_imported_on_first_use(tmp_path, monkeypatch):
+    from common.deferred import Deferred, defer
+
+    pkg = tmp_path / "deferpkg"
+    (pkg / "heavy").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "heavy" / "__init__.py").write_text("import builtins\nbuiltins.deferpkg_loads += 1\nVALUE = 42\n")
+    (pkg / "heavy" / "part.py").write_text("PART = 'part'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("builtins.deferpkg_loads", 0, raising=False)
+    try:
+        assert defer("deferpkg.heavy", "deferpkg.not_there") == ["deferpkg.heavy"]
+        assert "deferpkg" not in sys.modules  # finding the module imported nothing, not even its parent
+        import builtins
+
+        import deferpkg.heavy as heavy
+        import deferpkg.heavy.part as part  # a submodule loads without its package's __init__
+
+        assert isinstance(heavy, Deferred) and builtins.deferpkg_loads == 0 and part.PART == "part"
+        assert heavy.VALUE == 42 and builtins.deferpkg_loads == 1  # the first use imports it, once
+        assert heavy.VALUE == 42 and builtins.deferpkg_loads == 1
+        assert not isinstance(sys.modules["deferpkg.heavy"], Deferred)
+        assert sys.modules["deferpkg"].heavy is sys.modules["deferpkg.heavy"]
+    finally:
+        for name in [m for m in sys.modules if m.split(".")[0] == "deferpkg"]:
+            del sys.modules[name]
+
+
+def test_dso_process_defers_what_it_does_not_use():
+    """The DSO's start-up (dso_service.main) leaves pandapower's plotting and estimation, pyplot
+    and scipy.stats unimported, and its AC check is the same as with them imported."""
+    code = """
+import sys
+from common.deferred import Deferred, defer
+if sys.argv[1] == "defer":
+    from dso_service.main import UNUSED
+    defer(*UNUSED)
+from common.scenario import load_scenario
+from common.public import split_scenario
+from dso_service.engine import DSOEngine
+from dso_service.powerflow import base_case
+engine = DSOEngine(split_scenario(load_scenario("mv37"))[0])
+loaded = [m for m in ("pandapower.plotting", "pandapower.estimation", "matplotlib.pyplot", "scipy.stats")
+          if m in sys.modules and not isinstance(sys.modules[m], Deferred)]
+print(repr((loaded, base_case(engine.net))))
+"""
+    out = {mode: subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
+           for mode in ("defer", "plain")}
+    deferred, plain = (eval(out[m].stdout.strip().splitlines()[-1]) for m in ("defer", "plain"))
+    assert deferred[0] == [] and len(plain[0]) == 4
+    assert deferred[1] == plain[1]
