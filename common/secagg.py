@@ -53,14 +53,16 @@ class MaskKeys:
 
     def mask(self, label: str, size: int) -> np.ndarray:
         """This member's total mask (int64, ``size`` values) for the report ``label``."""
-        total = np.zeros(size, dtype=np.int64)
+        others = list(self._secrets)
+        if not others:
+            return np.zeros(size, dtype=np.int64)
         tag = label.encode()
-        for other, secret in self._secrets.items():
-            # SHAKE-256 keyed by the pair's secret (a prefix key is a sound PRF for SHA-3), as long as needed
-            m = np.frombuffer(hashlib.shake_256(secret + tag).digest(8 * size), dtype="<i8").astype(np.int64)
-            with np.errstate(over="ignore"):
-                total = total + m if self.peer_id < other else total - m
-        return total
+        # SHAKE-256 keyed by the pair's secret (a prefix key is a sound PRF for SHA-3), as long as
+        # needed; one row per pair, added (j > i) or subtracted (j < i) modulo 2^64
+        rows = b"".join(hashlib.shake_256(self._secrets[other] + tag).digest(8 * size) for other in others)
+        masks = np.frombuffer(rows, dtype="<i8").reshape(len(others), size)
+        signs = np.fromiter((1 if self.peer_id < other else -1 for other in others), dtype=np.int64, count=len(others))
+        return (masks * signs[:, None]).sum(axis=0, dtype=np.int64)  # int64 arrays wrap silently
 
     def masked(self, values: np.ndarray, label: str, scale: float = MICRO_EUR_PER_EUR) -> np.ndarray:
         """``values`` in fixed point (``scale`` units per unit: micro-euro by default) plus this

@@ -25,10 +25,12 @@ import osqp  # noqa: F401
 import common.community  # noqa: F401
 import peer_node.engine  # noqa: F401
 from common.process import die_with_parent
+from common.protocol import prepare_checks
 from common.secagg import MaskKeys
 from peer_node.main import child_main
 
 MaskKeys("warm-up")  # OpenSSL's lazy set-up (~30 ms) once here, not in every forked peer
+prepare_checks()  # the messages' array checks (~15 ms of CPU per peer process otherwise)
 
 
 def _say(**event) -> None:

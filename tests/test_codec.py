@@ -510,3 +510,15 @@ def test_fuzzed_bytes_decode_or_are_refused_with_a_reason(mtype: MsgType) -> Non
             encode(env)  # what was accepted is a valid message
             outcomes.add("accepted")
     assert outcomes - {"accepted"}, outcomes  # some mutations are refused
+
+
+def test_array_checks_prepared_for_every_message_class():
+    """A fork server prepares the array checks of every record class once (its peers inherit them);
+    they are the ones each class would find at its first message."""
+    import common.protocol as protocol
+
+    protocol.prepare_checks()
+    for cls in protocol.MESSAGES.values():
+        assert cls in protocol._ARRAY_FIELDS
+        assert protocol._ARRAY_FIELDS[cls] == protocol._arrays_of(cls)
+    assert any(protocol._ARRAY_FIELDS[cls] for cls in protocol.MESSAGES.values())

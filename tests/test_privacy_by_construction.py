@@ -170,6 +170,24 @@ def test_masked_costs_reveal_only_their_sum():
     assert np.all(np.abs(unmask_sum([masked[i] for i in ids[1:]]) - sum(costs[i] for i in ids[1:])) > 1e3)
 
 
+def test_mask_is_the_sum_of_the_pairwise_shake_masks():
+    """A host's mask is, modulo 2^64, the SHAKE-256 mask of each pair added (partner after it) or
+    subtracted (partner before it): computed row by row here, as the protocol says."""
+    import hashlib
+
+    keys = {h: MaskKeys(h) for h in ("h1", "h0", "h3", "h2")}
+    public = {h: k.public_hex for h, k in keys.items()}
+    for k in keys.values():
+        k.agree(public)
+    for host, k in keys.items():
+        expected = np.zeros(24, dtype=np.uint64)
+        for other, secret in k._secrets.items():
+            row = np.frombuffer(hashlib.shake_256(secret + b"run1/cost/3").digest(8 * 24), dtype="<u8")
+            expected = expected + row if host < other else expected - row
+        assert np.array_equal(k.mask("run1/cost/3", 24), expected.view(np.int64)), host
+    assert not MaskKeys("alone").mask("x", 5).any()
+
+
 def test_host_shares_sum_to_the_masked_host_total_and_alone_look_random():
     from common.secagg import add_masked, split_shares, to_fixed
 
