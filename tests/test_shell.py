@@ -185,3 +185,152 @@ def test_a_role_busy_in_its_engine_still_sends_heartbeats_and_leaves_when_its_co
     finally:
         router.close(0)
         ctx.term()
+
+
+class Welcomer:
+    """A coordinator engine for the mesh: welcomes ``n`` peer hosts with every host's mesh address,
+    then ends the run once each has had a TRADES from every host (itself included)."""
+
+    name = COORDINATOR
+
+    def __init__(self, n: int, hold: bool = False):
+        self.n, self.addresses, self.ready = n, {}, set()
+        self.hold = hold  # the run does not end while set (checked on every tick)
+
+    def _end(self):
+        return [*(Send(h, Shutdown(reason="done")) for h in self.ready), Finish(sorted(self.ready))]
+
+    def handle(self, event):
+        from common.engine import Tick
+        from common.protocol.control import Ready, Welcome
+
+        if isinstance(event, Tick) and len(self.ready) == self.n and not self.hold:
+            return self._end()
+        if not isinstance(event, Received):
+            return []
+        if isinstance(event.message, Hello):
+            self.addresses[event.sender] = event.message.address
+            if len(self.addresses) < self.n:
+                return []
+            cfg = {"run_id": "r1", "heartbeat_s": 0.2, "addresses": dict(self.addresses)}
+            return [Send(h, Welcome(config=cfg)) for h in self.addresses]
+        if isinstance(event.message, Ready):
+            self.ready.add(event.sender)
+            if len(self.ready) == self.n and not self.hold:
+                return self._end()
+        return []
+
+
+class MeshHost:
+    """A peer host that sends a TRADES to every host as soon as it is welcomed (before its partners
+    may have announced their connections) and says READY once it has one from every host."""
+
+    def __init__(self, name: str, hosts: list[str], address: str | None = None):
+        self.name, self.hosts, self.address, self.got = name, hosts, address, set()
+
+    def handle(self, event):
+        import numpy as np
+
+        from common.protocol.control import Ready, Welcome
+        from common.protocol.market import Trades
+
+        if isinstance(event, Started):
+            return [Send(COORDINATOR, Hello(role="peer", peer_ids=(self.name,), pid=1, host="test",
+                                            address=self.address))]
+        if not isinstance(event, Received):
+            return []
+        if isinstance(event.message, Welcome):
+            return [Send(h, Trades(from_peers=(self.name,), to_peers=(h,), p_mw=np.ones((1, 2))), 1) for h in self.hosts]
+        if isinstance(event.message, Trades):
+            assert event.message.from_peers == (event.sender,)
+            self.got.add(event.sender)
+            return [Send(COORDINATOR, Ready())] if self.got == set(self.hosts) else []
+        if isinstance(event.message, Shutdown):
+            return [Finish(sorted(self.got))]
+        return []
+
+
+async def test_mesh_hosts_share_one_connection_per_pair_both_ways():
+    """Each pair of peer hosts shares one connection: the host whose name sorts first dials (and a
+    host reaches its own socket through its own dialled connection); TRADES sent before the partner
+    has announced its connection wait for it; every host hears from every host."""
+    names = ["h0", "h1", "h2", "h3"]
+    coord = _coordinator(Welcomer(len(names)))
+    hosts = {n: Shell(MeshHost(n, names), connect=coord.address, mesh_host="127.0.0.1", heartbeat_s=0.2)
+             for n in names}
+    for n, shell in hosts.items():
+        shell.engine.address = shell.mesh_address
+    try:
+        results = await asyncio.wait_for(asyncio.gather(coord.serve(), *(s.serve() for s in hosts.values())), 20)
+    finally:
+        for s in (coord, *hosts.values()):
+            s.close()
+    assert results[0] == names and all(r == names for r in results[1:])
+    for i, (n, shell) in enumerate(hosts.items()):
+        assert sorted(shell.mesh_out) == names[i:]  # dialled: itself and the hosts after it
+        assert sorted(h for h in shell.mesh_routes if h != n) == names[:i]  # announced: the hosts before it
+        assert shell.transport.sent.messages - 2 == len(names)  # HELLO, READY and one TRADES to every host
+        assert not shell.transport.rejected and not shell.transport.dropped
+
+
+async def test_a_mesh_connection_announced_by_a_host_that_should_not_dial_is_refused():
+    """Only a partner host whose name sorts before this host's announces a connection to it: an
+    announcement from a host that is not a partner, or that this host dials itself, is refused and
+    counted, and takes no route."""
+    names = ["h0", "h1"]
+    coord = _coordinator(Welcomer(len(names), hold=True))
+    hosts = {n: Shell(MeshHost(n, names), connect=coord.address, mesh_host="127.0.0.1", heartbeat_s=0.2)
+             for n in names}
+    for n, shell in hosts.items():
+        shell.engine.address = shell.mesh_address
+    ctx = zmq.asyncio.Context()
+    strangers = []
+    for ident in (b"h9", b"h1"):  # not a partner; a partner that h0 dials itself
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.ROUTING_ID, ident)
+        strangers.append(s)
+
+    async def announce_later():
+        while not hosts["h0"].welcomed:
+            await asyncio.sleep(0.01)
+        for s in strangers:
+            s.connect(hosts["h0"].mesh_address)
+            await s.send(b"")
+        for _ in range(500):  # until h0 has judged both (or 5 s)
+            if sum(hosts["h0"].transport.rejected.values()) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        coord.engine.hold = False
+
+    try:
+        results = await asyncio.wait_for(asyncio.gather(coord.serve(), *(s.serve() for s in hosts.values()),
+                                                        announce_later()), 20)
+    finally:
+        for s in strangers:
+            s.close(0)
+        ctx.term()
+        for s in (coord, *hosts.values()):
+            s.close()
+    assert results[0] == names
+    assert "h9" not in hosts["h0"].mesh_routes
+    assert dict(hosts["h0"].transport.rejected) == {"role": 2}, hosts["h0"].transport.rejected
+
+
+async def test_a_lost_mesh_connection_is_replaced_by_one_the_answering_host_dials():
+    """When the connection a partner dialled is gone (a send on it finds no route), the host that
+    answered on it dials the partner itself and the message goes that way: nothing is dropped."""
+    names = ["h0", "h1"]
+    coord = _coordinator(Welcomer(len(names)))
+    hosts = {n: Shell(MeshHost(n, names), connect=coord.address, mesh_host="127.0.0.1", heartbeat_s=0.2)
+             for n in names}
+    for n, shell in hosts.items():
+        shell.engine.address = shell.mesh_address
+    hosts["h1"].mesh_routes["h0"] = b"\x00gone"  # the route of a connection that no longer exists
+    try:
+        results = await asyncio.wait_for(asyncio.gather(coord.serve(), *(s.serve() for s in hosts.values())), 20)
+    finally:
+        for s in (coord, *hosts.values()):
+            s.close()
+    assert results[0] == names and all(r == names for r in results[1:])
+    assert hosts["h1"]._redialled == {"h0"} and sorted(hosts["h1"].mesh_out) == ["h0", "h1"]
+    assert not hosts["h1"].transport.dropped and not hosts["h0"].transport.rejected
