@@ -250,21 +250,32 @@ class MeshHost:
         return []
 
 
+def _mesh_hosts(names: list[str], coord: Shell) -> dict[str, Shell]:
+    """A peer host shell with a mesh socket per name, each announcing its mesh address."""
+    hosts = {n: Shell(MeshHost(n, names), connect=coord.address, mesh_host="127.0.0.1", heartbeat_s=0.2)
+             for n in names}
+    for shell in hosts.values():
+        shell.engine.address = shell.mesh_address
+    return hosts
+
+
+async def _run_mesh(coord: Shell, hosts: dict[str, Shell], *more) -> list:
+    """Serve the coordinator and the hosts (and ``more`` coroutines) to the end; every socket closed."""
+    try:
+        return await asyncio.wait_for(asyncio.gather(coord.serve(), *(s.serve() for s in hosts.values()), *more), 20)
+    finally:
+        for s in (coord, *hosts.values()):
+            s.close()
+
+
 async def test_mesh_hosts_share_one_connection_per_pair_both_ways():
     """Each pair of peer hosts shares one connection: the host whose name sorts first dials (and a
     host reaches its own socket through its own dialled connection); TRADES sent before the partner
     has announced its connection wait for it; every host hears from every host."""
     names = ["h0", "h1", "h2", "h3"]
     coord = _coordinator(Welcomer(len(names)))
-    hosts = {n: Shell(MeshHost(n, names), connect=coord.address, mesh_host="127.0.0.1", heartbeat_s=0.2)
-             for n in names}
-    for n, shell in hosts.items():
-        shell.engine.address = shell.mesh_address
-    try:
-        results = await asyncio.wait_for(asyncio.gather(coord.serve(), *(s.serve() for s in hosts.values())), 20)
-    finally:
-        for s in (coord, *hosts.values()):
-            s.close()
+    hosts = _mesh_hosts(names, coord)
+    results = await _run_mesh(coord, hosts)
     assert results[0] == names and all(r == names for r in results[1:])
     for i, (n, shell) in enumerate(hosts.items()):
         assert sorted(shell.mesh_out) == names[i:]  # dialled: itself and the hosts after it
@@ -279,10 +290,7 @@ async def test_a_mesh_connection_announced_by_a_host_that_should_not_dial_is_ref
     counted, and takes no route."""
     names = ["h0", "h1"]
     coord = _coordinator(Welcomer(len(names), hold=True))
-    hosts = {n: Shell(MeshHost(n, names), connect=coord.address, mesh_host="127.0.0.1", heartbeat_s=0.2)
-             for n in names}
-    for n, shell in hosts.items():
-        shell.engine.address = shell.mesh_address
+    hosts = _mesh_hosts(names, coord)
     ctx = zmq.asyncio.Context()
     strangers = []
     for ident in (b"h9", b"h1"):  # not a partner; a partner that h0 dials itself
@@ -303,14 +311,11 @@ async def test_a_mesh_connection_announced_by_a_host_that_should_not_dial_is_ref
         coord.engine.hold = False
 
     try:
-        results = await asyncio.wait_for(asyncio.gather(coord.serve(), *(s.serve() for s in hosts.values()),
-                                                        announce_later()), 20)
+        results = await _run_mesh(coord, hosts, announce_later())
     finally:
         for s in strangers:
             s.close(0)
         ctx.term()
-        for s in (coord, *hosts.values()):
-            s.close()
     assert results[0] == names
     assert "h9" not in hosts["h0"].mesh_routes
     assert dict(hosts["h0"].transport.rejected) == {"role": 2}, hosts["h0"].transport.rejected
@@ -321,16 +326,9 @@ async def test_a_lost_mesh_connection_is_replaced_by_one_the_answering_host_dial
     answered on it dials the partner itself and the message goes that way: nothing is dropped."""
     names = ["h0", "h1"]
     coord = _coordinator(Welcomer(len(names)))
-    hosts = {n: Shell(MeshHost(n, names), connect=coord.address, mesh_host="127.0.0.1", heartbeat_s=0.2)
-             for n in names}
-    for n, shell in hosts.items():
-        shell.engine.address = shell.mesh_address
+    hosts = _mesh_hosts(names, coord)
     hosts["h1"].mesh_routes["h0"] = b"\x00gone"  # the route of a connection that no longer exists
-    try:
-        results = await asyncio.wait_for(asyncio.gather(coord.serve(), *(s.serve() for s in hosts.values())), 20)
-    finally:
-        for s in (coord, *hosts.values()):
-            s.close()
+    results = await _run_mesh(coord, hosts)
     assert results[0] == names and all(r == names for r in results[1:])
     assert hosts["h1"]._redialled == {"h0"} and sorted(hosts["h1"].mesh_out) == ["h0", "h1"]
     assert not hosts["h1"].transport.dropped and not hosts["h0"].transport.rejected
