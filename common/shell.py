@@ -334,8 +334,10 @@ class Shell:
                     if not self.welcomed:  # its partners are not known yet: judged at the WELCOME
                         self._announced_early[sender] = route
                         continue
-                    self._check_announcement(sender)
-                    await self._mesh_announced(sender, route)
+                    self._keep_route(sender, route)
+                    _, waiting = self._mesh_waiting.pop(sender, (0.0, []))
+                    for ins in waiting:
+                        await self._send(ins)
                     continue
                 env = decode(data, expect_run=self.transport.run_id, max_bytes=self.transport.max_bytes)
                 if (is_router or partner is not None) and env.sender != sender:
@@ -399,11 +401,9 @@ class Shell:
             early, self._announced_early = self._announced_early, {}
             for host, route in early.items():  # the connections announced before the WELCOME
                 try:
-                    self._check_announcement(host)
+                    self._keep_route(host, route)
                 except Refused as exc:
                     self.transport._reject(exc.reason, 0)
-                    continue
-                self.mesh_routes[host] = route
         heartbeat_s = config.get("heartbeat_s")  # the coordinator's interval rules the run
         if isinstance(heartbeat_s, (int, float)) and 0.01 <= heartbeat_s <= 3600:
             self.heartbeat_s = float(heartbeat_s)
@@ -607,16 +607,12 @@ class Shell:
         route = self.mesh_routes.get(host)
         return None if route is None else (self.mesh_in, [route])
 
-    def _check_announcement(self, host: str) -> None:
-        """Only a partner host that dials this host announces a connection to it."""
+    def _keep_route(self, host: str, route: bytes) -> None:
+        """Answer ``host`` on the connection it announced; only a partner host that dials this host
+        announces one (Refused otherwise)."""
         if host not in self.addresses or self._dials(host) and host != self.role:
             raise Refused("role", f"a mesh connection announced by {host!r}, not a partner host that dials this one")
-
-    async def _mesh_announced(self, host: str, route: bytes) -> None:
         self.mesh_routes[host] = route
-        _, waiting = self._mesh_waiting.pop(host, (0.0, []))
-        for ins in waiting:
-            await self._send(ins)
 
     def _expire_mesh_waiting(self, now: float) -> None:
         """Drop (counted) the messages to a partner host that has not announced its connection
