@@ -6,11 +6,8 @@ socket sends, ``Note`` into JSON progress lines on stdout and ``Log`` into the r
 serves every role:
 
 - the coordinator binds a ROUTER; every other role connects a DEALER whose identity is its name;
-- a peer host in the mesh topology also binds a ROUTER for its partners' TRADES. One connection
-  serves each pair of partner hosts, both ways: the host whose name sorts first dials the other's
-  ROUTER (a DEALER, at the address the coordinator's WELCOME gives) and announces itself on it with
-  an empty frame; the other answers on that connection. Its messages to a partner that has not
-  announced itself yet wait for it (half as many CURVE handshakes as a connection each way).
+- a peer host in the mesh topology also binds a ROUTER for its partners' TRADES and connects one
+  DEALER per partner host, at the addresses the coordinator's WELCOME gives.
 
 An exception inside a peer's or service's engine is logged with its traceback and counted; the
 process lives on. The coordinator's engine failing is the run failing.
@@ -101,12 +98,7 @@ class Shell:
         self.address = None
         self.mesh_address = None
         self.mesh_in = None
-        self.mesh_out: dict[str, zmq.Socket] = {}  # mesh: the partner hosts this host dials (their name sorts after)
-        self.mesh_host_of: dict[zmq.Socket, str] = {}  # ... and back: who answers on each of those sockets
-        self.mesh_routes: dict[str, bytes] = {}  # mesh: the connections of the partners that dialled this host
-        self._mesh_waiting: dict[str, tuple[float, list]] = {}  # partner -> (since, messages waiting for its connection)
-        self._announced_early: dict[str, bytes] = {}  # mesh connections announced before this host's WELCOME
-        self._redialled: set[str] = set()  # mesh partners this host dials after the connection they dialled was lost
+        self.mesh_out: dict[str, zmq.Socket] = {}
         self.addresses: dict[str, str] = {}
         self.run_id = run_id or ANY_RUN
         self.internal_errors = 0
@@ -199,7 +191,7 @@ class Shell:
                 timeout_s = self._timeout_s()
                 wake = min(last_progress + timeout_s, next_tick)
                 ready = dict(await self.poller.poll(max(0, int(1000 * (wake - now)) + 1)))
-                for sock in (self.main, self.mesh_in, *self.mesh_host_of):
+                for sock in (self.main, self.mesh_in):
                     if sock is not None and sock in ready and not self.finished:
                         if await self._receive(sock):
                             last_progress = time.monotonic()
@@ -290,7 +282,6 @@ class Shell:
                                             f"(heartbeat every {self.heartbeat_s:g} s)")
         if self.welcomed and now - self.last_sent >= self.heartbeat_s:  # (before: of no run yet)
             self._beat()
-        self._expire_mesh_waiting(now)
         await self._deliver(Tick(self.now_s()))
 
     async def _report_losses(self) -> None:
@@ -305,8 +296,7 @@ class Shell:
         delivered = False
         is_router = sock.socket_type == zmq.ROUTER
         secure = self.curve is not None and is_router  # the sender's role is in the frames' metadata
-        partner = self.mesh_host_of.get(sock)  # a mesh connection this host dialled: the partner answers on it
-        channel = "mesh" if sock is self.mesh_in or partner is not None else "main"
+        channel = "mesh" if sock is self.mesh_in else "main"
         for _ in range(batch):
             if self.finished:
                 break
@@ -323,31 +313,20 @@ class Shell:
                 if secure:
                     sender = self.transport.authenticated(frames)
                     data = payload[0].bytes
-                    route = frames[0].bytes
+                    route = frames[0].bytes if sock is self.main else None
                 else:
-                    sender = frames[0].decode() if is_router else (partner or COORDINATOR)
+                    sender = frames[0].decode() if is_router else COORDINATOR
                     data = payload[0]
-                    route = frames[0] if is_router else None
-                if sock is self.mesh_in and not data:  # a partner host announces the connection it dialled
-                    if role_kind(sender) != "peer":
-                        raise Refused("role", f"a mesh connection announced by {sender!r}")
-                    if not self.welcomed:  # its partners are not known yet: judged at the WELCOME
-                        self._announced_early[sender] = route
-                        continue
-                    self._keep_route(sender, route)
-                    _, waiting = self._mesh_waiting.pop(sender, (0.0, []))
-                    for ins in waiting:
-                        await self._send(ins)
-                    continue
+                    route = frames[0] if is_router and sock is self.main else None
                 env = decode(data, expect_run=self.transport.run_id, max_bytes=self.transport.max_bytes)
-                if (is_router or partner is not None) and env.sender != sender:
+                if is_router and env.sender != sender:
                     raise Refused("sender", f"sender {env.sender!r} on the connection of {sender!r}")
                 if not may_send(sender, channel, env.type):
                     raise Refused("role", f"{env.type.value} from {sender!r} ({role_kind(sender)}) on the {channel} socket")
                 message = parse(env)
                 if isinstance(message, Hello):
                     self._check_hello(sender, message)
-                if route is not None and sock is self.main:  # answers go to the connection of the key's last accepted message
+                if route is not None:  # answers go to the connection of the key's last accepted message
                     self.routes[sender] = route
             except UnicodeDecodeError:
                 self.transport._reject("malformed", nbytes, ProtocolError("malformed", "identity is not UTF-8"))
@@ -396,14 +375,7 @@ class Shell:
         self.addresses = dict(config.get("addresses") or {})
         if self.mesh_in is not None:  # connect to the partner hosts now (TCP and CURVE handshakes
             for host in self.addresses:  # during the price rounds), not at the first TRADES
-                if self._dials(host):
-                    self._mesh_socket(host)
-            early, self._announced_early = self._announced_early, {}
-            for host, route in early.items():  # the connections announced before the WELCOME
-                try:
-                    self._keep_route(host, route)
-                except Refused as exc:
-                    self.transport._reject(exc.reason, 0)
+                self._mesh_socket(host)
         heartbeat_s = config.get("heartbeat_s")  # the coordinator's interval rules the run
         if isinstance(heartbeat_s, (int, float)) and 0.01 <= heartbeat_s <= 3600:
             self.heartbeat_s = float(heartbeat_s)
@@ -469,12 +441,7 @@ class Shell:
                 self._beat()  # the coordinator learns of new refusals before the answer they may concern
             self.last_sent = time.monotonic()
         else:
-            mesh = True
-            target = self._mesh_target(ins.to)
-            if target is None:  # the partner has not announced its connection yet: the message waits for it
-                self._mesh_waiting.setdefault(ins.to, (time.monotonic(), []))[1].append(ins)
-                return
-            sock, frames = target[0], [*target[1], data]
+            sock, frames, mesh = self._mesh_socket(ins.to), [data], True
         if self.netem is not None and not heartbeat:
             self._hold(sock, frames, env, ins.to, len(data))
             return
@@ -523,13 +490,6 @@ class Shell:
                 raise ShellFailure(COORDINATOR, f"lost the coordinator: {what}") from None
             raise ShellFailure(COORDINATOR, what) from None
         except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH and mesh and sock is self.mesh_in and ins.to not in self._redialled:
-                # the connection the partner dialled is gone (its DEALER dials anew, unannounced): this
-                # host answers it on a connection of its own from now on, as its partner's sends heal
-                self._redialled.add(ins.to)
-                self.log.warning(f"the mesh connection from peer host {ins.to} is gone: dialling it")
-                await self._send(ins)
-                return
             if exc.errno == zmq.EHOSTUNREACH:  # the receiver is gone: counted; the coordinator's engine decides
                 self.transport.dropped[env.type.value] += 1
                 if self.is_coordinator:
@@ -577,54 +537,15 @@ class Shell:
             self.transport.dropped[type_.value] += 1
         return route
 
-    def _dials(self, host: str) -> bool:
-        """Whether this host dials ``host``'s mesh socket (one connection per pair: the name that
-        sorts first dials; a host's trades between its own peers go through its own socket)."""
-        return self.role <= host
-
     def _mesh_socket(self, host: str):
-        """The connection this host dialled to ``host`` (made on first use, with its announcement,
-        unless this host dials only because the connection ``host`` dialled was lost)."""
         sock = self.mesh_out.get(host)
         if sock is None:
             address = self.addresses.get(host)
             if address is None:
                 raise ShellFailure(self.role, f"no address for peer host {host} (mesh)")
-            # queued until connected (no IMMEDIATE): the announcement leaves as soon as it can
-            sock = self.transport.dealer(address, identity=self.role, server=host, immediate=False)
+            sock = self.transport.dealer(address, identity=self.role, server=host)
             self.mesh_out[host] = sock
-            self.mesh_host_of[sock] = host
-            self.poller.register(sock, zmq.POLLIN)
-            if host not in self._redialled:
-                self._sync(sock).send(b"", zmq.NOBLOCK)
         return sock
-
-    def _mesh_target(self, host: str) -> tuple[zmq.Socket, list] | None:
-        """(socket, routing frames) that reach partner ``host``, or None while ``host`` (which dials
-        this host) has not announced its connection."""
-        if self._dials(host) or host in self._redialled:
-            return self._mesh_socket(host), []
-        route = self.mesh_routes.get(host)
-        return None if route is None else (self.mesh_in, [route])
-
-    def _keep_route(self, host: str, route: bytes) -> None:
-        """Answer ``host`` on the connection it announced; only a partner host that dials this host
-        announces one (Refused otherwise)."""
-        if host not in self.addresses or self._dials(host) and host != self.role:
-            raise Refused("role", f"a mesh connection announced by {host!r}, not a partner host that dials this one")
-        self.mesh_routes[host] = route
-
-    def _expire_mesh_waiting(self, now: float) -> None:
-        """Drop (counted) the messages to a partner host that has not announced its connection
-        within the liveness window: it is gone or never came; the coordinator notices and decides."""
-        limit = self.liveness_misses * self.heartbeat_s
-        for host, (since, waiting) in list(self._mesh_waiting.items()):
-            if now - since > limit:
-                del self._mesh_waiting[host]
-                for ins in waiting:
-                    self.transport.dropped[ins.message.TYPE.value] += 1
-                self.log.warning(f"peer host {host} did not connect to this host's mesh socket within {limit:g} s: "
-                                 f"{len(waiting)} message(s) to it dropped")
 
     async def _flush(self) -> None:
         """Let the event loop hand queued sends to ZeroMQ before the sockets close (they then
